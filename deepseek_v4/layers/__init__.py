@@ -1,0 +1,2 @@
+"""Model building blocks: each file holds one concept's pure math plus the NNX module owning its
+parameters."""

@@ -1,0 +1,90 @@
+"""V4 hybrid attention (spec §3): low-rank queries, one shared K=V head, sliding window, sink,
+compressed entries (CSA with the lightning indexer, or HCA), grouped low-rank output projection.
+
+The core softmax lives in kernels_pallas/sparse_attention/reference.py (gather-based, linear
+memory in T). This module owns the parameters and the projections around it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from deepseek_v4.config import ModelConfig, layer_kind
+from deepseek_v4.layers.compressor import Compressor
+from deepseek_v4.layers.indexer import Indexer
+from deepseek_v4.layers.norms import RMSNorm, rms_norm
+from deepseek_v4.layers.params import Linear, param
+from deepseek_v4.layers.rope import apply_rope, inv_freq, rope_angles
+from kernels_pallas.sparse_attention.reference import sparse_attention
+
+
+class Attention(nnx.Module):
+  """One attention layer of kind sliding / CSA / HCA, chosen by `ratio` (spec §1.2)."""
+
+  def __init__(self, cfg: ModelConfig, ratio: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.ratio = ratio
+    self.kind = layer_kind(ratio)
+    N, H, G = cfg.num_heads, cfg.head_dim, cfg.o_groups
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    lin = dict(std=std, param_dtype=pd, rngs=rngs)
+    self.wq_a = Linear(cfg.d_model, cfg.q_lora_rank, axes=("q_lora", "embed"), **lin)
+    self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_eps, axis_name="q_lora")
+    self.wq_b = Linear(cfg.q_lora_rank, N * H, axes=("q_heads", "q_lora"), **lin)
+    self.wkv = Linear(cfg.d_model, H, axes=("head_dim", "embed"), **lin)
+    self.kv_norm = RMSNorm(H, cfg.rms_eps, axis_name="head_dim")
+    self.wo_a = Linear(N * H // G, G * cfg.o_lora_rank, axes=("o_lora", "o_group_in"), **lin)
+    self.wo_b = Linear(G * cfg.o_lora_rank, cfg.d_model, axes=("embed", "o_lora"), **lin)
+    self.attn_sink = param(jnp.zeros((N,), jnp.float32), ("heads",))
+    # Sliding-only layers have neither; nnx.data marks the slots as (possibly empty) submodules.
+    self.compressor = nnx.data(
+      Compressor(cfg.d_model, ratio, H, self.kind == "csa", cfg.rms_eps, **lin)
+      if self.kind != "sliding" else None)
+    self.indexer = nnx.data(Indexer(cfg, rngs=rngs) if self.kind == "csa" else None)
+
+  @property
+  def freqs(self) -> np.ndarray:
+    return inv_freq(self.cfg, compressed=self.kind != "sliding")
+
+  def project_qkv(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
+    """c^Q [B,T,L], roped q [B,T,N,H] and roped K=V [B,T,H] (spec §3.2, §3.4)."""
+    B, T, _ = x.shape
+    cq = self.q_norm(self.wq_a(x))
+    q = self.wq_b(cq).reshape(B, T, self.cfg.num_heads, self.cfg.head_dim)  # [B, T, N, H]
+    q = apply_rope(rms_norm(q, None, self.cfg.rms_eps), cos, sin)
+    kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, T, H]
+    return cq, q, kv
+
+  def output(self, o: Float[Array, "B T N H"], cos: Array, sin: Array) -> Array:
+    """De-rotate at the query position, then the grouped low-rank projection (spec §3.11)."""
+    B, T, N, H = o.shape
+    G, dg = self.cfg.o_groups, self.cfg.o_lora_rank
+    o = apply_rope(o, cos, sin, inverse=True).reshape(B, T, G, N * H // G)  # [B, T, G, I]
+    wo_a = self.wo_a.weight[...].astype(o.dtype).reshape(G, dg, N * H // G)
+    o = jnp.einsum("BTGI,GOI->BTGO", o, wo_a).reshape(B, T, G * dg)
+    return self.wo_b(o)
+
+  def core(self, q, positions, kv, comp=None, comp_idx=None, prefix_kv=None, prefix_pos=None):
+    return sparse_attention(
+      q, positions, kv, self.attn_sink[...], scale=1.0 / math.sqrt(self.cfg.head_dim),
+      window=self.cfg.window, block=self.cfg.attn_block, prefix_kv=prefix_kv,
+      prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=self.ratio)
+
+  def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]) -> Array:
+    """Full-sequence attention; the sequence starts at position 0."""
+    freqs = self.freqs
+    cos, sin = rope_angles(positions, freqs)
+    cq, q, kv = self.project_qkv(x, cos, sin)
+    comp = idx = None
+    if self.compressor is not None:
+      comp = self.compressor(x, freqs)  # [B, T // m, H]
+    if self.indexer is not None:
+      idx, _ = self.indexer(x, cq, positions, cos, sin, freqs)
+    o = self.core(q, positions, kv, comp=comp, comp_idx=idx)
+    return self.output(o, cos, sin)

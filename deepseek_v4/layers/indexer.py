@@ -1,0 +1,59 @@
+"""Lightning indexer of CSA layers (spec §3.8): picks each query's top-k compressed entries.
+
+Keys are the indexer compressor's own entries (width c_I, overlapping CSA windows); queries come
+from the normalized query latent c^Q; head weights from the attention input. Selection is not
+differentiable: the indexer trains through its own loss, never through the LM loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float
+
+from deepseek_v4.config import CSA_RATIO, ModelConfig
+from deepseek_v4.layers.compressor import Compressor
+from deepseek_v4.layers.params import Linear
+from deepseek_v4.layers.rope import apply_rope
+from kernels_pallas.indexer_topk.reference import indexer_topk
+
+
+class Indexer(nnx.Module):
+  """Parameters: wq_b [H_I*c_I, d_c], weights_proj [H_I, D] and a compressor at width c_I."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.heads = cfg.index_heads
+    self.head_dim = cfg.index_head_dim
+    self.topk = cfg.index_topk
+    self.block = cfg.attn_block
+    pd = jax.numpy.dtype(cfg.param_dtype)
+    self.wq_b = Linear(cfg.q_lora_rank, self.heads * self.head_dim,
+                       axes=("index_heads", "q_lora"), std=cfg.init_std, param_dtype=pd, rngs=rngs)
+    self.weights_proj = Linear(cfg.d_model, self.heads, axes=(None, "embed"), std=cfg.init_std,
+                               param_dtype=pd, rngs=rngs)
+    self.compressor = Compressor(cfg.d_model, CSA_RATIO, self.head_dim, True, cfg.rms_eps,
+                                 std=cfg.init_std, param_dtype=pd, rngs=rngs)
+
+  def queries(self, x: Float[Array, "B T D"], cq: Float[Array, "B T L"], cos: Array,
+              sin: Array) -> tuple[Array, Array]:
+    """Roped queries [B,T,I,J] and scaled head weights [B,T,I] (float32)."""
+    B, T, _ = x.shape
+    q = self.wq_b(cq).reshape(B, T, self.heads, self.head_dim)  # [B, T, I, J]
+    q = apply_rope(q, cos, sin)
+    scale = 1.0 / math.sqrt(self.head_dim * self.heads)
+    w = self.weights_proj(x, jax.numpy.float32) * scale  # [B, T, I]
+    return q, w
+
+  def select(self, q: Array, w: Array, keys: Array, positions: Array) -> Array:
+    """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk)."""
+    return indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk, block=self.block)
+
+  def __call__(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
+               freqs: np.ndarray) -> tuple[Array, Array]:
+    """Full sequence from position 0: (selected indices, indexer keys)."""
+    keys = self.compressor(x, freqs)  # [B, C, J]
+    q, w = self.queries(x, cq, cos, sin)
+    return jax.lax.stop_gradient(self.select(q, w, keys, positions)), keys

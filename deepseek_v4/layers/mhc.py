@@ -1,0 +1,82 @@
+"""Manifold-constrained hyper-connections (mHC), spec §2.2-§2.4 (report §2.2, eqs. 1-8).
+
+The residual stream is M parallel streams `X: [B, T, M, D]`. Each sub-layer reads a collapse of
+the streams (`pre`), writes its output back through `post`, and mixes the old streams through
+`comb`, a doubly-stochastic matrix produced by Sinkhorn-Knopp. All of this runs in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from deepseek_v4.layers.params import normal, param
+
+
+def sinkhorn(logits: Float[Array, "... M M"], iters: int, eps: float) -> Array:
+  """Sinkhorn-Knopp as in the reference code (spec §2.2 step 4).
+
+  Row softmax, + eps, column normalization, then `iters - 1` rounds of (row, column)
+  normalization, each denominator + eps. The last step normalizes columns, so columns sum to 1
+  (up to eps) and rows approximately.
+  """
+  m = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) + eps
+  m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+  for _ in range(iters - 1):
+    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
+    m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+  return m
+
+
+def _mixing_logits(x: Float[Array, "B T M D"], fn: Array, norm_eps: float) -> Array:
+  """`rho * (vec(X) fn^T)`: unweighted RMS over all M*D channels, then the projection (f32)."""
+  B, T, M, D = x.shape
+  flat = x.reshape(B, T, M * D).astype(jnp.float32)
+  rho = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + norm_eps)
+  return jnp.einsum("BTK,CK->BTC", flat, fn.astype(jnp.float32)) * rho  # [B, T, C]
+
+
+def hc_weights(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array, *, iters: int,
+               eps: float, norm_eps: float) -> tuple[Array, Array, Array]:
+  """pre [B,T,M], post [B,T,M] and comb [B,T,M,M] of one mHC site (spec §2.2 steps 1-4)."""
+  M = x.shape[2]
+  mu = _mixing_logits(x, fn, norm_eps)
+  base = base.astype(jnp.float32)
+  scale = scale.astype(jnp.float32)
+  pre = jax.nn.sigmoid(mu[..., :M] * scale[0] + base[:M]) + eps
+  post = 2.0 * jax.nn.sigmoid(mu[..., M:2 * M] * scale[1] + base[M:2 * M])
+  res = mu[..., 2 * M:] * scale[2] + base[2 * M:]
+  comb = sinkhorn(res.reshape(*res.shape[:-1], M, M), iters, eps)  # [B, T, M, M]
+  return pre, post, comb
+
+
+def hc_collapse(x: Float[Array, "B T M D"], pre: Float[Array, "B T M"]) -> Array:
+  """`u = sum_i pre_i X_i` in float32, cast to the stream dtype (spec §2.2 step 5)."""
+  return jnp.einsum("BTM,BTMD->BTD", pre, x.astype(jnp.float32)).astype(x.dtype)
+
+
+def hc_expand(x: Float[Array, "B T M D"], y: Float[Array, "B T D"], post: Array,
+              comb: Array) -> Array:
+  """`X'_j = post_j y + sum_i comb[i, j] X_i` (note: comb transposed), float32 math."""
+  mixed = jnp.einsum("BTij,BTiD->BTjD", comb, x.astype(jnp.float32))
+  out = post[..., None] * y.astype(jnp.float32)[:, :, None, :] + mixed
+  return out.astype(x.dtype)
+
+
+def hc_head(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array, *, eps: float,
+            norm_eps: float) -> Array:
+  """Final collapse of the streams (spec §2.4): sigmoid gates + eps, no Sinkhorn."""
+  mu = _mixing_logits(x, fn, norm_eps)
+  a = jax.nn.sigmoid(mu * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + eps
+  return hc_collapse(x, a)
+
+
+def init_site(rngs: nnx.Rngs, rows: int, hc_mult: int, d_model: int, n_scales: int,
+              std: float) -> tuple[nnx.Param, nnx.Param, nnx.Param]:
+  """(fn, base, scale) of one mHC site, initialized as transformers does (spec §7.9)."""
+  fn = param(normal(rngs, (rows, hc_mult * d_model), std, jnp.float32), ("hc_mix", "hc_embed"))
+  base = param(jnp.zeros((rows,), jnp.float32), ("hc_mix",))
+  scale = param(jnp.ones((n_scales,), jnp.float32), (None,))
+  return fn, base, scale

@@ -1,0 +1,150 @@
+"""Mixture of experts (spec §4): sqrt-softplus router with the aux-loss-free selection bias, hash
+routing for the first layers, clamped SwiGLU experts and one shared expert.
+
+Routed experts run as grouped matmuls (`jax.lax.ragged_dot`) over the token-expert pairs sorted by
+expert, so compute is O(tokens * K), never O(tokens * E).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from deepseek_v4.config import ModelConfig
+from deepseek_v4.layers.params import HashTable, Linear, RouterBias, normal, param
+
+
+def router_scores(x: Float[Array, "T D"], gate: Float[Array, "E D"]) -> Array:
+  """Affinities `sqrt(softplus(x gate^T))` in float32, [T, E] (spec §4.1)."""
+  logits = jnp.einsum("TD,ED->TE", x.astype(jnp.float32), gate.astype(jnp.float32))
+  return jnp.sqrt(jax.nn.softplus(logits))
+
+
+def route_topk(scores: Float[Array, "T E"], bias: Float[Array, "E"], k: int) -> Array:
+  """Learned selection: top-k of `scores + bias`; the bias only chooses (spec §4.2)."""
+  return jax.lax.top_k(scores + bias.astype(jnp.float32), k)[1]
+
+
+def route_hash(ids: Int[Array, "T"], table: Int[Array, "V X"]) -> Array:
+  """Hash selection: the frozen `tid2eid` row of each token."""
+  return table[ids]
+
+
+def combine_weights(scores: Array, idx: Array, scale: float, normalize: bool) -> Array:
+  """`w_k = s_{idx_k} / sum_k' s_{idx_k'} * scale` from the unbiased scores (spec §4.3)."""
+  w = jnp.take_along_axis(scores, idx, axis=-1)
+  if normalize:
+    w = w / jnp.sum(w, axis=-1, keepdims=True)
+  return w * scale
+
+
+def swiglu(g: Array, v: Array, limit: float) -> Array:
+  """`silu(min(g, limit)) * clip(v, -limit, limit)` (spec §4.4)."""
+  return jax.nn.silu(jnp.minimum(g, limit)) * jnp.clip(v, -limit, limit)
+
+
+def routed_experts(x: Float[Array, "T D"], idx: Int[Array, "T X"], w: Float[Array, "T X"],
+                   w1: Array, w2: Array, w3: Array, limit: float) -> Array:
+  """sum_k w_k * Expert_{idx_k}(x) as grouped matmuls over expert-sorted pairs (float32 sum).
+
+  w1, w3: [E, F, D]; w2: [E, D, F] (checkpoint layouts).
+  """
+  T, D = x.shape
+  X = idx.shape[1]
+  E = w1.shape[0]
+  flat = idx.reshape(-1)
+  order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+  token = order // X
+  sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+  xs = x[token]  # [T*X, D]
+  dt = x.dtype
+  g = jax.lax.ragged_dot(xs, jnp.swapaxes(w1, 1, 2).astype(dt), sizes)  # [T*X, F]
+  v = jax.lax.ragged_dot(xs, jnp.swapaxes(w3, 1, 2).astype(dt), sizes)
+  h = swiglu(g.astype(jnp.float32), v.astype(jnp.float32), limit)
+  h = (h * w.reshape(-1)[order][:, None]).astype(dt)  # routing weight before w2, as the reference
+  y = jax.lax.ragged_dot(h, jnp.swapaxes(w2, 1, 2).astype(dt), sizes)  # [T*X, D]
+  return jnp.zeros((T, D), jnp.float32).at[token].add(y.astype(jnp.float32))
+
+
+class Experts(nnx.Module):
+  """Stacked routed experts: w1, w3 [E, F, D] and w2 [E, D, F]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    E, F, D = cfg.num_experts, cfg.moe_inter_dim, cfg.d_model
+    pd = jnp.dtype(cfg.param_dtype)
+    self.w1 = param(normal(rngs, (E, F, D), cfg.init_std, pd), ("expert", "mlp", "embed"))
+    self.w3 = param(normal(rngs, (E, F, D), cfg.init_std, pd), ("expert", "mlp", "embed"))
+    self.w2 = param(normal(rngs, (E, D, F), cfg.init_std, pd), ("expert", "embed", "mlp"))
+
+
+class SharedExpert(nnx.Module):
+  """The always-on expert: w1, w3 [F, D], w2 [D, F], clamped like the routed ones."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    lin = dict(std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    self.w1 = Linear(cfg.d_model, cfg.moe_inter_dim, axes=("mlp", "embed"), **lin)
+    self.w2 = Linear(cfg.moe_inter_dim, cfg.d_model, axes=("embed", "mlp"), **lin)
+    self.w3 = Linear(cfg.d_model, cfg.moe_inter_dim, axes=("mlp", "embed"), **lin)
+
+  def __call__(self, x: Array, limit: float) -> Array:
+    h = swiglu(self.w1(x, jnp.float32), self.w3(x, jnp.float32), limit)
+    return self.w2(h.astype(x.dtype))
+
+
+def default_hash_table(vocab: int, experts: int, k: int, seed: int = 0) -> np.ndarray:
+  """A deterministic table of k distinct experts per token (DeepSeek's own hash is unpublished;
+  checkpoints ship the real table)."""
+  rng = np.random.default_rng(seed)
+  return np.argsort(rng.random((vocab, experts), dtype=np.float32), axis=1)[:, :k].astype(np.int32)
+
+
+class Gate(nnx.Module):
+  """Router: weight [E, D]; `bias` [E] on learned layers, `tid2eid` [V, K] on hash layers."""
+
+  def __init__(self, cfg: ModelConfig, hashed: bool, *, rngs: nnx.Rngs):
+    self.hashed = hashed
+    self.weight = param(normal(rngs, (cfg.num_experts, cfg.d_model), cfg.init_std,
+                               jnp.dtype(cfg.param_dtype)), ("expert", "embed"))
+    if hashed:
+      table = default_hash_table(cfg.vocab_size, cfg.num_experts, cfg.experts_per_token)
+      self.tid2eid = HashTable(jnp.asarray(table), sharding_names=("vocab", None),
+                               eager_sharding=False)
+    else:
+      self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32),
+                             sharding_names=("expert",), eager_sharding=False)
+
+
+class MoE(nnx.Module):
+  """y = sum_k w_k Expert_{idx_k}(x) + Shared(x) (spec §4.5)."""
+
+  def __init__(self, cfg: ModelConfig, hashed: bool, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.gate = Gate(cfg, hashed, rngs=rngs)
+    self.experts = Experts(cfg, rngs=rngs)
+    self.shared_experts = nnx.data(
+      SharedExpert(cfg, rngs=rngs) if cfg.num_shared_experts else None)
+
+  def route(self, x: Float[Array, "T D"], ids: Int[Array, "T"]) -> tuple[Array, Array, Array]:
+    """(scores [T,E], selected experts [T,K], combine weights [T,K])."""
+    cfg = self.cfg
+    scores = router_scores(x, self.gate.weight[...])
+    if self.gate.hashed:
+      idx = route_hash(ids, self.gate.tid2eid[...])
+    else:
+      idx = route_topk(scores, self.gate.bias[...], cfg.experts_per_token)
+    return scores, idx, combine_weights(scores, idx, cfg.route_scale, cfg.norm_topk_prob)
+
+  def __call__(self, x: Float[Array, "B T D"], ids: Int[Array, "B T"]) -> tuple[Array, dict]:
+    """Returns the output [B,T,D] and routing stats (scores, selected experts) for the losses."""
+    B, T, D = x.shape
+    flat = x.reshape(B * T, D)
+    scores, idx, w = self.route(flat, ids.reshape(-1))
+    e = self.experts
+    y = routed_experts(flat, idx, w, e.w1[...], e.w2[...], e.w3[...], self.cfg.swiglu_limit)
+    if self.shared_experts is not None:
+      y = y + self.shared_experts(flat, self.cfg.swiglu_limit).astype(jnp.float32)
+    stats = {"scores": scores.reshape(B, T, -1), "experts": idx.reshape(B, T, -1)}
+    return y.astype(x.dtype).reshape(B, T, D), stats

@@ -1,0 +1,117 @@
+"""Core V4 attention (spec §3.10), gather-based and blocked over queries.
+
+One softmax per query and head over: its sliding window of uncompressed K=V vectors, its compressed
+entries (CSA: the indexer's selected indices, gathered; HCA: every visible entry), and a per-head
+sink logit that only enlarges the denominator. There is never a dense [T, T] or [T, T/m] mask:
+each scan step holds `block` queries against `block + window` window keys plus their compressed
+keys, so memory grows linearly with T.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from kernels_pallas.common import PAD_POSITION, from_blocks, pad_to_blocks, to_blocks
+
+
+def _window_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
+  """[B, Q, K]: key position in (p_t - W, p_t] and a real slot (spec §3.5)."""
+  d = q_pos[:, :, None] - k_pos[:, None, :]
+  return (d >= 0) & (d < window) & (k_pos[:, None, :] >= 0)
+
+
+def sparse_attention(
+  q: Float[Array, "B T N H"],
+  q_pos: Int[Array, "B T"],
+  kv: Float[Array, "B T H"],
+  sink: Float[Array, "N"],
+  *,
+  scale: float,
+  window: int,
+  block: int,
+  prefix_kv: Float[Array, "B S H"] | None = None,
+  prefix_pos: Int[Array, "B S"] | None = None,
+  comp: Float[Array, "B C H"] | None = None,
+  comp_idx: Int[Array, "B T P"] | None = None,
+  comp_ratio: int = 0,
+) -> Array:
+  """Attention of T new queries over window keys, compressed entries and the sink.
+
+  Args:
+    q: queries (normed, roped).
+    q_pos: absolute positions of the queries; `kv[:, i]` is the K=V vector of the same token.
+    kv: K=V vectors of the T new tokens (they are the band of the window branch).
+    sink: per-head sink logits (not scaled).
+    scale: softmax scale for q.k.
+    window: W.
+    block: queries per scan step.
+    prefix_kv / prefix_pos: older window keys (a decode cache ring), positions < 0 = empty slot.
+    comp: compressed entries (normed, roped), or None for a sliding-only layer.
+    comp_idx: CSA: selected entry indices per query (-1 = none). None with `comp` = HCA: every
+      entry with index < floor((p_t + 1) / comp_ratio) is visible.
+    comp_ratio: m of the entries (HCA visibility).
+  Returns:
+    [B, T, N, H] in q's dtype.
+  """
+  B, T, N, H = q.shape
+  block = min(block, T)
+  f32 = jnp.float32
+  qp, nb = pad_to_blocks(q, block, 1, 0)
+  pp, _ = pad_to_blocks(q_pos, block, 1, PAD_POSITION)
+  # Left-pad the band by `window` slots so block b reads keys [b*block - W, b*block + block).
+  kv_pad = jnp.pad(pad_to_blocks(kv, block, 1, 0)[0], ((0, 0), (window, 0), (0, 0)))
+  kpos_pad = jnp.pad(pp, ((0, 0), (window, 0)), constant_values=PAD_POSITION)
+  xs = {"q": to_blocks(qp, block), "pos": to_blocks(pp, block), "b": jnp.arange(nb)}
+  if comp_idx is not None:
+    xs["idx"] = to_blocks(pad_to_blocks(comp_idx, block, 1, -1)[0], block)
+  sink32 = sink.astype(f32)
+
+  def one_block(x):
+    qb = x["q"].astype(f32) * scale  # [B, Q, N, H]
+    pos = x["pos"]  # [B, Q]
+    start = x["b"] * block
+    kb = jax.lax.dynamic_slice_in_dim(kv_pad, start, block + window, axis=1).astype(f32)
+    kbpos = jax.lax.dynamic_slice_in_dim(kpos_pad, start, block + window, axis=1)
+    logits = [jnp.einsum("BQNH,BKH->BQNK", qb, kb)]
+    masks = [_window_mask(pos, kbpos, window)]
+    values = [("shared", kb)]
+    if prefix_kv is not None:
+      pk = prefix_kv.astype(f32)
+      logits.append(jnp.einsum("BQNH,BKH->BQNK", qb, pk))
+      masks.append(_window_mask(pos, prefix_pos, window))
+      values.append(("shared", pk))
+    if comp is not None and comp.shape[1] > 0:
+      c32 = comp.astype(f32)
+      if comp_idx is None:  # HCA: all visible entries, dense over the (short) entry axis
+        logits.append(jnp.einsum("BQNH,BCH->BQNC", qb, c32))
+        nvis = (pos + 1) // comp_ratio
+        masks.append(jnp.arange(comp.shape[1])[None, None, :] < nvis[:, :, None])
+        values.append(("shared", c32))
+      elif x["idx"].shape[-1] > 0:  # CSA: gather each query's own selected entries
+        idx = x["idx"]  # [B, Q, P]
+        g = jax.vmap(lambda cb, ib: cb[jnp.maximum(ib, 0)])(c32, idx)  # [B, Q, P, H]
+        logits.append(jnp.einsum("BQNH,BQPH->BQNP", qb, g))
+        masks.append(idx >= 0)
+        values.append(("per_query", g))
+    sizes = [lg.shape[-1] for lg in logits]
+    lg = jnp.concatenate(logits, axis=-1)  # [B, Q, N, K_total]
+    mask = jnp.concatenate(masks, axis=-1)[:, :, None, :]
+    lg = jnp.where(mask, lg, -jnp.inf)
+    # The sink joins the max and the denominator, never the numerator.
+    m = jnp.maximum(jnp.max(lg, axis=-1), sink32[None, None, :])  # [B, Q, N]
+    e = jnp.exp(lg - m[..., None])
+    denom = jnp.sum(e, axis=-1) + jnp.exp(sink32[None, None, :] - m)
+    p = e / denom[..., None]
+    out = jnp.zeros((B, block, N, H), f32)
+    offset = 0
+    for size, (kind, v) in zip(sizes, values):
+      part = p[..., offset: offset + size]
+      eq = "BQNK,BKH->BQNH" if kind == "shared" else "BQNK,BQKH->BQNH"
+      out = out + jnp.einsum(eq, part, v)
+      offset += size
+    return out.astype(q.dtype)
+
+  out = jax.lax.map(jax.checkpoint(one_block), xs)
+  return from_blocks(out)[:, :T]
