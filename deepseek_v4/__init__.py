@@ -2,5 +2,7 @@
 
 from deepseek_v4.config import PRESETS, ModelConfig, flash, pro, tiny
 from deepseek_v4.model import Transformer
+from deepseek_v4.checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "flash", "pro", "tiny"]
+__all__ = ["CheckpointError", "ModelConfig", "PRESETS", "Transformer", "flash",
+           "load_hf_checkpoint", "pro", "save_hf_checkpoint", "tiny"]

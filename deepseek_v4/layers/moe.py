@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -94,11 +93,14 @@ class SharedExpert(nnx.Module):
     return self.w2(h.astype(x.dtype))
 
 
-def default_hash_table(vocab: int, experts: int, k: int, seed: int = 0) -> np.ndarray:
-  """A deterministic table of k distinct experts per token (DeepSeek's own hash is unpublished;
-  checkpoints ship the real table)."""
-  rng = np.random.default_rng(seed)
-  return np.argsort(rng.random((vocab, experts), dtype=np.float32), axis=1)[:, :k].astype(np.int32)
+def default_hash_table(key: jax.Array, vocab: int, experts: int, k: int) -> jax.Array:
+  """k distinct pseudo-random experts per token id, [V, k] int32.
+
+  DeepSeek's hash function is unpublished (spec §4.2); checkpoints ship the real table, which
+  replaces this one on load. Written in jax so `nnx.eval_shape` never computes it.
+  """
+  u = jax.random.uniform(key, (vocab, experts))
+  return jnp.argsort(u, axis=1)[:, :k].astype(jnp.int32)
 
 
 class Gate(nnx.Module):
@@ -109,8 +111,9 @@ class Gate(nnx.Module):
     self.weight = param(normal(rngs, (cfg.num_experts, cfg.d_model), cfg.init_std,
                                jnp.dtype(cfg.param_dtype)), ("expert", "embed"))
     if hashed:
-      table = default_hash_table(cfg.vocab_size, cfg.num_experts, cfg.experts_per_token)
-      self.tid2eid = HashTable(jnp.asarray(table), sharding_names=("vocab", None),
+      table = default_hash_table(rngs.params(), cfg.vocab_size, cfg.num_experts,
+                                 cfg.experts_per_token)
+      self.tid2eid = HashTable(table, sharding_names=("vocab", None),
                                eager_sharding=False)
     else:
       self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32),
