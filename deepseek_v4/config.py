@@ -299,7 +299,13 @@ def hf_to_fields(hf: dict) -> dict[str, Any]:
   if hf.get("tie_word_embeddings", False):
     raise ValueError("tie_word_embeddings=true; DeepSeek-V4 has an untied LM head")
   fields.update(_hf_rope(hf, head_dim))
+  # Our own knobs that transformers has no key for, written by fields_to_hf.
+  fields.update({k: v for k, v in (hf.get(_OWN_KEY) or {}).items() if k in _OWN_FIELDS})
   return fields
+
+
+_OWN_KEY = "deepseek_v4_jax"
+_OWN_FIELDS = ("attn_block", "init_std")
 
 
 def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -339,6 +345,7 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     "max_position_embeddings": cfg.max_position_embeddings,
     "num_nextn_predict_layers": cfg.num_mtp_layers, "bos_token_id": cfg.bos_token_id,
     "eos_token_id": cfg.eos_token_id, "tie_word_embeddings": False, "hidden_act": "silu",
+    _OWN_KEY: {k: getattr(cfg, k) for k in _OWN_FIELDS},
   }
 
 

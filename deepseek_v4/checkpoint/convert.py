@@ -12,6 +12,7 @@ problems are reported together in one `CheckpointError`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_v4 import sharding
 from deepseek_v4.config import ModelConfig, fields_to_hf
 from deepseek_v4.layers.params import HashTable, RouterBias
 from deepseek_v4.model import Transformer
@@ -81,8 +83,66 @@ def to_hub_tensors(model: Transformer) -> dict[str, np.ndarray]:
   return out
 
 
+# transformers' names -> hub names (spec §6.3, reversed). Applied in order after stripping a
+# leading "model.". Besides transformers' in-memory names this covers what its save_pretrained
+# actually writes (5.23.0): it reverts most renames but leaves `model.embed_tokens.weight` and
+# `model.hc_head.hc_*` (its anchored patterns miss the prefix) and turns the attention's
+# `kv_norm` into `attn.norm` (its bidirectional `.norm.` <-> `.kv_norm.` rule).
+_HF_TO_HUB = [(re.compile(a), b) for a, b in [
+  (r"^embed_tokens\.weight$", "embed.weight"),
+  (r"^lm_head\.weight$", "head.weight"),
+  (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+  (r"\.attn\.norm\.weight$", ".attn.kv_norm.weight"),
+  (r"\.input_layernorm\.", ".attn_norm."),
+  (r"\.post_attention_layernorm\.", ".ffn_norm."),
+  (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+  (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+  (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
+  (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
+  (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."),
+  (r"\.self_attn\.", ".attn."),
+  (r"\.mlp\.", ".ffn."),
+  (r"\.sinks$", ".attn_sink"),
+  (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+  (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+  (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+  (r"\.q_a_proj\.", ".wq_a."),
+  (r"\.q_a_norm\.", ".q_norm."),
+  (r"\.q_b_proj\.", ".wq_b."),
+  (r"\.kv_proj\.", ".wkv."),
+  (r"\.gate_proj\.", ".wgate."),
+  (r"\.o_a_proj\.", ".wo_a."),
+  (r"\.o_b_proj\.", ".wo_b."),
+  (r"\.position_bias$", ".ape"),
+  (r"\.compressor\.kv_norm\.", ".compressor.norm."),
+  (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+]]
+_HF_STACKED = re.compile(r"^(?P<pre>.+\.ffn\.experts)\.(?P<w>gate_up_proj|down_proj)$")
+
+
 def _canonical(name: str) -> str:
-  return name[len("model."):] if name.startswith("model.") else name
+  """The hub name of a tensor saved under hub or transformers naming."""
+  if name.startswith("model."):
+    name = name[len("model."):]
+  for pattern, repl in _HF_TO_HUB:
+    name = pattern.sub(repl, name)
+  return name
+
+
+def _unstack_hf_experts(name: str, value) -> dict[str, np.ndarray] | None:
+  """transformers' stacked experts -> per-expert hub tensors (gate_up = [w1 rows; w3 rows])."""
+  m = _HF_STACKED.match(name)
+  if m is None:
+    return None
+  out = {}
+  for e in range(value.shape[0]):
+    if m["w"] == "down_proj":
+      out[f"{m['pre']}.{e}.w2.weight"] = value[e]
+    else:
+      inter = value.shape[1] // 2
+      out[f"{m['pre']}.{e}.w1.weight"] = value[e, :inter]
+      out[f"{m['pre']}.{e}.w3.weight"] = value[e, inter:]
+  return out
 
 
 def _safetensor_files(path: str) -> list[str]:
@@ -111,9 +171,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     with safe_open(file, framework="flax") as f:
       for key in f.keys():
         name = _canonical(key)
-        if name in tensors:
-          raise CheckpointError(f"tensor {name!r} appears twice (e.g. with and without 'model.')")
-        tensors[name] = f.get_tensor(key)
+        value = f.get_tensor(key)
+        for n, v in (_unstack_hf_experts(name, value) or {name: value}).items():
+          if n in tensors:
+            raise CheckpointError(f"tensor {n!r} appears twice (under two namings of {key!r})")
+          tensors[n] = v
   return tensors
 
 
@@ -141,8 +203,13 @@ def _abstract(cfg: ModelConfig) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Transformer:
-  """A model of `cfg` holding exactly `tensors` (hub names); validates names and shapes."""
+def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=None,
+                     rules=None) -> Transformer:
+  """A model of `cfg` holding exactly `tensors` (hub names); validates names and shapes.
+
+  With `mesh` (a `sharding.make_mesh` mesh) each tensor goes straight into its shards by the
+  `rules` table (default "fsdp"); no device ever holds a whole tensor.
+  """
   tensors = {k: v for k, v in tensors.items() if not _MTP_SHARED.match(k)}
   if cfg.num_mtp_layers and not any(k.startswith("mtp.") for k in tensors):
     # transformers has no MTP module, so its save_pretrained writes none (spec §2.6).
@@ -156,12 +223,16 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Transf
   for hub, (_, leaf) in expected.items():
     by_leaf.setdefault(leaf, []).append(hub)
   flat = dict(nnx.to_flat_state(state))
+  placements = None if mesh is None else sharding.flat_shardings(state, mesh, rules or "fsdp")
   for path, var in flat.items():
     name = _path_name(path)
     if name not in by_leaf:
       continue
     m = _EXPERT_OURS.match(name)
-    if m:
+    if placements is not None:
+      value = sharding.put_host_array(functools.partial(_host_block, tensors, name, var.shape),
+                                      var.shape, var.dtype, placements[path])
+    elif m:
       value = jnp.stack([jnp.asarray(tensors[f"{m['pre']}.{e}.{m['w']}.weight"])
                          for e in range(var.shape[0])])
     else:
@@ -175,14 +246,27 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Transf
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _host_block(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...],
+                idx: tuple[slice, ...]) -> np.ndarray:
+  """The block `idx` of our leaf `name` (of `shape`), read from the hub tensors; stacked experts
+  are assembled only for the experts inside the block."""
+  m = _EXPERT_OURS.match(name)
+  if m is None:
+    return np.asarray(tensors[name])[idx]
+  return np.stack([np.asarray(tensors[f"{m['pre']}.{e}.{m['w']}.weight"])[idx[1:]]
+                   for e in range(shape[0])[idx[0]]])
+
+
 def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
-                       config: ModelConfig | None = None) -> Transformer:
+                       config: ModelConfig | None = None, *, mesh=None,
+                       rules=None) -> Transformer:
   """Loads a folder with `config.json` and `*.safetensors` (hub or transformers naming).
 
   Args:
     path: the checkpoint folder.
     dtype: compute and matrix storage dtype; norms, mHC, sinks, ape and router bias stay float32.
     config: use this config instead of the folder's config.json.
+    mesh / rules: place every tensor directly into its shards (see `from_hub_tensors`).
   Returns:
     A ready `Transformer`.
   """
@@ -190,7 +274,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
   name = jnp.dtype(dtype).name
   cfg = config or ModelConfig.from_hf(path)
   cfg = dataclasses.replace(cfg, dtype=name, param_dtype=name)
-  return from_hub_tensors(cfg, read_safetensors(path))
+  return from_hub_tensors(cfg, read_safetensors(path), mesh=mesh, rules=rules)
 
 
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike) -> None:

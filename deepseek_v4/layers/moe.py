@@ -12,7 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from deepseek_v4 import sharding
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.layers import moe_ep
 from deepseek_v4.layers.params import HashTable, Linear, RouterBias, normal, param
 
 
@@ -113,11 +115,11 @@ class Gate(nnx.Module):
     if hashed:
       table = default_hash_table(rngs.params(), cfg.vocab_size, cfg.num_experts,
                                  cfg.experts_per_token)
-      self.tid2eid = HashTable(table, sharding_names=("vocab", None),
+      self.tid2eid = HashTable(table, out_sharding=("vocab", None),
                                eager_sharding=False)
     else:
       self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32),
-                             sharding_names=("expert",), eager_sharding=False)
+                             out_sharding=("expert",), eager_sharding=False)
 
 
 class MoE(nnx.Module):
@@ -146,7 +148,12 @@ class MoE(nnx.Module):
     flat = x.reshape(B * T, D)
     scores, idx, w = self.route(flat, ids.reshape(-1))
     e = self.experts
-    y = routed_experts(flat, idx, w, e.w1[...], e.w2[...], e.w3[...], self.cfg.swiglu_limit)
+    experts = (e.w1[...], e.w2[...], e.w3[...], self.cfg.swiglu_limit)
+    ep = sharding.expert_parallel()  # set by `sharding.use(mesh, rules)` with an EP table
+    if ep is None:
+      y = routed_experts(flat, idx, w, *experts)
+    else:
+      y = moe_ep.routed_experts_ep(flat, idx, w, *experts, ep)
     if self.shared_experts is not None:
       y = y + self.shared_experts(flat, self.cfg.swiglu_limit).astype(jnp.float32)
     stats = {"scores": scores.reshape(B, T, -1), "experts": idx.reshape(B, T, -1)}

@@ -1,6 +1,6 @@
 """Parameter creation with logical axis names (STYLE.md §5) and the plain linear map.
 
-Every parameter carries `sharding_names` metadata (the logical axes of its dimensions). The sharding
+Every parameter carries `out_sharding` metadata (the logical axes of its dimensions). The sharding
 module maps those names to mesh axes; layers never name physical axes.
 """
 
@@ -27,7 +27,7 @@ def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
   """An nnx.Param tagged with logical axis names (one per dimension)."""
   if len(axes) != value.ndim:
     raise ValueError(f"axes={axes} has {len(axes)} names for a parameter of shape {value.shape}")
-  return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
