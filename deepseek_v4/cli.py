@@ -1,0 +1,93 @@
+"""`python -m deepseek_v4 <subcommand>`: the command-line entry point.
+
+Each subcommand lives in its own module, which defines `add_arguments(parser)` and
+`run(args) -> int`. Adding one (e.g. `generate`, `train`, `plan`) is one line in SUBCOMMANDS.
+Modules are imported only when their subcommand is parsed, so `--help` stays cheap.
+
+Errors in the user's input (an unknown preset, a bad `--set`, a missing config file) are printed to
+stderr as `error: ...` and exit with status 2, the same as argparse's own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from deepseek_v4 import config
+
+# name -> (module defining add_arguments/run, one-line help).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+  "summary": ("deepseek_v4.summary",
+              "parameters, KV-cache bytes and FLOPs per token, from shapes only"),
+  "train": ("deepseek_v4.train_cli",
+            "train or fine-tune (Muon, V4 losses, Orbax checkpoints); --demo runs on CPU"),
+}
+
+USAGE_ERROR = 2
+
+
+# ----- shared flags (for every subcommand that builds a model config) -----------------------------
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+  """`--preset` | `--config`, and repeated `--set field=value`."""
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument("--preset", choices=sorted(config.PRESETS), default=None,
+                     help="model preset (default flash)")
+  group.add_argument("--config", metavar="PATH",
+                     help="a hub or transformers config.json (or its folder)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="FIELD=VALUE", help="override a ModelConfig field (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[config.ModelConfig, str | None]:
+  """The config the flags describe, and the preset name when no field was overridden.
+
+  Raises:
+    ValueError: a bad override or an invalid resulting config (the message names the value).
+    OSError: the config file cannot be read.
+  """
+  if args.config:
+    cfg, name = config.ModelConfig.from_hf(args.config), None
+  else:
+    name = args.preset or "flash"
+    cfg = config.PRESETS[name]()
+  if args.overrides:
+    cfg, name = config.parse_overrides(cfg, args.overrides), None
+  return cfg, name
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (accepts 1_048_576 and 2**20 style '1048576')."""
+  try:
+    value = int(text.replace("_", ""))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+  return value
+
+
+# ----- entry point --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m deepseek_v4", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  for name, (module_name, help_text) in SUBCOMMANDS.items():
+    module = importlib.import_module(module_name)
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    module.add_arguments(p)
+    p.set_defaults(_run=module.run)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Parses `argv` (default sys.argv[1:]) and runs the subcommand; returns the exit status."""
+  args = build_parser().parse_args(argv)
+  try:
+    return int(args._run(args) or 0)
+  except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: not a usage error
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return USAGE_ERROR
