@@ -14,12 +14,18 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from deepseek_v4 import sharding
 from deepseek_v4.config import SWA_RATIO, ModelConfig
 from deepseek_v4.layers import mhc
 from deepseek_v4.layers.attention import Attention
 from deepseek_v4.layers.moe import MoE
 from deepseek_v4.layers.norms import RMSNorm, rms_norm
 from deepseek_v4.layers.params import Linear, normal, param
+
+
+# Logical activation axes at block boundaries (resolved by sharding.py's activation rules).
+_STREAMS = ("batch", "seq", "streams", "embed")
+_LOGITS = ("batch", "seq", "vocab")
 
 
 class Block(nnx.Module):
@@ -128,7 +134,7 @@ class Transformer(nnx.Module):
 
   def logits(self, h: Float[Array, "B T D"]) -> Array:
     """LM head in float32 (spec §2.5)."""
-    return self.head(h, jnp.float32)
+    return sharding.constrain(self.head(h, jnp.float32), _LOGITS)
 
   def trunk(self, ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
             ) -> tuple[Array, list[dict]]:
@@ -138,9 +144,11 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     e = self.embed_tokens(ids)
     x = jnp.broadcast_to(e[:, :, None, :], (B, T, self.cfg.hc_mult, self.cfg.d_model))
+    x = sharding.constrain(x, _STREAMS)
     stats = []
     for layer in self.layers:
       x, s = layer(x, ids, positions)
+      x = sharding.constrain(x, _STREAMS)  # block boundary (a no-op without a mesh)
       stats.append(s)
     return x, stats
 
