@@ -56,7 +56,7 @@ def apply_rope(x: Float[Array, "B T *heads H"], cos: Float[Array, "B T R2"],
                sin: Float[Array, "B T R2"], inverse: bool = False) -> Array:
   """Rotates the last 2*R2 channels of `x` (interleaved pairs) at the given angles.
 
-  `cos`/`sin` have the leading [B, T] (or [T]) of `x`; head axes in between are broadcast.
+  `cos`/`sin` have the leading [B, T] of `x` (B may be 1); head axes in between are broadcast.
   `inverse=True` rotates by the negative angle (the output de-rotation of spec §3.11).
   """
   r = 2 * cos.shape[-1]
