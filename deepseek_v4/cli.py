@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and
 `run(args) -> int`. Adding one (e.g. `generate`, `train`, `plan`) is one line in SUBCOMMANDS.
-Modules are imported only when their subcommand is parsed, so `--help` stays cheap.
+Only the module of the subcommand being run is imported, so `--help` stays cheap and one
+subcommand's dependencies never affect another.
 
 Errors in the user's input (an unknown preset, a bad `--set`, a missing config file) are printed to
 stderr as `error: ...` and exit with status 2, the same as argparse's own usage errors.
@@ -69,20 +70,25 @@ def positive_int(text: str) -> int:
 
 
 # ----- entry point --------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+  """The parser; only `command`'s module is imported and given its flags (the others list their
+  help line only), so one subcommand's imports never slow down or break another."""
   parser = argparse.ArgumentParser(prog="python -m deepseek_v4", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for name, (module_name, help_text) in SUBCOMMANDS.items():
-    module = importlib.import_module(module_name)
     p = sub.add_parser(name, help=help_text, description=help_text)
-    module.add_arguments(p)
-    p.set_defaults(_run=module.run)
+    if name == command:
+      module = importlib.import_module(module_name)
+      module.add_arguments(p)
+      p.set_defaults(_run=module.run)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
   """Parses `argv` (default sys.argv[1:]) and runs the subcommand; returns the exit status."""
-  args = build_parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command = next((a for a in argv if not a.startswith("-")), None)
+  args = build_parser(command).parse_args(argv)
   try:
     return int(args._run(args) or 0)
   except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: not a usage error
