@@ -3,6 +3,9 @@
 from deepseek_v4.config import PRESETS, ModelConfig, flash, pro, tiny
 from deepseek_v4.model import Transformer
 from deepseek_v4.checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from deepseek_v4.cache import Cache, init_cache
+from deepseek_v4.decoding import Sampler, decode_step, generate, prefill
 
 __all__ = ["CheckpointError", "ModelConfig", "PRESETS", "Transformer", "flash",
-           "load_hf_checkpoint", "pro", "save_hf_checkpoint", "tiny"]
+           "load_hf_checkpoint", "pro", "save_hf_checkpoint", "tiny",
+           "Cache", "Sampler", "decode_step", "generate", "init_cache", "prefill"]

@@ -88,3 +88,52 @@ class Attention(nnx.Module):
       idx, _ = self.indexer(x, cq, positions, cos, sin, freqs)
     o = self.core(q, positions, kv, comp=comp, comp_idx=idx)
     return self.output(o, cos, sin)
+
+  def extend(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
+             n_valid: Int[Array, "B"], cache):
+    """Cached attention of a chunk (decode step: T = 1), spec §5.2.
+
+    Row b's tokens sit at `positions[b] = start[b] + arange(T)` and only its first `n_valid[b]`
+    are real (right padding writes nothing). Order: compressors first, so an entry closed by
+    token t is visible to t; then attention over the chunk's own band, the ring (keys written
+    before the chunk), and the entries; the ring is updated last.
+
+    Args:
+      cache: this layer's `deepseek_v4.cache.LayerCache`.
+    Returns:
+      (output [B, T, D], new LayerCache).
+    """
+    freqs = self.freqs
+    cos, sin = rope_angles(positions, freqs)
+    cq, q, kv = self.project_qkv(x, cos, sin)
+    start = positions[:, 0]
+    new = {}
+    comp = idx = None
+    if self.compressor is not None:
+      comp, new["compressor"] = self.compressor.extend(x, start, n_valid, cache.compressor,
+                                                       cache.entries, freqs)
+      new["entries"] = comp
+    if self.indexer is not None:
+      idx, new["index_keys"], new["indexer"] = self.indexer.extend(
+        x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys)
+    o = self.core(q, positions, kv, comp=comp, comp_idx=idx, prefix_kv=cache.window.kv,
+                  prefix_pos=cache.window.pos)
+    new["window"] = write_window(cache.window, kv, positions, n_valid)
+    return self.output(o, cos, sin), cache.replace(**new)
+
+
+def write_window(window, kv: Float[Array, "B T H"], positions: Int[Array, "B T"],
+                 n_valid: Int[Array, "B"]):
+  """Writes the last min(n_valid, W) real tokens of the chunk into ring slots `p mod W`.
+
+  Earlier tokens of a long chunk would be overwritten anyway; skipping them keeps the scatter
+  free of duplicate slots (whose winner would be unspecified).
+  """
+  B, W, _ = window.kv.shape
+  t = jnp.arange(kv.shape[1])[None, :]
+  n = n_valid[:, None]
+  slot = jnp.where((t < n) & (t >= n - W), positions % W, W)  # W = not written
+  rows = jnp.arange(B)[:, None]
+  return window.replace(
+    kv=window.kv.at[rows, slot].set(kv.astype(window.kv.dtype), mode="drop"),
+    pos=window.pos.at[rows, slot].set(positions.astype(window.pos.dtype), mode="drop"))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from deepseek_v4.layers.norms import RMSNorm
 from deepseek_v4.layers.params import Linear, param
@@ -90,6 +90,24 @@ class Compressor(nnx.Module):
     cos, sin = rope_angles(pos[None, :], freqs)
     return apply_rope(entries, cos, sin)
 
+  def finish_at(self, pooled: Float[Array, "B n W"], entry: Int[Array, "B n"], freqs: np.ndarray,
+                dtype) -> Array:
+    """Like `finish`, with a per-row entry index: RoPE at positions `m * entry[b, i]`."""
+    entries = self.norm(pooled.astype(dtype))
+    cos, sin = rope_angles(entry * self.ratio, freqs)
+    return apply_rope(entries, cos, sin)
+
+  def extend(self, x: Float[Array, "B T D"], start: Int[Array, "B"], n_valid: Int[Array, "B"],
+             state, entries: Float[Array, "B C W"], freqs: np.ndarray):
+    """Decode / chunked-prefill step (spec §5.2): feeds the chunk x (row b at positions
+    start[b] ..., its first n_valid[b] tokens real) to the tail `state` (a cache
+    CompressorState); returns (entries with every newly closed window stored, new state)."""
+    c, z = self.project(x, start[:, None])
+    pooled, entry, closed, state = extend_windows(c, z, start, n_valid, state, self.ratio,
+                                                  self.overlap)
+    new = self.finish_at(pooled, entry, freqs, entries.dtype)
+    return store_entries(entries, new, entry, closed), state
+
   def __call__(self, x: Float[Array, "B T D"], freqs: np.ndarray) -> Array:
     """All complete windows of a sequence that starts at position 0 -> [B, T // m, width]."""
     B, T, _ = x.shape
@@ -98,3 +116,72 @@ class Compressor(nnx.Module):
       return jnp.zeros((B, 0, self.norm.weight.shape[0]), x.dtype)
     c, z = self.project(x[:, : n * self.ratio])
     return self.finish(pool_windows(c, z, self.ratio, self.overlap), 0, freqs, x.dtype)
+
+
+# ----- incremental compression (decode / chunked prefill, spec §5.2) ------------------------------
+def _align(pending: Array, new: Array, offset: Array, fill: float, length: int) -> Array:
+  """Per row: the pending slots, then the chunk written from slot `offset`: [length, K]."""
+  m, K = pending.shape
+  buf = jnp.concatenate([pending, jnp.full((length - m, K), fill, pending.dtype)], axis=0)
+  return jax.lax.dynamic_update_slice(buf, new.astype(pending.dtype), (offset, 0))
+
+
+def _take_window(x: Array, idx: Array, ratio: int) -> Array:
+  """x [B, n*m, K] -> the window idx[b] of each row: [B, m, K]."""
+  B, S, K = x.shape
+  return jax.vmap(lambda xb, i: jax.lax.dynamic_slice_in_dim(xb, i * ratio, ratio, 0))(x, idx)
+
+
+def extend_windows(c: Float[Array, "B T K"], z: Float[Array, "B T K"], start: Array,
+                   n_valid: Array, state, ratio: int, overlap: bool):
+  """Feeds T new tokens to a compressor tail; pools every window the chunk closes.
+
+  Row b's tokens sit at positions `start[b] .. start[b] + T - 1`; only the first `n_valid[b]`
+  are real (the rest is right padding and changes nothing). The pending slots and the chunk are
+  laid out window-aligned (windows are anchored at position 0), so the same `pool_windows` as
+  the full sequence pools them.
+
+  Args:
+    c, z: the chunk's values and biased gate logits (float32, from `project(x, start)`).
+    start, n_valid: [B] int32.
+    state: the CompressorState before the chunk.
+    ratio, overlap: m and CSA two-series pooling.
+  Returns:
+    (pooled [B, n, width] float32, entry index [B, n], closed [B, n] bool, new state). Only
+    `closed` windows are real entries; the others are partial and must not be stored.
+  """
+  B, T, K = c.shape
+  m = ratio
+  n = -(-(m - 1 + T) // m)  # windows the aligned buffer spans
+  offset = start % m
+  cb = jax.vmap(lambda p, x, o: _align(p, x, o, 0.0, n * m))(state.pending_c, c, offset)
+  zb = jax.vmap(lambda p, x, o: _align(p, x, o, -jnp.inf, n * m))(state.pending_z, z, offset)
+  prev = (state.prev_c, state.prev_z) if overlap else None
+  pooled = pool_windows(cb, zb, m, overlap, prev)  # [B, n, width]
+  first = start // m
+  entry = first[:, None] + jnp.arange(n)  # [B, n]
+  end = start + n_valid
+  closed = (entry + 1) * m <= end[:, None]
+  num_closed = end // m - first  # [B]
+  # The new tail: the first window the chunk leaves open, its slots past `end` emptied.
+  keep = (jnp.arange(m)[None, :] < (end % m)[:, None])[..., None]  # [B, m, 1]
+  tail = jnp.minimum(num_closed, n - 1)
+  new = dict(pending_c=jnp.where(keep, _take_window(cb, tail, m), 0.0),
+             pending_z=jnp.where(keep, _take_window(zb, tail, m), -jnp.inf))
+  if overlap:
+    w = K // 2
+    last = jnp.maximum(num_closed - 1, 0)
+    moved = (num_closed > 0)[:, None, None]
+    new["prev_c"] = jnp.where(moved, _take_window(cb, last, m)[..., :w], state.prev_c)
+    new["prev_z"] = jnp.where(moved, _take_window(zb, last, m)[..., :w], state.prev_z)
+  return pooled, entry, closed, state.replace(**new)
+
+
+def store_entries(entries: Float[Array, "B C W"], new: Array, entry: Array,
+                  closed: Array) -> Array:
+  """Writes the closed windows' entries at their indices (others are dropped)."""
+  B, C, _ = entries.shape
+  idx = jnp.where(closed, entry, C)  # out of range = not written
+  rows = jnp.arange(B)[:, None]
+  return entries.at[rows, idx].set(new.astype(entries.dtype), mode="drop")
+

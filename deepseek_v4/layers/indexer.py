@@ -57,3 +57,14 @@ class Indexer(nnx.Module):
     keys = self.compressor(x, freqs)  # [B, C, J]
     q, w = self.queries(x, cq, cos, sin)
     return jax.lax.stop_gradient(self.select(q, w, keys, positions)), keys
+
+  def extend(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
+             freqs: np.ndarray, n_valid: Array, state, keys: Array):
+    """Decode / chunked-prefill step (spec §5.2 step 3): stores the keys of every indexer window
+    the chunk closes, then selects among all stored keys (visibility from `positions`).
+
+    Returns (selected indices [B, T, min(k_I, capacity)], keys, new compressor state).
+    """
+    keys, state = self.compressor.extend(x, positions[:, 0], n_valid, state, keys, freqs)
+    q, w = self.queries(x, cq, cos, sin)
+    return jax.lax.stop_gradient(self.select(q, w, keys, positions)), keys, state

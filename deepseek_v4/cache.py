@@ -1,0 +1,173 @@
+"""Decode-time KV cache (spec §5.1): fixed-capacity pytrees, so one compiled step serves every
+position.
+
+Per layer:
+  * every kind: the sliding-window ring of the last W roped K=V vectors, slot `p mod W`, with the
+    absolute position of each slot (negative = empty);
+  * CSA / HCA: the compressed entries `[B, max_len // m, H]` (entry i is written once, when window
+    i closes) and the compressor state: pending buffer `[B, m, K]` of the current incomplete
+    window's values and biased gate logits (gates pre-filled with -inf = empty slot); CSA adds
+    the overlap state `[B, m, K/2]`, the first halves of the last complete window;
+  * CSA: the same for the indexer's own compressor, plus the indexer keys `[B, max_len // 4, J]`.
+
+Each row of the batch has its own length (its next position), so prompts of different lengths are
+right-padded and every row advances independently. The number of entries a row holds is
+`lengths // m` (the count is derived, never stored twice). MTP is not cached: generation never
+runs the MTP block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Float, Int
+
+from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
+from kernels_pallas.common import PAD_POSITION
+
+
+@struct.dataclass
+class WindowCache:
+  """Ring of the last W K=V vectors: kv [B, W, H]; pos [B, W] (PAD_POSITION = empty slot)."""
+
+  kv: Float[Array, "B W H"]
+  pos: Int[Array, "B W"]
+
+
+@struct.dataclass
+class CompressorState:
+  """The not-yet-compressed tail of one compressor (spec §5.1), all float32.
+
+  pending_c / pending_z: values and biased gate logits of the current window, slot `p mod m`;
+    empty slots hold (0, -inf) so they get zero weight.
+  prev_c / prev_z: CSA only, series-A halves of the last complete window (same empty rule).
+  """
+
+  pending_c: Float[Array, "B m K"]
+  pending_z: Float[Array, "B m K"]
+  prev_c: Float[Array, "B m K2"] | None = None
+  prev_z: Float[Array, "B m K2"] | None = None
+
+
+@struct.dataclass
+class LayerCache:
+  """One layer's state. Sliding layers fill only `window`; HCA adds `compressor` + `entries`;
+  CSA adds the indexer's `indexer` state and `index_keys` as well."""
+
+  window: WindowCache
+  compressor: CompressorState | None = None
+  entries: Float[Array, "B C H"] | None = None
+  indexer: CompressorState | None = None
+  index_keys: Float[Array, "B C J"] | None = None
+
+
+@struct.dataclass
+class Cache:
+  """Whole-model cache. `lengths[b]` = tokens row b holds = the position of its next token."""
+
+  layers: tuple[LayerCache, ...]
+  lengths: Int[Array, "B"]
+  max_len: int = struct.field(pytree_node=False, default=0)
+
+  @property
+  def batch(self) -> int:
+    return self.lengths.shape[0]
+
+  def num_entries(self, ratio: int) -> Array:
+    """Compressed entries each row holds in a layer of compression `ratio` (spec §3.7)."""
+    return self.lengths // ratio
+
+
+def empty_compressor_state(batch: int, ratio: int, width: int, overlap: bool) -> CompressorState:
+  """A fresh compressor tail: every slot empty (value 0, logit -inf)."""
+  k = (2 if overlap else 1) * width
+  zeros = lambda n: jnp.zeros((batch, ratio, n), jnp.float32)  # noqa: E731
+  ninf = lambda n: jnp.full((batch, ratio, n), -jnp.inf, jnp.float32)  # noqa: E731
+  if overlap:
+    return CompressorState(zeros(k), ninf(k), zeros(width), ninf(width))
+  return CompressorState(zeros(k), ninf(k))
+
+
+def init_layer_cache(cfg: ModelConfig, ratio: int, batch: int, max_len: int, dtype) -> LayerCache:
+  H, W = cfg.head_dim, cfg.window
+  window = WindowCache(kv=jnp.zeros((batch, W, H), dtype),
+                       pos=jnp.full((batch, W), PAD_POSITION, jnp.int32))
+  kind = layer_kind(ratio)
+  if kind == "sliding":
+    return LayerCache(window=window)
+  out = dict(window=window,
+             compressor=empty_compressor_state(batch, ratio, H, kind == "csa"),
+             entries=jnp.zeros((batch, max_len // ratio, H), dtype))
+  if kind == "csa":
+    J = cfg.index_head_dim
+    out.update(indexer=empty_compressor_state(batch, CSA_RATIO, J, True),
+               index_keys=jnp.zeros((batch, max_len // CSA_RATIO, J), dtype))
+  return LayerCache(**out)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+  """An empty cache for `batch` sequences of up to `max_len` tokens each.
+
+  Args:
+    cfg: the model config.
+    batch: B.
+    max_len: capacity in tokens (prompt + generated); positions 0 .. max_len - 1.
+    dtype: storage dtype of window K=V, entries and indexer keys (default `cfg.dtype`); the
+      compressor tails are always float32 (spec §5.1).
+  """
+  if not (isinstance(batch, (int, np.integer)) and batch >= 1):
+    raise ValueError(f"batch={batch!r} must be a positive integer")
+  if not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
+    raise ValueError(f"max_len={max_len!r} must be a positive integer")
+  if max_len > cfg.max_position_embeddings:
+    raise ValueError(f"max_len={max_len} exceeds max_position_embeddings="
+                     f"{cfg.max_position_embeddings}")
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  layers = tuple(init_layer_cache(cfg, r, batch, max_len, dtype) for r in cfg.compress_ratios)
+  return Cache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32), max_len=int(max_len))
+
+
+def cache_bytes(cache: Cache) -> int:
+  """Bytes held by every array of the cache (all rows)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def bytes_per_token(cfg: ModelConfig, dtype=None) -> float:
+  """Cache bytes one more token of context costs per sequence (spec §5.3, amortized): CSA
+  entries + indexer keys (1 per 4 tokens) and HCA entries (1 per m' tokens); the window ring and
+  the compressor tails have a fixed size that does not grow with the context."""
+  item = jnp.dtype(dtype or cfg.dtype).itemsize
+  total = 0.0
+  for r in cfg.compress_ratios:
+    kind = layer_kind(r)
+    if kind == "csa":
+      total += (cfg.head_dim + cfg.index_head_dim) * item / CSA_RATIO
+    elif kind == "hca":
+      total += cfg.head_dim * item / r
+  return total
+
+
+def fixed_bytes(cfg: ModelConfig, dtype=None) -> int:
+  """Per-sequence bytes that do not grow with the context: window rings (+ their positions)
+  and the float32 compressor tails."""
+  item = jnp.dtype(dtype or cfg.dtype).itemsize
+  total = 0
+  for r in cfg.compress_ratios:
+    total += cfg.window * (cfg.head_dim * item + 4)
+    kind = layer_kind(r)
+    if kind == "hca":
+      total += 2 * r * cfg.head_dim * 4
+    elif kind == "csa":
+      for w in (cfg.head_dim, cfg.index_head_dim):
+        total += 2 * CSA_RATIO * 2 * w * 4 + 2 * CSA_RATIO * w * 4
+  return total + 4  # + the row's length counter
+
+
+def capacity_multiple(cfg: ModelConfig) -> int:
+  """lcm of the compression ratios: a max_len that is a multiple of it wastes no entry slot."""
+  ratios = [r for r in cfg.compress_ratios if r > 0] or [1]
+  return math.lcm(*ratios)

@@ -1,0 +1,403 @@
+"""Incremental decoding (spec §5.2): chunked prefill, the decode step, sampling, `generate`.
+
+Everything runs through one function, `forward_chunk`: T new tokens per row, row b starting at
+its own position `cache.lengths[b]`, only its first `n_valid[b]` tokens real. Prefill is a chunk
+from position 0 (or several chunks of any size), a decode step is a chunk of one token. Prompts of
+different lengths are right-padded (compression windows are anchored at position 0, so left padding
+is not an option, spec §5.2); the padding writes nothing into the cache, and every row then decodes
+from its own position. All buffers have a fixed capacity (`deepseek_v4.cache`), so one compiled
+step serves every position.
+
+`generate` runs prefill and the whole sampling loop in one `jax.jit` (a `lax.while_loop`);
+streaming uses an ordered `jax.debug.callback` from inside the loop, so there is no per-token
+Python round trip beyond the callback itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from deepseek_v4.cache import Cache, init_cache
+from deepseek_v4.config import ModelConfig
+
+
+# ----- the model on a chunk ---------------------------------------------------------------------
+def forward_chunk(model, cache: Cache, ids: Int[Array, "B T"], n_valid: Int[Array, "B"],
+                  ) -> tuple[Float[Array, "B T D"], Cache]:
+  """Final hidden states (after the mHC head and final norm) of a chunk, and the new cache.
+
+  Row b's tokens get positions `cache.lengths[b] + arange(T)`; its tokens past `n_valid[b]` are
+  padding: their outputs are garbage and they change nothing in the cache.
+  """
+  cfg = model.cfg
+  B, T = ids.shape
+  positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
+  e = model.embed_tokens(ids)
+  x = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.d_model))  # [B, T, M, D]
+  layers = []
+  for layer, lc in zip(model.layers, cache.layers):
+    out = []
+
+    def attn_fn(u, layer=layer, lc=lc, out=out):
+      y, new = layer.attn.extend(u, positions, n_valid, lc)
+      out.append(new)
+      return y
+
+    x = layer.attn_site(x, attn_fn)
+    x, _ = layer.ffn_site(x, ids)
+    layers.append(out[0])
+  new_cache = cache.replace(layers=tuple(layers), lengths=cache.lengths + n_valid)
+  return model.final_hidden(x), new_cache
+
+
+def _last_valid(h: Float[Array, "B T D"], n_valid: Int[Array, "B"]) -> Array:
+  """h at each row's last real token: [B, D]."""
+  return h[jnp.arange(h.shape[0]), jnp.maximum(n_valid - 1, 0)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "last_only"), donate_argnames=("cache",))
+def _extend_jit(graphdef, state, cache, ids, n_valid, last_only: bool):
+  model = nnx.merge(graphdef, state)
+  h, cache = forward_chunk(model, cache, ids, n_valid)
+  if last_only:  # [B, D] -> [B, V]; the head always sees [B, T, D] (its sharding names)
+    return model.logits(_last_valid(h, n_valid)[:, None])[:, 0], cache
+  return model.logits(h), cache
+
+
+# ----- input checks (clear errors that name the value) -------------------------------------------
+def _as_lengths(lengths, B: int, T: int) -> np.ndarray:
+  if lengths is None:
+    return np.full((B,), T, np.int32)
+  lengths = np.asarray(lengths)
+  if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
+    raise ValueError(f"lengths must be {B} integers (one per row); got {lengths!r}")
+  bad = (lengths < 0) | (lengths > T)
+  if bad.any():
+    raise ValueError(f"lengths[{int(np.argmax(bad))}]={int(lengths[bad][0])} is outside [0, {T}]"
+                     f" (T={T} tokens per row)")
+  return lengths.astype(np.int32)
+
+
+def _check_ids(ids: np.ndarray, lengths: np.ndarray, vocab: int) -> None:
+  if ids.ndim != 2:
+    raise ValueError(f"token ids must have shape [B, T]; got shape {ids.shape}")
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f"token ids must be integers; got dtype {ids.dtype}")
+  real = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+  bad = real & ((ids < 0) | (ids >= vocab))
+  if bad.any():
+    b, t = map(int, np.argwhere(bad)[0])
+    raise ValueError(f"token id {int(ids[b, t])} (row {b}, position {t}) is outside the "
+                     f"vocabulary [0, {vocab})")
+
+
+def _check_room(cache: Cache, extra: np.ndarray, what: str) -> None:
+  end = np.asarray(cache.lengths) + extra
+  if (end > cache.max_len).any():
+    b = int(np.argmax(end > cache.max_len))
+    raise ValueError(f"{what}: row {b} would hold {int(end[b])} tokens, more than the cache "
+                     f"capacity max_len={cache.max_len}")
+
+
+# ----- public prefill / decode step --------------------------------------------------------------
+def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = None,
+            logits: Literal["all", "last"] = "all") -> tuple[Array, Cache]:
+  """Feeds prompts (any length, optionally in chunks of any size) into `cache`.
+
+  Args:
+    model: a `Transformer`.
+    cache: from `init_cache`; may already hold tokens (this call continues each row).
+    ids: int [B, T], right-padded; row b's real tokens are `ids[b, :lengths[b]]`.
+    lengths: [B] real tokens per row (default: all T).
+    chunk_size: feed T in chunks of this many tokens (the last chunk is padded, so one compiled
+      step serves every chunk).
+    logits: "all" returns [B, T, V] (entries past a row's length are garbage); "last" returns
+      [B, V] at each row's last real token (garbage for rows with length 0).
+  Returns:
+    (logits, new cache). The input cache is donated (do not reuse it).
+  """
+  ids = np.asarray(ids)
+  if ids.ndim != 2 or ids.shape[1] == 0:
+    raise ValueError(f"prefill needs token ids of shape [B, T] with T >= 1; got {ids.shape}")
+  B, T = ids.shape
+  if B != cache.batch:
+    raise ValueError(f"ids have B={B} rows but the cache holds {cache.batch}")
+  lengths = _as_lengths(lengths, B, T)
+  _check_ids(ids, lengths, model.cfg.vocab_size)
+  _check_room(cache, lengths, "prefill")
+  if logits not in ("all", "last"):
+    raise ValueError(f"logits={logits!r}; expected 'all' or 'last'")
+  chunk = T if chunk_size is None else int(chunk_size)
+  if chunk < 1:
+    raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+  n_chunks = -(-T // chunk)
+  padded = np.zeros((B, n_chunks * chunk), np.int32)
+  padded[:, :T] = np.where(np.arange(T)[None, :] < lengths[:, None], ids, 0)
+  graphdef, state = nnx.split(model)
+  outs, last = [], None
+  for c in range(n_chunks):
+    n_valid = np.clip(lengths - c * chunk, 0, chunk).astype(np.int32)
+    part = jnp.asarray(padded[:, c * chunk:(c + 1) * chunk])
+    out, cache = _extend_jit(graphdef, state, cache, part, jnp.asarray(n_valid),
+                             last_only=logits == "last")
+    if logits == "last":
+      has = jnp.asarray(n_valid > 0)[:, None]
+      last = out if last is None else jnp.where(has, out, last)
+    else:
+      outs.append(out)
+  if logits == "last":
+    return last, cache
+  return jnp.concatenate(outs, axis=1)[:, :T], cache
+
+
+def decode_step(model, cache: Cache, ids, active=None) -> tuple[Float[Array, "B V"], Cache]:
+  """One token per row at each row's own position.
+
+  Args:
+    ids: [B] (or [B, 1]) the previous token of each row.
+    active: optional [B] bool; inactive rows are not advanced and write nothing.
+  Returns:
+    (logits [B, V] float32, new cache). The input cache is donated (do not reuse it).
+  """
+  ids = np.asarray(ids).reshape(-1, 1)
+  B = ids.shape[0]
+  if B != cache.batch:
+    raise ValueError(f"ids have B={B} rows but the cache holds {cache.batch}")
+  n_valid = np.ones((B,), np.int32) if active is None else np.asarray(active).astype(np.int32)
+  _check_ids(ids, n_valid, model.cfg.vocab_size)
+  _check_room(cache, n_valid, "decode_step")
+  graphdef, state = nnx.split(model)
+  # The same compiled step as a one-token prefill chunk (T = 1, every position kept).
+  logits, cache = _extend_jit(graphdef, state, cache, jnp.asarray(ids, jnp.int32),
+                              jnp.asarray(n_valid), last_only=False)
+  return logits[:, 0], cache
+
+
+def step_fn(model, last_only: bool = False) -> Callable:
+  """A low-overhead jitted step for loops that manage their own inputs (no checks, no per-call
+  `nnx.split`): `fn(cache, ids [B, T], n_valid [B]) -> (logits, cache)`. The cache is donated."""
+  graphdef, state = nnx.split(model)
+
+  def fn(cache: Cache, ids, n_valid):
+    return _extend_jit(graphdef, state, cache, ids, n_valid, last_only=last_only)
+
+  return fn
+
+
+# ----- sampling ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Next-token choice from logits. temperature 0 = greedy (argmax, lowest id on ties).
+
+  Attributes:
+    temperature: >= 0; logits are divided by it before top-k / top-p.
+    top_k: keep the k largest logits (None = all).
+    top_p: nucleus: keep the smallest set of most likely tokens whose probability reaches top_p
+      (None or 1 = all). Must be in (0, 1].
+  """
+
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    t, k, p = self.temperature, self.top_k, self.top_p
+    if not (isinstance(t, (int, float)) and np.isfinite(t) and t >= 0):
+      raise ValueError(f"temperature={t!r} must be a finite number >= 0")
+    if k is not None and not (isinstance(k, (int, np.integer)) and k >= 1):
+      raise ValueError(f"top_k={k!r} must be a positive integer or None")
+    if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+      raise ValueError(f"top_p={p!r} must be in (0, 1]")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  def filter(self, logits: Float[Array, "B V"]) -> Array:
+    """Temperature, then top-k, then top-p; removed tokens get -inf."""
+    x = logits.astype(jnp.float32) / self.temperature
+    if self.top_k is not None and self.top_k < x.shape[-1]:
+      kth = jax.lax.top_k(x, self.top_k)[0][..., -1:]
+      x = jnp.where(x >= kth, x, -jnp.inf)
+    if self.top_p is not None and self.top_p < 1:
+      desc = jnp.sort(x, axis=-1)[..., ::-1]
+      probs = jax.nn.softmax(desc, axis=-1)
+      keep = (jnp.cumsum(probs, axis=-1) - probs) < self.top_p  # the first token always stays
+      cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+      x = jnp.where(x >= cut, x, -jnp.inf)
+    return x
+
+  def sample(self, logits: Float[Array, "B V"], key: Array) -> Int[Array, "B"]:
+    """One token per row; row b draws with `fold_in(key, b)`."""
+    if self.greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = self.filter(logits)
+    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(x.shape[0]))
+    return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
+
+
+# ----- generate -----------------------------------------------------------------------------------
+def _prefill_in_loop(model, cache: Cache, ids: Array, lengths: Array, chunk: int):
+  """Prefill inside jit, `chunk` tokens per scan step; returns (h at each row's last token)."""
+  B, T = ids.shape
+  n = T // chunk
+  xs = jnp.moveaxis(ids.reshape(B, n, chunk), 1, 0)  # [n, B, chunk]
+
+  def step(carry, args):
+    cache, h_last = carry
+    c, part = args
+    n_valid = jnp.clip(lengths - c * chunk, 0, chunk)
+    h, cache = forward_chunk(model, cache, part, n_valid)
+    local = lengths - 1 - c * chunk
+    here = ((local >= 0) & (local < chunk))[:, None]
+    h_last = jnp.where(here, h[jnp.arange(B), jnp.clip(local, 0, chunk - 1)], h_last)
+    return (cache, h_last), None
+
+  h0 = jnp.zeros((B, model.cfg.d_model), jnp.dtype(model.cfg.dtype))
+  (cache, h_last), _ = jax.lax.scan(step, (cache, h0), (jnp.arange(n), xs))
+  return h_last, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_new", "sampler", "max_len", "chunk",
+                                             "stream", "keep_logits"))
+def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: int,
+                  sampler: Sampler, max_len: int, chunk: int, stream, keep_logits: bool):
+  model = nnx.merge(graphdef, state)
+  B, T = ids.shape
+  rows = jnp.arange(B)
+  cache = init_cache(model.cfg, B, max_len)
+  h_last, cache = _prefill_in_loop(model, cache, ids, lengths, chunk)
+  out = jnp.full((B, T + n_new), pad_id, jnp.int32)  # row b: prompt, then tokens from lengths[b]
+  out = out.at[:, :T].set(jnp.where(jnp.arange(T)[None, :] < lengths[:, None], ids, pad_id))
+
+  V = model.cfg.vocab_size
+  scores = jnp.zeros((B, n_new if keep_logits else 0, V), jnp.float32)
+
+  def emit(i, done, out, scores, key, logits):
+    key, sub = jax.random.split(key)
+    nxt = jnp.where(done, pad_id, sampler.sample(logits, sub))
+    out = out.at[rows, lengths + i].set(nxt)
+    if keep_logits:
+      scores = jax.lax.dynamic_update_slice_in_dim(scores, logits[:, None], i, axis=1)
+    done = done | jnp.isin(nxt, stops)
+    if stream is not None:
+      jax.debug.callback(stream, i, nxt, done, ordered=True)
+    return nxt, done, out, scores, key
+
+  done = jnp.zeros((B,), bool)
+  first = model.logits(h_last[:, None])[:, 0]  # [B, V]
+  tok, done, out, scores, key = emit(0, done, out, scores, key, first)
+
+  def cond(s):
+    i, done = s[0], s[3]
+    return (i < n_new) & ~jnp.all(done)
+
+  def body(s):
+    i, cache, tok, done, out, scores, key = s
+    # Finished rows feed nothing (n_valid = 0): their cache stays as it was.
+    h, cache = forward_chunk(model, cache, tok[:, None], (~done).astype(jnp.int32))
+    tok, done, out, scores, key = emit(i, done, out, scores, key, model.logits(h)[:, 0])
+    return i + 1, cache, tok, done, out, scores, key
+
+  s = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, done, out, scores, key))
+  return s[4], s[5]
+
+
+def _as_prompts(prompt_ids, lengths) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged lists or a padded [B, T] array (+ lengths) -> (padded int32 [B, T], lengths [B])."""
+  if isinstance(prompt_ids, (list, tuple)) and prompt_ids and not np.isscalar(prompt_ids[0]):
+    rows = [np.asarray(r).reshape(-1) for r in prompt_ids]
+    if lengths is not None:
+      raise ValueError("lengths is only for a padded [B, T] array, not for a list of prompts")
+    lengths = np.array([len(r) for r in rows], np.int32)
+    T = int(lengths.max(initial=0))
+    ids = np.zeros((len(rows), T), np.int64)
+    for b, r in enumerate(rows):
+      if r.size and not np.issubdtype(r.dtype, np.integer):
+        raise TypeError(f"prompt {b} has non-integer dtype {r.dtype}")
+      ids[b, :len(r)] = r
+  else:
+    ids = np.asarray(prompt_ids)
+    if ids.ndim == 1:
+      ids = ids[None, :]
+    if ids.ndim != 2:
+      raise ValueError(f"prompt_ids must be [B, T] or a list of 1-D prompts; got shape {ids.shape}")
+    lengths = _as_lengths(lengths, ids.shape[0], ids.shape[1])
+  if ids.shape[0] == 0:
+    raise ValueError("prompt_ids is empty: no prompts given")
+  if ids.shape[1] == 0 or (lengths == 0).any():
+    b = int(np.argmin(lengths)) if lengths.size else 0
+    raise ValueError(f"prompt {b} is empty (length 0); every prompt needs at least one token")
+  return ids, lengths
+
+
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_tokens: Sequence[int] = (), *, lengths=None, pad_id: int | None = None,
+             max_len: int | None = None, prefill_chunk: int | None = None,
+             stream: Callable | None = None, return_logits: bool = False):
+  """Greedy or sampled continuation of a batch of prompts, the whole loop under one jit.
+
+  Args:
+    model: a `Transformer`.
+    prompt_ids: int [B, T] (right-padded, with `lengths`), a single 1-D prompt, or a list of 1-D
+      prompts of different lengths.
+    max_new_tokens: N, tokens to generate per row (fewer if a stop token comes first).
+    temperature, top_k, top_p: see `Sampler` (temperature 0 = greedy).
+    seed: PRNG seed of the sampler.
+    stop_tokens: a row stops after emitting one of these (the stop token is kept).
+    lengths: [B] prompt lengths when `prompt_ids` is a padded array.
+    pad_id: fills each row after its end (default `cfg.eos_token_id`).
+    max_len: cache capacity (default T + N); at least every row's prompt + N tokens.
+    prefill_chunk: prefill in chunks of this many tokens (bounds prefill memory).
+    stream: optional `fn(step, tokens [B], done [B])`, called from inside the jitted loop as
+      each token is produced (an ordered `jax.debug.callback`). Pass the same function object
+      across calls to reuse the compiled loop.
+    return_logits: also return the float32 logits [B, N, V] each token was drawn from (before
+      temperature / filtering; zeros after a row has stopped).
+  Returns:
+    int32 [B, T + N]: row b holds its prompt (`lengths[b]` tokens), then its generated tokens,
+    then `pad_id`. With `return_logits`, the pair (ids, logits).
+  """
+  cfg: ModelConfig = model.cfg
+  ids, lengths = _as_prompts(prompt_ids, lengths)
+  B, T = ids.shape
+  if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+  sampler = Sampler(float(temperature), top_k, top_p)
+  _check_ids(ids, lengths, cfg.vocab_size)
+  N = int(max_new_tokens)
+  need = int(lengths.max()) + N - 1  # the last generated token is never fed back
+  if need > cfg.max_position_embeddings:
+    raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens {N} needs {need} "
+                     f"positions; the model has max_position_embeddings="
+                     f"{cfg.max_position_embeddings}")
+  max_len = T + N if max_len is None else int(max_len)
+  max_len = min(max_len, cfg.max_position_embeddings)
+  if need > max_len or T > max_len:
+    raise ValueError(f"prompt length {max(T, int(lengths.max()))} + max_new_tokens {N} does not "
+                     f"fit the cache capacity max_len={max_len}")
+  pad_id = cfg.eos_token_id if pad_id is None else int(pad_id)
+  for s in stop_tokens:
+    if not (0 <= int(s) < cfg.vocab_size):
+      raise ValueError(f"stop token {s!r} is outside the vocabulary [0, {cfg.vocab_size})")
+  stops = np.asarray(list(stop_tokens) or [-1], np.int32)
+  chunk = T if prefill_chunk is None else max(1, min(int(prefill_chunk), T))
+  Tp = -(-T // chunk) * chunk  # padding tokens of the last chunk write nothing
+  padded = np.zeros((B, Tp), np.int32)
+  padded[:, :T] = np.where(np.arange(T)[None, :] < lengths[:, None], ids, 0)
+  graphdef, state = nnx.split(model)
+  out, scores = _generate_jit(
+    graphdef, state, jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(stops),
+    jnp.int32(pad_id), jax.random.key(seed), n_new=N, sampler=sampler, max_len=max_len,
+    chunk=chunk, stream=stream, keep_logits=bool(return_logits))
+  out = out[:, :T + N]  # generated tokens sit at lengths[b] + i < T + N
+  return (out, scores) if return_logits else out
