@@ -22,6 +22,7 @@ from deepseek_v4 import config
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "summary": ("deepseek_v4.summary",
               "parameters, KV-cache bytes and FLOPs per token, from shapes only"),
+  "plan": ("deepseek_v4.plan", "per-device memory of a run on a device mesh, from shapes only"),
   "generate": ("deepseek_v4.generate_cli", "generate text from a checkpoint, streamed"),
   "train": ("deepseek_v4.train_cli",
             "train or fine-tune (Muon, V4 losses, Orbax checkpoints); --demo runs on CPU"),

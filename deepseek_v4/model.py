@@ -134,7 +134,8 @@ class Transformer(nnx.Module):
 
   def logits(self, h: Float[Array, "B T D"]) -> Array:
     """LM head in float32 (spec §2.5)."""
-    return sharding.constrain(self.head(h, jnp.float32), _LOGITS)
+    y = self.head(h, jnp.float32)  # [B, T, V] or, at one position per row, [B, V]
+    return sharding.constrain(y, _LOGITS if y.ndim == 3 else _LOGITS[::2])
 
   def trunk(self, ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
             ) -> tuple[Array, list[dict]]:

@@ -30,7 +30,7 @@ import contextvars
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -317,10 +317,6 @@ def use(mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = None)
     _CONTEXT.reset(token)
 
 
-def current() -> _Context | None:
-  return _CONTEXT.get()
-
-
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout through the activation rules; a no-op without `use(...)`.
 
@@ -444,11 +440,6 @@ def put_host_array(value: np.ndarray | Callable[[tuple[slice, ...]], np.ndarray]
   return jax.make_array_from_callback(tuple(shape), sharding, block)
 
 
-def place_state(state: Mapping[str, Any], specs: Mapping[str, NamedSharding]) -> dict:
-  """`{name: host array}` -> `{name: sharded jax.Array}` by each name's sharding."""
-  return {k: put_host_array(v, v.shape, v.dtype, specs[k]) for k, v in state.items()}
-
-
 # ----- inputs, outputs and jitted entry points ---------------------------------------------------
 def activation_sharding(mesh: Mesh, rules: str | Rules, names: Sequence[str | None],
                         shape: Sequence[int], *, what: str = "input") -> NamedSharding:
@@ -506,33 +497,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def jit_train_step(step: Callable, model, optimizer, mesh: Mesh, rules: str | Rules, *,
                    capacity_factor: float | None = None, donate: bool = True):
-  """Wraps `step(model, optimizer, batch) -> metrics` as a jitted, sharded train step.
+  """Wraps `step(model, optimizer, batch, *extra) -> metrics` as a jitted, sharded train step.
 
-  `step` is plain NNX code that updates `model` and `optimizer` in place (not jitted itself).
-  In and out: parameters and optimizer state by the rule table (state donated), every batch leaf
-  [B, ...] by the batch axes; metrics come back replicated. The returned
-  `run(model, optimizer, batch) -> metrics` writes the new state into `model` and `optimizer`.
+  `step` is plain NNX code that updates `model` and `optimizer` in place (not jitted itself), e.g.
+  `functools.partial(train._train_step, tcfg=tcfg)`. In and out: parameters and optimizer state
+  by the rule table (state donated), every batch leaf [B, ...] by the batch axes, `extra`
+  arguments (scalars such as a loss weight) replicated; metrics come back replicated. The
+  returned `run(model, optimizer, batch, *extra) -> metrics` writes the new state into `model`
+  and `optimizer`.
   """
   rules = get_rules(rules)
   graphdef, state = nnx.split((model, optimizer))
   shardings = state_shardings(state, mesh, rules)
   compiled: dict = {}
 
-  def fn(state, batch):
+  def fn(state, batch, *extra):
     model, optimizer = nnx.merge(graphdef, state)
-    metrics = step(model, optimizer, batch)
+    metrics = step(model, optimizer, batch, *extra)
     return nnx.state((model, optimizer)), metrics
 
-  def run(model, optimizer, batch):
-    shapes = jax.tree.map(lambda x: tuple(x.shape), batch)
-    key = str(shapes)
+  def run(model, optimizer, batch, *extra):
+    key = str((jax.tree.map(lambda x: tuple(x.shape), batch), len(extra)))
     if key not in compiled:
       batch_in = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.shape), batch)
-      compiled[key] = jax.jit(fn, in_shardings=(shardings, batch_in),
+      extra_in = (replicated(mesh),) * len(extra)
+      compiled[key] = jax.jit(fn, in_shardings=(shardings, batch_in, *extra_in),
                               out_shardings=(shardings, replicated(mesh)),
                               donate_argnums=(0,) if donate else ())
+    # Pin every leaf (optimizer counters are born uncommitted on one device), so the first and
+    # later calls see the same input layout and share one compilation.
+    state = jax.device_put(nnx.state((model, optimizer)), shardings)
     with use(mesh, rules, capacity_factor=capacity_factor):
-      new_state, metrics = compiled[key](nnx.state((model, optimizer)), batch)
+      new_state, metrics = compiled[key](state, batch, *extra)
     nnx.update((model, optimizer), new_state)
     return metrics
 

@@ -40,6 +40,9 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int, out
   # A replicated copy of every parameter (gathered across the processes) to write out.
   params = {".".join(map(str, p)): v.get_value()
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  # the first step's gradient, from SGD's momentum buffer (see tests/sharded_steps.py)
+  params.update({"grad:" + ".".join(map(str, p)): v.get_value()
+                 for p, v in nnx.to_flat_state(nnx.state(opt)) if "trace" in p})
   params = jax.jit(lambda s: s, out_shardings=sharding.replicated(mesh))(params)
   if process_id == 0:
     np.savez(out, loss=np.asarray(metrics["loss"]), **{k: np.asarray(v) for k, v in params.items()})

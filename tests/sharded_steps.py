@@ -48,6 +48,13 @@ def optimizer(model) -> nnx.Optimizer:
   return nnx.Optimizer(model, optax.sgd(LR, momentum=0.9), wrt=nnx.Param)
 
 
+def flat_gradients(optimizer) -> dict[str, np.ndarray]:
+  """The gradient of the first step, read from SGD's momentum buffer (0.9 * 0 + g = g)."""
+  return {".".join(map(str, path)): np.asarray(jax.device_get(var.get_value()))
+          for path, var in nnx.to_flat_state(nnx.state(optimizer))
+          if "trace" in path}
+
+
 def flat_params(model) -> dict[str, np.ndarray]:
   """Every parameter as a host array under its dotted path."""
   return {".".join(map(str, path)): np.asarray(jax.device_get(var.get_value()))

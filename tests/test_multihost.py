@@ -38,8 +38,10 @@ def test_two_process_train_step_equals_single_process(tmp_path, local_devices):
     # The single-process reference runs here while the workers compile.
     b = steps.batch(steps.CFG_SMALL)
     model = deepseek_v4.Transformer(steps.CFG_SMALL, rngs=nnx.Rngs(0))
-    metrics = nnx.jit(steps.lm_step)(model, steps.optimizer(model), b)
+    opt = steps.optimizer(model)
+    metrics = nnx.jit(steps.lm_step)(model, opt, b)
     ref = steps.flat_params(model)
+    ref_grads = steps.flat_gradients(opt)
     logs = []
     for p in procs:
       text, _ = p.communicate(timeout=TIMEOUT_S)
@@ -53,10 +55,25 @@ def test_two_process_train_step_equals_single_process(tmp_path, local_devices):
     assert p.returncode == 0, f"process {i} failed:\n{text[-4000:]}"
   got = dict(np.load(out))
   loss_err = abs(float(got.pop("loss")) - float(metrics["loss"])) / abs(float(metrics["loss"]))
-  assert set(got) == set(ref)
-  diff = max(float(np.max(np.abs(got[k] - ref[k]))) for k in ref)
-  state_err = diff / max(float(np.max(np.abs(ref[k]))) for k in ref)
-  print(f"\n2 processes x {local_devices} devices: loss {loss_err:.1e}  params {state_err:.1e}  "
-        f"embed {rel_err(got['embed.weight'], ref['embed.weight']):.1e}")
+  grads = {k.split(":", 1)[1]: got.pop(k) for k in list(got) if k.startswith("grad:")}
+  assert set(got) == set(ref) and set(grads) == set(ref_grads)
+  state_err, grad_err = _state_rel_err(got, ref), _state_rel_err(grads, ref_grads)
+  print(f"\n2 processes x {local_devices} devices: loss {loss_err:.1e}  gradients {grad_err:.1e}  "
+        f"params {state_err:.1e}  embed {rel_err(got['embed.weight'], ref['embed.weight']):.1e}")
   assert loss_err < F32_SHARDED_REL
+  assert grad_err < F32_SHARDED_REL
   assert state_err < F32_SHARDED_REL
+
+
+def _state_rel_err(ours: dict, ref: dict) -> float:
+  diff = max(float(np.max(np.abs(ours[k].astype(np.float64) - ref[k]))) for k in ref)
+  return diff / max(float(np.max(np.abs(ref[k]))) for k in ref)
+
+
+def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):
+  from deepseek_v4 import sharding
+
+  monkeypatch.delenv("SLURM_NTASKS", raising=False)
+  assert sharding.initialize_distributed() is False
+  with pytest.raises(ValueError, match="needs num_processes and process_id"):
+    sharding.initialize_distributed("localhost:1234")

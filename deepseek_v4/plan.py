@@ -1,0 +1,397 @@
+"""`python -m deepseek_v4 plan`: per-device memory of a run on a mesh, from shapes and shardings.
+
+Nothing is allocated. The model is built under `nnx.eval_shape`, each variable's logical axes are
+resolved by the rule table (deepseek_v4/sharding.py) on the mesh's axis sizes, and the bytes of
+one device's shard are added up. The same strict checks as a real run apply: a mesh axis that does
+not divide a dimension is an error naming both numbers.
+
+What is exact and what is estimated:
+
+* exact (shapes x dtypes / shards): parameters, router buffers, gradients (trained parameters,
+  parameter dtype), optimizer state, KV cache (the `deepseek_v4.cache` pytree: window rings,
+  compressed entries, indexer keys in the compute dtype, float32 compressor tails; batch-sharded).
+* optimizer: DeepSeek's recipe as train.py builds it: Muon (one momentum buffer) for matrices,
+  AdamW (two moments) for the embedding, LM head and every vector; `--optimizer adamw` puts all on
+  AdamW. Moments in `--moment-dtype` (train.py: float32). Frozen parameters (`--freeze REGEX`,
+  re.search on dotted paths, as TrainConfig.freeze) have neither gradients nor state.
+* estimated (activations): the intermediates of one block per token (mHC streams in float32,
+  projections, MoE rows and float32 SwiGLU), the attention/indexer working set of one query block
+  (both run `attn_block` queries per scan step), the expert-parallel all-to-all buffers (their
+  size follows the capacity formula in layers/moe_ep.py: dropless = worst case), and the float32
+  logits of the cross-entropy chunk. Training with `--remat full` keeps each block's input streams
+  and recomputes the rest during the backward pass; `--remat none` keeps every intermediate. XLA's
+  own workspace, fragmentation and the CUDA context are not modeled: `--headroom` reserves a
+  fraction of device memory for them (default 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from deepseek_v4 import sharding
+from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
+from deepseek_v4.layers.moe_ep import capacity
+
+
+# ----- sizes -------------------------------------------------------------------------------------
+def parse_bytes(text: str) -> int:
+  """'141GB' -> 141e9, '140GiB' -> 140 * 2**30, '8e9' -> 8e9 (decimal units unless 'iB')."""
+  m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text)
+  if not m:
+    raise ValueError(f"device memory {text!r}: expected e.g. 141GB, 140GiB or 80e9")
+  base = 1024 if m[3] else 1000
+  return int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
+
+
+def gb(n: float) -> str:
+  return f"{n / 1e9:.2f} GB"
+
+
+def _itemsize(dtype) -> int:
+  return np.dtype(dtype).itemsize
+
+
+def _shards(spec, sizes: dict[str, int]) -> int:
+  axes = [a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)]
+  return math.prod(sizes[a] for a in axes)
+
+
+# ----- default mesh ------------------------------------------------------------------------------
+def default_mesh(cfg: ModelConfig, num_devices: int, *, devices_per_host: int = 8,
+                 train: bool = False) -> dict[str, int]:
+  """The mesh `plan` and the docs recommend (see docs/plan.md for the reasoning).
+
+  Experts are ~97% of the parameters, so expert parallelism comes first: every device holds E/P
+  whole experts and only tokens move. Inference keeps one model copy per host (`data` = hosts:
+  decoding never crosses the slow inter-host link); training spreads parameters, gradients and
+  optimizer state over every device (expert x fsdp = all devices, `data` = 1).
+  """
+  if num_devices < 1:
+    raise ValueError(f"num_devices={num_devices} must be >= 1")
+  group = num_devices if train else math.gcd(num_devices, devices_per_host)
+  expert = math.gcd(group, cfg.num_experts)
+  return dict(data=num_devices // group, fsdp=group // expert, expert=expert, tensor=1)
+
+
+def default_rules(sizes: dict[str, int]) -> str:
+  if sizes["expert"] > 1:
+    return "fsdp_ep"
+  return "fsdp_tp" if sizes["tensor"] > 1 else "fsdp"
+
+
+# ----- the plan ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What is planned. `seq` is the training sequence length, or the cache capacity (prompt +
+  generated tokens) for inference."""
+
+  train: bool = False
+  batch: int = 8
+  seq: int = 4096
+  grad_accum: int = 1
+  remat: str = "full"
+  optimizer: str = "muon"
+  moment_dtype: str = "float32"
+  param_dtype: str | None = None
+  freeze: tuple[str, ...] = ()
+  capacity_factor: float | None = None
+  prefill_chunk: int = 8192
+  ce_chunk: int = 1024
+
+
+@dataclasses.dataclass
+class Plan:
+  """Per-device bytes by line; `total` sums them."""
+
+  name: str
+  mesh: dict[str, int]
+  rules: str
+  settings: Settings
+  lines: list[tuple[str, float, str]]  # (label, bytes per device, note)
+  notes: list[str]
+  device_memory: int | None = None
+  headroom: float = 0.1
+
+  @property
+  def total(self) -> float:
+    return sum(b for _, b, _ in self.lines)
+
+  @property
+  def usable(self) -> float | None:
+    return None if self.device_memory is None else self.device_memory * (1 - self.headroom)
+
+  @property
+  def fits(self) -> bool | None:
+    return None if self.usable is None else self.total <= self.usable
+
+  def to_dict(self) -> dict[str, Any]:
+    return dict(name=self.name, mesh=self.mesh, rules=self.rules,
+                settings=dataclasses.asdict(self.settings),
+                lines=[dict(label=a, bytes_per_device=b, note=c) for a, b, c in self.lines],
+                total_bytes_per_device=self.total, device_memory=self.device_memory,
+                usable=self.usable, fits=self.fits, notes=self.notes)
+
+
+def _is_adamw(path: str, ndim: int) -> bool:
+  """DeepSeek's AdamW group: embedding, LM head and every vector (norms, mHC biases, sinks)."""
+  return ndim < 2 or path.split(".")[0] in ("embed", "head")
+
+
+def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
+  """(lines, notes) for parameters, buffers, gradients and optimizer state."""
+  from deepseek_v4 import summary
+  from deepseek_v4.layers.params import HashTable, RouterBias
+
+  table = sharding.get_rules(rules).params
+  frozen = [re.compile(p) for p in s.freeze]
+  mdt = _itemsize(s.moment_dtype)
+  tot = dict(params=0.0, buffers=0.0, grads=0.0, opt=0.0, n_params=0, n_trained=0)
+  largest = (0.0, "")
+  for path, var in summary.abstract_state(cfg):
+    name = ".".join(map(str, path))
+    shape = tuple(var.shape)
+    spec = sharding.logical_to_spec(sharding.variable_names(var), shape, sizes, table, what=name)
+    local = math.prod(shape) / _shards(spec, sizes)
+    if isinstance(var, (RouterBias, HashTable)):
+      tot["buffers"] += local * _itemsize(var.dtype)
+      continue
+    item = _itemsize(var.dtype)  # matrices in param_dtype; norms, mHC, sinks, ape in float32
+    tot["params"] += local * item
+    tot["n_params"] += math.prod(shape)
+    if local * item > largest[0]:
+      largest = (local * item, name)
+    if not s.train or any(p.search(name) for p in frozen):
+      continue
+    tot["n_trained"] += math.prod(shape)
+    tot["grads"] += local * item
+    moments = 2 if s.optimizer == "adamw" or _is_adamw(name, len(shape)) else 1
+    tot["opt"] += local * moments * mdt
+  lines = [(f"parameters ({tot['n_params'] / 1e9:.2f}B, matrices {cfg.param_dtype})",
+            tot["params"], "exact"),
+           ("router bias + hash tables", tot["buffers"], "exact")]
+  if s.train:
+    lines += [(f"gradients ({tot['n_trained'] / 1e9:.2f}B trained)", tot["grads"], "exact"),
+              (f"optimizer state ({s.optimizer}, {s.moment_dtype} moments)", tot["opt"], "exact")]
+  notes = [f"largest parameter shard: {largest[1]} ({gb(largest[0])})"]
+  return lines, notes
+
+
+def _batch_shards(sizes: dict[str, int], rules: str, batch: int, strict: bool) -> int:
+  spec = sharding.logical_to_spec(("batch",), (batch,), sizes,
+                                  sharding.get_rules(rules).activations, what="batch",
+                                  strict=strict)
+  return _shards(spec, sizes)
+
+
+def _act_shards(sizes: dict[str, int], rules: str, name: str, dim: int) -> int:
+  spec = sharding.logical_to_spec((name,), (dim,), sizes, sharding.get_rules(rules).activations,
+                                  strict=False)
+  return _shards(spec, sizes)
+
+
+def block_bytes_per_token(cfg: ModelConfig, tp_heads: int, tp_mlp: int, ep: bool) -> float:
+  """Intermediates of one block's forward pass per token (estimate; see the module docstring)."""
+  act = _itemsize(cfg.dtype)
+  M, D, N, H, F, X = (cfg.hc_mult, cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.moe_inter_dim,
+                      cfg.experts_per_token)
+  mhc = 2 * (M * D * 4 + M * D * act + D * act)  # two sites: f32 streams, new streams, collapse
+  attn = (cfg.q_lora_rank + 2 * H) * act + N * H * (2 * act + 4) / tp_heads  # q, o (+ f32 o)
+  attn += cfg.o_groups * cfg.o_lora_rank * act / tp_heads
+  if any(layer_kind(r) == "csa" for r in cfg.compress_ratios):
+    attn += cfg.index_heads * (cfg.index_head_dim * act + 4) / tp_heads + 2 * 2 * H * 4
+  shared = cfg.num_shared_experts * (3 * F * 4 / tp_mlp + D * 4)
+  router = cfg.num_experts * 4 * 2
+  routed = 0.0 if ep else X * (2 * D * act + 3 * F * 4 / tp_mlp + F * act / tp_mlp)
+  return mhc + attn + shared + router + routed
+
+
+def attention_block_bytes(cfg: ModelConfig, rows: int, seq: int, tp_heads: int) -> float:
+  """One query block's attention + indexer working set (float32 scores, probabilities, keys)."""
+  blk = min(cfg.attn_block, seq)
+  keys = cfg.window + blk
+  for r in cfg.compress_ratios:
+    kind = layer_kind(r)
+    extra = min(cfg.index_topk, seq // CSA_RATIO) if kind == "csa" else seq // r if r else 0
+    keys = max(keys, cfg.window + blk + extra)
+  N = cfg.num_heads / tp_heads
+  core = rows * blk * (N * keys * 4 * 2 + keys * cfg.head_dim * 4)
+  index = rows * blk * cfg.index_heads / tp_heads * (seq // CSA_RATIO) * 4
+  return core + index
+
+
+def ep_buffer_bytes(cfg: ModelConfig, tokens: int, shards: int, cf: float | None,
+                    tp_mlp: int) -> float:
+  """The expert-parallel dispatch/compute/combine buffers of one MoE (layers/moe_ep.py)."""
+  act = _itemsize(cfg.dtype)
+  E_l = cfg.num_experts // shards
+  rows = shards * capacity(tokens, cfg.experts_per_token, E_l, shards, cf)
+  D, F = cfg.d_model, cfg.moe_inter_dim
+  return rows * (4 * D * act + 3 * F * 4 / tp_mlp + F * act / tp_mlp + 3 * 4)
+
+
+def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
+  r = sharding.get_rules(rules)
+  ep = r.expert_parallel
+  tp_h = _act_shards(sizes, rules, "heads", cfg.num_heads)
+  tp_f = _act_shards(sizes, rules, "mlp", cfg.moe_inter_dim)
+  tp_v = _act_shards(sizes, rules, "vocab", cfg.vocab_size)
+  shards = _batch_shards(sizes, rules, s.batch, strict=s.train)
+  rows = s.batch // shards if s.batch % shards == 0 else s.batch
+  per_block = block_bytes_per_token(cfg, tp_h, tp_f, ep)
+  ep_shards = sizes[dict(r.params)["expert"]] if ep else 1
+  act = _itemsize(cfg.dtype)
+  L = cfg.num_layers + cfg.num_mtp_layers
+  if s.train:
+    if rows % s.grad_accum:
+      raise ValueError(f"{rows} rows per device not divisible by grad_accum={s.grad_accum}")
+    rows //= s.grad_accum
+    n = rows * s.seq
+    stream = cfg.hc_mult * cfg.d_model * act
+    saved = L * n * (stream if s.remat == "full" else per_block)
+    work = n * per_block * (2 if s.remat == "full" else 1)
+    attn = attention_block_bytes(cfg, rows, s.seq, tp_h) * 3
+    moe = ep_buffer_bytes(cfg, n, ep_shards, s.capacity_factor, tp_f) * 2 if ep else 0.0
+    logits = min(s.ce_chunk, n) * cfg.vocab_size * 4 * 3 / tp_v
+    lines = [(f"saved activations ({L} blocks, remat {s.remat})", saved, "estimate"),
+             ("one block's recompute + backward", work, "estimate"),
+             ("attention/indexer query block", attn, "estimate")]
+    head = f"rows/device per micro-batch {rows} x {s.seq} tokens"
+  else:
+    chunk = min(s.prefill_chunk, s.seq)
+    n = rows * chunk
+    work = n * (per_block + 2 * cfg.hc_mult * cfg.d_model * act)
+    attn = attention_block_bytes(cfg, rows, s.seq, tp_h)
+    moe = ep_buffer_bytes(cfg, n, ep_shards, s.capacity_factor, tp_f) if ep else 0.0
+    logits = rows * cfg.vocab_size * 4 * 2 / tp_v
+    lines = [(f"prefill chunk of {chunk} tokens: one block", work, "estimate"),
+             ("attention/indexer query block", attn, "estimate")]
+    head = f"rows/device {rows}, cache capacity {s.seq} tokens"
+  if ep:
+    cf = "dropless" if s.capacity_factor is None else f"capacity factor {s.capacity_factor}"
+    lines.append((f"MoE all-to-all buffers ({cf})", moe, "estimate"))
+  lines.append(("logits (float32)", logits, "estimate"))
+  return lines, [head]
+
+
+def cache_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
+  from deepseek_v4 import cache as cache_lib
+
+  abstract = jax.eval_shape(lambda: cache_lib.init_cache(cfg, s.batch, s.seq))
+  shards = _batch_shards(sizes, rules, s.batch, strict=False)
+  total = sum(math.prod(x.shape) * _itemsize(x.dtype) for x in jax.tree.leaves(abstract))
+  return [(f"KV cache ({s.batch} x {s.seq} tokens, {cfg.dtype})", total / shards, "exact")]
+
+
+def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
+              settings: Settings = Settings(), *, name: str = "custom",
+              device_memory: int | None = None, headroom: float = 0.1) -> Plan:
+  """The per-device memory plan of `cfg` on a mesh of axis sizes `mesh` (no devices needed).
+
+  Raises:
+    ValueError: a mesh axis that does not divide a parameter dimension (or, when training, the
+      batch), or bad settings; the message names the numbers.
+  """
+  sizes = {**dict.fromkeys(sharding.MESH_AXES, 1), **mesh}
+  rules = rules or default_rules(sizes)
+  s = settings
+  if s.remat not in ("full", "none") or s.optimizer not in ("muon", "adamw"):
+    raise ValueError(f"remat={s.remat!r} (full|none), optimizer={s.optimizer!r} (muon|adamw)")
+  cfg = cfg if s.param_dtype is None else cfg.replace(param_dtype=s.param_dtype)
+  lines, notes = state_lines(cfg, sizes, rules, s)
+  act, act_notes = activation_lines(cfg, sizes, rules, s)
+  lines += act
+  if not s.train:
+    lines += cache_lines(cfg, sizes, rules, s)
+  return Plan(name, sizes, rules, s, lines, act_notes + notes, device_memory, headroom)
+
+
+def format_plan(p: Plan) -> str:
+  n = math.prod(p.mesh.values())
+  mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+  mode = "fine-tuning" if p.settings.train else "inference"
+  out = [f"plan: {p.name} {mode} on {n} devices, mesh {mesh}, rules {p.rules}",
+         *(f"  {x}" for x in p.notes), ""]
+  width = max(len(label) for label, _, _ in p.lines) + 2
+  out.append(f"{'per device':<{width}}{'bytes':>12}  kind")
+  out.append("-" * (width + 20))
+  for label, b, kind in p.lines:
+    out.append(f"{label:<{width}}{gb(b):>12}  {kind}")
+  out.append("-" * (width + 20))
+  out.append(f"{'total':<{width}}{gb(p.total):>12}")
+  if p.device_memory is not None:
+    verdict = "FITS" if p.fits else "DOES NOT FIT"
+    margin = p.usable - p.total
+    out.append(f"device memory {gb(p.device_memory)}, usable {gb(p.usable)} after "
+               f"{p.headroom:.0%} headroom: {verdict} ({'spare' if p.fits else 'short by'} "
+               f"{gb(abs(margin))})")
+  return "\n".join(out)
+
+
+# ----- CLI ---------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from deepseek_v4 import cli
+
+  cli.add_config_arguments(parser)
+  parser.add_argument("--mesh", help="axis sizes, e.g. fsdp=8,expert=8 (default: the "
+                      "recommended mesh for --devices)")
+  parser.add_argument("--devices", type=cli.positive_int, default=None,
+                      help="device count when --mesh is not given (default 8)")
+  parser.add_argument("--devices-per-host", type=cli.positive_int, default=8)
+  parser.add_argument("--rules", choices=sorted(sharding.RULES), default=None,
+                      help="rule table (default: fsdp_ep with expert > 1, fsdp_tp with "
+                      "tensor > 1, else fsdp)")
+  parser.add_argument("--train", action="store_true", help="plan a training step (default: "
+                      "inference with a KV cache)")
+  parser.add_argument("--batch", type=cli.positive_int, default=8, help="global rows")
+  parser.add_argument("--seq", type=cli.positive_int, default=4096,
+                      help="training sequence length, or the inference cache capacity")
+  parser.add_argument("--grad-accum", type=cli.positive_int, default=1)
+  parser.add_argument("--remat", choices=["full", "none"], default="full")
+  parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
+  parser.add_argument("--moment-dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
+                      help="matrix storage dtype (default: the config's)")
+  parser.add_argument("--freeze", action="append", default=[], metavar="REGEX",
+                      help="parameters not trained (re.search on dotted paths; repeatable)")
+  parser.add_argument("--capacity-factor", type=float, default=None,
+                      help="expert-parallel MoE capacity factor (default: dropless)")
+  parser.add_argument("--prefill-chunk", type=cli.positive_int, default=8192)
+  parser.add_argument("--device-memory", type=parse_bytes, default=None,
+                      help="e.g. 141GB (H200) or 80GB; prints whether the plan fits")
+  parser.add_argument("--headroom", type=float, default=0.1,
+                      help="fraction of device memory kept free for XLA (default 0.1)")
+  parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+  from deepseek_v4 import cli
+
+  cfg, name = cli.config_from_args(args)
+  if args.mesh:
+    sizes = sharding.parse_mesh(args.mesh)
+    n = math.prod(sizes.values())
+    if args.devices is not None and args.devices != n:
+      raise ValueError(f"--mesh {args.mesh} has {n} devices but --devices={args.devices}")
+  else:
+    sizes = default_mesh(cfg, args.devices or 8, devices_per_host=args.devices_per_host,
+                         train=args.train)
+  settings = Settings(train=args.train, batch=args.batch, seq=args.seq,
+                      grad_accum=args.grad_accum, remat=args.remat, optimizer=args.optimizer,
+                      moment_dtype=args.moment_dtype, param_dtype=args.param_dtype,
+                      freeze=tuple(args.freeze), capacity_factor=args.capacity_factor,
+                      prefill_chunk=args.prefill_chunk)
+  plan = make_plan(cfg, sizes, args.rules, settings, name=name or "custom",
+                   device_memory=args.device_memory, headroom=args.headroom)
+  print(format_plan(plan))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(plan.to_dict(), f, indent=2)
+  return 0

@@ -1,0 +1,119 @@
+"""`plan`: per-device memory from shapes and shardings (deepseek_v4/plan.py), checked against the
+shard shapes JAX itself assigns, the cache pytree and the optimizer's state, without allocating."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import deepseek_v4
+from deepseek_v4 import cli, plan, sharding
+
+MESH = dict(data=1, fsdp=2, expert=2, tensor=2)
+
+
+def _line(p: plan.Plan, prefix: str) -> float:
+  (b,) = [b for label, b, _ in p.lines if label.startswith(prefix)]
+  return b
+
+
+@pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp", "fsdp_ep"])
+def test_parameter_bytes_equal_jax_shard_shapes(rules):
+  cfg = deepseek_v4.tiny()
+  mesh = sharding.make_mesh(**MESH)
+  _, abstract = sharding.abstract_model(cfg, mesh, rules)  # ShapeDtypeStructs with shardings
+  params = buffers = 0
+  for _, var in nnx.to_flat_state(abstract):
+    a = var.get_value()
+    local = math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+    if isinstance(var, nnx.Param):
+      params += local
+    else:
+      buffers += local
+  p = plan.make_plan(cfg, MESH, rules, plan.Settings(seq=256))
+  assert _line(p, "parameters") == params
+  assert _line(p, "router bias") == buffers
+
+
+def test_cache_bytes_equal_the_cache_pytree():
+  from deepseek_v4 import cache
+
+  cfg = deepseek_v4.tiny()
+  p = plan.make_plan(cfg, dict(fsdp=4, expert=2), "fsdp_ep",
+                     plan.Settings(batch=8, seq=256))
+  whole = cache.cache_bytes(jax.eval_shape(lambda: cache.init_cache(cfg, 8, 256)))
+  assert _line(p, "KV cache") == whole / 8  # batch over the 8 batch shards
+  # a single sequence cannot be split: replicated
+  p1 = plan.make_plan(cfg, dict(fsdp=4, expert=2), "fsdp_ep", plan.Settings(batch=1, seq=256))
+  assert _line(p1, "KV cache") == cache.cache_bytes(
+    jax.eval_shape(lambda: cache.init_cache(cfg, 1, 256)))
+
+
+def test_training_state_bytes():
+  cfg = deepseek_v4.tiny()
+  sizes = dict(fsdp=8)
+  s = plan.Settings(train=True, batch=8, seq=32, optimizer="adamw")
+  p = plan.make_plan(cfg, sizes, "fsdp", s)
+  params = _line(p, "parameters")
+  assert _line(p, "gradients") == params  # every parameter trained, same dtype (float32)
+  assert _line(p, "optimizer state") == 2 * params  # AdamW: two float32 moments
+  frozen = plan.make_plan(cfg, sizes, "fsdp", plan.Settings(
+    train=True, batch=8, seq=32, optimizer="adamw", freeze=(r"ffn\.experts\.",)))
+  # routed experts: w1, w2, w3 of E x F x D float32 in 6 layers + MTP, split 8 ways over fsdp
+  experts = 3 * cfg.num_experts * cfg.moe_inter_dim * cfg.d_model * 4 * 7 / 8
+  assert _line(frozen, "gradients") == params - experts
+
+
+def test_flash_inference_on_8_h200_fits_and_training_does_not():
+  flash = deepseek_v4.flash()
+  mesh = plan.default_mesh(flash, 8)
+  assert mesh == dict(data=1, fsdp=1, expert=8, tensor=1)
+  p = plan.make_plan(flash, mesh, device_memory=plan.parse_bytes("141GB"))
+  assert p.rules == "fsdp_ep" and p.fits
+  assert 72e9 < _line(p, "parameters") < 73e9  # 290.9B bf16 parameters / 8
+  t = plan.make_plan(flash, mesh, settings=plan.Settings(train=True, batch=8, seq=4096),
+                     device_memory=plan.parse_bytes("141GB"))
+  assert not t.fits
+
+
+def test_default_mesh():
+  flash = deepseek_v4.flash()
+  assert plan.default_mesh(flash, 16, train=True) == dict(data=1, fsdp=1, expert=16, tensor=1)
+  assert plan.default_mesh(flash, 16) == dict(data=2, fsdp=1, expert=8, tensor=1)
+  tiny = deepseek_v4.tiny()  # 8 experts: the rest of the devices go to fsdp
+  assert plan.default_mesh(tiny, 32, train=True) == dict(data=1, fsdp=4, expert=8, tensor=1)
+
+
+def test_bad_mesh_names_both_numbers():
+  flash = deepseek_v4.flash()
+  with pytest.raises(ValueError, match=r"attn_sink: dimension 0 \('heads'\) has size 64, which "
+                                       r"is not divisible by the mesh axis 'tensor' of size 128"):
+    plan.make_plan(flash, dict(tensor=128), "fsdp_tp")
+  with pytest.raises(ValueError, match=r"batch: dimension 0 \('batch'\) has size 4, which is "
+                                       r"not divisible by the mesh axes data x fsdp x expert of "
+                                       r"total size 8"):
+    plan.make_plan(flash, dict(expert=8), "fsdp_ep", plan.Settings(train=True, batch=4))
+
+
+def test_parse_bytes():
+  assert plan.parse_bytes("141GB") == 141 * 10**9
+  assert plan.parse_bytes("80GiB") == 80 * 2**30
+  assert plan.parse_bytes("8e9") == 8 * 10**9
+  with pytest.raises(ValueError, match="141 gigs"):
+    plan.parse_bytes("141 gigs")
+
+
+def test_cli(capsys):
+  rc = cli.main(["plan", "--preset", "flash", "--mesh", "fsdp=8,expert=8", "--train", "--batch",
+                 "64", "--seq", "4096", "--device-memory", "141GB"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  assert "plan: flash fine-tuning on 64 devices, mesh data=1,fsdp=8,expert=8,tensor=1" in out
+  assert "optimizer state (muon, float32 moments)" in out
+  assert "FITS" in out
+  rc = cli.main(["plan", "--preset", "flash", "--mesh", "fsdp=3"])
+  err = capsys.readouterr().err
+  assert rc == cli.USAGE_ERROR
+  assert "which is not divisible by the mesh axis 'fsdp' of size 3" in err
