@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from deepseek_v4 import sharding
 from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.config import ModelConfig
 
@@ -273,10 +274,12 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
   model = nnx.merge(graphdef, state)
   B, T = ids.shape
   rows = jnp.arange(B)
-  cache = init_cache(model.cfg, B, max_len)
+  # Under `sharding.use(mesh, rules)` the cache and the outputs are pinned batch-sharded.
+  cache = sharding.constrain_cache(init_cache(model.cfg, B, max_len))
   h_last, cache = _prefill_in_loop(model, cache, ids, lengths, chunk)
   out = jnp.full((B, T + n_new), pad_id, jnp.int32)  # row b: prompt, then tokens from lengths[b]
   out = out.at[:, :T].set(jnp.where(jnp.arange(T)[None, :] < lengths[:, None], ids, pad_id))
+  out = sharding.constrain(out, ("batch", None))
 
   V = model.cfg.vocab_size
   scores = jnp.zeros((B, n_new if keep_logits else 0, V), jnp.float32)
@@ -304,6 +307,7 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
     i, cache, tok, done, out, scores, key = s
     # Finished rows feed nothing (n_valid = 0): their cache stays as it was.
     h, cache = forward_chunk(model, cache, tok[:, None], (~done).astype(jnp.int32))
+    cache = sharding.constrain_cache(cache)
     tok, done, out, scores, key = emit(i, done, out, scores, key, model.logits(h)[:, 0])
     return i + 1, cache, tok, done, out, scores, key
 
@@ -396,7 +400,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
   padded[:, :T] = np.where(np.arange(T)[None, :] < lengths[:, None], ids, 0)
   graphdef, state = nnx.split(model)
   out, scores = _generate_jit(
-    graphdef, state, jnp.asarray(padded), jnp.asarray(lengths), jnp.asarray(stops),
+    graphdef, state, sharding.place_batch(padded), sharding.place_batch(lengths),
+    jnp.asarray(stops),
     jnp.int32(pad_id), jax.random.key(seed), n_new=N, sampler=sampler, max_len=max_len,
     chunk=chunk, stream=stream, keep_logits=bool(return_logits))
   out = out[:, :T + N]  # generated tokens sit at lengths[b] + i < T + N

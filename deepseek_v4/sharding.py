@@ -548,6 +548,26 @@ def cache_shardings(cache, mesh: Mesh, rules: str | Rules):
   return jax.tree.map(one, cache)
 
 
+def constrain_cache(cache):
+  """Pins a decode cache to `cache_shardings` under the active `use(...)`; a no-op without it."""
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    return cache
+  return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, ctx.mesh, ctx.rules))
+
+
+def place_batch(x) -> jax.Array:
+  """Puts a host [B, ...] array into its batch shards under the active `use(...)` (B over the
+  batch axes where it divides, else replicated); without a context, a plain device array."""
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    return jnp.asarray(x)
+  x = np.asarray(x)
+  names = ("batch",) + (None,) * (x.ndim - 1)
+  spec = logical_to_spec(names, x.shape, ctx.mesh, ctx.rules.activations, strict=False)
+  return put_host_array(x, x.shape, x.dtype, NamedSharding(ctx.mesh, spec))
+
+
 # ----- multi-host --------------------------------------------------------------------------------
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None, process_id: int | None = None,

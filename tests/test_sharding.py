@@ -268,6 +268,8 @@ def test_prefill_decode_and_generate_equal_single_device(mesh_name):
               generate=rel_err(logits, ref_logits))
   print(f"\n{mesh_name} ({rules}): " + "  ".join(f"{k} {v:.1e}" for k, v in errs.items()))
   np.testing.assert_array_equal(np.asarray(out_ids), np.asarray(ref_ids))
+  want = sharding.batch_sharding(mesh, rules, out_ids.shape)
+  assert out_ids.sharding.is_equivalent_to(want, 2)  # generate's output comes back batch-sharded
   assert max(errs.values()) < F32_SHARDED_REL
 
 
