@@ -1,0 +1,183 @@
+"""Our own training checkpoints, with Orbax (`CheckpointManager`).
+
+One checkpoint = one step folder holding
+  * `model`: `nnx.state(model)` (parameters, router biases, hash tables),
+  * `optimizer`: `nnx.state(optimizer)` (step counter, Muon momenta, AdamW moments),
+  * `meta` (JSON): step, data position, RNG key data, the ModelConfig and the TrainConfig.
+Saves are atomic (Orbax writes a temporary folder and renames it once complete, so an interrupted
+save never shadows the previous one) and only the last `keep` checkpoints are kept. Restoring
+checks the saved configs against the current ones first and refuses with the mismatching fields
+named. Arrays are restored into the structure (and shardings) of the freshly built model and
+optimizer, so they land where the live ones are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from deepseek_v4.config import ModelConfig
+from deepseek_v4.model import Transformer
+
+# TrainConfig fields that change the structure of the saved state (which parameters exist or get
+# optimizer state); others (learning rate, steps, logging) may change between runs.
+STRUCTURAL_TRAIN_FIELDS = ("lora_rank", "lora_targets", "freeze", "indexer_stage")
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint was written for another model or training setup."""
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs (with the live arrays' shardings) of a pure-dict state."""
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  return jax.tree.map(one, tree)
+
+
+def _jsonable(value):
+  if isinstance(value, tuple):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  return value
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """`field: checkpoint X, current Y` for every field that differs (lists == tuples)."""
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    a, b = _jsonable(saved.get(key, "<absent>")), _jsonable(current.get(key, "<absent>"))
+    if a != b:
+      out.append(f"{key}: checkpoint {a!r}, current {b!r}")
+  return out
+
+
+class Checkpointer:
+  """Save / restore model + optimizer + step + data position + RNG in `directory`.
+
+  Args:
+    directory: the checkpoint folder (created if missing).
+    keep: how many of the most recent checkpoints to keep.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    self.directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(self.directory, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, model: Transformer, optimizer: nnx.Optimizer | None = None, *,
+           data_state: dict | None = None, rng: jax.Array | None = None,
+           train_config: Any = None, extra: dict | None = None) -> None:
+    """Writes checkpoint `step` (blocking; atomic)."""
+    meta = {
+      "step": int(step),
+      "data_state": data_state or {},
+      "rng": None if rng is None else np.asarray(jax.random.key_data(rng)).tolist(),
+      "model_config": model.cfg.to_dict(),
+      "train_config": None if train_config is None else _jsonable(
+        dataclasses.asdict(train_config)),
+      "extra": extra or {},
+    }
+    items = {"model": ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+             "meta": ocp.args.JsonSave(meta)}
+    if optimizer is not None:
+      items["optimizer"] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    self.manager.wait_until_finished()
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self._step(step)
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def _step(self, step: int | None) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory!r}")
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory!r}; "
+                              f"have {self.all_steps()}")
+    return step
+
+  def check_compatible(self, meta: dict, cfg: ModelConfig, train_config: Any = None) -> None:
+    """Raises CheckpointMismatch naming every differing ModelConfig / structural TrainConfig
+    field."""
+    problems = config_diff(meta["model_config"], cfg.to_dict())
+    if train_config is not None and meta.get("train_config") is not None:
+      cur = dataclasses.asdict(train_config)
+      saved = meta["train_config"]
+      problems += [p for p in config_diff({k: saved.get(k) for k in STRUCTURAL_TRAIN_FIELDS},
+                                          {k: cur.get(k) for k in STRUCTURAL_TRAIN_FIELDS})]
+    if problems:
+      raise CheckpointMismatch(
+        f"checkpoint in {self.directory!r} (step {meta['step']}) was written for a different "
+        f"configuration; mismatching fields:\n  " + "\n  ".join(problems))
+
+  def restore(self, model: Transformer, optimizer: nnx.Optimizer | None = None,
+              step: int | None = None, train_config: Any = None) -> dict:
+    """Restores into `model` (and `optimizer`) in place; returns the meta dict with `rng` as a
+    key array.
+
+    Raises:
+      FileNotFoundError: no (such) checkpoint.
+      CheckpointMismatch: the checkpoint's configuration differs from the model's / run's.
+    """
+    step = self._step(step)
+    meta = self.read_meta(step)
+    self.check_compatible(meta, model.cfg, train_config)
+    mstate = nnx.state(model)
+    items = {"model": ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(mstate))),
+             "meta": ocp.args.JsonRestore()}
+    if optimizer is not None:
+      ostate = nnx.state(optimizer)
+      items["optimizer"] = ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(ostate)))
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    nnx.replace_by_pure_dict(mstate, out["model"])
+    nnx.update(model, mstate)
+    if optimizer is not None:
+      nnx.replace_by_pure_dict(ostate, out["optimizer"])
+      nnx.update(optimizer, ostate)
+    if meta.get("rng") is not None:
+      meta["rng"] = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+    return meta
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def load_model(directory: str | os.PathLike, step: int | None = None) -> Transformer:
+  """The model of a training checkpoint folder, built from its saved config (no optimizer).
+
+  LoRA checkpoints hold adapters: merge them (deepseek_v4.lora.strip_lora) before saving a model
+  meant for `load_model`.
+  """
+  ck = Checkpointer(directory)
+  meta = ck.read_meta(step)
+  cfg = ModelConfig(**meta["model_config"])
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(model)
+  out = ck.manager.restore(ck._step(step), args=ocp.args.Composite(
+    model=ocp.args.StandardRestore(nnx.to_pure_dict(state))))
+  nnx.replace_by_pure_dict(state, out["model"])
+  nnx.update(model, state)
+  return model
+
+
+__all__ = ["Checkpointer", "CheckpointMismatch", "config_diff", "load_model"]

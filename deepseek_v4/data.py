@@ -1,0 +1,245 @@
+"""Training data: readers (text, JSONL), tokenization, packing into fixed-length rows, and a
+deterministic, resumable batch iterator. Plus the embedded demo corpus (the Python standard
+library's own sources, present on every machine with Python).
+
+Packing (spec §7.2): "concat" joins documents with an EOS token between them and cuts the stream
+into rows of `seq_len + 1` tokens (inputs = row[:-1], targets = row[1:]), so no token is wasted;
+"pad" puts one document per row (truncated, padded, padding not scored), which isolates documents
+exactly. DeepSeek packs with sample-level attention masking; the model's attention has no
+segment ids, so "concat" lets a document attend to the previous one in its row (as GPT-style
+pre-training does) and "pad" is the exact alternative for fine-tuning data.
+
+JSONL rows are {"text": ...} (every token scored) or {"prompt": ..., "completion": ...} (only
+the completion and its EOS are scored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sysconfig
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from deepseek_v4 import tokenizer as tokenizer_lib
+
+IGNORE = -1  # target id that is not scored
+
+
+# ----- tokenizers ---------------------------------------------------------------------------------
+class Tokenizer(Protocol):
+  """What the data pipeline needs: deepseek_v4.tokenizer's ByteTokenizer and HFTokenizer."""
+
+  bos_id: int | None
+  eos_id: int | None
+  vocab_size: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids) -> str: ...
+
+
+def byte_tokenizer() -> Tokenizer:
+  """UTF-8 bytes plus the chat special tokens (270 ids; BOS 0, EOS 1)."""
+  return tokenizer_lib.ByteTokenizer()
+
+
+def get_tokenizer(spec: str | None) -> Tokenizer:
+  """None / "bytes" -> byte-level; a path to a tokenizer.json (or its folder) -> HFTokenizer.
+
+  Raises:
+    FileNotFoundError: the tokenizer file does not exist.
+  """
+  if spec in (None, "", "bytes", "byte"):
+    return byte_tokenizer()
+  return tokenizer_lib.HFTokenizer(spec)
+
+
+# ----- documents ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """A training sample: `prompt` is context only (not scored), `text` is scored."""
+
+  text: str
+  prompt: str = ""
+
+
+def _read_jsonl(path: str) -> list[Document]:
+  docs = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+      if "text" in row:
+        docs.append(Document(str(row["text"])))
+      elif "completion" in row:
+        docs.append(Document(str(row["completion"]), str(row.get("prompt", ""))))
+      else:
+        raise ValueError(f"{path}:{n}: a row needs 'text' or 'prompt'/'completion'; got keys "
+                         f"{sorted(row)}")
+  return docs
+
+
+def read_documents(path: str) -> list[Document]:
+  """Documents of a .jsonl file, a text file (one document), or a folder (every .txt/.md/.jsonl
+  file in it, recursively, in sorted order).
+
+  Raises:
+    FileNotFoundError: the path does not exist.
+    ValueError: the file or folder holds no text.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data file not found: {path!r}")
+  if os.path.isdir(path):
+    files = sorted(f for ext in ("txt", "md", "jsonl")
+                   for f in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True))
+    docs = [d for f in files for d in read_documents(f)] if files else []
+  elif path.endswith(".jsonl"):
+    docs = _read_jsonl(path)
+  else:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      docs = [Document(f.read())]
+  docs = [d for d in docs if d.text or d.prompt]
+  if not docs:
+    raise ValueError(f"data {path!r} is empty: no text to train on")
+  return docs
+
+
+def demo_corpus(max_bytes: int = 1_500_000) -> list[Document]:
+  """The Python standard library's own top-level .py files (sorted), up to `max_bytes` of text."""
+  root = sysconfig.get_paths()["stdlib"]
+  docs, total = [], 0
+  for f in sorted(glob.glob(os.path.join(root, "*.py"))):
+    with open(f, encoding="utf-8", errors="replace") as fh:
+      text = fh.read()
+    docs.append(Document(text))
+    total += len(text)
+    if total >= max_bytes:
+      break
+  if not docs:
+    raise ValueError(f"no .py files under the standard library folder {root!r}")
+  return docs
+
+
+# ----- tokenization and packing -------------------------------------------------------------------
+def tokenize(docs: list[Document], tok: Tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(ids, scored) per document; each document ends with EOS (scored)."""
+  if tok.eos_id is None:
+    raise ValueError("the tokenizer has no end-of-sentence token (<｜end▁of▁sentence｜>) to "
+                     "separate documents")
+  out = []
+  for d in docs:
+    prompt = tok.encode(d.prompt) if d.prompt else []
+    body = tok.encode(d.text) + [tok.eos_id]
+    ids = np.asarray(prompt + body, np.int32)
+    scored = np.concatenate([np.zeros(len(prompt), bool), np.ones(len(body), bool)])
+    out.append((ids, scored))
+  return out
+
+
+@dataclasses.dataclass
+class PackedRows:
+  """Fixed-length rows: inputs/targets [R, T] (targets -1 = not scored), input_mask [R, T]."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  input_mask: np.ndarray
+
+  def __len__(self) -> int:
+    return self.inputs.shape[0]
+
+
+def pack(tokenized: list[tuple[np.ndarray, np.ndarray]], seq_len: int, mode: str = "concat",
+         pad_id: int = 1, source: str = "data") -> PackedRows:
+  """Packs tokenized documents into rows of `seq_len` inputs (see the module docstring).
+
+  Raises:
+    ValueError: the data holds fewer tokens than one row needs (`seq_len + 1`).
+  """
+  if mode == "concat":
+    ids = np.concatenate([t[0] for t in tokenized])
+    scored = np.concatenate([t[1] for t in tokenized])
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+      raise ValueError(f"{source} has {len(ids)} tokens; one training sequence needs seq_len + 1 "
+                       f"= {seq_len + 1}")
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # [R, T+1]
+    rows, keep = ids[idx], scored[idx]
+    targets = np.where(keep[:, 1:], rows[:, 1:], IGNORE)
+    return PackedRows(rows[:, :-1], targets.astype(np.int32), np.ones((n, seq_len), np.float32))
+  if mode == "pad":
+    R = len(tokenized)
+    rows = np.full((R, seq_len + 1), pad_id, np.int32)
+    keep = np.zeros((R, seq_len + 1), bool)
+    real = np.zeros((R, seq_len + 1), bool)
+    for r, (ids, scored) in enumerate(tokenized):
+      m = min(len(ids), seq_len + 1)
+      rows[r, :m], keep[r, :m], real[r, :m] = ids[:m], scored[:m], True
+    targets = np.where(keep[:, 1:], rows[:, 1:], IGNORE)
+    if not (targets >= 0).any():
+      raise ValueError(f"{source}: no scored token fits in rows of seq_len + 1 = {seq_len + 1}")
+    return PackedRows(rows[:, :-1], targets.astype(np.int32), real[:, :-1].astype(np.float32))
+  raise ValueError(f"packing mode {mode!r}; expected 'concat' or 'pad'")
+
+
+# ----- the batch iterator -------------------------------------------------------------------------
+class Batches:
+  """Shuffled batches of packed rows, reproducible from (seed, epoch, index).
+
+  Each epoch is a fresh permutation of the rows (drawn from `seed + epoch`); `state()` is the
+  position of the next batch, and `Batches(rows, ..., state=s)` continues exactly from it.
+  """
+
+  def __init__(self, rows: PackedRows, batch_size: int, seed: int = 0,
+               state: dict | None = None):
+    if len(rows) < 1:
+      raise ValueError("no rows to draw batches from")
+    self.rows = rows
+    self.batch_size = batch_size
+    self.seed = seed
+    self.epoch = int(state["epoch"]) if state else 0
+    self.index = int(state["index"]) if state else 0
+    self._perm = self._permutation(self.epoch)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+
+  def state(self) -> dict:
+    return {"epoch": self.epoch, "index": self.index}
+
+  def next(self) -> dict[str, np.ndarray]:
+    """The next batch {inputs, targets, input_mask} (rows wrap into the next epoch)."""
+    picks = []
+    while len(picks) < self.batch_size:
+      if self.index >= len(self._perm):
+        self.epoch += 1
+        self.index = 0
+        self._perm = self._permutation(self.epoch)
+      take = min(self.batch_size - len(picks), len(self._perm) - self.index)
+      picks.extend(self._perm[self.index: self.index + take])
+      self.index += take
+    sel = np.asarray(picks)
+    return {"inputs": self.rows.inputs[sel], "targets": self.rows.targets[sel],
+            "input_mask": self.rows.input_mask[sel]}
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    while True:
+      yield self.next()
+
+
+def load_rows(path: str | None, tok: Tokenizer, seq_len: int, mode: str = "concat"
+              ) -> PackedRows:
+  """Read, tokenize and pack `path` (None = the embedded demo corpus)."""
+  docs = demo_corpus() if path is None else read_documents(path)
+  source = "the demo corpus" if path is None else f"data {path!r}"
+  return pack(tokenize(docs, tok), seq_len, mode, pad_id=tok.eos_id, source=source)

@@ -1,0 +1,176 @@
+"""Training objectives of DeepSeek-V4 (spec §7.3-§7.5): next-token and MTP cross-entropy, the
+sequence-wise balance loss, expert loads for the aux-loss-free bias, and the lightning-indexer
+KL loss (V3.2 recipe, spec §7.4).
+
+Every function here is pure JAX; `train.py` wires them to the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from kernels_pallas.common import PAD_POSITION, pad_to_blocks, to_blocks
+
+
+# ----- cross-entropy ------------------------------------------------------------------------------
+def chunked_cross_entropy(h: Float[Array, "B T D"], head: Float[Array, "V D"],
+                          targets: Int[Array, "B T"], chunk: int = 1024) -> tuple[Array, Array]:
+  """Sum of next-token losses and the number of scored tokens (targets < 0 are ignored).
+
+  The float32 logits exist for `chunk` tokens at a time, never as [B, T, V]: the chunk function
+  is rematerialized, so the backward pass recomputes each chunk's logits instead of storing them.
+  The head matmul runs in float32, as the model's `logits` does (spec §2.5).
+  """
+  B, T, D = h.shape
+  n = B * T
+  chunk = min(chunk, n)
+  flat_h, _ = pad_to_blocks(h.reshape(1, n, D), chunk, 1, 0)
+  flat_t, _ = pad_to_blocks(targets.reshape(1, n), chunk, 1, -1)
+  w = head.astype(jnp.float32)
+
+  @jax.checkpoint
+  def one(args):
+    hc, tc = args  # [1, chunk, D], [1, chunk]
+    logits = jnp.einsum("BTD,VD->BTV", hc.astype(jnp.float32), w)  # [1, chunk, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(tc, 0)[..., None], axis=-1)[..., 0]
+    valid = tc >= 0
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0)), jnp.sum(valid)
+
+  sums, counts = jax.lax.map(one, (to_blocks(flat_h, chunk), to_blocks(flat_t, chunk)))
+  return jnp.sum(sums), jnp.sum(counts)
+
+
+def mean_cross_entropy(h, head, targets, chunk: int = 1024) -> Array:
+  """Mean next-token loss over the scored tokens (0 if there are none)."""
+  total, count = chunked_cross_entropy(h, head, targets, chunk)
+  return total / jnp.maximum(count, 1)
+
+
+# ----- MoE balance --------------------------------------------------------------------------------
+def expert_loads(experts: Int[Array, "B T X"], mask: Array, num_experts: int) -> Array:
+  """Tokens routed to each expert, [E] float32 (padding tokens excluded)."""
+  onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)  # [B, T, X, E]
+  return jnp.einsum("BTXE,BT->E", onehot, mask.astype(jnp.float32))
+
+
+def balance_loss(scores: Float[Array, "B T E"], experts: Int[Array, "B T X"], mask: Array,
+                 alpha: float) -> Array:
+  """Sequence-wise balance loss (DeepSeek-V3 form, spec §7.3), averaged over sequences.
+
+  Per sequence of T tokens: `f_e = E / (K T) sum_t 1[e in TopK(t)]` (a constant),
+  `P_e = 1/T sum_t s_{e,t} / sum_e' s_{e',t}`, `L = alpha sum_e f_e P_e`. Padding is excluded
+  from T.
+  """
+  B, T, E = scores.shape
+  K = experts.shape[-1]
+  m = mask.astype(jnp.float32)
+  ntok = jnp.maximum(jnp.sum(m, axis=1), 1.0)  # [B]
+  counts = jnp.einsum("BTXE,BT->BE", jax.nn.one_hot(experts, E, dtype=jnp.float32), m)
+  f = jax.lax.stop_gradient(counts * E / (K * ntok[:, None]))  # [B, E]
+  s = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-20)
+  p = jnp.einsum("BTE,BT->BE", s, m) / ntok[:, None]
+  return alpha * jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+def router_bias_update(bias: Float[Array, "E"], load: Float[Array, "E"], speed: float) -> Array:
+  """Aux-loss-free balancing (spec §7.3): `b_e += speed * sign(mean_load - load_e)`."""
+  return bias + speed * jnp.sign(jnp.mean(load) - load).astype(bias.dtype)
+
+
+def load_imbalance(load: Float[Array, "E"]) -> Array:
+  """max load / mean load (1 = perfectly balanced)."""
+  return jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-9)
+
+
+# ----- lightning-indexer loss ---------------------------------------------------------------------
+def indexer_kl(target: Float[Array, "... P"], logits: Float[Array, "... P"],
+               valid: Array) -> tuple[Array, Array]:
+  """Sum over queries of `KL(p || softmax(I))` restricted to the valid entries, and the number of
+  queries with at least one valid entry.
+
+  `target` is any non-negative weight over entries (it is L1-normalized here over the valid
+  ones); `logits` are the indexer scores I. A query without valid entries contributes 0.
+  """
+  p = jnp.where(valid, target, 0.0)
+  has = jnp.any(valid, axis=-1)
+  p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+  logq = jax.nn.log_softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)
+  logp = jnp.log(jnp.where(p > 0, p, 1.0))
+  kl = jnp.sum(jnp.where(valid & (p > 0), p * (logp - logq), 0.0), axis=-1)
+  return jnp.sum(jnp.where(has, kl, 0.0)), jnp.sum(has)
+
+
+def _window_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
+  d = q_pos[:, :, None] - k_pos[:, None, :]
+  return (d >= 0) & (d < window) & (k_pos[:, None, :] >= 0)
+
+
+def indexer_loss(q: Float[Array, "B T N H"], positions: Int[Array, "B T"],
+                 kv: Float[Array, "B T H"], sink: Float[Array, "N"], comp: Float[Array, "B C H"],
+                 iq: Float[Array, "B T I J"], iw: Float[Array, "B T I"],
+                 ikeys: Float[Array, "B C J"], idx: Int[Array, "B T P"] | None, *, scale: float,
+                 window: int, ratio: int, block: int) -> tuple[Array, Array]:
+  """KL of the indexer toward the main attention of one CSA layer (spec §7.4), summed over queries.
+
+  The target for query t is the main attention's probability mass on each compressed entry,
+  taken from the ONE joint softmax over window keys + compressed entries + sink (spec §3.10),
+  summed over heads and L1-normalized over the entries. The indexer distribution is
+  `softmax_s(I_{t,s})` with `I = sum_h w_h ReLU(q^I_h . k^I_s)`.
+
+  Args:
+    q, positions, kv, sink, comp: the main attention's roped queries, positions, K=V vectors,
+      sinks and compressed entries (the target side; the caller stops their gradient).
+    iq, iw, ikeys: indexer queries, head weights (scaled) and keys (the trained side).
+    idx: None = dense warm-up stage (every visible entry); else the sparse stage's selected
+      indices [B, T, P] (-1 = none), and both distributions are restricted to them.
+    scale, window, ratio, block: softmax scale, W, m (=4) and queries per scan step.
+  Returns:
+    (sum of per-query KL, number of queries with at least one entry).
+  """
+  B, T, N, H = q.shape
+  C = comp.shape[1]
+  block = min(block, T)
+  f32 = jnp.float32
+  qp, nb = pad_to_blocks(q, block, 1, 0)
+  pp, _ = pad_to_blocks(positions, block, 1, PAD_POSITION)
+  kv_pad = jnp.pad(pad_to_blocks(kv, block, 1, 0)[0], ((0, 0), (window, 0), (0, 0)))
+  kpos_pad = jnp.pad(pp, ((0, 0), (window, 0)), constant_values=PAD_POSITION)
+  xs = {"q": to_blocks(qp, block), "pos": to_blocks(pp, block), "b": jnp.arange(nb),
+        "iq": to_blocks(pad_to_blocks(iq, block, 1, 0)[0], block),
+        "iw": to_blocks(pad_to_blocks(iw, block, 1, 0)[0], block)}
+  if idx is not None:
+    xs["idx"] = to_blocks(pad_to_blocks(idx, block, 1, -1)[0], block)
+  comp32, ikeys32, sink32 = comp.astype(f32), ikeys.astype(f32), sink.astype(f32)
+
+  @jax.checkpoint
+  def one_block(x):
+    qb = x["q"].astype(f32) * scale  # [B, Q, N, H]
+    pos = x["pos"]
+    kb = jax.lax.dynamic_slice_in_dim(kv_pad, x["b"] * block, block + window, axis=1)
+    kbpos = jax.lax.dynamic_slice_in_dim(kpos_pad, x["b"] * block, block + window, axis=1)
+    win = jnp.einsum("BQNH,BKH->BQNK", qb, kb.astype(f32))
+    win = jnp.where(_window_mask(pos, kbpos, window)[:, :, None, :], win, -jnp.inf)
+    nvis = ((pos + 1) // ratio)[..., None]  # [B, Q, 1]
+    if idx is None:  # dense warm-up: every visible entry
+      valid = jnp.arange(C)[None, None, :] < nvis  # [B, Q, C]
+      cl = jnp.einsum("BQNH,BCH->BQNC", qb, comp32)
+      qk = jnp.einsum("BQIJ,BCJ->BQIC", x["iq"].astype(f32), ikeys32)
+    else:  # sparse stage: the selected set S_t
+      sel = x["idx"]
+      valid = sel >= 0  # [B, Q, P]
+      gather = jax.vmap(lambda c, i: c[jnp.maximum(i, 0)])
+      cl = jnp.einsum("BQNH,BQPH->BQNP", qb, gather(comp32, sel))
+      qk = jnp.einsum("BQIJ,BQPJ->BQIP", x["iq"].astype(f32), gather(ikeys32, sel))
+    cl = jnp.where(valid[:, :, None, :], cl, -jnp.inf)
+    # Joint log-normalizer over window + entries + sink, per head (spec §3.10).
+    lse = jnp.logaddexp(jax.nn.logsumexp(jnp.concatenate([win, cl], axis=-1), axis=-1),
+                        sink32[None, None, :])  # [B, Q, N]
+    target = jax.lax.stop_gradient(jnp.sum(jnp.exp(cl - lse[..., None]), axis=2))  # [B, Q, P]
+    logits = jnp.einsum("BQIP,BQI->BQP", jax.nn.relu(qk), x["iw"].astype(f32))
+    return indexer_kl(target, logits, valid)
+
+  sums, counts = jax.lax.map(one_block, xs)
+  return jnp.sum(sums), jnp.sum(counts)

@@ -1,0 +1,26 @@
+"""Optimizers: DeepSeek-V4's Muon + AdamW hybrid (spec §7.1)."""
+
+from deepseek_v4.optim.muon import (
+  ADAMW,
+  HYBRID_NS_COEFFS,
+  MUON,
+  DeepSeekMuonState,
+  MatrixBlocks,
+  deepseek_muon,
+  deepseek_optimizer,
+  describe,
+  format_groups,
+  matrix_blocks,
+  newton_schulz,
+  orthogonalize,
+  param_group,
+  param_labels,
+  path_name,
+  scale_by_deepseek_muon,
+)
+
+__all__ = [
+  "ADAMW", "HYBRID_NS_COEFFS", "MUON", "DeepSeekMuonState", "MatrixBlocks", "deepseek_muon",
+  "deepseek_optimizer", "describe", "format_groups", "matrix_blocks", "newton_schulz",
+  "orthogonalize", "param_group", "param_labels", "path_name", "scale_by_deepseek_muon",
+]

@@ -1,0 +1,326 @@
+"""The training loop around `train.train_step`: data, checkpoints, metrics, loss curve, and the
+CPU demo (a tiny V4 trained on the Python standard library's sources, then sampled).
+
+Outputs in `out_dir`: `checkpoints/<step>/` (Orbax), `metrics.jsonl` (one JSON object per logged
+step: step, loss, its parts, grad_norm, lr, tokens_per_s, load_imbalance), `loss.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_v4 import data as data_lib
+from deepseek_v4 import train
+from deepseek_v4.checkpoint.io import Checkpointer
+from deepseek_v4.config import ModelConfig
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became NaN / inf; nothing after the last good checkpoint is saved."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  """Summary of a run: first / last logged loss, steps done, wall time, throughput."""
+
+  steps: int
+  first_loss: float | None
+  last_loss: float | None
+  first_lm_loss: float | None
+  last_lm_loss: float | None
+  wall_s: float
+  tokens_per_s: float
+  out_dir: str | None
+  losses: list[float]
+  model: object = None
+
+
+class _Progress:
+  """tqdm when installed, otherwise a line every few seconds on stderr."""
+
+  def __init__(self, total: int, initial: int, enabled: bool):
+    self.bar = None
+    self.enabled = enabled
+    self.last = 0.0
+    if enabled:
+      try:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
+      except ImportError:
+        pass
+    self.total = total
+
+  def update(self, step: int, text: str) -> None:
+    if not self.enabled:
+      return
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix_str(text, refresh=False)
+    elif time.time() - self.last > 5 or step == self.total:
+      print(f"step {step}/{self.total} {text}", file=sys.stderr, flush=True)
+      self.last = time.time()
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _read_metrics(path: str) -> list[dict]:
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_metrics(path: str, rows: list[dict]) -> None:
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+def plot_losses(metrics_path: str, png_path: str) -> bool:
+  """Loss curve of a metrics.jsonl as a PNG; False when matplotlib is not installed."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  rows = _read_metrics(metrics_path)
+  if not rows:
+    return False
+  fig, ax = plt.subplots(figsize=(7, 4))
+  steps = [r["step"] for r in rows]
+  ax.plot(steps, [r["loss"] for r in rows], label="total loss")
+  if "lm_loss" in rows[0]:
+    ax.plot(steps, [r["lm_loss"] for r in rows], label="next-token loss", alpha=0.7)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def check_vocab(cfg: ModelConfig, rows: data_lib.PackedRows) -> None:
+  top = int(max(rows.inputs.max(), rows.targets.max()))
+  if top >= cfg.vocab_size:
+    raise ValueError(f"the data holds token id {top} but the model's vocab_size is "
+                     f"{cfg.vocab_size}; use a larger vocab_size (--set vocab_size=...)")
+
+
+def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
+        out_dir: str | None = None, *, resume: bool = False, stop_after: int | None = None,
+        progress: bool = True, log: Callable[[str], None] | None = None,
+        init_model: Callable | None = None,
+        callback: Callable[[int, object], None] | None = None) -> RunResult:
+  """Trains for `tcfg.steps` optimizer steps (or until `stop_after`), checkpointing in `out_dir`.
+
+  Args:
+    cfg, tcfg: model and run configuration.
+    rows: packed training rows.
+    out_dir: output folder (checkpoints, metrics.jsonl, loss.png); None = keep nothing.
+    resume: continue from the latest checkpoint in `out_dir` (model, optimizer, step, data
+      position, RNG), producing exactly the losses an uninterrupted run would.
+    stop_after: stop (after saving) once this step is reached, as an interruption would.
+    progress: show a progress bar.
+    log: where one-line messages go (default: stderr).
+    init_model: optional `fn(model)` applied to the fresh model before the optimizer sees it
+      (e.g. loading pre-trained weights for fine-tuning).
+    callback: optional `fn(step, model)` called before each step (1-based step about to run).
+  Raises:
+    TrainingDiverged: the loss or gradient norm is NaN / inf (the last good checkpoint is kept).
+    CheckpointMismatch: `resume` with a checkpoint of another configuration.
+    ValueError: bad data or settings.
+  """
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  check_vocab(cfg, rows)
+  if len(rows) < tcfg.batch_size:
+    log(f"note: {len(rows)} rows < batch_size {tcfg.batch_size}; rows repeat within a batch")
+  model, optimizer = train.build(cfg, tcfg)
+  if init_model is not None:
+    init_model(model)
+    optimizer = train.make_optimizer(model, tcfg)
+  run = _Run(out_dir, tcfg, log)
+  step, data_state, rng = run.start(model, optimizer, resume)
+  batches = data_lib.Batches(rows, tcfg.batch_size, seed=tcfg.seed, state=data_state)
+  end = min(tcfg.steps, stop_after) if stop_after is not None else tcfg.steps
+  bar = _Progress(tcfg.steps, step, progress)
+  speed = _Throughput()
+  losses = []
+  try:
+    while step < end:
+      b = batches.next()
+      if callback is not None:
+        callback(step + 1, model)
+      m = train.train_step(model, optimizer, train.as_batch(b["inputs"], b["targets"],
+                                                            b["input_mask"]),
+                           train.mtp_weight_at(tcfg, step), tcfg=tcfg)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      run.check_finite(m, step + 1)
+      step += 1
+      losses.append(m["loss"])
+      tokens_per_s = speed.update(m["tokens"])
+      bar.update(step, f"loss {m['loss']:.3f} {tokens_per_s:,.0f} tok/s")
+      if step % tcfg.log_every == 0 or step in (1, end):
+        run.log_metrics(step, m, tokens_per_s)
+      if step % tcfg.save_every == 0 or step == end:
+        run.save(step, model, optimizer, batches.state(), rng)
+  finally:
+    bar.close()
+    run.close()
+  first, last = (run.metrics[0], run.metrics[-1]) if run.metrics else ({}, {})
+  return RunResult(steps=step, first_loss=first.get("loss"), last_loss=last.get("loss"),
+                   first_lm_loss=first.get("lm_loss"), last_lm_loss=last.get("lm_loss"),
+                   wall_s=time.time() - run.t_start, tokens_per_s=speed.value, out_dir=out_dir,
+                   losses=losses, model=model)
+
+
+class _Throughput:
+  """Tokens per second, timed from the end of the first step (which includes compilation)."""
+
+  def __init__(self):
+    self.t0, self.tokens, self.value = None, 0.0, 0.0
+
+  def update(self, tokens: float) -> float:
+    if self.t0 is None:
+      self.t0 = time.time()
+    else:
+      self.tokens += tokens
+      self.value = self.tokens / max(time.time() - self.t0, 1e-9)
+    return self.value
+
+
+class _Run:
+  """The output folder of a run: checkpoints, metrics.jsonl and loss.png (None: keep nothing)."""
+
+  def __init__(self, out_dir: str | None, tcfg: train.TrainConfig, log: Callable[[str], None]):
+    self.out_dir, self.tcfg, self.log = out_dir, tcfg, log
+    self.metrics: list[dict] = []
+    self.ck = self.metrics_path = None
+    self.t_start = time.time()
+    if out_dir is not None:
+      os.makedirs(out_dir, exist_ok=True)
+      self.ck = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tcfg.keep_checkpoints)
+      self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+  def start(self, model, optimizer, resume: bool):
+    """(step, data position, rng) of a fresh run, or restored from the latest checkpoint."""
+    step, data_state, rng = 0, None, jax.random.key(self.tcfg.seed)
+    if self.ck is None:
+      return step, data_state, rng
+    if self.ck.latest_step() is not None:
+      if not resume:
+        raise ValueError(f"{self.out_dir!r} already holds checkpoints (latest step "
+                         f"{self.ck.latest_step()}); pass --resume to continue, or choose "
+                         "another --out")
+      meta = self.ck.restore(model, optimizer, train_config=self.tcfg)
+      step, data_state = meta["step"], meta["data_state"]
+      rng = rng if meta["rng"] is None else meta["rng"]
+      self.metrics = [r for r in _read_metrics(self.metrics_path) if r["step"] <= step]
+      self.log(f"resumed from step {step} ({self.ck.directory})")
+    _write_metrics(self.metrics_path, self.metrics)  # drops lines past the restored step
+    return step, data_state, rng
+
+  def _kept(self) -> str:
+    last = self.ck.latest_step() if self.ck else None
+    if last is None:
+      return "no checkpoint had been saved yet"
+    return f"the last good checkpoint (step {last}) in {self.ck.directory!r} was kept"
+
+  def check_finite(self, m: dict, step: int) -> None:
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      raise TrainingDiverged(
+        f"training diverged at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']}. "
+        f"Stopped without saving; {self._kept()}. Lower the learning rate or check the data, "
+        "then --resume.")
+
+  def log_metrics(self, step: int, m: dict, tokens_per_s: float) -> None:
+    row = {"step": step, **{k: v for k, v in m.items() if k != "tokens"},
+           "tokens_per_s": tokens_per_s, "time_s": time.time() - self.t_start}
+    self.metrics.append(row)
+    if self.metrics_path:
+      with open(self.metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+  def save(self, step: int, model, optimizer, data_state: dict, rng) -> None:
+    if self.ck is None:
+      return
+    # A finite loss was computed before this step's update: check what would be saved.
+    if not bool(_all_finite(nnx.state(model, nnx.Param))):
+      raise TrainingDiverged(f"parameters became NaN / inf at step {step}: not saving; "
+                             f"{self._kept()}.")
+    self.ck.save(step, model, optimizer, data_state=data_state, rng=rng, train_config=self.tcfg)
+
+  def close(self) -> None:
+    if self.ck is not None:
+      self.ck.close()
+    if self.metrics_path:
+      plot_losses(self.metrics_path, os.path.join(self.out_dir, "loss.png"))
+
+
+def summary(result: RunResult) -> str:
+  """One line: total and next-token loss at the first and last logged step, time, throughput."""
+  if result.first_loss is None:
+    return "no step was logged"
+  return (f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (next-token "
+          f"{result.first_lm_loss:.4f} -> {result.last_lm_loss:.4f}) after {result.steps} steps; "
+          f"{result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s")
+
+
+def sample_text(model, tok, prompt: str, max_new_tokens: int = 200, temperature: float = 0.7,
+                seed: int = 0) -> str:
+  """A continuation of `prompt` from the trained model (the project's decoding loop)."""
+  from deepseek_v4 import decoding
+
+  ids = np.asarray(tok.encode(prompt), np.int32)[None, :]
+  out = decoding.generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
+                          stop_tokens=(tok.eos_id,))
+  return tok.decode(np.asarray(out)[0, ids.shape[1]:])
+
+
+# ----- the CPU demo -------------------------------------------------------------------------------
+def demo_configs(vocab_size: int, steps: int = 500) -> tuple[ModelConfig, train.TrainConfig]:
+  """A tiny V4 (every layer kind) and a run that lowers the loss clearly in minutes on 2 cores."""
+  from deepseek_v4.config import tiny
+
+  cfg = tiny(vocab_size=vocab_size, compress_ratios=(0, 4, 16), num_hash_layers=1,
+             max_position_embeddings=1024)
+  tcfg = train.TrainConfig(seq_len=128, batch_size=8, steps=steps, learning_rate=4e-3,
+                           warmup_steps=20, decay_fraction=0.2, log_every=10, save_every=100)
+  return cfg, tcfg
+
+
+def demo(out_dir: str | None = "runs/demo", steps: int = 500, progress: bool = True,
+         sample_tokens: int = 200) -> RunResult:
+  """Trains the demo model on the embedded corpus, prints start/end loss and a sample."""
+  tok = data_lib.byte_tokenizer()
+  cfg, tcfg = demo_configs(tok.vocab_size, steps)
+  rows = data_lib.load_rows(None, tok, tcfg.seq_len)
+  result = fit(cfg, tcfg, rows, out_dir, resume=out_dir is not None and os.path.isdir(
+    os.path.join(out_dir, "checkpoints")), progress=progress)
+  print(summary(result))
+  if sample_tokens:
+    print("sample:\n" + sample_text(result.model, tok, "def ", sample_tokens))
+  return result

@@ -1,0 +1,119 @@
+"""Data: readers, tokenizers, packing, the resumable batch iterator, and clear errors for bad
+input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from deepseek_v4 import data
+
+
+@pytest.fixture
+def tok():
+  return data.byte_tokenizer()
+
+
+def test_byte_tokenizer_round_trip(tok):
+  text = "def f(x):\n    return x ** 2  # é ✓"
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text
+  assert min(ids) >= 0 and max(ids) < tok.vocab_size
+  assert tok.eos_id not in ids and tok.bos_id not in ids
+
+
+def test_concat_packing_rows_and_targets():
+  docs = [(np.arange(10, 17, dtype=np.int32), np.ones(7, bool)),
+          (np.arange(20, 26, dtype=np.int32), np.ones(6, bool))]
+  rows = data.pack(docs, seq_len=4)
+  stream = np.concatenate([d[0] for d in docs])  # 13 tokens -> (13 - 1) // 4 = 3 rows
+  assert len(rows) == 3
+  for r in range(3):
+    np.testing.assert_array_equal(rows.inputs[r], stream[4 * r: 4 * r + 4])
+    np.testing.assert_array_equal(rows.targets[r], stream[4 * r + 1: 4 * r + 5])
+  assert rows.input_mask.all()
+
+
+def test_prompt_tokens_are_not_scored(tmp_path, tok):
+  path = tmp_path / "sft.jsonl"
+  path.write_text(json.dumps({"prompt": "Q: 2+2?", "completion": " 4"}) + "\n" +
+                  json.dumps({"text": "plain"}) + "\n")
+  docs = data.read_documents(str(path))
+  assert docs == [data.Document(" 4", "Q: 2+2?"), data.Document("plain")]
+  (ids, scored), _ = data.tokenize(docs, tok)
+  n_prompt = len(tok.encode("Q: 2+2?"))
+  assert not scored[:n_prompt].any() and scored[n_prompt:].all() and ids[-1] == tok.eos_id
+  rows = data.pack(data.tokenize(docs, tok), seq_len=32, mode="pad", pad_id=tok.eos_id)
+  assert len(rows) == 2
+  # Row 0: targets scored only from the completion on; padding neither scored nor "real".
+  t0 = rows.targets[0]
+  assert (t0[: n_prompt - 1] == data.IGNORE).all() and (t0[n_prompt - 1: n_prompt + 2] >= 0).all()
+  assert (t0[n_prompt + 2:] == data.IGNORE).all()
+  assert rows.input_mask[0, : n_prompt + 3].all() and not rows.input_mask[0, n_prompt + 3:].any()
+
+
+def test_text_file_and_folder(tmp_path, tok):
+  (tmp_path / "a.txt").write_text("hello world")
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "b.md").write_text("second")
+  assert [d.text for d in data.read_documents(str(tmp_path))] == ["hello world", "second"]
+  rows = data.load_rows(str(tmp_path / "a.txt"), tok, seq_len=8)
+  assert rows.inputs.shape == (1, 8)
+
+
+def test_missing_empty_and_short_data_fail_clearly(tmp_path, tok):
+  with pytest.raises(FileNotFoundError, match="data file not found"):
+    data.load_rows(str(tmp_path / "nope.txt"), tok, 16)
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match="is empty"):
+    data.load_rows(str(tmp_path / "empty.txt"), tok, 16)
+  (tmp_path / "blank.jsonl").write_text("\n\n")
+  with pytest.raises(ValueError, match="is empty"):
+    data.load_rows(str(tmp_path / "blank.jsonl"), tok, 16)
+  (tmp_path / "short.txt").write_text("tiny")
+  with pytest.raises(ValueError, match=r"has 5 tokens; one training sequence needs seq_len \+ 1 "
+                                       r"= 17"):
+    data.load_rows(str(tmp_path / "short.txt"), tok, 16)
+  (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    data.read_documents(str(tmp_path / "bad.jsonl"))
+  (tmp_path / "keys.jsonl").write_text('{"body": "x"}\n')
+  with pytest.raises(ValueError, match="needs 'text' or 'prompt'/'completion'"):
+    data.read_documents(str(tmp_path / "keys.jsonl"))
+
+
+def test_batches_resume_exactly():
+  toks = np.arange(1000, dtype=np.int32) % 250 + 2
+  rows = data.pack([(toks, np.ones(len(toks), bool))], seq_len=10)
+  a = data.Batches(rows, batch_size=7, seed=3)
+  seq = [a.next() for _ in range(40)]  # crosses several epochs (99 rows)
+  b = data.Batches(rows, batch_size=7, seed=3)
+  for _ in range(17):
+    b.next()
+  c = data.Batches(rows, batch_size=7, seed=3, state=b.state())
+  for want in seq[17:]:
+    got = c.next()
+    np.testing.assert_array_equal(got["inputs"], want["inputs"])
+  assert a.epoch >= 2
+
+
+def test_demo_corpus_is_python_source(tok):
+  docs = data.demo_corpus(max_bytes=50_000)
+  assert docs and sum(len(d.text) for d in docs) >= 50_000
+  assert any("def " in d.text for d in docs)
+
+
+def test_tokenizer_json(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  from tokenizers import models, pre_tokenizers
+
+  vocab = {"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, "[UNK]": 2, "hello": 3,
+           "world": 4}
+  t = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  t.pre_tokenizer = pre_tokenizers.Whitespace()
+  t.save(str(tmp_path / "tokenizer.json"))
+  tok = data.get_tokenizer(str(tmp_path))
+  assert tok.encode("hello world hello") == [3, 4, 3]
+  assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 5)
+  with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+    data.get_tokenizer(str(tmp_path / "missing.json"))

@@ -1,0 +1,86 @@
+"""LoRA on chosen projections: identity at init, merge / unmerge, only adapters train."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import deepseek_v4
+from deepseek_v4 import lora, optim, train
+from tests.tolerances import F32_FUNCTION, F32_MODEL_REL, rel_err
+
+CFG = deepseek_v4.tiny(compress_ratios=(0, 4), num_hash_layers=1, num_mtp_layers=0)
+IDS = jnp.asarray(np.random.default_rng(0).integers(2, 512, (2, 16)), jnp.int32)
+forward = nnx.jit(lambda m, ids: m(ids))
+
+
+def _model():
+  return deepseek_v4.Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+def _randomize_adapters(model):
+  rng = np.random.default_rng(1)
+  for m in lora.lora_modules(model):
+    m.lora_b.set_value(jnp.asarray(rng.standard_normal(m.lora_b.shape) * 0.1, jnp.float32))
+
+
+def test_identity_at_init_then_merge_and_unmerge():
+  model = _model()
+  base_logits = forward(model, IDS)
+  w0 = np.asarray(model.layers[1].attn.wq_b.weight[...])
+  names = lora.apply_lora(model, ["wq_a", "wq_b", "wo_b", "shared_experts.w1"], rank=4,
+                          alpha=8, rngs=nnx.Rngs(1))
+  assert "layers.1.attn.wq_b" in names and "layers.0.ffn.shared_experts.w1" in names
+  assert rel_err(forward(model, IDS), base_logits) < F32_FUNCTION  # B = 0: no change
+  _randomize_adapters(model)
+  adapted = forward(model, IDS)
+  assert rel_err(adapted, base_logits) > 1e-3
+  lora.merge_lora(model)
+  assert not np.allclose(model.layers[1].attn.wq_b.weight[...], w0)
+  assert rel_err(forward(model, IDS), adapted) < F32_MODEL_REL
+  lora.unmerge_lora(model)
+  assert rel_err(model.layers[1].attn.wq_b.weight[...], w0) < F32_FUNCTION
+  assert rel_err(forward(model, IDS), adapted) < F32_MODEL_REL
+
+
+def test_strip_restores_the_base_parameter_tree():
+  base = _model()
+  names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(base))}
+  model = _model()
+  lora.apply_lora(model, ["wq_a", "wkv"], rank=2, alpha=2, rngs=nnx.Rngs(1))
+  _randomize_adapters(model)
+  adapted = forward(model, IDS)
+  lora.strip_lora(model)
+  assert {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))} == names
+  assert not lora.lora_modules(model)
+  assert rel_err(forward(model, IDS), adapted) < F32_MODEL_REL
+
+
+def test_bad_targets():
+  model = _model()
+  with pytest.raises(ValueError, match="matches no Linear"):
+    lora.apply_lora(model, ["nope"], rank=2, alpha=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="read these weights directly"):
+    lora.apply_lora(model, ["wo_a"], rank=2, alpha=2, rngs=nnx.Rngs(0))
+
+
+def test_only_adapters_train():
+  tcfg = train.TrainConfig(seq_len=16, batch_size=2, lora_rank=4, lora_targets=("wq_a", "wo_b"),
+                           learning_rate=1e-2, warmup_steps=1)
+  model, opt = train.build(CFG, tcfg)
+  trained = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, opt.wrt))]
+  assert trained and all(n.endswith(("lora_a", "lora_b")) for n in trained)
+  assert {r["optimizer"] for r in optim.describe(nnx.state(model, opt.wrt), CFG)} == {"adamw"}
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+  toks = np.random.default_rng(2).integers(2, 512, (2, 17))
+  batch = train.as_batch(toks[:, :-1], toks[:, 1:])
+  losses = [float(train.train_step(model, opt, batch, 0.3, tcfg=tcfg)["lm_loss"]) for _ in range(4)]
+  assert losses[-1] < losses[0]
+  after = nnx.state(model, nnx.Not(nnx.LoRAParam))
+  changed = [
+    ".".join(map(str, p)) for (p, a), (_, b) in zip(nnx.to_flat_state(before),
+                                                  nnx.to_flat_state(after))
+    if not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))]
+  # Only the router biases (non-gradient state) move besides the adapters.
+  assert all(n.endswith("gate.bias") for n in changed), changed
