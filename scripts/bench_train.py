@@ -1,10 +1,14 @@
 """Training throughput on CPU: our jitted train step vs transformers' PyTorch training step.
 
 Both train the same config (default: the tiny preset without MTP, which transformers lacks) from
-the same weights on the same batch, in float32, one after the other in this process:
-  ours:         train.train_step (loss, backward, clipping, Muon + AdamW, router-bias update)
+the same weights on the same batch, in float32, in this process; the two are timed alternately
+`--repeats` times and the medians kept (the machine may be shared):
+  ours:         train.train_step (V4 losses, backward, clipping, AdamW, router-bias update)
   transformers: DeepseekV4ForCausalLM forward with labels, backward, clip, torch.optim.AdamW
-Compilation / warm-up steps are excluded from the timing. Prints tokens/s and the ratio.
+The ratio compares the same optimizer (AdamW); ours with DeepSeek's Muon is timed too (at small
+batches its Newton-Schulz iterations, O(n^3) per matrix, dominate the step).
+Compilation / warm-up steps are excluded from the timing. Prints tokens/s and the ratio and writes
+benchmarks/results/bench_train.json.
 
   python scripts/bench_train.py [--preset tiny] [--set field=value ...] [--batch 8] [--seq 128]
 """
@@ -22,17 +26,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "benchmarks", "results", "bench_train.json")
 
-def bench_ours(model, tcfg, ids, targets, steps, warmup):
+
+# A wider variant (`--wide`): d_model 256, 16 experts. On CPU its step is dominated by
+# `jax.lax.ragged_dot` in the MoE, which XLA:CPU runs ~20x slower than the equivalent dense matmul.
+WIDE = ["d_model=256", "num_heads=8", "head_dim=128", "rope_dim=64", "q_lora_rank=128",
+        "o_groups=4", "o_lora_rank=64", "moe_inter_dim=256", "num_experts=16",
+        "experts_per_token=4", "index_heads=8", "index_head_dim=64", "window=32",
+        "vocab_size=4096"]
+
+
+def bench_ours(model, opt, tcfg, ids, targets, steps, warmup):
   import jax
 
-  from deepseek_v4 import Transformer, train
+  from deepseek_v4 import train
 
-  opt = train.make_optimizer(model, tcfg)
   batch = train.as_batch(ids, targets)
   for _ in range(warmup):
-    m = train.train_step(model, opt, batch, 0.3, tcfg=tcfg)
-  jax.block_until_ready(m)
+    jax.block_until_ready(train.train_step(model, opt, batch, 0.3, tcfg=tcfg))
   t = time.perf_counter()
   for _ in range(steps):
     m = train.train_step(model, opt, batch, 0.3, tcfg=tcfg)
@@ -40,11 +53,10 @@ def bench_ours(model, tcfg, ids, targets, steps, warmup):
   return (time.perf_counter() - t) / steps, float(m["loss"])
 
 
-def bench_hf(ref, ids, steps, warmup, lr):
+def bench_hf(ref, opt, ids, steps, warmup):
   import torch
 
   ref.train()
-  opt = torch.optim.AdamW(ref.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
   x = torch.as_tensor(ids, dtype=torch.long)
 
   def step():
@@ -66,15 +78,21 @@ def bench_hf(ref, ids, steps, warmup, lr):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="tiny")
-  parser.add_argument("--set", dest="overrides", action="append", default=[])
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      help="ModelConfig overrides")
+  parser.add_argument("--wide", action="store_true", help="the d_model-256 variant (WIDE)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  parser.add_argument("--no-muon", action="store_true", help="skip the Muon timing of ours")
+  parser.add_argument("--json", metavar="PATH", default=DEFAULT_OUT,
+                      help="where to write the results as JSON (default %(default)s)")
   args = parser.parse_args(argv)
 
   import jax
+  import optax
   import torch
   from flax import nnx
   from transformers import DeepseekV4ForCausalLM
@@ -83,6 +101,8 @@ def main(argv=None) -> int:
   from deepseek_v4.checkpoint import save_hf_checkpoint
   from deepseek_v4.config import PRESETS, parse_overrides
 
+  if args.wide:
+    args.overrides = WIDE + args.overrides
   cfg = parse_overrides(PRESETS[args.preset](num_mtp_layers=0), args.overrides)
   cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, args.seq))
   tcfg = train.TrainConfig(seq_len=args.seq, batch_size=args.batch, learning_rate=1e-3,
@@ -97,8 +117,26 @@ def main(argv=None) -> int:
   targets = np.concatenate([ids[:, 1:], np.full((args.batch, 1), -1, np.int32)], axis=1)
   tokens = args.batch * (args.seq - 1)
 
-  t_ours, loss_ours = bench_ours(model, tcfg, ids, targets, args.steps, args.warmup)
-  t_hf, loss_hf = bench_hf(ref, ids, args.steps, args.warmup, tcfg.learning_rate)
+  # Same optimizer on both sides (AdamW, same hyperparameters), plus ours with DeepSeek's Muon.
+  adamw = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(tcfg.learning_rate, b1=0.9, b2=0.95, eps=1e-8,
+                                  weight_decay=0.1))
+  model_muon = Transformer(cfg, rngs=nnx.Rngs(0))  # same weights, own buffers (donation)
+  opt = nnx.Optimizer(model, adamw, wrt=nnx.Param)
+  opt_muon = train.make_optimizer(model_muon, tcfg)
+  torch_opt = torch.optim.AdamW(ref.parameters(), lr=tcfg.learning_rate, betas=(0.9, 0.95),
+                                eps=1e-8, weight_decay=0.1)
+  ours_t, muon_t, hf_t = [], [], []
+  for r in range(args.repeats):
+    warm = args.warmup if r == 0 else 0
+    t_ours, loss_ours = bench_ours(model, opt, tcfg, ids, targets, args.steps, warm)
+    t_hf, loss_hf = bench_hf(ref, torch_opt, ids, args.steps, warm)
+    ours_t.append(t_ours)
+    hf_t.append(t_hf)
+    if not args.no_muon:
+      muon_t.append(bench_ours(model_muon, opt_muon, tcfg, ids, targets, args.steps, warm)[0])
+  t_ours, t_hf = float(np.median(ours_t)), float(np.median(hf_t))
+  t_muon = float(np.median(muon_t)) if muon_t else None
   res = {
     "config": f"{args.preset} {' '.join(args.overrides)}".strip(), "batch": args.batch,
     "seq": args.seq, "devices": f"jax {jax.devices()[0].platform} / torch {torch.get_num_threads()}"
@@ -106,14 +144,21 @@ def main(argv=None) -> int:
     "ours_tokens_per_s": tokens / t_ours, "transformers_tokens_per_s": tokens / t_hf,
     "ratio": t_hf / t_ours, "ours_step_s": t_ours, "transformers_step_s": t_hf,
     "ours_last_loss": loss_ours, "transformers_last_loss": loss_hf,
+    "ours_step_s_all": ours_t, "transformers_step_s_all": hf_t,
+    "ours_muon_tokens_per_s": tokens / t_muon if t_muon else None, "ours_muon_step_s_all": muon_t,
   }
   print(f"config {res['config']}  batch {args.batch} x seq {args.seq}  ({res['devices']})")
-  print(f"  ours (JAX, jit, Muon+AdamW):        {res['ours_tokens_per_s']:10,.0f} tokens/s "
+  print(f"  ours (JAX, jit, AdamW):              {res['ours_tokens_per_s']:10,.0f} tokens/s "
         f"({t_ours * 1e3:.1f} ms/step)")
   print(f"  transformers (PyTorch eager, AdamW): "
         f"{res['transformers_tokens_per_s']:10,.0f} tokens/s ({t_hf * 1e3:.1f} ms/step)")
-  print(f"  ratio ours / transformers: {res['ratio']:.2f}x")
+  print(f"  ratio ours / transformers (same optimizer): {res['ratio']:.2f}x")
+  if t_muon:
+    print(f"  ours with DeepSeek's Muon + AdamW:    {tokens / t_muon:10,.0f} tokens/s "
+          f"({t_muon * 1e3:.1f} ms/step; Newton-Schulz is O(n^3) per matrix, amortized only by "
+          "large batches)")
   if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
       json.dump(res, f, indent=2)
   return 0
