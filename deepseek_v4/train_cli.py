@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     metavar="FIELD=VALUE", help="override any TrainConfig field (repeatable)")
   p("--sample", type=int, default=200, metavar="N", help="tokens to sample at the end (0 = none)")
   p("--no-progress", action="store_true", help="no progress bar")
+  p("--print-groups", action="store_true",
+    help="print which optimizer (Muon / AdamW) each trained parameter gets, then exit")
 
 
 def _parse_train_overrides(tcfg: train.TrainConfig, items: list[str]) -> train.TrainConfig:
@@ -126,6 +128,21 @@ def run(args: argparse.Namespace) -> int:
     cfg, _ = cli.config_from_args(args)
     base = train.TrainConfig()
   tcfg = train_config_from_args(args, base)
+  if args.print_groups:
+    from flax import nnx
+
+    from deepseek_v4 import optim
+    from deepseek_v4.model import Transformer
+
+    model = nnx.eval_shape(lambda: Transformer(train.training_model_config(cfg, tcfg),
+                                               rngs=nnx.Rngs(0)))
+    if tcfg.lora_rank:
+      from deepseek_v4 import lora
+      lora.apply_lora(model, tcfg.lora_targets, rank=tcfg.lora_rank, alpha=tcfg.lora_alpha,
+                      rngs=nnx.Rngs(0))
+    print(optim.format_groups(optim.describe(nnx.state(model, train.trainable_filter(tcfg)),
+                                             cfg)))
+    return 0
   out = args.out or ("runs/demo" if args.demo else "runs/train")
   # The demo continues (or just re-reports) its own earlier run instead of refusing to start.
   resume = args.resume or (args.demo and args.out is None)

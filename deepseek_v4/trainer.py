@@ -164,6 +164,10 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
     optimizer = train.make_optimizer(model, tcfg)
   run = _Run(out_dir, tcfg, log)
   step, data_state, rng = run.start(model, optimizer, resume)
+  if data_state and data_state.get("num_rows", len(rows)) != len(rows):
+    raise ValueError(f"the checkpoint's data position is for {data_state['num_rows']} rows but "
+                     f"the data now packs into {len(rows)}: resume with the same data and "
+                     "--seq-len / --packing")
   batches = data_lib.Batches(rows, tcfg.batch_size, seed=tcfg.seed, state=data_state)
   end = min(tcfg.steps, stop_after) if stop_after is not None else tcfg.steps
   bar = _Progress(tcfg.steps, step, progress)
@@ -186,7 +190,7 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
       if step % tcfg.log_every == 0 or step in (1, end):
         run.log_metrics(step, m, tokens_per_s)
       if step % tcfg.save_every == 0 or step == end:
-        run.save(step, model, optimizer, batches.state(), rng)
+        run.save(step, model, optimizer, {**batches.state(), "num_rows": len(rows)}, rng)
   finally:
     bar.close()
     run.close()
