@@ -5,7 +5,9 @@ from deepseek_v4.model import Transformer
 from deepseek_v4.checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.decoding import Sampler, decode_step, generate, prefill
+from deepseek_v4.train import TrainConfig
 
 __all__ = ["CheckpointError", "ModelConfig", "PRESETS", "Transformer", "flash",
            "load_hf_checkpoint", "pro", "save_hf_checkpoint", "tiny",
-           "Cache", "Sampler", "decode_step", "generate", "init_cache", "prefill"]
+           "Cache", "Sampler", "TrainConfig", "decode_step", "generate", "init_cache",
+           "prefill"]

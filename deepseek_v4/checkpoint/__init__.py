@@ -9,5 +9,7 @@ from deepseek_v4.checkpoint.convert import (
   to_hub_tensors,
 )
 
-__all__ = ["CheckpointError", "from_hub_tensors", "load_hf_checkpoint", "read_safetensors",
+from deepseek_v4.checkpoint.io import Checkpointer, CheckpointMismatch, load_model
+
+__all__ = ["Checkpointer", "CheckpointMismatch", "load_model", "CheckpointError", "from_hub_tensors", "load_hf_checkpoint", "read_safetensors",
            "save_hf_checkpoint", "to_hub_tensors"]
