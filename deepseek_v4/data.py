@@ -178,13 +178,19 @@ def pack(tokenized: list[tuple[np.ndarray, np.ndarray]], seq_len: int, mode: str
     targets = np.where(keep[:, 1:], rows[:, 1:], IGNORE)
     return PackedRows(rows[:, :-1], targets.astype(np.int32), np.ones((n, seq_len), np.float32))
   if mode == "pad":
-    R = len(tokenized)
+    # One document per row; a document longer than a row continues in the next rows (each row
+    # starts where the previous one's inputs ended), so nothing is truncated and no row mixes
+    # documents.
+    pieces = [(ids[k:k + seq_len + 1], scored[k:k + seq_len + 1])
+              for ids, scored in tokenized
+              for k in range(0, max(len(ids) - 1, 1), seq_len)]
+    R = len(pieces)
     rows = np.full((R, seq_len + 1), pad_id, np.int32)
     keep = np.zeros((R, seq_len + 1), bool)
     real = np.zeros((R, seq_len + 1), bool)
-    for r, (ids, scored) in enumerate(tokenized):
-      m = min(len(ids), seq_len + 1)
-      rows[r, :m], keep[r, :m], real[r, :m] = ids[:m], scored[:m], True
+    for r, (ids, scored) in enumerate(pieces):
+      m = len(ids)
+      rows[r, :m], keep[r, :m], real[r, :m] = ids, scored, True
     targets = np.where(keep[:, 1:], rows[:, 1:], IGNORE)
     if not (targets >= 0).any():
       raise ValueError(f"{source}: no scored token fits in rows of seq_len + 1 = {seq_len + 1}")

@@ -117,3 +117,19 @@ def test_tokenizer_json(tmp_path):
   assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 5)
   with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
     data.get_tokenizer(str(tmp_path / "missing.json"))
+
+
+def test_pad_packing_splits_long_documents_without_truncation():
+  """`pad` keeps one document per row; a longer document continues in further rows, so every
+  next-token target of every document is scored exactly once."""
+  from deepseek_v4.data import pack
+
+  docs = [(np.arange(10), np.ones(10, bool)), (np.arange(100, 103), np.ones(3, bool))]
+  p = pack(docs, 4, "pad")
+  np.testing.assert_array_equal(p.inputs[:, 0], [0, 4, 8, 100])
+  scored = p.targets[p.targets >= 0]
+  np.testing.assert_array_equal(np.sort(scored), [1, 2, 3, 4, 5, 6, 7, 8, 9, 101, 102])
+  real = p.input_mask > 0
+  doc_a = ((p.inputs < 10) & real).any(axis=1)
+  doc_b = ((p.inputs >= 100) & real).any(axis=1)
+  assert not (doc_a & doc_b).any()  # no row mixes documents
