@@ -30,13 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "bench_decode.json")
 
 # The small-width model of scripts/bench_forward.py: every layer kind (sliding, CSA, HCA at 128).
-MODEL = dict(
-  d_model=256, num_heads=64, head_dim=64, rope_dim=32, q_lora_rank=128, o_groups=8, o_lora_rank=64,
-  compress_ratios=(0, 4, 128, 4), index_heads=8, index_head_dim=64, index_topk=512, num_experts=8,
-  experts_per_token=2, moe_inter_dim=256, window=128, num_hash_layers=1,
-  rope_original_max_position=65536, rope_factor=16.0, vocab_size=1024,
-  max_position_embeddings=65536, attn_block=128, num_mtp_layers=0,
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_forward import MODEL  # noqa: E402
 
 
 def _cpu_seconds() -> float:
