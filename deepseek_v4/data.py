@@ -4,10 +4,13 @@ library's own sources, present on every machine with Python).
 
 Packing (spec §7.2): "concat" joins documents with an EOS token between them and cuts the stream
 into rows of `seq_len + 1` tokens (inputs = row[:-1], targets = row[1:]), so no token is wasted;
-"pad" puts one document per row (truncated, padded, padding not scored), which isolates documents
-exactly. DeepSeek packs with sample-level attention masking; the model's attention has no
-segment ids, so "concat" lets a document attend to the previous one in its row (as GPT-style
-pre-training does) and "pad" is the exact alternative for fine-tuning data.
+"pad" puts one document per row (a long one continues in further rows; padding not scored),
+which isolates documents exactly but wastes the padding; "aligned" (recommended) is DeepSeek's
+packing with sample-level attention masking (spec §7.2): documents share rows, each starts at a
+row offset that is a multiple of `align` (the largest compression ratio, so no compression window
+straddles two documents), and the rows carry `segments` (document id per token) and `positions`
+(position inside the document) for the model's document mask. "concat" has no segments, so a
+document attends to the previous one in its row (as GPT-style pre-training does).
 
 JSONL rows are {"text": ...} (every token scored) or {"prompt": ..., "completion": ...} (only
 the completion and its EOS are scored).
@@ -149,23 +152,94 @@ def tokenize(docs: list[Document], tok: Tokenizer) -> list[tuple[np.ndarray, np.
 
 @dataclasses.dataclass
 class PackedRows:
-  """Fixed-length rows: inputs/targets [R, T] (targets -1 = not scored), input_mask [R, T]."""
+  """Fixed-length rows: inputs/targets [R, T] (targets -1 = not scored), input_mask [R, T];
+  "aligned" packing adds segments [R, T] (document piece id per input token, non-decreasing
+  along a row) and positions [R, T] (position inside the piece, 0 at its first token)."""
 
   inputs: np.ndarray
   targets: np.ndarray
   input_mask: np.ndarray
+  segments: np.ndarray | None = None
+  positions: np.ndarray | None = None
 
   def __len__(self) -> int:
     return self.inputs.shape[0]
 
 
+def packing_align(cfg) -> int:
+  """Row offset multiple at which "aligned" packing starts documents for a ModelConfig: the
+  largest compression ratio (and at least 4), so compression windows never straddle documents."""
+  return max(tuple(cfg.compress_ratios) + (4,))
+
+
+def _pack_aligned(tokenized, seq_len: int, align: int, pad_id: int, source: str) -> PackedRows:
+  """Documents share rows, each piece starting at a multiple of `align` (see the module docstring).
+
+  A document of n tokens has n - 1 inputs (its last token is only a target). A document with more
+  inputs than the rest of the row fills the row and continues at the start of the next one as a
+  new piece (a new segment, positions from 0); the continuation's first input is the previous
+  piece's last target, so every token after the document's first is a target exactly once. Slots
+  from a piece's end to the next aligned start are padding of that piece's segment (positions
+  keep counting, not scored, input_mask 0).
+  """
+  if align < 1:
+    raise ValueError(f"align={align} must be a positive integer")
+  T = seq_len
+  inputs, targets, mask, segments, positions = [], [], [], [], []
+
+  def new_row():
+    inputs.append(np.full(T, pad_id, np.int32))
+    targets.append(np.full(T, IGNORE, np.int32))
+    mask.append(np.zeros(T, np.float32))
+    segments.append(np.zeros(T, np.int32))
+    positions.append(np.zeros(T, np.int32))
+
+  cur, seg = T, -1  # slot of the next piece in the last row (T = start a new row)
+  for ids, scored in tokenized:
+    n_in = len(ids) - 1
+    k = 0
+    while k < n_in:
+      if cur >= T:
+        new_row()
+        cur, seg = 0, -1
+      m = min(n_in - k, T - cur)
+      seg += 1
+      end = -(-(cur + m) // align) * align  # the next aligned start (padding up to it)
+      end = min(end, T)
+      sl = slice(cur, cur + m)
+      inputs[-1][sl] = ids[k:k + m]
+      targets[-1][sl] = np.where(scored[k + 1:k + m + 1], ids[k + 1:k + m + 1], IGNORE)
+      mask[-1][sl] = 1.0
+      segments[-1][cur:end] = seg
+      positions[-1][cur:end] = np.arange(end - cur)
+      k += m
+      cur = end
+  if not inputs:
+    raise ValueError(f"{source}: no document has two tokens (an input and its target)")
+  # Trailing slots of the last row after its last piece stay that piece's padding.
+  if cur < T:
+    last = int(segments[-1][cur - 1])
+    segments[-1][cur:] = last
+    positions[-1][cur:] = positions[-1][cur - 1] + 1 + np.arange(T - cur)
+  rows = PackedRows(np.stack(inputs), np.stack(targets), np.stack(mask), np.stack(segments),
+                    np.stack(positions))
+  if not (rows.targets >= 0).any():
+    raise ValueError(f"{source}: no scored token to train on")
+  return rows
+
+
 def pack(tokenized: list[tuple[np.ndarray, np.ndarray]], seq_len: int, mode: str = "concat",
-         pad_id: int = 1, source: str = "data") -> PackedRows:
+         pad_id: int = 1, source: str = "data", align: int = 16) -> PackedRows:
   """Packs tokenized documents into rows of `seq_len` inputs (see the module docstring).
 
+  Args:
+    align: "aligned" mode only: documents start at row offsets that are multiples of it (use
+      `packing_align(model_cfg)`).
   Raises:
     ValueError: the data holds fewer tokens than one row needs (`seq_len + 1`).
   """
+  if mode == "aligned":
+    return _pack_aligned(tokenized, seq_len, align, pad_id, source)
   if mode == "concat":
     ids = np.concatenate([t[0] for t in tokenized])
     scored = np.concatenate([t[1] for t in tokenized])
@@ -195,7 +269,7 @@ def pack(tokenized: list[tuple[np.ndarray, np.ndarray]], seq_len: int, mode: str
     if not (targets >= 0).any():
       raise ValueError(f"{source}: no scored token fits in rows of seq_len + 1 = {seq_len + 1}")
     return PackedRows(rows[:, :-1], targets.astype(np.int32), real[:, :-1].astype(np.float32))
-  raise ValueError(f"packing mode {mode!r}; expected 'concat' or 'pad'")
+  raise ValueError(f"packing mode {mode!r}; expected 'concat', 'pad' or 'aligned'")
 
 
 # ----- the batch iterator -------------------------------------------------------------------------
@@ -224,7 +298,8 @@ class Batches:
     return {"epoch": self.epoch, "index": self.index}
 
   def next(self) -> dict[str, np.ndarray]:
-    """The next batch {inputs, targets, input_mask} (rows wrap into the next epoch)."""
+    """The next batch {inputs, targets, input_mask[, segments, positions]} (rows wrap into the
+    next epoch)."""
     picks = []
     while len(picks) < self.batch_size:
       if self.index >= len(self._perm):
@@ -235,17 +310,22 @@ class Batches:
       picks.extend(self._perm[self.index: self.index + take])
       self.index += take
     sel = np.asarray(picks)
-    return {"inputs": self.rows.inputs[sel], "targets": self.rows.targets[sel],
-            "input_mask": self.rows.input_mask[sel]}
+    out = {"inputs": self.rows.inputs[sel], "targets": self.rows.targets[sel],
+           "input_mask": self.rows.input_mask[sel]}
+    if self.rows.segments is not None:
+      out["segments"] = self.rows.segments[sel]
+      out["positions"] = self.rows.positions[sel]
+    return out
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     while True:
       yield self.next()
 
 
-def load_rows(path: str | None, tok: Tokenizer, seq_len: int, mode: str = "concat"
-              ) -> PackedRows:
-  """Read, tokenize and pack `path` (None = the embedded demo corpus)."""
+def load_rows(path: str | None, tok: Tokenizer, seq_len: int, mode: str = "concat",
+              align: int = 16) -> PackedRows:
+  """Read, tokenize and pack `path` (None = the embedded demo corpus); `align` is for
+  "aligned" packing (`packing_align(model_cfg)`)."""
   docs = demo_corpus() if path is None else read_documents(path)
   source = "the demo corpus" if path is None else f"data {path!r}"
-  return pack(tokenize(docs, tok), seq_len, mode, pad_id=tok.eos_id, source=source)
+  return pack(tokenize(docs, tok), seq_len, mode, pad_id=tok.eos_id, source=source, align=align)

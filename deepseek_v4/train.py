@@ -80,7 +80,9 @@ class TrainConfig:
       adapters train); targets are projection names (see deepseek_v4.lora).
     seed: parameter init and data order.
     log_every / save_every / keep_checkpoints: logging and checkpoint cadence, checkpoints kept.
-    packing: "concat" (documents joined with EOS, cut into rows) or "pad" (one document per row).
+    packing: "aligned" (recommended: documents share rows at aligned offsets, with exact
+      per-document attention masking), "concat" (documents joined with EOS, cut into rows, no
+      masking) or "pad" (one document per row).
   """
 
   seq_len: int = 128
@@ -116,7 +118,7 @@ class TrainConfig:
   log_every: int = 10
   save_every: int = 100
   keep_checkpoints: int = 3
-  packing: Literal["concat", "pad"] = "concat"
+  packing: Literal["concat", "pad", "aligned"] = "concat"
 
   def __post_init__(self):
     for name in ("seq_len", "batch_size", "grad_accum", "steps", "ce_chunk", "log_every",
@@ -129,6 +131,11 @@ class TrainConfig:
                        f"grad_accum={self.grad_accum}")
     if self.indexer_stage not in ("off", "dense", "sparse"):
       raise ValueError(f"indexer_stage={self.indexer_stage!r}; expected off, dense or sparse")
+    if self.packing not in ("concat", "pad", "aligned"):
+      raise ValueError(f"packing={self.packing!r}; expected concat, pad or aligned")
+    if self.packing == "aligned" and self.indexer_stage != "off":
+      raise ValueError(f"packing='aligned' (document masking) with indexer_stage="
+                       f"{self.indexer_stage!r} is not supported; use packing 'pad' or 'concat'")
     if self.remat not in ("none", *_POLICIES):
       raise ValueError(f"remat={self.remat!r}; expected one of none, {', '.join(_POLICIES)}")
     if not (0.0 <= self.decay_fraction <= 1.0):
@@ -249,9 +256,18 @@ def build(cfg: ModelConfig, tcfg: TrainConfig) -> tuple[Transformer, nnx.Optimiz
 
 
 # ----- forward with the indexer stages and remat --------------------------------------------------
-def _attention(attn, u, positions, stage: IndexerStage, tcfg: TrainConfig):
-  """One attention layer; CSA layers in the dense/sparse stage also return the indexer KL."""
+def _attention(attn, u, positions, segments, stage: IndexerStage, tcfg: TrainConfig):
+  """One attention layer; CSA layers in the dense/sparse stage also return the indexer KL.
+
+  `segments` (packed documents, see `loss_fn`) is supported with the indexer stage "off" only.
+  """
   zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  if segments is not None:
+    if stage != "off" and attn.indexer is not None:
+      raise NotImplementedError(
+        f"indexer_stage={stage!r} with packed-document segments (packing='aligned') is not "
+        "supported; use packing 'pad' or 'concat' for the indexer warm-up/sparse stages")
+    return attn(u, positions, segments=segments), zero
   if stage == "off" or attn.indexer is None:
     return attn(u, positions), zero
   freqs = attn.freqs
@@ -276,11 +292,11 @@ def _attention(attn, u, positions, stage: IndexerStage, tcfg: TrainConfig):
   return attn.output(o, cos, sin), kl
 
 
-def _block(layer, x, ids, positions, stage: IndexerStage, tcfg: TrainConfig):
+def _block(layer, x, ids, positions, segments, stage: IndexerStage, tcfg: TrainConfig):
   kl = []
 
   def attn_fn(u):
-    y, k = _attention(layer.attn, u, positions, stage, tcfg)
+    y, k = _attention(layer.attn, u, positions, segments, stage, tcfg)
     kl.append(k)
     return y
 
@@ -302,15 +318,18 @@ def _remat(fn, module, tcfg: TrainConfig):
   return lambda *args: ck(state, *args)
 
 
-def forward(model: Transformer, ids, positions, tcfg: TrainConfig):
-  """Trunk streams, per-layer MoE stats and the indexer KL (sum, count) over CSA layers."""
+def forward(model: Transformer, ids, positions, tcfg: TrainConfig, segments=None):
+  """Trunk streams, per-layer MoE stats and the indexer KL (sum, count) over CSA layers.
+
+  The same computation as `Transformer.trunk(ids, positions, segments)`, block by block (with
+  remat and the indexer stages)."""
   cfg = model.cfg
   B, T = ids.shape
   e = model.embed_tokens(ids)
   x = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.d_model))
   stats, kl_sum, kl_n, n_csa = [], jnp.zeros(()), jnp.zeros((), jnp.int32), 0
   for layer in model.layers:
-    fn = lambda lyr, x: _block(lyr, x, ids, positions, tcfg.indexer_stage, tcfg)
+    fn = lambda lyr, x: _block(lyr, x, ids, positions, segments, tcfg.indexer_stage, tcfg)
     x, s, (ks, kn) = _remat(fn, layer, tcfg)(x)
     stats.append(s)
     if layer.attn.indexer is not None:
@@ -321,14 +340,23 @@ def forward(model: Transformer, ids, positions, tcfg: TrainConfig):
   return x, stats, indexer
 
 
-def _mtp(model: Transformer, streams, ids, tcfg: TrainConfig):
-  """MTP hidden states [B, T-1, D] for positions i < T-1 (input token i+1) and its MoE stats."""
+def _mtp(model: Transformer, streams, ids, tcfg: TrainConfig, positions=None, segments=None):
+  """MTP hidden states [B, T-1, D] for positions i < T-1 (input token i+1) and its MoE stats.
+
+  As `Transformer.mtp_logits`: with packed documents, position i keeps its own position and
+  segment (the caller ignores targets across a document boundary)."""
   B, T = ids.shape
   nxt = ids[:, 1:]
-  pos = jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (B, T - 1))
+  if segments is None:
+    pos = jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (B, T - 1))
 
-  def fn(mtp, streams):
-    return mtp.hidden(streams, nxt, model.embed_tokens(nxt), pos)
+    def fn(mtp, streams):
+      return mtp.hidden(streams, nxt, model.embed_tokens(nxt), pos)
+  else:
+    pos, seg = positions[:, :-1], segments[:, :-1]
+
+    def fn(mtp, streams):
+      return mtp.hidden(streams, nxt, model.embed_tokens(nxt), pos, segments=seg)
 
   return _remat(fn, model.mtp[0], tcfg)(streams[:, :-1])
 
@@ -339,6 +367,23 @@ def learned_layers(cfg: ModelConfig) -> list[str]:
   return names + [f"mtp.{i}" for i in range(cfg.num_mtp_layers)]
 
 
+def document_positions(segments: jax.Array) -> jax.Array:
+  """Position of each token inside its segment: 0 where the segment id changes, then +1."""
+  B, T = segments.shape
+  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  start = jnp.concatenate([jnp.ones((B, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+
+
+def mtp_targets(targets: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+  """Targets of the MTP positions i < T-1 (token i+2 = targets[i+1]); with packed documents,
+  -1 where input i+1 belongs to another segment than input i (a cross-document prediction)."""
+  t = targets[:, 1:]
+  if segments is None:
+    return t
+  return jnp.where(segments[:, 1:] == segments[:, :-1], t, -1)
+
+
 def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
             mtp_weight: float | jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Total training loss and its parts.
@@ -346,7 +391,10 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
   Args:
     model: the Transformer.
     batch: {"inputs": int [B, T], "targets": int [B, T] (next tokens, -1 = not scored),
-      optional "input_mask": [B, T] (1 = a real token; routing statistics skip padding)}.
+      optional "input_mask": [B, T] (1 = a real token; routing statistics skip padding),
+      optional "segments" / "positions": int [B, T] (packed documents, `data.pack(...,
+      "aligned")`: document id per token and position inside the document; attention stays
+      inside a document and MTP targets across a document boundary are ignored)}.
     tcfg: run settings (loss weights, indexer stage, remat, CE chunk).
     mtp_weight: lambda of the MTP loss (default tcfg.mtp_weight).
   Returns:
@@ -358,8 +406,16 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
   B, T = ids.shape
   mask = batch.get("input_mask")
   mask = jnp.ones((B, T), jnp.float32) if mask is None else mask.astype(jnp.float32)
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  streams, stats, indexer = forward(model, ids, positions, tcfg)
+  segments = batch.get("segments")
+  if segments is None:
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    streams, stats, indexer = forward(model, ids, positions, tcfg)
+  else:
+    segments = segments.astype(jnp.int32)
+    positions = batch.get("positions")
+    positions = (document_positions(segments) if positions is None
+                 else positions.astype(jnp.int32))
+    streams, stats, indexer = forward(model, ids, positions, tcfg, segments=segments)
   head = model.head.weight[...]
   lm_sum, ntok = losses.chunked_cross_entropy(model.final_hidden(streams), head, targets,
                                               tcfg.ce_chunk)
@@ -368,8 +424,8 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
   masks = [mask] * len(learned)
   mtp = jnp.zeros(())
   if cfg.num_mtp_layers and T > 1:
-    h, mtp_stats = _mtp(model, streams, ids, tcfg)
-    mtp = losses.mean_cross_entropy(h, head, targets[:, 1:], tcfg.ce_chunk)
+    h, mtp_stats = _mtp(model, streams, ids, tcfg, positions, segments)
+    mtp = losses.mean_cross_entropy(h, head, mtp_targets(targets, segments), tcfg.ce_chunk)
     learned.append(mtp_stats)
     masks.append(mask[:, 1:])
   bal = sum((losses.balance_loss(s["scores"], s["experts"], m, tcfg.balance_alpha)
@@ -459,10 +515,15 @@ def eval_step(model: Transformer, batch: dict, tcfg: TrainConfig) -> dict[str, j
   return dict(loss=loss, lm_loss=aux["lm_loss"], mtp_loss=aux["mtp_loss"])
 
 
-def as_batch(inputs: np.ndarray, targets: np.ndarray, input_mask: np.ndarray | None = None
+def as_batch(inputs: np.ndarray, targets: np.ndarray, input_mask: np.ndarray | None = None,
+             segments: np.ndarray | None = None, positions: np.ndarray | None = None
              ) -> dict[str, jax.Array]:
   """Device arrays in the layout `loss_fn` reads."""
   out = {"inputs": jnp.asarray(inputs, jnp.int32), "targets": jnp.asarray(targets, jnp.int32)}
   if input_mask is not None:
     out["input_mask"] = jnp.asarray(input_mask, jnp.float32)
+  if segments is not None:
+    out["segments"] = jnp.asarray(segments, jnp.int32)
+  if positions is not None:
+    out["positions"] = jnp.asarray(positions, jnp.int32)
   return out

@@ -45,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p("--lora-rank", type=int, help="LoRA fine-tuning with this rank (only adapters train)")
   p("--lora-alpha", type=float)
   p("--lora-targets", help="comma-separated projection names (default wq_a,wq_b,wkv,wo_b)")
-  p("--packing", choices=["concat", "pad"])
+  p("--packing", choices=["aligned", "concat", "pad"],
+    help="aligned (recommended): documents share rows at aligned offsets with exact per-document "
+         "attention masking; concat: documents joined with EOS, no masking (default); pad: one "
+         "document per row")
   p("--log-every", type=cli.positive_int)
   p("--save-every", type=cli.positive_int)
   p("--keep", type=cli.positive_int, help="checkpoints to keep")
@@ -146,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
   out = args.out or ("runs/demo" if args.demo else "runs/train")
   # The demo continues (or just re-reports) its own earlier run instead of refusing to start.
   resume = args.resume or (args.demo and args.out is None)
-  rows = data_lib.load_rows(args.data, tok, tcfg.seq_len, tcfg.packing)
+  rows = data_lib.load_rows(args.data, tok, tcfg.seq_len, tcfg.packing,
+                            align=data_lib.packing_align(cfg))
   source = args.data or "the embedded demo corpus (Python stdlib sources)"
   print(f"training {cfg.num_layers}-layer V4 (d_model {cfg.d_model}, {cfg.num_experts} experts) "
         f"on {source}: {len(rows)} rows of {tcfg.seq_len} tokens, {tcfg.steps} steps -> "

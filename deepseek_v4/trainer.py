@@ -178,8 +178,9 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
       b = batches.next()
       if callback is not None:
         callback(step + 1, model)
-      m = train.train_step(model, optimizer, train.as_batch(b["inputs"], b["targets"],
-                                                            b["input_mask"]),
+      batch = train.as_batch(b["inputs"], b["targets"], b["input_mask"], b.get("segments"),
+                             b.get("positions"))
+      m = train.train_step(model, optimizer, batch,
                            train.mtp_weight_at(tcfg, step), tcfg=tcfg)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       run.check_finite(m, step + 1)

@@ -133,3 +133,85 @@ def test_pad_packing_splits_long_documents_without_truncation():
   doc_a = ((p.inputs < 10) & real).any(axis=1)
   doc_b = ((p.inputs >= 100) & real).any(axis=1)
   assert not (doc_a & doc_b).any()  # no row mixes documents
+
+
+# ----- aligned packing (sample-level masking, spec §7.2) ------------------------------------------
+def _docs(*lengths, start=10):
+  out = []
+  for i, n in enumerate(lengths):
+    out.append((np.arange(n, dtype=np.int32) + start + 100 * i, np.ones(n, bool)))
+  return out
+
+
+def _check_aligned(rows, docs, seq_len, align):
+  R, T = rows.inputs.shape
+  assert T == seq_len and rows.segments.shape == rows.positions.shape == (R, T)
+  assert rows.segments.dtype == rows.positions.dtype == np.int32
+  assert (np.diff(rows.segments, axis=1) >= 0).all()  # non-decreasing along a row
+  pairs = []  # every (input, target) pair the rows score
+  for r in range(R):
+    seg, pos = rows.segments[r], rows.positions[r]
+    starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+    assert (starts % align == 0).all(), starts  # every piece starts at an aligned offset
+    for s, e in zip(starts, np.r_[starts[1:], T]):
+      np.testing.assert_array_equal(pos[s:e], np.arange(e - s))  # padding keeps counting
+      real = rows.input_mask[r, s:e] > 0
+      n = int(real.sum())
+      assert real[:n].all() and not real[n:].any()  # real tokens, then padding
+      assert (rows.targets[r, s + n:e] == data.IGNORE).all()  # padding not scored
+      # The last real input predicts the next token of its own document, never the next piece's.
+      pairs += [(int(rows.inputs[r, j]), int(rows.targets[r, j])) for j in range(s, s + n)]
+  expected = [(int(ids[k]), int(ids[k + 1])) for ids, _ in docs for k in range(len(ids) - 1)]
+  # No token dropped, none duplicated, no target across documents.
+  assert sorted(pairs) == sorted(expected)
+
+
+@pytest.mark.parametrize("lengths,seq_len,align", [
+  ((10, 7, 30), 32, 8), ((5,), 16, 4), ((70, 3, 17, 17, 2), 32, 16), ((33, 32, 31), 32, 16),
+  ((12, 12), 24, 16)])
+def test_aligned_packing_segments_positions_and_targets(lengths, seq_len, align):
+  docs = _docs(*lengths)
+  rows = data.pack(docs, seq_len, "aligned", pad_id=1, align=align)
+  _check_aligned(rows, docs, seq_len, align)
+
+
+def test_aligned_packing_layout():
+  docs = _docs(6, 5)  # 5 and 4 inputs
+  rows = data.pack(docs, 16, "aligned", pad_id=1, align=8)
+  assert len(rows) == 1
+  np.testing.assert_array_equal(rows.segments[0], [0] * 8 + [1] * 8)
+  np.testing.assert_array_equal(rows.positions[0], list(range(8)) * 2)
+  np.testing.assert_array_equal(rows.inputs[0, :5], docs[0][0][:5])
+  np.testing.assert_array_equal(rows.targets[0, :5], docs[0][0][1:])
+  np.testing.assert_array_equal(rows.inputs[0, 8:12], docs[1][0][:4])
+  np.testing.assert_array_equal(rows.targets[0, 8:12], docs[1][0][1:])
+  assert (rows.inputs[0, 5:8] == 1).all() and (rows.targets[0, 5:8] == data.IGNORE).all()
+  np.testing.assert_array_equal(rows.input_mask[0], [1] * 5 + [0] * 3 + [1] * 4 + [0] * 4)
+
+
+def test_aligned_packing_continues_long_documents_as_new_segments():
+  docs = _docs(40)  # 39 inputs in rows of 16: 16 + 16 + 7
+  rows = data.pack(docs, 16, "aligned", pad_id=1, align=4)
+  assert len(rows) == 3
+  np.testing.assert_array_equal(rows.inputs[1], docs[0][0][16:32])
+  np.testing.assert_array_equal(rows.targets[0, -1], docs[0][0][16])  # the row's last target
+  assert (rows.positions[1] == np.arange(16)).all() and (rows.segments[1] == 0).all()
+  _check_aligned(rows, docs, 16, 4)
+
+
+def test_aligned_batches_carry_segments_and_prompts_stay_unscored(tok):
+  docs = [data.Document(" 4", "Q: 2+2?"), data.Document("plain text")]
+  rows = data.pack(data.tokenize(docs, tok), 32, "aligned", pad_id=tok.eos_id, align=16)
+  n_prompt = len(tok.encode("Q: 2+2?"))
+  assert (rows.targets[0, : n_prompt - 1] == data.IGNORE).all()
+  assert (rows.targets[0, n_prompt - 1: n_prompt + 2] >= 0).all()
+  b = data.Batches(rows, 3, seed=0).next()
+  assert set(b) == {"inputs", "targets", "input_mask", "segments", "positions"}
+  assert b["segments"].shape == b["positions"].shape == (3, 32)
+  assert "segments" not in data.Batches(data.pack(data.tokenize(docs, tok), 4), 2).next()
+
+
+def test_packing_align_of_model_config():
+  import deepseek_v4
+  assert data.packing_align(deepseek_v4.tiny()) == 16
+  assert data.packing_align(deepseek_v4.tiny(compress_ratios=(0, 0), num_hash_layers=0)) == 4
