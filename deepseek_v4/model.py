@@ -60,8 +60,9 @@ class Block(nnx.Module):
     return mhc.hc_expand(x, y, post, comb), stats
 
   def __call__(self, x: Float[Array, "B T M D"], ids: Int[Array, "B T"],
-               positions: Int[Array, "B T"]) -> tuple[Array, dict]:
-    x = self.attn_site(x, lambda u: self.attn(u, positions))
+               positions: Int[Array, "B T"], segments: Int[Array, "B T"] | None = None,
+               ) -> tuple[Array, dict]:
+    x = self.attn_site(x, lambda u: self.attn(u, positions, segments))
     return self.ffn_site(x, ids)
 
 
@@ -108,8 +109,10 @@ class MTPBlock(Block):
     e = self.e_proj(self.enorm(next_emb))
     return e[:, :, None, :] + self.h_proj(self.hnorm(streams))
 
-  def hidden(self, streams: Array, next_ids: Array, next_emb: Array, positions: Array):
-    z, stats = Block.__call__(self, self.mix_inputs(streams, next_emb), next_ids, positions)
+  def hidden(self, streams: Array, next_ids: Array, next_emb: Array, positions: Array,
+             segments: Array | None = None):
+    z, stats = Block.__call__(self, self.mix_inputs(streams, next_emb), next_ids, positions,
+                              segments)
     return _collapse_and_norm(self, self.cfg, z), stats
 
 
@@ -138,9 +141,21 @@ class Transformer(nnx.Module):
     return sharding.constrain(y, _LOGITS if y.ndim == 3 else _LOGITS[::2])
 
   def trunk(self, ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
-            ) -> tuple[Array, list[dict]]:
-    """Final mHC streams X^L [B, T, M, D] (before the head collapse) and per-layer MoE stats."""
+            segments: Int[Array, "B T"] | None = None) -> tuple[Array, list[dict]]:
+    """Final mHC streams X^L [B, T, M, D] (before the head collapse) and per-layer MoE stats.
+
+    Packed documents (spec §7.2, sample-level masking): `segments` [B, T] gives each token's
+    document id (non-decreasing along a row); every document must start at a row offset that is a
+    multiple of `packing_alignment(cfg)`, so compression windows never straddle documents.
+    Tokens then attend only inside their document, each document is compressed on its own, and
+    `positions` (default: derived from `segments`) count from 0 at each document's start.
+    """
     B, T = ids.shape
+    if segments is not None:
+      if tuple(segments.shape) != (B, T):
+        raise ValueError(f"segments shape {tuple(segments.shape)} must equal ids shape {(B, T)}")
+      if positions is None:
+        positions = document_positions(segments)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     e = self.embed_tokens(ids)
@@ -148,7 +163,7 @@ class Transformer(nnx.Module):
     x = sharding.constrain(x, _STREAMS)
     stats = []
     for layer in self.layers:
-      x, s = layer(x, ids, positions)
+      x, s = layer(x, ids, positions, segments)
       x = sharding.constrain(x, _STREAMS)  # block boundary (a no-op without a mesh)
       stats.append(s)
     return x, stats
@@ -156,20 +171,44 @@ class Transformer(nnx.Module):
   def final_hidden(self, streams: Float[Array, "B T M D"]) -> Array:
     return _collapse_and_norm(self, self.cfg, streams)
 
-  def mtp_logits(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"]) -> Array:
-    """MTP logits [B, T-1, V]: position i (< T-1) predicts token i+2 from X^L_i and token i+1."""
+  def mtp_logits(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
+                 positions: Int[Array, "B T"] | None = None,
+                 segments: Int[Array, "B T"] | None = None) -> Array:
+    """MTP logits [B, T-1, V]: position i (< T-1) predicts token i+2 from X^L_i and token i+1.
+
+    With packed documents (`segments`, see `trunk`) the MTP block attends inside documents; the
+    caller ignores targets that cross a document boundary.
+    """
     if not len(self.mtp):
       raise ValueError("this config has num_mtp_layers=0; there is no MTP module")
     B, T = ids.shape
     nxt = ids[:, 1:]
-    pos = jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (B, T - 1))
-    h, _ = self.mtp[0].hidden(streams[:, :-1], nxt, self.embed_tokens(nxt), pos)
+    seg = None if segments is None else segments[:, :-1]
+    if positions is None:
+      positions = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if segments is None
+                   else document_positions(segments))
+    h, _ = self.mtp[0].hidden(streams[:, :-1], nxt, self.embed_tokens(nxt), positions[:, :-1],
+                              seg)
     return self.logits(h)
 
   def __call__(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T V"]:
     validate_input_ids(input_ids, self.cfg)
     streams, _ = self.trunk(input_ids)
     return self.logits(self.final_hidden(streams))
+
+
+def packing_alignment(cfg: ModelConfig) -> int:
+  """Packed documents must start at multiples of this (the largest compression ratio, >= 4)."""
+  return max(cfg.compress_ratios + (4,))
+
+
+def document_positions(segments: Int[Array, "B T"]) -> Array:
+  """Position of each token inside its document: 0 where the segment id changes, then +1."""
+  B, T = segments.shape
+  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  start = jnp.concatenate([jnp.ones((B, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+  first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+  return idx - first
 
 
 def validate_input_ids(ids, cfg: ModelConfig) -> None:

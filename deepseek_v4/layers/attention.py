@@ -70,23 +70,38 @@ class Attention(nnx.Module):
     o = jnp.einsum("BTGI,GOI->BTGO", o, wo_a).reshape(B, T, G * dg)
     return self.wo_b(o)
 
-  def core(self, q, positions, kv, comp=None, comp_idx=None, prefix_kv=None, prefix_pos=None):
+  def core(self, q, positions, kv, comp=None, comp_idx=None, prefix_kv=None, prefix_pos=None,
+           segments=None, comp_seg=None):
     return sparse_attention(
       q, positions, kv, self.attn_sink[...], scale=1.0 / math.sqrt(self.cfg.head_dim),
       window=self.cfg.window, block=self.cfg.attn_block, prefix_kv=prefix_kv,
-      prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=self.ratio)
+      prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=self.ratio,
+      segments=segments, comp_seg=comp_seg)
 
-  def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"]) -> Array:
-    """Full-sequence attention; the sequence starts at position 0."""
+  def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
+               segments: Int[Array, "B T"] | None = None) -> Array:
+    """Full-sequence attention; the sequence starts at position 0.
+
+    With packed documents, `segments` [B, T] holds each token's document id and `positions` its
+    position inside the document; every document must start at a row offset that is a multiple
+    of the largest compression ratio. Tokens then see only their own document.
+    """
     freqs = self.freqs
     cos, sin = rope_angles(positions, freqs)
     cq, q, kv = self.project_qkv(x, cos, sin)
-    comp = idx = None
+    row_pos = positions  # window distance and entry visibility are measured along the row
+    doc_pos = None
+    if segments is not None:
+      B, T = positions.shape
+      row_pos, doc_pos = jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype), (B, T)), positions
+    comp = idx = comp_seg = None
     if self.compressor is not None:
-      comp = self.compressor(x, freqs)  # [B, T // m, H]
+      comp = self.compressor(x, freqs, doc_pos, segments)  # [B, T // m, H]
+      if segments is not None:
+        comp_seg = segments[:, : comp.shape[1] * self.ratio : self.ratio]
     if self.indexer is not None:
-      idx, _ = self.indexer(x, cq, positions, cos, sin, freqs)
-    o = self.core(q, positions, kv, comp=comp, comp_idx=idx)
+      idx, _ = self.indexer(x, cq, row_pos, cos, sin, freqs, segments, doc_pos)
+    o = self.core(q, row_pos, kv, comp=comp, comp_idx=idx, segments=segments, comp_seg=comp_seg)
     return self.output(o, cos, sin)
 
   def extend(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],

@@ -35,7 +35,7 @@ def project(x: Float[Array, "B T D"], wkv: Array, wgate: Array, ape: Array,
 
 
 def pool_windows(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int, overlap: bool,
-                 prev: tuple[Array, Array] | None = None) -> Array:
+                 prev: tuple[Array, Array] | None = None, same_doc: Array | None = None) -> Array:
   """Pools S = n*m window-aligned tokens into n entries (float32, before norm and RoPE).
 
   Args:
@@ -44,6 +44,8 @@ def pool_windows(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int,
     overlap: CSA two-series pooling.
     prev: CSA only: (values, logits) [B, m, width] of the first halves of the window just before
       c[:, 0]; None means "no previous window" (value 0, logit -inf, so weight 0).
+    same_doc: CSA with packed documents: [B, n] whether window i-1 belongs to the document of
+      window i; where not, entry i has no previous window.
   Returns:
     [B, n, width].
   """
@@ -59,6 +61,8 @@ def pool_windows(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int,
   # Series A of window i-1 and series B of window i share one softmax over 2m slots.
   prev_c = jnp.concatenate([prev[0][:, None], c[:, :-1, :, :w]], axis=1)  # [B, n, m, w]
   prev_z = jnp.concatenate([prev[1][:, None], z[:, :-1, :, :w]], axis=1)
+  if same_doc is not None:
+    prev_z = jnp.where(same_doc[:, :, None, None], prev_z, -jnp.inf)
   vals = jnp.concatenate([prev_c, c[..., w:]], axis=2)  # [B, n, 2m, w]
   logits = jnp.concatenate([prev_z, z[..., w:]], axis=2)
   return jnp.sum(jax.nn.softmax(logits, axis=2) * vals, axis=2)
@@ -108,14 +112,28 @@ class Compressor(nnx.Module):
     new = self.finish_at(pooled, entry, freqs, entries.dtype)
     return store_entries(entries, new, entry, closed), state
 
-  def __call__(self, x: Float[Array, "B T D"], freqs: np.ndarray) -> Array:
-    """All complete windows of a sequence that starts at position 0 -> [B, T // m, width]."""
+  def __call__(self, x: Float[Array, "B T D"], freqs: np.ndarray, positions: Array | None = None,
+               segments: Array | None = None) -> Array:
+    """All complete windows of a sequence that starts at position 0 -> [B, T // m, width].
+
+    With packed documents (`segments` [B, T] document ids, `positions` [B, T] positions inside
+    each document, every document starting at a multiple of m), windows never straddle
+    documents, a CSA entry pools no window of another document, and entries are roped at their
+    document-local start position.
+    """
     B, T, _ = x.shape
-    n = T // self.ratio
+    m = self.ratio
+    n = T // m
     if n == 0:
       return jnp.zeros((B, 0, self.norm.weight.shape[0]), x.dtype)
-    c, z = self.project(x[:, : n * self.ratio])
-    return self.finish(pool_windows(c, z, self.ratio, self.overlap), 0, freqs, x.dtype)
+    c, z = self.project(x[:, : n * m])
+    if segments is None:
+      return self.finish(pool_windows(c, z, m, self.overlap), 0, freqs, x.dtype)
+    seg = segments[:, : n * m : m]  # [B, n] document of each window
+    same_doc = jnp.concatenate([jnp.ones((B, 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
+    pooled = pool_windows(c, z, m, self.overlap, same_doc=same_doc)
+    cos, sin = rope_angles(positions[:, : n * m : m], freqs)
+    return apply_rope(self.norm(pooled.astype(x.dtype)), cos, sin)
 
 
 # ----- incremental compression (decode / chunked prefill, spec §5.2) ------------------------------

@@ -47,16 +47,25 @@ class Indexer(nnx.Module):
     w = self.weights_proj(x, jax.numpy.float32) * scale  # [B, T, I]
     return q, w
 
-  def select(self, q: Array, w: Array, keys: Array, positions: Array) -> Array:
+  def select(self, q: Array, w: Array, keys: Array, positions: Array, q_seg: Array | None = None,
+             k_seg: Array | None = None) -> Array:
     """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk)."""
-    return indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk, block=self.block)
+    return indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk, block=self.block,
+                        q_seg=q_seg, k_seg=k_seg)
 
   def __call__(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
-               freqs: np.ndarray) -> tuple[Array, Array]:
-    """Full sequence from position 0: (selected indices, indexer keys)."""
-    keys = self.compressor(x, freqs)  # [B, C, J]
+               freqs: np.ndarray, segments: Array | None = None,
+               doc_positions: Array | None = None) -> tuple[Array, Array]:
+    """Full sequence from position 0: (selected indices, indexer keys).
+
+    `positions` are row positions (visibility); with packed documents, `segments` and
+    `doc_positions` (positions inside each document) as in `Compressor.__call__`.
+    """
+    keys = self.compressor(x, freqs, doc_positions, segments)  # [B, C, J]
     q, w = self.queries(x, cq, cos, sin)
-    return jax.lax.stop_gradient(self.select(q, w, keys, positions)), keys
+    k_seg = None if segments is None else segments[:, : keys.shape[1] * CSA_RATIO : CSA_RATIO]
+    idx = self.select(q, w, keys, positions, segments, k_seg)
+    return jax.lax.stop_gradient(idx), keys
 
   def extend(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
              freqs: np.ndarray, n_valid: Array, state, keys: Array):

@@ -25,7 +25,8 @@ def visible_count(positions: jax.Array, ratio: int) -> jax.Array:
 
 
 def indexer_topk(q: jax.Array, w: jax.Array, k: jax.Array, positions: jax.Array, *, ratio: int,
-                 topk: int, block: int) -> jax.Array:
+                 topk: int, block: int, q_seg: jax.Array | None = None,
+                 k_seg: jax.Array | None = None) -> jax.Array:
   """Selected entry indices [B, T, min(topk, C)] (int32, -1 = none).
 
   Args:
@@ -36,6 +37,8 @@ def indexer_topk(q: jax.Array, w: jax.Array, k: jax.Array, positions: jax.Array,
     ratio: compression ratio m of the entries.
     topk: k_I.
     block: queries per scan step.
+    q_seg, k_seg: packed documents: document ids [B, T] of the queries and [B, C] of the entries;
+      entries of other documents are invisible.
   """
   B, T = q.shape[:2]
   C = k.shape[1]
@@ -46,14 +49,18 @@ def indexer_topk(q: jax.Array, w: jax.Array, k: jax.Array, positions: jax.Array,
   qp, _ = pad_to_blocks(q, block, 1, 0)
   wp, _ = pad_to_blocks(w, block, 1, 0)
   pp, _ = pad_to_blocks(positions, block, 1, PAD_POSITION)
+  segs = jnp.zeros_like(positions) if q_seg is None else q_seg
+  sp, _ = pad_to_blocks(segs, block, 1, -1)
+  kseg = jnp.zeros((B, C), segs.dtype) if k_seg is None else k_seg
 
   def one_block(args):
-    qb, wb, pb = args
+    qb, wb, pb, sb = args
     nvis = visible_count(pb, ratio)[..., None]  # [B, Q, 1]
-    scores = indexer_scores(qb, wb, k)
-    scores = jnp.where(jnp.arange(C) < nvis, scores, -jnp.inf)
-    _, idx = jax.lax.top_k(scores, P)
-    return jnp.where(idx < nvis, idx, -1).astype(jnp.int32)
+    ok = (jnp.arange(C) < nvis) & (sb[:, :, None] == kseg[:, None, :])  # [B, Q, C]
+    scores = jnp.where(ok, indexer_scores(qb, wb, k), -jnp.inf)
+    val, idx = jax.lax.top_k(scores, P)
+    return jnp.where((idx < nvis) & (val > -jnp.inf), idx, -1).astype(jnp.int32)
 
-  out = jax.lax.map(one_block, (to_blocks(qp, block), to_blocks(wp, block), to_blocks(pp, block)))
+  out = jax.lax.map(one_block, (to_blocks(qp, block), to_blocks(wp, block), to_blocks(pp, block),
+                                to_blocks(sp, block)))
   return from_blocks(out)[:, :T]

@@ -36,6 +36,8 @@ def sparse_attention(
   comp: Float[Array, "B C H"] | None = None,
   comp_idx: Int[Array, "B T P"] | None = None,
   comp_ratio: int = 0,
+  segments: Int[Array, "B T"] | None = None,
+  comp_seg: Int[Array, "B C"] | None = None,
 ) -> Array:
   """Attention of T new queries over window keys, compressed entries and the sink.
 
@@ -52,6 +54,9 @@ def sparse_attention(
     comp_idx: CSA: selected entry indices per query (-1 = none). None with `comp` = HCA: every
       entry with index < floor((p_t + 1) / comp_ratio) is visible.
     comp_ratio: m of the entries (HCA visibility).
+    segments: packed documents: the document id of each new token; a query then only sees keys
+      and entries of its own document (`comp_seg` = document of each entry). Full-sequence use
+      only (not with `prefix_kv`).
   Returns:
     [B, T, N, H] in q's dtype.
   """
@@ -66,6 +71,10 @@ def sparse_attention(
   xs = {"q": to_blocks(qp, block), "pos": to_blocks(pp, block), "b": jnp.arange(nb)}
   if comp_idx is not None:
     xs["idx"] = to_blocks(pad_to_blocks(comp_idx, block, 1, -1)[0], block)
+  if segments is not None:
+    sp, _ = pad_to_blocks(segments, block, 1, -1)
+    xs["seg"] = to_blocks(sp, block)
+    kseg_pad = jnp.pad(sp, ((0, 0), (window, 0)), constant_values=-1)
   sink32 = sink.astype(f32)
 
   def one_block(x):
@@ -76,6 +85,9 @@ def sparse_attention(
     kbpos = jax.lax.dynamic_slice_in_dim(kpos_pad, start, block + window, axis=1)
     logits = [jnp.einsum("BQNH,BKH->BQNK", qb, kb)]
     masks = [_window_mask(pos, kbpos, window)]
+    if segments is not None:
+      kbseg = jax.lax.dynamic_slice_in_dim(kseg_pad, start, block + window, axis=1)
+      masks[0] = masks[0] & (x["seg"][:, :, None] == kbseg[:, None, :])
     values = [("shared", kb)]
     if prefix_kv is not None:
       pk = prefix_kv.astype(f32)
@@ -87,13 +99,20 @@ def sparse_attention(
       if comp_idx is None:  # HCA: all visible entries, dense over the (short) entry axis
         logits.append(jnp.einsum("BQNH,BCH->BQNC", qb, c32))
         nvis = (pos + 1) // comp_ratio
-        masks.append(jnp.arange(comp.shape[1])[None, None, :] < nvis[:, :, None])
+        visible = jnp.arange(comp.shape[1])[None, None, :] < nvis[:, :, None]
+        if segments is not None:
+          visible = visible & (x["seg"][:, :, None] == comp_seg[:, None, :])
+        masks.append(visible)
         values.append(("shared", c32))
       elif x["idx"].shape[-1] > 0:  # CSA: gather each query's own selected entries
         idx = x["idx"]  # [B, Q, P]
         g = jax.vmap(lambda cb, ib: cb[jnp.maximum(ib, 0)])(c32, idx)  # [B, Q, P, H]
         logits.append(jnp.einsum("BQNH,BQPH->BQNP", qb, g))
-        masks.append(idx >= 0)
+        valid = idx >= 0
+        if segments is not None:
+          own = jax.vmap(lambda sb, ib: sb[jnp.maximum(ib, 0)])(comp_seg, idx)  # [B, Q, P]
+          valid = valid & (own == x["seg"][:, :, None])
+        masks.append(valid)
         values.append(("per_query", g))
     sizes = [lg.shape[-1] for lg in logits]
     lg = jnp.concatenate(logits, axis=-1)  # [B, Q, N, K_total]
