@@ -31,22 +31,12 @@ DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "bench_decode.json")
 
 # The small-width model of scripts/bench_forward.py: every layer kind (sliding, CSA, HCA at 128).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_forward import MODEL  # noqa: E402
+from bench_forward import MODEL, slope  # noqa: E402
 
 
 def _cpu_seconds() -> float:
   r = resource.getrusage(resource.RUSAGE_SELF)
   return r.ru_utime + r.ru_stime
-
-
-def slope(xs, ys) -> float | None:
-  """Least-squares slope of log(y) vs log(x) (the growth exponent)."""
-  pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y and y > 0]
-  if len(pts) < 2:
-    return None
-  mx = sum(p[0] for p in pts) / len(pts)
-  my = sum(p[1] for p in pts) / len(pts)
-  return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
 def cache_bytes_check(cfg, contexts: list[int]) -> dict:
