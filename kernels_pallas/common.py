@@ -31,3 +31,51 @@ def from_blocks(x: jax.Array) -> jax.Array:
   """[nb, B, block, ...] -> [B, nb*block, ...]."""
   nb, B, block = x.shape[:3]
   return jnp.moveaxis(x, 0, 1).reshape(B, nb * block, *x.shape[3:])
+
+
+# ----- impl= dispatch (STYLE.md §6) ---------------------------------------------------------------
+IMPLS = ("auto", "reference", "pallas")
+_logged: set[tuple[str, str]] = set()
+
+
+def resolve_impl(op: str, impl: str) -> str:
+  """"reference" or "pallas" for `impl`; "auto" picks Pallas on GPU/TPU, the reference elsewhere.
+
+  "auto" also falls back to the reference when this JAX lacks the backend's Pallas module, and
+  logs once per (op, choice) which path runs, so a run never hides which code it measured.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  platform = jax.default_backend()
+  choice = "reference"
+  if platform in ("gpu", "cuda", "rocm", "tpu"):
+    try:
+      if platform == "tpu":
+        from jax.experimental.pallas import tpu  # noqa: F401
+      else:
+        from jax.experimental.pallas import triton  # noqa: F401
+      choice = "pallas"
+    except ImportError:
+      choice = "reference"
+  if (op, choice) not in _logged:
+    _logged.add((op, choice))
+    import logging
+
+    logging.getLogger("kernels_pallas").warning("%s: impl='auto' runs %s on %s", op, choice,
+                                                platform)
+  return choice
+
+
+def pallas_backend(interpret: bool) -> str:
+  """Which Pallas body runs: "tpu" on TPU, else the Triton-style GPU body ("gpu").
+
+  On CPU the GPU body only runs interpreted; `interpret=False` there is a usage error.
+  """
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return "tpu"
+  if platform == "cpu" and not interpret:
+    raise ValueError("impl='pallas' on CPU needs interpret=True (or impl='reference')")
+  return "gpu"

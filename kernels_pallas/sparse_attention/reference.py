@@ -38,7 +38,8 @@ def sparse_attention(
   comp_ratio: int = 0,
   segments: Int[Array, "B T"] | None = None,
   comp_seg: Int[Array, "B C"] | None = None,
-) -> Array:
+  return_lse: bool = False,
+) -> Array | tuple[Array, Array]:
   """Attention of T new queries over window keys, compressed entries and the sink.
 
   Args:
@@ -57,8 +58,10 @@ def sparse_attention(
     segments: packed documents: the document id of each new token; a query then only sees keys
       and entries of its own document (`comp_seg` = document of each entry). Full-sequence use
       only (not with `prefix_kv`).
+    return_lse: also return the log-sum-exp of the full softmax denominator, sink included, in
+      units of scaled logits: `exp(scale * q.k - lse)` is the probability of key k.
   Returns:
-    [B, T, N, H] in q's dtype.
+    [B, T, N, H] in q's dtype; with `return_lse`, (that, lse [B, T, N] float32).
   """
   B, T, N, H = q.shape
   block = min(block, T)
@@ -130,7 +133,10 @@ def sparse_attention(
       eq = "BQNK,BKH->BQNH" if kind == "shared" else "BQNK,BQKH->BQNH"
       out = out + jnp.einsum(eq, part, v)
       offset += size
-    return out.astype(q.dtype)
+    return out.astype(q.dtype), m + jnp.log(denom)
 
-  out = jax.lax.map(jax.checkpoint(one_block), xs)
-  return from_blocks(out)[:, :T]
+  out, lse = jax.lax.map(jax.checkpoint(one_block), xs)
+  out = from_blocks(out)[:, :T]
+  if return_lse:
+    return out, from_blocks(lse)[:, :T]
+  return out

@@ -1,0 +1,66 @@
+"""Public entry of the lightning indexer (spec §3.8): scores and top-k, `impl=` picks the path.
+
+`impl="reference"` runs `reference.py`; `"pallas"` scores with the blocked kernel in `kernel.py`
+and keeps `jax.lax.top_k` for the selection; `"auto"` picks Pallas on GPU/TPU and the reference
+elsewhere and logs once which ran (STYLE.md §6).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from jaxtyping import Array, Float, Int
+
+from kernels_pallas.common import pallas_backend, resolve_impl
+from kernels_pallas.indexer_topk import reference
+
+
+def _check(q, w, k, positions, *, ratio, topk, block, q_seg, k_seg) -> None:
+  """Raises ValueError on shapes or options the op does not define."""
+  if q.ndim != 4:
+    raise ValueError(f"indexer_topk: q must be [B, T, I, J], got shape {q.shape}")
+  B, T, I, J = q.shape
+  if w.shape != (B, T, I):
+    raise ValueError(f"indexer_topk: w must be [B, T, I]={B, T, I}, got {w.shape}")
+  if k.ndim != 3 or k.shape[0] != B or k.shape[2] != J:
+    raise ValueError(f"indexer_topk: k must be [B, C, J] with B={B}, J={J}, got {k.shape}")
+  if positions.shape != (B, T):
+    raise ValueError(f"indexer_topk: positions must be [B, T]={B, T}, got {positions.shape}")
+  if ratio < 1 or topk < 0 or block < 1:
+    raise ValueError(f"indexer_topk: need ratio >= 1, topk >= 0, block >= 1; got {ratio}, {topk}, "
+                     f"{block}")
+  if (q_seg is None) != (k_seg is None):
+    raise ValueError("indexer_topk: q_seg and k_seg go together")
+  if q_seg is not None and (q_seg.shape != (B, T) or k_seg.shape != (B, k.shape[1])):
+    raise ValueError(f"indexer_topk: q_seg must be [B, T], k_seg [B, C]; got {q_seg.shape}, "
+                     f"{k_seg.shape}")
+
+
+def indexer_topk(
+  q: Float[Array, "B T I J"],
+  w: Float[Array, "B T I"],
+  k: Float[Array, "B C J"],
+  positions: Int[Array, "B T"],
+  *,
+  ratio: int,
+  topk: int,
+  block: int,
+  q_seg: Int[Array, "B T"] | None = None,
+  k_seg: Int[Array, "B C"] | None = None,
+  impl: Literal["auto", "reference", "pallas"] = "reference",
+  interpret: bool = False,
+) -> Int[Array, "B T P"]:
+  """Selected entry indices [B, T, min(topk, C)] (int32, -1 = none); see reference.indexer_topk.
+
+  Args:
+    impl: "reference", "pallas" or "auto" (Pallas on GPU/TPU, reference elsewhere; logged once).
+    interpret: run the Pallas body in the interpreter (CPU tests).
+  """
+  _check(q, w, k, positions, ratio=ratio, topk=topk, block=block, q_seg=q_seg, k_seg=k_seg)
+  kw = dict(ratio=ratio, topk=topk, block=block, q_seg=q_seg, k_seg=k_seg)
+  if resolve_impl("indexer_topk", impl) == "reference":
+    return reference.indexer_topk(q, w, k, positions, **kw)
+  from kernels_pallas.indexer_topk import kernel
+
+  backend = pallas_backend(interpret)
+  return kernel.indexer_topk(q, w, k, positions, **kw, backend=backend, interpret=interpret)

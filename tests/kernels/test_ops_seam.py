@@ -1,0 +1,109 @@
+"""The `ops.py` seams of the attention kernels: the reference path, the lse output, input checks and
+the impl switch (STYLE.md §6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.common import resolve_impl
+from kernels_pallas.indexer_topk import ops as idx_ops
+from kernels_pallas.indexer_topk import reference as idx_ref
+from kernels_pallas.sparse_attention import ops
+from kernels_pallas.sparse_attention import reference
+from tests.tolerances import F32_FUNCTION, rel_err
+
+SCALE = 0.37
+
+
+def _inputs(seed, B=2, T=11, N=3, H=8, C=5, P=3):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+  kv = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
+  sink = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  comp = jnp.asarray(rng.normal(size=(B, C, H)), jnp.float32)
+  idx = jnp.asarray(rng.integers(-1, C, size=(B, T, P)), jnp.int32)
+  return q, pos, kv, sink, comp, idx
+
+
+def _dense_lse(q, pos, kv, sink, comp, idx, window):
+  """log(sum_k exp(scale q.k) + exp(sink)) by brute force over window keys and picked entries."""
+  q, kv, comp = (np.asarray(a, np.float64) for a in (q, kv, comp))
+  B, T, N, _ = q.shape
+  out = np.zeros((B, T, N))
+  for b in range(B):
+    for t in range(T):
+      keys = [kv[b, j] for j in range(T) if 0 <= t - j < window]
+      keys += [comp[b, s] for s in np.asarray(idx)[b, t] if s >= 0]
+      z = np.stack(keys) @ q[b, t].T * SCALE  # [keys, N]
+      out[b, t] = np.log(np.exp(z).sum(0) + np.exp(np.asarray(sink, np.float64)))
+  return out
+
+
+def test_reference_lse_is_the_full_denominator():
+  q, pos, kv, sink, comp, idx = _inputs(0)
+  out, lse = ops.sparse_attention(q, pos, kv, sink, scale=SCALE, window=4, block=4, comp=comp,
+                                  comp_idx=idx, return_lse=True, impl="reference")
+  assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+  assert rel_err(lse, _dense_lse(q, pos, kv, sink, comp, idx, 4)) < F32_FUNCTION
+  plain = ops.sparse_attention(q, pos, kv, sink, scale=SCALE, window=4, block=4, comp=comp,
+                               comp_idx=idx, impl="reference")
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(out))
+
+
+def test_reference_impl_is_the_reference():
+  q, pos, kv, sink, comp, _ = _inputs(1)
+  kw = dict(scale=SCALE, window=3, block=4, comp=comp, comp_ratio=2)
+  np.testing.assert_array_equal(
+    np.asarray(ops.sparse_attention(q, pos, kv, sink, **kw, impl="reference")),
+    np.asarray(reference.sparse_attention(q, pos, kv, sink, **kw)))
+
+
+@pytest.mark.parametrize("change, message", [
+  (dict(q=jnp.zeros((2, 11, 8))), "q must be"),
+  (dict(kv=jnp.zeros((2, 10, 8))), "kv must be"),
+  (dict(sink=jnp.zeros((4,))), "sink must be"),
+  (dict(window=0), "window and block"),
+  (dict(prefix_kv=jnp.zeros((2, 4, 8))), "go together"),
+  (dict(comp_ratio=0), "comp_ratio"),
+  (dict(comp_idx=jnp.zeros((2, 11, 2), jnp.int32), comp=None), "need comp"),
+  (dict(impl="triton"), "impl must be"),
+], ids=["q-rank", "kv-len", "sink", "window", "prefix-pair", "hca-ratio", "idx-no-comp", "impl"])
+def test_sparse_attention_rejects_bad_inputs(change, message):
+  q, pos, kv, sink, comp, _ = _inputs(2)
+  args = dict(q=q, q_pos=pos, kv=kv, sink=sink, scale=SCALE, window=3, block=4, comp=comp,
+              comp_ratio=2, impl="reference")
+  args.update(change)
+  with pytest.raises(ValueError, match=message):
+    ops.sparse_attention(**args)
+
+
+def test_pallas_on_cpu_needs_interpret():
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU-only rule")
+  q, pos, kv, sink, _, _ = _inputs(3)
+  with pytest.raises(ValueError, match="interpret"):
+    ops.sparse_attention(q, pos, kv, sink, scale=SCALE, window=3, block=4, impl="pallas")
+
+
+def test_auto_runs_the_reference_on_cpu():
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU-only rule")
+  assert resolve_impl("sparse_attention", "auto") == "reference"
+
+
+def test_indexer_reference_impl_and_checks():
+  rng = np.random.default_rng(4)
+  q = jnp.asarray(rng.normal(size=(2, 9, 3, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, 9, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+  kw = dict(ratio=2, topk=3, block=4)
+  np.testing.assert_array_equal(
+    np.asarray(idx_ops.indexer_topk(q, w, k, pos, **kw, impl="reference")),
+    np.asarray(idx_ref.indexer_topk(q, w, k, pos, **kw)))
+  with pytest.raises(ValueError, match="w must be"):
+    idx_ops.indexer_topk(q, w[:, :, :2], k, pos, **kw, impl="reference")
+  with pytest.raises(ValueError, match="go together"):
+    idx_ops.indexer_topk(q, w, k, pos, **kw, q_seg=pos, impl="reference")
