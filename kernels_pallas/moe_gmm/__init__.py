@@ -1,0 +1,1 @@
+"""Grouped matmul of the routed experts: rows sorted by expert, one weight matrix per group."""

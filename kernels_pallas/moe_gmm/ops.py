@@ -1,0 +1,99 @@
+"""Public entry of the grouped matmul used by the routed experts; `impl=` picks the path.
+
+  "ragged_dot": `jax.lax.ragged_dot_general`, XLA's grouped matmul (cuBLAS grouped GEMM on GPU,
+                the megablox-style kernel on TPU). On CPU XLA runs it as a masked dense product
+                over every group, 10-30x slower than the tiled path (issue 10).
+  "tiled":      `tiled.py`: rows padded to tile-aligned groups, one matmul per tile, custom VJP.
+  "reference":  `reference.py` (O(M K N) memory; tests only).
+  "auto":       "tiled" on CPU, "ragged_dot" on GPU/TPU; logs once which path runs.
+
+Every path computes the same function, forward and backward (see the tests in
+tests/kernels/test_moe_gmm.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from kernels_pallas.moe_gmm import reference, tiled
+
+IMPLS = ("auto", "tiled", "ragged_dot", "reference")
+Impl = Literal["auto", "tiled", "ragged_dot", "reference"]
+
+
+@functools.cache
+def _log_choice(choice: str, platform: str) -> None:
+  logging.getLogger("kernels_pallas").warning("moe_gmm: impl='auto' runs %s on %s", choice,
+                                              platform)
+
+
+def resolve_impl(impl: str) -> str:
+  """The concrete path for `impl`; "auto" is "tiled" on CPU and "ragged_dot" elsewhere."""
+  if impl not in IMPLS:
+    raise ValueError(f"grouped_matmul: impl must be one of {IMPLS}, got {impl!r}")
+  if impl != "auto":
+    return impl
+  platform = jax.default_backend()
+  choice = "tiled" if platform == "cpu" else "ragged_dot"
+  _log_choice(choice, platform)
+  return choice
+
+
+def _check(x, w, group_sizes, transpose_rhs: bool, tile: int | None) -> None:
+  if x.ndim != 2 or w.ndim != 3:
+    raise ValueError(f"grouped_matmul: x must be [M, K] and w [E, K, N]; got {x.shape}, {w.shape}")
+  K = w.shape[2] if transpose_rhs else w.shape[1]
+  if x.shape[1] != K:
+    raise ValueError(f"grouped_matmul: x has K={x.shape[1]} but w {w.shape} "
+                     f"({transpose_rhs=}) contracts K={K}")
+  if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"grouped_matmul: group_sizes must be integer [E={w.shape[0]}], got "
+                     f"{group_sizes.dtype}{list(group_sizes.shape)}")
+  if tile is not None and tile < 1:
+    raise ValueError(f"grouped_matmul: tile={tile} must be >= 1")
+
+
+def grouped_matmul(
+  x: Float[Array, "M K"],
+  w: Float[Array, "E K N"],
+  group_sizes: Int[Array, "E"],
+  *,
+  transpose_rhs: bool = False,
+  impl: Impl = "auto",
+  tile: int | None = None,
+) -> Float[Array, "M N"]:
+  """y[m] = x[m] @ w[g(m)] for rows sorted by group (`reference.gmm` states the convention).
+
+  Args:
+    x: rows sorted by group; rows past sum(group_sizes) give 0.
+    w: one matrix per group, [E, K, N] (or [E, N, K] with `transpose_rhs`, e.g. checkpoint
+      layouts, used without materializing a transpose).
+    group_sizes: rows of each group (sum <= M).
+    impl: see the module docstring.
+    tile: rows per tile of the "tiled" path (default: `tiled.default_tile`).
+  Returns:
+    [M, N] in x's dtype (float32 accumulation).
+  """
+  _check(x, w, group_sizes, transpose_rhs, tile)
+  impl = resolve_impl(impl)
+  M = x.shape[0]
+  N = w.shape[1] if transpose_rhs else w.shape[2]
+  if M == 0:
+    return jnp.zeros((0, N), x.dtype)
+  w = w.astype(x.dtype)
+  group_sizes = group_sizes.astype(jnp.int32)
+  if impl == "reference":
+    return reference.gmm(x, w, group_sizes, transpose_rhs=transpose_rhs)
+  if impl == "tiled":
+    return tiled.gmm(x, w, group_sizes, tile or tiled.default_tile(M, w.shape[0]), transpose_rhs)
+  dims = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((1,), (2 if transpose_rhs else 1,)), ((), ())),
+    lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
+  y = jax.lax.ragged_dot_general(x, w, group_sizes, dims, preferred_element_type=jnp.float32)
+  return y.astype(x.dtype)
