@@ -22,7 +22,9 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import sysconfig
+import warnings
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -70,25 +72,68 @@ class Document:
   prompt: str = ""
 
 
+# A file is refused as not text when more than this fraction of its characters are not UTF-8.
+MAX_UNDECODABLE_FRACTION = 0.01
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # the bytes that surrogateescape could not decode
+
+
+def _read_text(path: str) -> str:
+  """The UTF-8 text of `path` (a leading byte-order mark dropped).
+
+  A text file with a few undecodable bytes is read with each replaced by U+FFFD, and a warning
+  names the file and their count.
+
+  Raises:
+    ValueError: naming the file, when it is not text: it holds NUL bytes, or more than
+      MAX_UNDECODABLE_FRACTION of its characters are not UTF-8.
+  """
+  with open(path, "rb") as f:
+    raw = f.read()
+  if b"\x00" in raw:
+    raise ValueError(f"{path}: not a text file (it holds NUL bytes, at byte {raw.index(0)} first); "
+                     "expected UTF-8 text")
+  try:
+    return raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    first = e.start
+  bad = len(_UNDECODABLE.findall(raw.decode("utf-8-sig", errors="surrogateescape")))
+  text = raw.decode("utf-8-sig", errors="replace")
+  if bad > MAX_UNDECODABLE_FRACTION * len(text):
+    raise ValueError(f"{path}: not a UTF-8 text file: {bad} undecodable bytes in {len(text)} "
+                     f"characters (the first at byte {first}); convert it to UTF-8 or remove it")
+  warnings.warn(f"{path}: {bad} undecodable byte(s) (the first at byte {first}) replaced by "
+                "U+FFFD", stacklevel=3)
+  return text
+
+
+def _string_field(row: dict, key: str, where: str) -> str:
+  value = row[key]
+  if not isinstance(value, str):
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__} {shown}")
+  return value
+
+
 def _read_jsonl(path: str) -> list[Document]:
   docs = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-      if "text" in row:
-        docs.append(Document(str(row["text"])))
-      elif "completion" in row:
-        docs.append(Document(str(row["completion"]), str(row.get("prompt", ""))))
-      else:
-        raise ValueError(f"{path}:{n}: a row needs 'text' or 'prompt'/'completion'; got keys "
-                         f"{sorted(row)}")
+  for n, line in enumerate(_read_text(path).split("\n"), 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{n}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "text" in row:
+      docs.append(Document(_string_field(row, "text", where)))
+    elif "completion" in row:
+      prompt = _string_field(row, "prompt", where) if "prompt" in row else ""
+      docs.append(Document(_string_field(row, "completion", where), prompt))
+    else:
+      raise ValueError(f"{where}: a row needs 'text' or 'prompt'/'completion'; got keys "
+                       f"{sorted(row)}")
   return docs
 
 
@@ -96,9 +141,13 @@ def read_documents(path: str) -> list[Document]:
   """Documents of a .jsonl file, a text file (one document), or a folder (every .txt/.md/.jsonl
   file in it, recursively, in sorted order).
 
+  Files must be UTF-8 text (see `_read_text`: a binary file is refused, a few bad bytes are
+  replaced with a warning); in .jsonl, "text", "prompt" and "completion" must be strings.
+
   Raises:
     FileNotFoundError: the path does not exist.
-    ValueError: the file or folder holds no text.
+    ValueError: the file or folder holds no text; a file is not text; a .jsonl row is not a JSON
+      object with string fields (the message names the file and line).
   """
   path = os.fspath(path)
   if not os.path.exists(path):
@@ -110,8 +159,7 @@ def read_documents(path: str) -> list[Document]:
   elif path.endswith(".jsonl"):
     docs = _read_jsonl(path)
   else:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      docs = [Document(f.read())]
+    docs = [Document(_read_text(path))]
   docs = [d for d in docs if d.text or d.prompt]
   if not docs:
     raise ValueError(f"data {path!r} is empty: no text to train on")
