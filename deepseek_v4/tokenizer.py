@@ -96,9 +96,11 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """A Hugging Face `tokenizer.json` (path or its folder), via `tokenizers.Tokenizer.from_file`."""
+  """A Hugging Face `tokenizer.json` (path or its folder), via the `tokenizers` library."""
 
   def __init__(self, path: str | os.PathLike):
+    """Raises FileNotFoundError (no such file) or ValueError naming `path` (not a tokenizer.json:
+    not UTF-8 JSON, a JSON file of another kind, or one the tokenizers library refuses)."""
     from tokenizers import Tokenizer
 
     path = os.fspath(path)
@@ -107,7 +109,7 @@ class HFTokenizer:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path!r}")
     self.path = path
-    self._tok = Tokenizer.from_file(path)
+    self._tok = _read_tokenizer_json(path, Tokenizer)
 
   @property
   def vocab_size(self) -> int:
@@ -130,6 +132,29 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def _read_tokenizer_json(path: str, tokenizer_cls):
+  """`tokenizer_cls.from_str` of the file at `path`; a ValueError naming it if it is not a
+  tokenizer.json."""
+  expected = "expected a Hugging Face tokenizer.json"
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    spec = json.loads(text)
+  except UnicodeDecodeError:
+    raise ValueError(f"{path}: not a text file (not UTF-8); {expected}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                     f"{expected}") from None
+  if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+    kind = (f"a JSON object with keys {sorted(spec)[:8]}" if isinstance(spec, dict)
+            else f"a JSON {type(spec).__name__}")
+    raise ValueError(f"{path}: {kind}, not a tokenizer (no 'model' object); {expected}")
+  try:
+    return tokenizer_cls.from_str(text)
+  except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+    raise ValueError(f"{path}: the tokenizers library cannot read it ({e}); {expected}") from None
 
 
 def load_tokenizer(path: str | os.PathLike | None):
