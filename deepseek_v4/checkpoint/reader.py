@@ -1,0 +1,217 @@
+"""Stored tensors -> lazily read, dequantized tensors under hub names.
+
+`hub_tensors(listing, dtype)` turns the stored keys of a checkpoint (hub naming, or transformers'
+with `model.` prefixes, `.weight_scale_inv` scales and stacked `gate_up_proj` / `down_proj`
+experts) into `{hub name: LazyTensor}`. Nothing is read yet: each `LazyTensor` knows its logical
+shape and dtype, and reads (memory-mapped) and dequantizes only when a consumer asks for its
+values with `np.asarray(t)`, `jnp.asarray(t)` (dequantized on the default device) or `t[rows]`
+(only those rows are read). Every pairing, dtype and scale-grid problem is found here, before
+any byte of tensor data is read, and named with its file and tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_v4.checkpoint import quant
+from deepseek_v4.checkpoint.safetensors_io import DTYPES, CheckpointError, TensorInfo, read_array
+
+_HF_STACKED = re.compile(r"^(?P<pre>.+\.ffn\.experts)\.(?P<w>gate_up_proj|down_proj)(?P<s>_scale_inv)?$")
+_INT_OK = re.compile(r"(^|\.)tid2eid$")
+_FP8_CODES = {"F8_E4M3"}
+_FP4_CODES = {"I8", "U8"}
+_SCALE_CODES = {"F8_E8M0", "U8", "F32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+  """Rows [r0, r1) of a stored tensor seen as a matrix [rows, cols] (stacked experts flattened
+  into rows)."""
+  info: TensorInfo
+  r0: int
+  r1: int
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    if len(self.info.shape) < 2:
+      return self.info.shape
+    return (self.r1 - self.r0,) + self.info.shape[-1:]
+
+  def read(self, a: int = 0, b: int | None = None) -> np.ndarray:
+    """Rows a:b of this view as a NumPy array (a memory-map of just those bytes)."""
+    if len(self.info.shape) < 2:
+      return read_array(self.info)
+    b = self.r1 - self.r0 if b is None else b
+    flat = dataclasses.replace(self.info, shape=(math.prod(self.info.shape[:-1]),) + self.info.shape[-1:])
+    return read_array(flat, (slice(self.r0 + a, self.r0 + b),))
+
+
+class LazyTensor:
+  """One hub tensor, read (and dequantized) on demand. `shape` / `dtype` are the logical ones."""
+
+  def __init__(self, name: str, weight: _Rows, scale: _Rows | None = None,
+               spec: quant.QuantSpec | None = None, dtype=None):
+    self.name, self.weight, self.scale, self.spec = name, weight, scale, spec
+    self.shape = spec.shape if spec else weight.shape
+    self.dtype = np.dtype(dtype) if spec else DTYPES[weight.info.dtype]
+    self.ndim = len(self.shape)
+
+  def where(self) -> str:
+    extra = f" (stored as {self.weight.info.key!r})" if self.weight.info.key != self.name else ""
+    return f"{self.weight.info.file}: tensor {self.name!r}{extra}"
+
+  def __repr__(self) -> str:
+    kind = f"{self.spec.fmt} " if self.spec else ""
+    return f"LazyTensor({self.name!r}, {kind}{self.dtype}{list(self.shape)})"
+
+  def _dequantized(self, r0: int = 0, r1: int | None = None) -> jax.Array:
+    r1 = self.shape[0] if r1 is None else r1
+    b0 = self.spec.block[0]
+    w = self.weight.read(r0, r1)
+    s = self.scale.read(r0 // b0, -(-r1 // b0))
+    exact = self.scale.info.dtype != "F32"
+    try:
+      out = quant.dequantize(self.spec, w, s.view(np.dtype("float8_e8m0fnu")) if s.dtype == np.uint8 else s,
+                             self.dtype if exact else jnp.float32, offset=(r0 - (r0 // b0) * b0, 0))
+    except Exception as e:  # noqa: BLE001 -- name the tensor whatever the decoder raised
+      raise CheckpointError(f"{self.where()}: cannot dequantize: {e}") from e
+    if not exact:
+      out = out.astype(self.dtype)
+    bad = int(jnp.sum(~jnp.isfinite(out)))
+    if bad:
+      raise CheckpointError(f"{self.where()}: {bad} values decode to NaN/inf (a NaN FP8 byte or an "
+                            f"E8M0 scale of 255 in {self.scale.info.key!r}); the file is corrupt")
+    return out
+
+  def read(self, rows: slice = slice(None)) -> np.ndarray | jax.Array:
+    r0, r1, step = rows.indices(self.shape[0] if self.shape else 0)
+    if step != 1:
+      raise ValueError(f"{self.name}: only unit-step row slices are read, got {rows}")
+    if self.spec:
+      return self._dequantized(r0, r1)
+    try:
+      return np.asarray(self.weight.read(r0, r1) if self.shape else self.weight.read())
+    except OSError as e:
+      raise CheckpointError(f"{self.where()}: cannot read: {e}") from e
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.asarray(self.read())
+    return out if dtype is None else out.astype(dtype)
+
+  def __jax_array__(self):
+    return jnp.asarray(self.read())
+
+  def __getitem__(self, index) -> np.ndarray:
+    """`t[idx]` reads only the rows in `idx[0]` (a shard's block), then slices the rest."""
+    index = index if isinstance(index, tuple) else (index,)
+    first = index[0] if index else slice(None)
+    if not isinstance(first, slice) or self.ndim < 2:
+      return np.asarray(self)[index]
+    block = np.asarray(self.read(first))
+    return block[(slice(None),) + index[1:]]
+
+
+def _quant_spec(name: str, w: _Rows, s: _Rows) -> quant.QuantSpec:
+  code = w.info.dtype
+  if code in _FP8_CODES:
+    spec = quant.QuantSpec("fp8", tuple(w.shape))
+  elif code in _FP4_CODES:
+    spec = quant.QuantSpec("fp4", (w.shape[0], 2 * w.shape[1]))
+  else:
+    raise CheckpointError(f"{w.info.where()}: a {code} weight cannot have a scale ({s.info.key!r}); "
+                          "quantized weights are F8_E4M3 (128x128 blocks) or I8 packed FP4 (1x32)")
+  if len(w.shape) != 2:
+    raise CheckpointError(f"{w.info.where()}: a quantized weight must be a matrix, got {list(w.shape)}")
+  if s.info.dtype not in _SCALE_CODES:
+    raise CheckpointError(f"{s.info.where()}: scale dtype {s.info.dtype}; expected F8_E8M0")
+  if tuple(s.shape) != spec.scale_shape:
+    raise CheckpointError(
+      f"{s.info.where()}: scale grid {list(s.shape)} does not fit {spec.fmt} weight {name!r} of "
+      f"logical shape {list(spec.shape)} (expected {list(spec.scale_shape)} for "
+      f"{spec.block[0]}x{spec.block[1]} blocks, edge blocks partial)")
+  return spec
+
+
+def _check_dtype(name: str, w: _Rows) -> None:
+  code = w.info.dtype
+  is_int = code[0] in "IUB"
+  if _INT_OK.search(name):
+    if not is_int:
+      raise CheckpointError(f"{w.info.where()}: {name} holds expert ids but is stored as {code}; "
+                            "refusing to cast it to integers (expected I64)")
+  elif is_int or code in _FP8_CODES:
+    raise CheckpointError(f"{w.info.where()}: stored as {code} without a scale; a weight must be "
+                          "a float (F32/BF16/F16), refusing to cast it (a quantized weight needs "
+                          "its .scale / .weight_scale_inv)")
+
+
+def hub_tensors(listing: Mapping[str, TensorInfo], canonical: Callable[[str], str], *,
+                dtype=jnp.float32, keep: Callable[[str], bool] = lambda name: True
+                ) -> dict[str, LazyTensor]:
+  """`{hub name: LazyTensor}` for a checkpoint listing (see module doc); `dtype` is what
+  quantized weights dequantize to, `keep(hub name)` drops tensors (partial loads)."""
+  weights: dict[str, _Rows] = {}
+  scales: dict[str, _Rows] = {}
+
+  def add(table: dict, name: str, view: _Rows) -> None:
+    if name in table:
+      raise CheckpointError(f"tensor {name!r} appears twice: as {table[name].info.key!r} in "
+                            f"{table[name].info.file} and as {view.info.key!r} in {view.info.file}")
+    table[name] = view
+
+  for key, info in listing.items():
+    if key.endswith(".weight_scale_inv"):  # transformers' name for the same multiplier
+      scale, name = True, canonical(key[: -len("_scale_inv")])
+    else:
+      name = canonical(key)  # first, so transformers' `attn_hc.scale` is not taken for a scale
+      scale = name.endswith(".scale")
+      name = name[: -len(".scale")] + ".weight" if scale else name
+    m = _HF_STACKED.match(name)
+    if m is not None:
+      for n, view in _unstack(m, info):
+        add(scales if m["s"] else weights, n, view)
+      continue
+    view = _Rows(info, 0, info.shape[0] if len(info.shape) >= 2 else 0)
+    if scale:
+      add(scales, name, view)
+    else:
+      add(weights, name, view)
+  orphans = sorted(set(scales) - set(weights))
+  if orphans:
+    n = orphans[0]
+    raise CheckpointError(f"{scales[n].info.where()}: a scale without its weight {n!r} "
+                          f"({len(orphans)} such scales)")
+  out: dict[str, LazyTensor] = {}
+  for name, w in weights.items():
+    if not keep(name):
+      continue
+    if name in scales:
+      out[name] = LazyTensor(name, w, scales[name], _quant_spec(name, w, scales[name]), dtype)
+    else:
+      _check_dtype(name, w)
+      out[name] = LazyTensor(name, w)
+  return out
+
+
+def _unstack(m: re.Match, info: TensorInfo):
+  """transformers' stacked experts [E, R, C] -> per-expert row views: gate_up rows are
+  [w1; w3], down_proj is w2. A scale splits the same way when its rows split at the same place."""
+  if len(info.shape) != 3:
+    raise CheckpointError(f"{info.where()}: stacked experts must be [experts, rows, cols], "
+                          f"got {list(info.shape)}")
+  E, R, _ = info.shape
+  parts = [("w2", 0, R)] if m["w"] == "down_proj" else [("w1", 0, R // 2), ("w3", R // 2, R)]
+  if m["w"] == "gate_up_proj" and R % 2:
+    raise CheckpointError(f"{info.where()}: gate_up_proj has an odd row count {R}; it must be "
+                          "[w1; w3] of equal heights (a scale grid that does not split)")
+  suffix = "scale" if m["s"] else "weight"
+  for e in range(E):
+    for w, a, b in parts:
+      yield f"{m['pre']}.{e}.{w}.{suffix}", _Rows(info, e * R + a, e * R + b)
