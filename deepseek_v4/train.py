@@ -121,6 +121,43 @@ class TrainConfig:
   packing: Literal["concat", "pad", "aligned"] = "concat"
 
   def __post_init__(self):
+    # Every run setting has its type and range (issue 11): no negative warm-up or weight decay, no
+    # NaN / inf, no bools or strings where numbers belong; the error names the field and value.
+    for name in ("warmup_steps", "lora_rank", "seed"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{name}={v!r} must be an integer >= 0")
+    at_least_0, in_0_1, unit, positive = "[0, inf)", "[0, 1]", "[0, 1)", "(0, inf)"
+    ranges = {
+      "learning_rate": positive, "decay_fraction": in_0_1, "final_lr_ratio": in_0_1,
+      "muon_momentum": unit, "muon_rms_scale": positive, "weight_decay": at_least_0,
+      "adam_b1": unit, "adam_b2": unit, "adam_eps": positive, "adam_weight_decay": at_least_0,
+      "mtp_weight": at_least_0, "mtp_weight_decay_phase": at_least_0,
+      "balance_alpha": at_least_0, "bias_update_speed": at_least_0,
+      "indexer_loss_weight": at_least_0, "lora_alpha": positive,
+    }
+    if self.clip_norm is not None:
+      ranges["clip_norm"] = positive
+    inside = {at_least_0: lambda v: v >= 0, in_0_1: lambda v: 0 <= v <= 1,
+              unit: lambda v: 0 <= v < 1, positive: lambda v: v > 0}
+    for name, interval in ranges.items():
+      v = getattr(self, name)
+      if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+          or not inside[interval](v)):
+        extra = " (or None: no clipping)" if name == "clip_norm" else ""
+        raise ValueError(f"{name}={v!r} must be a finite number in {interval}{extra}")
+    if self.compute_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected None, 'float32' or "
+                       "'bfloat16'")
+    for name in ("freeze", "lora_targets"):
+      v = getattr(self, name)
+      if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) for p in v):
+        raise ValueError(f"{name}={v!r} must be a tuple of strings")
+    for pattern in self.freeze:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"freeze={pattern!r} is not a regular expression ({e})") from None
     for name in ("seq_len", "batch_size", "grad_accum", "steps", "ce_chunk", "log_every",
                  "save_every", "keep_checkpoints"):
       v = getattr(self, name)
