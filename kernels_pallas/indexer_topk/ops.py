@@ -54,7 +54,7 @@ def indexer_topk(
 
   Args:
     impl: "reference", "pallas" or "auto" (Pallas on GPU/TPU, reference elsewhere; logged once).
-    interpret: run the Pallas body in the interpreter (CPU tests).
+    interpret: run the Pallas body in the interpreter (always so on CPU).
   """
   _check(q, w, k, positions, ratio=ratio, topk=topk, block=block, q_seg=q_seg, k_seg=k_seg)
   kw = dict(ratio=ratio, topk=topk, block=block, q_seg=q_seg, k_seg=k_seg)
@@ -62,7 +62,7 @@ def indexer_topk(
     return reference.indexer_topk(q, w, k, positions, **kw)
   from kernels_pallas.indexer_topk import kernel
 
-  backend = pallas_backend(interpret)
+  backend, interpret = pallas_backend(interpret)
   if backend == "tpu":  # the scoring kernel has no TPU body yet: say so, run the reference
     import logging
 

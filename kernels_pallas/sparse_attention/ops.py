@@ -1,7 +1,7 @@
 """Public entry of V4's core attention (spec §3.10): one call, `impl=` picks the path.
 
 `impl="reference"` runs `reference.py` (the definition); `"pallas"` runs `kernel.py` (Triton-style
-GPU body, or the TPU body on TPU; on CPU only with `interpret=True`); `"auto"` picks Pallas on
+GPU body, or the TPU body on TPU; on CPU always interpreted); `"auto"` picks Pallas on
 GPU/TPU and the reference elsewhere and logs once which ran (STYLE.md §6).
 """
 
@@ -85,7 +85,7 @@ def sparse_attention(
 
   Args:
     impl: "reference", "pallas" or "auto" (Pallas on GPU/TPU, reference elsewhere; logged once).
-    interpret: run the Pallas body in the interpreter (CPU tests).
+    interpret: run the Pallas body in the interpreter (always so on CPU).
   """
   _check(q, q_pos, kv, sink, scale=scale, window=window, block=block, prefix_kv=prefix_kv,
          prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=comp_ratio,
@@ -97,6 +97,6 @@ def sparse_attention(
     return reference.sparse_attention(q, q_pos, kv, sink, **kw)
   from kernels_pallas.sparse_attention import kernel  # Pallas imports stay off the default path
 
-  backend = pallas_backend(interpret)
+  backend, interpret = pallas_backend(interpret)
   return kernel.sparse_attention(q, q_pos, kv, sink, **kw, backend=backend, interpret=interpret)
 
