@@ -181,7 +181,8 @@ def _read_json(source) -> tuple[dict, str]:
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file not found: {path!r} (expected a config.json or its folder)")
+    raise FileNotFoundError(
+      f"config file not found: {path!r} (expected a config.json or its folder)")
   try:
     with open(path, encoding="utf-8") as f:
       hf = json.load(f)
@@ -305,7 +306,8 @@ def _hf_compress_ratios(hf: dict, num_layers: int) -> tuple[int, ...]:
                      "or 'compress_ratios' (hub)")
   if len(ratios) == num_layers + 1:
     if ratios[-1] != SWA_RATIO:
-      raise ValueError(f"the MTP entry of compress_ratios is {ratios[-1]}; only 0 (SWA) is supported")
+      raise ValueError(
+        f"the MTP entry of compress_ratios is {ratios[-1]}; only 0 (SWA) is supported")
     ratios = ratios[:-1]
   if len(ratios) != num_layers:
     raise ValueError(
@@ -570,7 +572,8 @@ def _check_types(c: ModelConfig) -> None:
         object.__setattr__(c, name, float(v))
     elif typing.get_origin(tp) is Literal:
       if v not in typing.get_args(tp) or isinstance(v, bool):
-        raise ValueError(f"{name}={v!r}; expected one of {', '.join(map(repr, typing.get_args(tp)))}")
+        choices = ", ".join(map(repr, typing.get_args(tp)))
+        raise ValueError(f"{name}={v!r}; expected one of {choices}")
     elif typing.get_origin(tp) is tuple and typing.get_args(tp) == (int, Ellipsis):
       if not isinstance(v, tuple):
         raise ValueError(f"{name}={v!r} must be a tuple of integers")

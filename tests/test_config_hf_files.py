@@ -156,7 +156,7 @@ def test_bad_yarn_values_are_named(tmp_path, change, needles):
     assert needle in str(info.value)
 
 
-# ----- files that are not a config.json ------------------------------------------------------------
+# ----- files that are not a config.json -----------------------------------------------------------
 @pytest.mark.parametrize("content,needle", [
   ('{"hidden_size": 64,', "not valid JSON"),
   ("", "not valid JSON"),
