@@ -167,3 +167,36 @@ def test_ops_pallas_path_switches():
   a = ops.sparse_attention(q, pos, kv, sink, **kw, impl="pallas", interpret=True)
   b = ops.sparse_attention(q, pos, kv, sink, **kw, impl="reference")
   assert rel_err(a, b) < F32_FUNCTION
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_native_flash_shapes(dtype):
+  """Flash heads and width (64 x 512, window 128) on the accelerator: CSA forward and grads."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  B, T, N, H, C, P = 1, 512, 64, 512, 128, 64
+  rng = np.random.default_rng(9)
+  q = jnp.asarray(rng.normal(size=(B, T, N, H)), dtype)
+  kv = jnp.asarray(rng.normal(size=(B, T, H)), dtype)
+  comp = jnp.asarray(rng.normal(size=(B, C, H)), dtype)
+  sink = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+  pos = jnp.arange(T, dtype=jnp.int32)[None]
+  idx = jnp.asarray(_csa_indices(rng, B, T, C, P, 4))
+  bs = kernel.BlockSizes(block_h=32, block_k=32) if dtype == jnp.float32 else None
+
+  def loss(fn, q, kv, sink, comp, **more):
+    o = fn(q, pos, kv, sink, scale=H**-0.5, window=128, block=64, comp=comp, comp_idx=idx,
+           comp_ratio=4, **more)
+    return jnp.sum(jnp.sin(o.astype(jnp.float32))), o
+
+  (_, o_ref), g_ref = jax.value_and_grad(functools.partial(loss, reference.sparse_attention),
+                                         argnums=range(4), has_aux=True)(q, kv, sink, comp)
+  (_, o), g = jax.value_and_grad(functools.partial(loss, kernel.sparse_attention,
+                                                   block_sizes=bs),
+                                 argnums=range(4), has_aux=True)(q, kv, sink, comp)
+  tol = F32_FUNCTION if dtype == jnp.float32 else BF16
+  assert rel_err(o, o_ref) < tol
+  if dtype == jnp.float32:
+    for name, a, b in zip(["q", "kv", "sink", "comp"], g, g_ref):
+      assert rel_err(a, b) < F32_KERNEL_GRAD_REL, name
