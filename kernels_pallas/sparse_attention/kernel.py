@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -180,8 +179,6 @@ def _walk(meta: _Meta, refs: dict, t, qp, qs, step, carry):
     carry = jax.lax.fori_loop(0, meta.P // bk, csa, carry)
   return carry
 
-
-_REF_NAMES = ("kv", "kpos", "kseg", "pkv", "ppos", "comp", "cseg", "idx")
 
 
 def _ref_dict(meta: _Meta, refs) -> dict:
@@ -490,7 +487,7 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None
   qx = _pad_axis(_pad_axis(q, 2, Np, 0), 3, Hp, 0)
   kvx = _pad_axis(kv, 2, Hp, 0)
   sinkx = _pad_axis(sink.astype(jnp.float32), 0, Np, 0)
-  S = pkv = 0
+  S = 0
   pkv = None
   if prefix_kv is not None:
     S = pl.cdiv(prefix_kv.shape[1], kpad) * kpad
