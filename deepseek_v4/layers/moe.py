@@ -1,21 +1,43 @@
 """Mixture of experts (spec §4): sqrt-softplus router with the aux-loss-free selection bias, hash
 routing for the first layers, clamped SwiGLU experts and one shared expert.
 
-Routed experts run as grouped matmuls (`jax.lax.ragged_dot`) over the token-expert pairs sorted by
-expert, so compute is O(tokens * K), never O(tokens * E).
+Routed experts run as grouped matmuls over the token-expert pairs sorted by expert: dispatch is a
+stable sort and a gather, combine a scatter back and a weighted sum over each token's k pairs, so
+compute and memory are O(tokens * k), never O(tokens * E) (no one-hot matrices). How they run is
+explicit: `MoE.__call__(x, ids, impl)` takes a `MoEImpl` naming the grouped-matmul implementation
+and, for expert parallelism, the device layout (layers/moe_ep.py).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_v4 import sharding
 from deepseek_v4.config import ModelConfig
-from deepseek_v4.layers import moe_ep
+from deepseek_v4.layers import moe_ep, moe_ffn
+from deepseek_v4.layers.moe_ffn import swiglu
 from deepseek_v4.layers.params import HashTable, Linear, RouterBias, normal, param
+
+__all__ = ["MoE", "MoEImpl", "routed_experts", "swiglu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEImpl:
+  """How the routed experts run (hashable: usable as a static jit argument).
+
+  Attributes:
+    gmm: grouped-matmul implementation (kernels_pallas/moe_gmm/ops.py): "auto" (tiled on CPU,
+      ragged_dot on GPU/TPU, logged once), "tiled", "ragged_dot" or "reference".
+    expert_parallel: the expert-parallel layout (`moe_ep.expert_parallel_layout(mesh, rules)`),
+      or None to run every expert on this device's tokens.
+  """
+
+  gmm: str = "auto"
+  expert_parallel: moe_ep.ExpertParallel | None = None
 
 
 def router_scores(x: Float[Array, "T D"], gate: Float[Array, "E D"]) -> Array:
@@ -42,32 +64,18 @@ def combine_weights(scores: Array, idx: Array, scale: float, normalize: bool) ->
   return w * scale
 
 
-def swiglu(g: Array, v: Array, limit: float) -> Array:
-  """`silu(min(g, limit)) * clip(v, -limit, limit)` (spec §4.4)."""
-  return jax.nn.silu(jnp.minimum(g, limit)) * jnp.clip(v, -limit, limit)
-
-
 def routed_experts(x: Float[Array, "T D"], idx: Int[Array, "T X"], w: Float[Array, "T X"],
-                   w1: Array, w2: Array, w3: Array, limit: float) -> Array:
-  """sum_k w_k * Expert_{idx_k}(x) as grouped matmuls over expert-sorted pairs (float32 sum).
+                   w1: Array, w2: Array, w3: Array, limit: float, gmm: str = "auto") -> Array:
+  """sum_k w_k * Expert_{idx_k}(x), [T, D] float32, as grouped matmuls over expert-sorted pairs.
 
-  w1, w3: [E, F, D]; w2: [E, D, F] (checkpoint layouts).
+  w1, w3: [E, F, D]; w2: [E, D, F] (checkpoint layouts). `gmm` picks the grouped matmul.
   """
-  T, D = x.shape
   X = idx.shape[1]
   E = w1.shape[0]
-  flat = idx.reshape(-1)
-  order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
-  token = order // X
-  sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-  xs = x[token]  # [T*X, D]
-  dt = x.dtype
-  g = jax.lax.ragged_dot(xs, jnp.swapaxes(w1, 1, 2).astype(dt), sizes)  # [T*X, F]
-  v = jax.lax.ragged_dot(xs, jnp.swapaxes(w3, 1, 2).astype(dt), sizes)
-  h = swiglu(g.astype(jnp.float32), v.astype(jnp.float32), limit)
-  h = (h * w.reshape(-1)[order][:, None]).astype(dt)  # routing weight before w2, as the reference
-  y = jax.lax.ragged_dot(h, jnp.swapaxes(w2, 1, 2).astype(dt), sizes)  # [T*X, D]
-  return jnp.zeros((T, D), jnp.float32).at[token].add(y.astype(jnp.float32))
+  order, sizes, _ = moe_ffn.sort_by(idx.reshape(-1), E)  # dispatch: pairs grouped by expert
+  ys = moe_ffn.expert_ffn(x[order // X], sizes, w1, w2, w3, limit, gmm)  # [T*X, D]
+  y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)  # pairs token-major again
+  return moe_ffn.combine(y, w)  # weighted sum of each token's k outputs, float32
 
 
 class Experts(nnx.Module):
@@ -142,18 +150,18 @@ class MoE(nnx.Module):
       idx = route_topk(scores, self.gate.bias[...], cfg.experts_per_token)
     return scores, idx, combine_weights(scores, idx, cfg.route_scale, cfg.norm_topk_prob)
 
-  def __call__(self, x: Float[Array, "B T D"], ids: Int[Array, "B T"]) -> tuple[Array, dict]:
+  def __call__(self, x: Float[Array, "B T D"], ids: Int[Array, "B T"],
+               impl: MoEImpl = MoEImpl()) -> tuple[Array, dict]:
     """Returns the output [B,T,D] and routing stats (scores, selected experts) for the losses."""
     B, T, D = x.shape
     flat = x.reshape(B * T, D)
     scores, idx, w = self.route(flat, ids.reshape(-1))
     e = self.experts
     experts = (e.w1[...], e.w2[...], e.w3[...], self.cfg.swiglu_limit)
-    ep = sharding.expert_parallel()  # set by `sharding.use(mesh, rules)` with an EP table
-    if ep is None:
-      y = routed_experts(flat, idx, w, *experts)
+    if impl.expert_parallel is None:
+      y = routed_experts(flat, idx, w, *experts, gmm=impl.gmm)
     else:
-      y = moe_ep.routed_experts_ep(flat, idx, w, *experts, ep)
+      y = moe_ep.routed_experts_ep(flat, idx, w, *experts, impl.expert_parallel, gmm=impl.gmm)
     if self.shared_experts is not None:
       y = y + self.shared_experts(flat, self.cfg.swiglu_limit).astype(jnp.float32)
     stats = {"scores": scores.reshape(B, T, -1), "experts": idx.reshape(B, T, -1)}

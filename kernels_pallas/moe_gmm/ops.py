@@ -59,6 +59,22 @@ def _check(x, w, group_sizes, transpose_rhs: bool, tile: int | None) -> None:
     raise ValueError(f"grouped_matmul: tile={tile} must be >= 1")
 
 
+def _same_varying_axes(x: Array, w: Array) -> tuple[Array, Array]:
+  """Inside `shard_map`, casts x and w to vary over the union of their manual mesh axes.
+
+  The tiled path's custom VJP must return each cotangent with its input's type; casting first
+  makes autodiff of the cast sum the weight gradient over the token axes (the expert-parallel MoE
+  holds tokens split over more axes than its experts). Outside shard_map this is the identity.
+  """
+  vx = jax.typeof(x).manual_axis_type.varying
+  vw = jax.typeof(w).manual_axis_type.varying
+  if vw - vx:
+    x = jax.lax.pcast(x, tuple(sorted(vw - vx)), to="varying")
+  if vx - vw:
+    w = jax.lax.pcast(w, tuple(sorted(vx - vw)), to="varying")
+  return x, w
+
+
 def grouped_matmul(
   x: Float[Array, "M K"],
   w: Float[Array, "E K N"],
@@ -91,6 +107,7 @@ def grouped_matmul(
   if impl == "reference":
     return reference.gmm(x, w, group_sizes, transpose_rhs=transpose_rhs)
   if impl == "tiled":
+    x, w = _same_varying_axes(x, w)
     return tiled.gmm(x, w, group_sizes, tile or tiled.default_tile(M, w.shape[0]), transpose_rhs)
   dims = jax.lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((1,), (2 if transpose_rhs else 1,)), ((), ())),

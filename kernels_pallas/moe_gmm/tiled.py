@@ -79,6 +79,13 @@ def unpad_rows(yp: Float[Array, "T tile N"], tiles: Tiles) -> Float[Array, "M N"
   return jnp.take(yp.reshape(-1, yp.shape[-1]), tiles.dest, axis=0, mode="fill", fill_value=0)
 
 
+def _zeros(shape: tuple[int, ...], dtype, *like: Array) -> Array:
+  """Zeros that vary over the same manual mesh axes as `like` (a loop carry inside shard_map must
+  keep one type)."""
+  z = sum(jnp.zeros_like(a, dtype=dtype, shape=()) for a in like)
+  return jnp.broadcast_to(z, shape)
+
+
 def _tile_gmm(xp: Array, w: Array, tiles: Tiles, transpose_rhs: bool) -> Array:
   """yp[t] = xp[t] @ w[expert[t]] (or @ w[expert[t]].T) for the tiles in use; the rest stay 0."""
   nt, tile, _ = xp.shape
@@ -89,7 +96,7 @@ def _tile_gmm(xp: Array, w: Array, tiles: Tiles, transpose_rhs: bool) -> Array:
     y = jax.lax.dot_general(xp[t], w[tiles.expert[t]], dims, preferred_element_type=jnp.float32)
     return yp.at[t].set(y.astype(yp.dtype))
 
-  return jax.lax.fori_loop(0, tiles.used, body, jnp.zeros((nt, tile, N), xp.dtype))
+  return jax.lax.fori_loop(0, tiles.used, body, _zeros((nt, tile, N), xp.dtype, xp, w))
 
 
 def _tile_tgmm(xp: Array, dp: Array, tiles: Tiles, groups: int) -> Array:
@@ -101,7 +108,7 @@ def _tile_tgmm(xp: Array, dp: Array, tiles: Tiles, groups: int) -> Array:
                             preferred_element_type=jnp.float32)  # [K, N]
     return dw.at[tiles.expert[t]].add(g)
 
-  return jax.lax.fori_loop(0, tiles.used, body, jnp.zeros((groups, K, N), jnp.float32))
+  return jax.lax.fori_loop(0, tiles.used, body, _zeros((groups, K, N), jnp.float32, xp, dp))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
