@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
-import json
 import logging
 import os
 import re
@@ -26,6 +24,8 @@ import numpy as np
 from flax import nnx
 
 from deepseek_v4 import sharding
+from deepseek_v4.checkpoint import files as ckpt_files
+from deepseek_v4.checkpoint.safetensors_io import CheckpointError
 from deepseek_v4.config import ModelConfig, fields_to_hf
 from deepseek_v4.layers.params import HashTable, RouterBias
 from deepseek_v4.model import Transformer
@@ -37,10 +37,6 @@ _EXPERT_HUB = re.compile(r"^(?P<pre>.+\.ffn\.experts)\.(?P<e>\d+)\.(?P<w>w[123])
 # MTP copies of the shared embedding / head are dropped, as the official convert.py does.
 _MTP_SHARED = re.compile(r"^mtp\.\d+\.(emb|embed|head)\b")
 _STATE_TYPES = (nnx.Param, RouterBias, HashTable)
-
-
-class CheckpointError(ValueError):
-  """A checkpoint does not match the model: lists every missing, unexpected or mis-shaped tensor."""
 
 
 def _path_name(path) -> str:
@@ -145,38 +141,10 @@ def _unstack_hf_experts(name: str, value) -> dict[str, np.ndarray] | None:
   return out
 
 
-def _safetensor_files(path: str) -> list[str]:
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint folder not found: {path!r}")
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-      raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
-    return [os.path.join(path, f) for f in files]
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {path!r}")
-  return files
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of a checkpoint folder under its canonical (prefix-free) hub name."""
-  from safetensors import safe_open
-
-  tensors: dict[str, np.ndarray] = {}
-  for file in _safetensor_files(path):
-    with safe_open(file, framework="flax") as f:
-      for key in f.keys():
-        name = _canonical(key)
-        value = f.get_tensor(key)
-        for n, v in (_unstack_hf_experts(name, value) or {name: value}).items():
-          if n in tensors:
-            raise CheckpointError(f"tensor {n!r} appears twice (under two namings of {key!r})")
-          tensors[n] = v
-  return tensors
+def read_safetensors(path: str, dtype=jnp.float32) -> dict[str, np.ndarray]:
+  """Every tensor of a checkpoint folder under its canonical (prefix-free) hub name, quantized
+  weights dequantized to `dtype` (see `files.hub_tensors` for the lazy, streamed form)."""
+  return {k: np.asarray(v) for k, v in ckpt_files.hub_tensors(path, dtype=dtype).items()}
 
 
 def _check(tensors: dict, expected: dict) -> None:
@@ -258,35 +226,47 @@ def _host_block(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...
 
 
 def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
-                       config: ModelConfig | None = None, *, mesh=None,
-                       rules=None) -> Transformer:
-  """Loads a folder with `config.json` and `*.safetensors` (hub or transformers naming).
+                       config: ModelConfig | None = None, *, mesh=None, rules=None,
+                       num_layers: int | None = None, mtp: bool = True) -> Transformer:
+  """Loads a folder with `config.json` and `*.safetensors` (hub or transformers naming, plain or
+  FP8/FP4-quantized as published, spec §6.2), reading tensor by tensor.
 
   Args:
     path: the checkpoint folder.
     dtype: compute and matrix storage dtype; norms, mHC, sinks, ape and router bias stay float32.
+      Quantized weights are dequantized straight into it (exact for float32 and bfloat16).
     config: use this config instead of the folder's config.json.
     mesh / rules: place every tensor directly into its shards (see `from_hub_tensors`).
+    num_layers / mtp: load only the first `num_layers` layers (and the MTP block only if `mtp`);
+      the returned model's config says so.
   Returns:
-    A ready `Transformer`.
+    A ready `Transformer`. Any problem (a corrupt or truncated file, an index that disagrees with
+    the files, a scale grid that does not fit, a NaN FP8 value, a tensor the config does not
+    expect) raises one `CheckpointError` naming file and tensor; nothing half-loaded is returned.
   """
   path = os.fspath(path)
+  cfg = config or ckpt_files.read_config(path)
   name = jnp.dtype(dtype).name
-  cfg = config or ModelConfig.from_hf(path)
   cfg = dataclasses.replace(cfg, dtype=name, param_dtype=name)
-  return from_hub_tensors(cfg, read_safetensors(path), mesh=mesh, rules=rules)
+  cfg, keep = ckpt_files.layer_subset(cfg, num_layers, mtp)
+  tensors = ckpt_files.hub_tensors(path, dtype=dtype, keep=keep)
+  return from_hub_tensors(cfg, tensors, mesh=mesh, rules=rules)
 
 
-def save_hf_checkpoint(model: Transformer, path: str | os.PathLike) -> None:
-  """Writes `config.json` (transformers form) and `model.safetensors` under hub names."""
-  from safetensors.numpy import save_file
+def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,
+                       quantize: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
+  """Writes `config.json` (transformers form) and the weights under hub names.
 
-  path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
-  tensors = to_hub_tensors(model)
-  # safetensors.numpy has no bfloat16 writer that round-trips everywhere: store such leaves as f32.
-  tensors = {k: (v.astype(np.float32) if v.dtype == jnp.bfloat16 else v) for k, v in
-             tensors.items()}
-  save_file(tensors, os.path.join(path, "model.safetensors"))
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(fields_to_hf(model.cfg), f, indent=2)
+  Args:
+    quantize: None (weights as the model holds them), "fp8" (every linear the official
+      checkpoints quantize, experts included, in FP8 128x128 blocks) or "fp4-experts" (routed
+      experts in FP4 1x32 blocks, the other linears FP8): the official format (spec §6.2), with
+      `quantization_config` in config.json.
+    max_shard_bytes: files above this are split into `model-0000i-of-0000n.safetensors` shards
+      with a `model.safetensors.index.json`.
+
+  The folder ends up holding exactly this checkpoint: an older index and shards are removed
+  (files are written to a temporary folder first and swapped in), other files are kept.
+  """
+  ckpt_files.save_hub_tensors(to_hub_tensors(model), fields_to_hf(model.cfg), os.fspath(path),
+                              quantize=quantize, max_shard_bytes=max_shard_bytes)

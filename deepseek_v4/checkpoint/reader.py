@@ -211,7 +211,6 @@ def _unstack(m: re.Match, info: TensorInfo):
   if m["w"] == "gate_up_proj" and R % 2:
     raise CheckpointError(f"{info.where()}: gate_up_proj has an odd row count {R}; it must be "
                           "[w1; w3] of equal heights (a scale grid that does not split)")
-  suffix = "scale" if m["s"] else "weight"
-  for e in range(E):
+  for e in range(E):  # scales are keyed by their weight's name
     for w, a, b in parts:
-      yield f"{m['pre']}.{e}.{w}.{suffix}", _Rows(info, e * R + a, e * R + b)
+      yield f"{m['pre']}.{e}.{w}.weight", _Rows(info, e * R + a, e * R + b)
