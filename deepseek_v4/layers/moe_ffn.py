@@ -43,11 +43,7 @@ def expert_ffn(xs: Float[Array, "R D"], sizes: Int[Array, "E"], w1: Float[Array,
   """Expert_{e(r)}(xs[r]) for rows sorted by expert (`sizes` rows each; rows past them give 0).
 
   Weights stay in the checkpoint layouts (w1, w3 [E, F, D]; w2 [E, D, F]): the grouped matmul
-  contracts their last dimension, so no transposed copy is made. SwiGLU runs in float32.
+  contracts their last dimension, so no transposed copy is made. SwiGLU runs in float32; the
+  "tiled" path runs the whole FFN in one loop over row tiles (kernels_pallas/moe_gmm/tiled.py).
   """
-  dt = xs.dtype
-  mm = lambda a, w: gmm_ops.grouped_matmul(a, w.astype(dt), sizes, transpose_rhs=True,  # noqa: E731
-                                           impl=gmm)
-  g, v = mm(xs, w1), mm(xs, w3)  # [R, F]
-  h = swiglu(g.astype(jnp.float32), v.astype(jnp.float32), limit).astype(dt)
-  return mm(h, w2)  # [R, D]
+  return gmm_ops.grouped_swiglu_ffn(xs, w1, w2, w3, sizes, limit=limit, impl=gmm)

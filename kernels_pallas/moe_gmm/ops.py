@@ -59,20 +59,17 @@ def _check(x, w, group_sizes, transpose_rhs: bool, tile: int | None) -> None:
     raise ValueError(f"grouped_matmul: tile={tile} must be >= 1")
 
 
-def _same_varying_axes(x: Array, w: Array) -> tuple[Array, Array]:
-  """Inside `shard_map`, casts x and w to vary over the union of their manual mesh axes.
+def _same_varying_axes(*arrays: Array) -> tuple[Array, ...]:
+  """Inside `shard_map`, casts the arrays to vary over the union of their manual mesh axes.
 
   The tiled path's custom VJP must return each cotangent with its input's type; casting first
   makes autodiff of the cast sum the weight gradient over the token axes (the expert-parallel MoE
   holds tokens split over more axes than its experts). Outside shard_map this is the identity.
   """
-  vx = jax.typeof(x).manual_axis_type.varying
-  vw = jax.typeof(w).manual_axis_type.varying
-  if vw - vx:
-    x = jax.lax.pcast(x, tuple(sorted(vw - vx)), to="varying")
-  if vx - vw:
-    w = jax.lax.pcast(w, tuple(sorted(vx - vw)), to="varying")
-  return x, w
+  axes = [jax.typeof(a).manual_axis_type.varying for a in arrays]
+  union = frozenset().union(*axes)
+  return tuple(jax.lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
+               for a, v in zip(arrays, axes))
 
 
 def grouped_matmul(
@@ -114,3 +111,37 @@ def grouped_matmul(
     lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
   y = jax.lax.ragged_dot_general(x, w, group_sizes, dims, preferred_element_type=jnp.float32)
   return y.astype(x.dtype)
+
+
+def grouped_swiglu_ffn(
+  x: Float[Array, "M D"],
+  w1: Float[Array, "E F D"],
+  w2: Float[Array, "E D F"],
+  w3: Float[Array, "E F D"],
+  group_sizes: Int[Array, "E"],
+  *,
+  limit: float,
+  impl: Impl = "auto",
+  tile: int | None = None,
+) -> Float[Array, "M D"]:
+  """The routed experts' SwiGLU FFN over expert-sorted rows (`reference.swiglu_ffn`).
+
+  "tiled" runs the whole FFN in one tile loop (`tiled.swiglu_ffn`); the other paths are three
+  `grouped_matmul` calls with float32 SwiGLU in between. Weights in checkpoint layouts: w1, w3
+  [E, F, D], w2 [E, D, F]. Returns [M, D] in x's dtype.
+  """
+  E, F, D = w1.shape
+  if w3.shape != w1.shape or w2.shape != (E, D, F) or x.ndim != 2 or x.shape[1] != D:
+    raise ValueError(f"grouped_swiglu_ffn: need x [M, D={D}], w1 = w3 [E, F, D], w2 [E, D, F]; "
+                     f"got {x.shape}, {w1.shape}, {w2.shape}, {w3.shape}")
+  _check(x, w1, group_sizes, True, tile)
+  impl = resolve_impl(impl)
+  M = x.shape[0]
+  if impl != "tiled" or M == 0:
+    mm = lambda a, w: grouped_matmul(a, w, group_sizes, transpose_rhs=True,  # noqa: E731
+                                     impl=impl)
+    h = reference.swiglu(mm(x, w1).astype(jnp.float32), mm(x, w3).astype(jnp.float32), limit)
+    return mm(h.astype(x.dtype), w2)
+  x, w1, w2, w3 = _same_varying_axes(x, *(w.astype(x.dtype) for w in (w1, w2, w3)))
+  return tiled.swiglu_ffn(x, w1, w2, w3, group_sizes.astype(jnp.int32),
+                          tile or tiled.default_tile(M, E), float(limit))

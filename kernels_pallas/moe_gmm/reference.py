@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -35,3 +36,18 @@ def tgmm(x: Float[Array, "M K"], dy: Float[Array, "M N"], group_sizes: Int[Array
   dw = jnp.einsum("ME,MK,MN->EKN", onehot.astype(jnp.float32), x.astype(jnp.float32),
                   dy.astype(jnp.float32))
   return dw.astype(x.dtype)
+
+
+def swiglu(g: Array, v: Array, limit: float) -> Array:
+  """The experts' clamped SwiGLU, `silu(min(g, limit)) * clip(v, -limit, limit)` (spec §4.4)."""
+  return jax.nn.silu(jnp.minimum(g, limit)) * jnp.clip(v, -limit, limit)
+
+
+def swiglu_ffn(x: Float[Array, "M D"], w1: Float[Array, "E F D"], w2: Float[Array, "E D F"],
+               w3: Float[Array, "E F D"], group_sizes: Int[Array, "E"], limit: float
+               ) -> Float[Array, "M D"]:
+  """Expert_{g(m)}(x[m]) = swiglu(x w1^T, x w3^T) w2^T per group (checkpoint layouts), float32
+  SwiGLU between matmuls in x's dtype."""
+  mm = lambda a, w: gmm(a, w, group_sizes, transpose_rhs=True)  # noqa: E731
+  h = swiglu(mm(x, w1).astype(jnp.float32), mm(x, w3).astype(jnp.float32), limit)
+  return mm(h.astype(x.dtype), w2)

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from kernels_pallas.moe_gmm.reference import swiglu
+
 
 class Tiles(NamedTuple):
   """Where the sorted rows sit in the padded, tile-aligned layout of P = num_tiles * tile rows."""
@@ -144,3 +146,64 @@ def tgmm(x: Float[Array, "M K"], dy: Float[Array, "M N"], group_sizes: Int[Array
   dw = _tile_tgmm(pad_rows(x, tiles, tile), pad_rows(dy, tiles, tile), tiles,
                   group_sizes.shape[0])
   return dw.astype(x.dtype)
+
+
+# ----- the whole expert FFN in one tile loop -----------------------------------------------------
+def _dot(a: Array, b: Array, ca: int, cb: int) -> Array:
+  """a . b contracting dimension ca of a with cb of b (2-D operands), float32 result."""
+  return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def swiglu_ffn(x: Float[Array, "M D"], w1: Float[Array, "E F D"], w2: Float[Array, "E D F"],
+               w3: Float[Array, "E F D"], group_sizes: Int[Array, "E"], tile: int,
+               limit: float) -> Float[Array, "M D"]:
+  """`reference.swiglu_ffn` with one loop over row tiles: per tile the two input matmuls, the
+  SwiGLU and the output matmul run back to back on cache-resident [tile, F] blocks, and the rows
+  are padded and unpadded once instead of once per matmul. Custom VJP: one backward loop that
+  recomputes the tile's SwiGLU inputs and accumulates dw1, dw2, dw3 in float32."""
+  return _ffn_fwd(x, w1, w2, w3, group_sizes, tile, limit)[0]
+
+
+def _ffn_fwd(x, w1, w2, w3, group_sizes, tile, limit):
+  tiles = tile_layout(group_sizes, x.shape[0], tile)
+  xp = pad_rows(x, tiles, tile)
+  nt, _, D = xp.shape
+
+  def body(t, yp):
+    e, xt = tiles.expert[t], xp[t]
+    h = swiglu(_dot(xt, w1[e], 1, 1), _dot(xt, w3[e], 1, 1), limit).astype(xt.dtype)
+    return yp.at[t].set(_dot(h, w2[e], 1, 1).astype(yp.dtype))
+
+  yp = jax.lax.fori_loop(0, tiles.used, body, _zeros((nt, tile, D), x.dtype, xp, w1))
+  return unpad_rows(yp, tiles), (x, w1, w2, w3, group_sizes)
+
+
+def _ffn_bwd(tile, limit, res, dy):
+  x, w1, w2, w3, group_sizes = res
+  tiles = tile_layout(group_sizes, x.shape[0], tile)
+  xp, dp = pad_rows(x, tiles, tile), pad_rows(dy.astype(x.dtype), tiles, tile)
+  nt, _, D = xp.shape
+  dt = x.dtype
+
+  def body(t, carry):
+    dxp, dw1, dw2, dw3 = carry
+    e, xt, dyt = tiles.expert[t], xp[t], dp[t]
+    h, swiglu_vjp = jax.vjp(lambda g, v: swiglu(g, v, limit), _dot(xt, w1[e], 1, 1),
+                            _dot(xt, w3[e], 1, 1))  # [tile, F] float32
+    dh = _dot(dyt, w2[e], 1, 0)  # [tile, F]
+    dg, dv = (a.astype(dt) for a in swiglu_vjp(dh))
+    dx = _dot(dg, w1[e], 1, 0) + _dot(dv, w3[e], 1, 0)  # [tile, D]
+    return (dxp.at[t].set(dx.astype(dt)),
+            dw1.at[e].add(_dot(dg, xt, 0, 0)),  # [F, D]
+            dw2.at[e].add(_dot(dyt, h.astype(dt), 0, 0)),  # [D, F]
+            dw3.at[e].add(_dot(dv, xt, 0, 0)))
+
+  init = (_zeros((nt, tile, D), dt, xp, dp, w1), _zeros(w1.shape, jnp.float32, xp, dp, w1),
+          _zeros(w2.shape, jnp.float32, xp, dp, w1), _zeros(w3.shape, jnp.float32, xp, dp, w1))
+  dxp, dw1, dw2, dw3 = jax.lax.fori_loop(0, tiles.used, body, init)
+  return (unpad_rows(dxp, tiles), dw1.astype(w1.dtype), dw2.astype(w2.dtype),
+          dw3.astype(w3.dtype), None)
+
+
+swiglu_ffn.defvjp(_ffn_fwd, _ffn_bwd)

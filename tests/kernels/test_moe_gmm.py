@@ -123,3 +123,36 @@ def test_bad_inputs_name_the_shapes():
     ops.grouped_matmul(x, w, gs[:4])
   with pytest.raises(ValueError, match="impl must be one of"):
     ops.grouped_matmul(x, w, gs, impl="pallas")
+
+
+@pytest.mark.parametrize("sizes", PATTERNS.values(), ids=PATTERNS.keys())
+def test_fused_tiled_ffn_equals_ragged_dot_ffn(sizes):
+  """The one-loop tiled SwiGLU FFN equals three ragged_dot matmuls, forward and gradients, with
+  the clamp active (large weights). A composition of three matmuls whose weight gradients sum
+  tile by tile (ragged_dot: one dot over all of a group's rows): the pure-function tolerance."""
+  rng = np.random.default_rng(7)
+  E, F, D = len(sizes), 6, K
+  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  w1, w3 = (jnp.asarray(2.0 * rng.normal(size=(E, F, D)), jnp.float32) for _ in range(2))
+  w2 = jnp.asarray(rng.normal(size=(E, D, F)) / np.sqrt(F), jnp.float32)
+  gs = jnp.asarray(sizes, jnp.int32)
+  probe = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+
+  def run(impl):
+    f = lambda x, w1, w2, w3: ops.grouped_swiglu_ffn(  # noqa: E731
+      x, w1, w2, w3, gs, limit=3.0, impl=impl, tile=8)
+    y = jax.jit(f)(x, w1, w2, w3)
+    g = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a)) * probe), argnums=(0, 1, 2, 3)))(
+      x, w1, w2, w3)
+    return y, g
+
+  (y, g), (ry, rg) = run("tiled"), run("ragged_dot")
+  np.testing.assert_array_equal(np.asarray(run("reference")[0]).shape, (M, D))
+  if sum(sizes) == 0:
+    assert not np.any(np.asarray(y)) and not any(np.any(np.asarray(a)) for a in g)
+    return
+  pre = np.asarray(x[: sum(sizes)]) @ np.asarray(w1).reshape(-1, D).T
+  assert np.abs(pre).max() > 3.0  # the clamp matters somewhere
+  assert rel_err(y, ry) < F32_FUNCTION
+  for name, a, b in zip(("x", "w1", "w2", "w3"), g, rg):
+    assert rel_err(a, b) < F32_FUNCTION, name
