@@ -26,6 +26,7 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Float, Int
 
+from deepseek_v4 import layout
 from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
 from kernels_pallas.common import PAD_POSITION
 
@@ -67,19 +68,31 @@ class LayerCache:
 
 @struct.dataclass
 class Cache:
-  """Whole-model cache. `lengths[b]` = tokens row b holds = the position of its next token."""
+  """Whole-model cache. `lengths[b]` = tokens row b holds = the position of its next token.
 
-  layers: tuple[LayerCache, ...]
+  `groups` follows the model's layer groups (`deepseek_v4.layout`): one tuple of LayerCaches per
+  group (one per slot of its period), stacked on a leading [count] axis when the group is scanned,
+  so decoding scans the cache alongside the parameters. `layer(i)` gives official layer i's.
+  """
+
+  groups: tuple[tuple[LayerCache, ...], ...]
   lengths: Int[Array, "B"]
   max_len: int = struct.field(pytree_node=False, default=0)
+  layer_groups: tuple = struct.field(pytree_node=False, default=())
 
   @property
   def batch(self) -> int:
     return self.lengths.shape[0]
 
-  def num_entries(self, ratio: int) -> Array:
-    """Compressed entries each row holds in a layer of compression `ratio` (spec §3.7)."""
-    return self.lengths // ratio
+  def layer(self, i: int) -> LayerCache:
+    """Official layer i's cache (a slice of its group's stack when scanned)."""
+    for g, grp in enumerate(self.layer_groups):
+      if grp.start <= i < grp.start + grp.size:
+        r, s = divmod(i - grp.start, grp.period)
+        c = self.groups[g][s]
+        return jax.tree.map(lambda a: a[r], c) if grp.scanned else c
+    raise ValueError(f"layer {i} is outside the cache's {sum(g.size for g in self.layer_groups)}"
+                     " layers")
 
 
 def empty_compressor_state(batch: int, ratio: int, width: int, overlap: bool) -> CompressorState:
@@ -127,8 +140,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
     raise ValueError(f"max_len={max_len} exceeds max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
   dtype = jnp.dtype(dtype or cfg.dtype)
-  layers = tuple(init_layer_cache(cfg, r, batch, max_len, dtype) for r in cfg.compress_ratios)
-  return Cache(layers=layers, lengths=jnp.zeros((batch,), jnp.int32), max_len=int(max_len))
+  groups = []
+  for grp in layout.layer_groups(cfg):
+    slots = tuple(init_layer_cache(cfg, r, batch, max_len, dtype) for r in grp.ratios)
+    if grp.scanned:
+      slots = jax.tree.map(lambda a: jnp.broadcast_to(a, (grp.count, *a.shape)), slots)
+    groups.append(slots)
+  return Cache(groups=tuple(groups), lengths=jnp.zeros((batch,), jnp.int32),
+               max_len=int(max_len), layer_groups=layout.layer_groups(cfg))
 
 
 def cache_bytes(cache: Cache) -> int:

@@ -66,6 +66,10 @@ class ModelConfig:
     param_dtype: storage dtype of matrices (norms, mHC, sinks, ape and router bias stay float32).
     attn_block: queries per block in the gather-based attention and the indexer (memory knob).
     init_std: std of the normal initializer of matrices.
+    scan_layers: run repeated layers under `jax.lax.scan` over stacked parameters (compile time
+      independent of depth); False unrolls every layer (same numbers, easier to debug).
+    kernel_impl: attention/indexer implementation behind `kernels_pallas/*/ops.py`: "reference"
+      (pure JAX, the oracle), "pallas" or "auto" (Pallas on GPU/TPU, the reference elsewhere).
   """
 
   vocab_size: int
@@ -108,6 +112,8 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   attn_block: int = 128
   init_std: float = 0.02
+  scan_layers: bool = True
+  kernel_impl: Literal["reference", "pallas", "auto"] = "reference"
 
   def __post_init__(self):
     if isinstance(self.compress_ratios, list):
@@ -501,7 +507,7 @@ def hf_to_fields(hf: dict) -> dict[str, Any]:
 
 
 _OWN_KEY = "deepseek_v4_jax"
-_OWN_FIELDS = ("attn_block", "init_std")
+_OWN_FIELDS = ("attn_block", "init_std", "scan_layers", "kernel_impl")
 
 
 def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -585,6 +591,10 @@ def _check_types(c: ModelConfig) -> None:
 def _validate(c: ModelConfig) -> None:
   """Raises ValueError naming the offending field and value."""
   _check_types(c)
+  if not isinstance(c.scan_layers, bool):
+    raise ValueError(f"scan_layers={c.scan_layers!r} must be true or false")
+  if c.kernel_impl not in ("reference", "pallas", "auto"):
+    raise ValueError(f"kernel_impl={c.kernel_impl!r}; expected reference, pallas or auto")
   positive = ["vocab_size", "d_model", "num_heads", "head_dim", "q_lora_rank", "o_groups",
               "o_lora_rank", "window", "experts_per_token", "moe_inter_dim", "hc_mult",
               "hc_sinkhorn_iters", "max_position_embeddings", "attn_block", "num_experts"]

@@ -36,26 +36,13 @@ def forward_chunk(model, cache: Cache, ids: Int[Array, "B T"], n_valid: Int[Arra
   """Final hidden states (after the mHC head and final norm) of a chunk, and the new cache.
 
   Row b's tokens get positions `cache.lengths[b] + arange(T)`; its tokens past `n_valid[b]` are
-  padding: their outputs are garbage and they change nothing in the cache.
+  padding: their outputs are garbage and they change nothing in the cache. The model's one
+  trunk runs the chunk, with the cache scanned alongside the stacked layers.
   """
-  cfg = model.cfg
-  B, T = ids.shape
+  T = ids.shape[1]
   positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
-  e = model.embed_tokens(ids)
-  x = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.d_model))  # [B, T, M, D]
-  layers = []
-  for layer, lc in zip(model.layers, cache.layers):
-    out = []
-
-    def attn_fn(u, layer=layer, lc=lc, out=out):
-      y, new = layer.attn.extend(u, positions, n_valid, lc)
-      out.append(new)
-      return y
-
-    x = layer.attn_site(x, attn_fn)
-    x, _ = layer.ffn_site(x, ids)
-    layers.append(out[0])
-  new_cache = cache.replace(layers=tuple(layers), lengths=cache.lengths + n_valid)
+  x, _, groups = model.trunk(ids, positions, cache=cache, n_valid=n_valid)
+  new_cache = cache.replace(groups=groups, lengths=cache.lengths + n_valid)
   return model.final_hidden(x), new_cache
 
 
@@ -345,7 +332,7 @@ def _as_prompts(prompt_ids, lengths) -> tuple[np.ndarray, np.ndarray]:
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_tokens: Sequence[int] = (), *, lengths=None, pad_id: int | None = None,
+             stop_tokens: int | Sequence[int] = (), *, lengths=None, pad_id: int | None = None,
              max_len: int | None = None, prefill_chunk: int | None = None,
              stream: Callable | None = None, return_logits: bool = False):
   """Greedy or sampled continuation of a batch of prompts, the whole loop under one jit.
@@ -354,12 +341,17 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     model: a `Transformer`.
     prompt_ids: int [B, T] (right-padded, with `lengths`), a single 1-D prompt, or a list of 1-D
       prompts of different lengths.
-    max_new_tokens: N, tokens to generate per row (fewer if a stop token comes first).
+    max_new_tokens: N >= 0, tokens to generate per row (fewer if a stop token comes first);
+      0 returns the prompts alone.
     temperature, top_k, top_p: see `Sampler` (temperature 0 = greedy).
     seed: PRNG seed of the sampler.
-    stop_tokens: a row stops after emitting one of these (the stop token is kept).
+    stop_tokens: one id or a sequence of ids; a row stops after emitting one of these (the stop
+      token is kept, and every later position of the row holds `pad_id`).
     lengths: [B] prompt lengths when `prompt_ids` is a padded array.
-    pad_id: fills each row after its end (default `cfg.eos_token_id`).
+    pad_id: fills each row after its end: after its stop token, or after its prompt when the
+      prompt is shorter than T (default `cfg.eos_token_id`, so with the default pad a stopped
+      row looks like a run of end-of-sequence tokens: cut it with `cut_at_stop` before
+      decoding).
     max_len: cache capacity (default T + N); at least every row's prompt + N tokens.
     prefill_chunk: prefill in chunks of this many tokens (bounds prefill memory).
     stream: optional `fn(step, tokens [B], done [B])`, called from inside the jitted loop as
@@ -368,14 +360,16 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     return_logits: also return the float32 logits [B, N, V] each token was drawn from (before
       temperature / filtering; zeros after a row has stopped).
   Returns:
-    int32 [B, T + N]: row b holds its prompt (`lengths[b]` tokens), then its generated tokens,
-    then `pad_id`. With `return_logits`, the pair (ids, logits).
+    int32 [B, T + N]: row b holds its prompt (`lengths[b]` tokens), then its generated tokens
+    (up to and including a stop token), then `pad_id` to the end of the row. With
+    `return_logits`, the pair (ids, logits).
   """
   cfg: ModelConfig = model.cfg
   ids, lengths = _as_prompts(prompt_ids, lengths)
   B, T = ids.shape
-  if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
-    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+  if not (isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
+          and max_new_tokens >= 0):
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
   sampler = Sampler(float(temperature), top_k, top_p)
   _check_ids(ids, lengths, cfg.vocab_size)
   N = int(max_new_tokens)
@@ -390,9 +384,13 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     raise ValueError(f"prompt length {max(T, int(lengths.max()))} + max_new_tokens {N} does not "
                      f"fit the cache capacity max_len={max_len}")
   pad_id = cfg.eos_token_id if pad_id is None else int(pad_id)
+  stop_tokens = _as_stop_tokens(stop_tokens)
   for s in stop_tokens:
-    if not (0 <= int(s) < cfg.vocab_size):
+    if not (0 <= s < cfg.vocab_size):
       raise ValueError(f"stop token {s!r} is outside the vocabulary [0, {cfg.vocab_size})")
+  if N == 0:  # nothing to generate: the prompts, laid out as a generated batch would be
+    out = jnp.asarray(np.where(np.arange(T)[None, :] < lengths[:, None], ids, pad_id), jnp.int32)
+    return (out, jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)) if return_logits else out
   stops = np.asarray(list(stop_tokens) or [-1], np.int32)
   chunk = T if prefill_chunk is None else max(1, min(int(prefill_chunk), T))
   Tp = -(-T // chunk) * chunk  # padding tokens of the last chunk write nothing
@@ -406,3 +404,34 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     chunk=chunk, stream=stream, keep_logits=bool(return_logits))
   out = out[:, :T + N]  # generated tokens sit at lengths[b] + i < T + N
   return (out, scores) if return_logits else out
+
+
+def _as_stop_tokens(stop_tokens) -> tuple[int, ...]:
+  """One id or a sequence of ids -> a tuple of ints (None = no stop token)."""
+  if stop_tokens is None:
+    return ()
+  if isinstance(stop_tokens, (int, np.integer)) and not isinstance(stop_tokens, bool):
+    return (int(stop_tokens),)
+  try:
+    values = tuple(np.asarray(stop_tokens).reshape(-1).tolist())
+  except (TypeError, ValueError):
+    values = None
+  if values is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    raise ValueError(f"stop_tokens={stop_tokens!r} must be a token id or a sequence of token ids")
+  return values
+
+
+def cut_at_stop(tokens, stop_tokens: int | Sequence[int] = ()) -> np.ndarray:
+  """The generated tokens of one row up to (not including) its first stop token: what `generate`
+  wrote after a stop is padding, not text.
+
+  Args:
+    tokens: int [N], one row's generated tokens (the part after its prompt).
+    stop_tokens: the ids passed to `generate` as `stop_tokens`.
+  Returns:
+    int [n] with n <= N.
+  """
+  tokens = np.asarray(tokens).reshape(-1)
+  stops = np.asarray(_as_stop_tokens(stop_tokens), np.int64)
+  hits = np.flatnonzero(np.isin(tokens, stops))
+  return tokens[:hits[0]] if hits.size else tokens

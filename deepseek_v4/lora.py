@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_v4 import layout
 from deepseek_v4.layers.params import Linear
 
 # Linear modules whose weight the layers read directly (not through Linear.__call__).
@@ -31,13 +32,14 @@ class LoRALinear(Linear):
   """A Linear with a low-rank adapter; `merged` says whether the adapter is in the weight."""
 
   def __init__(self, base: Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
-    out_features, in_features = base.weight.shape
+    # A Linear of scanned layers holds [count, out, in]: one adapter per layer, stacked the same.
+    *lead, out_features, in_features = base.weight.shape
     self.weight = base.weight
     self.scale = alpha / rank
     std = 1.0 / rank ** 0.5 / in_features ** 0.5
-    a = std * jax.random.normal(rngs.params(), (rank, in_features), jnp.float32)
+    a = std * jax.random.normal(rngs.params(), (*lead, rank, in_features), jnp.float32)
     self.lora_a = nnx.LoRAParam(a.astype(jnp.float32))
-    self.lora_b = nnx.LoRAParam(jnp.zeros((out_features, rank), jnp.float32))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, out_features, rank), jnp.float32))
     self.merged = False
 
   def delta(self) -> jax.Array:
@@ -59,13 +61,20 @@ def _named_linears(model: nnx.Module):
       yield ".".join(str(p) for p in path), path, module
 
 
+def _official(model: nnx.Module, name: str) -> list[str]:
+  """The official per-layer names of a module path (a scanned stack holds several layers)."""
+  cfg = getattr(model, "cfg", None)
+  return [name] if cfg is None else [n for n, _ in layout.official_names(cfg, name)]
+
+
 def _matches(name: str, targets: Iterable[str]) -> bool:
   return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def apply_lora(model: nnx.Module, targets: Iterable[str], *, rank: int, alpha: float,
                rngs: nnx.Rngs) -> list[str]:
-  """Wraps every Linear whose name ends with a target; returns the wrapped module names.
+  """Wraps every Linear whose name ends with a target; returns the wrapped modules' official
+  names (`layers.3.attn.wq_b`; each layer of a scanned stack gets its own adapter slice).
 
   Raises:
     ValueError: a target matches nothing, or names a weight the layers read raw.
@@ -90,7 +99,7 @@ def apply_lora(model: nnx.Module, targets: Iterable[str], *, rank: int, alpha: f
     for key in path[:-1]:
       parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     setattr(parent, path[-1], LoRALinear(module, rank, alpha, rngs=rngs))
-    wrapped.append(name)
+    wrapped.extend(_official(model, name))
   return wrapped
 
 

@@ -103,74 +103,64 @@ def indexer_kl(target: Float[Array, "... P"], logits: Float[Array, "... P"],
   return jnp.sum(jnp.where(has, kl, 0.0)), jnp.sum(has)
 
 
-def _window_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
-  d = q_pos[:, :, None] - k_pos[:, None, :]
-  return (d >= 0) & (d < window) & (k_pos[:, None, :] >= 0)
+def indexer_kl_from_attention(
+  q: Float[Array, "B T N H"], lse: Float[Array, "B T N"], comp: Float[Array, "B C H"],
+  iq: Float[Array, "B T I J"], iw: Float[Array, "B T I"], ikeys: Float[Array, "B C J"],
+  idx: Int[Array, "B T P"] | None, positions: Int[Array, "B T"], *, scale: float, ratio: int,
+  block: int, segments: Int[Array, "B T"] | None = None, comp_seg: Int[Array, "B C"] | None = None,
+) -> Array:
+  """KL of the indexer toward the main attention of one CSA layer (spec §7.4): [sum over
+  queries, number of queries with an entry].
 
-
-def indexer_loss(q: Float[Array, "B T N H"], positions: Int[Array, "B T"],
-                 kv: Float[Array, "B T H"], sink: Float[Array, "N"], comp: Float[Array, "B C H"],
-                 iq: Float[Array, "B T I J"], iw: Float[Array, "B T I"],
-                 ikeys: Float[Array, "B C J"], idx: Int[Array, "B T P"] | None, *, scale: float,
-                 window: int, ratio: int, block: int) -> tuple[Array, Array]:
-  """KL of the indexer toward the main attention of one CSA layer (spec §7.4), summed over queries.
-
-  The target for query t is the main attention's probability mass on each compressed entry,
-  taken from the ONE joint softmax over window keys + compressed entries + sink (spec §3.10),
+  The target for query t is the main attention's probability mass on each compressed entry, from
+  the ONE joint softmax over window keys + entries + sink (spec §3.10): `exp(scale q.c - lse)`
+  with the attention's own log-normalizer `lse` (so nothing of the window side is recomputed),
   summed over heads and L1-normalized over the entries. The indexer distribution is
   `softmax_s(I_{t,s})` with `I = sum_h w_h ReLU(q^I_h . k^I_s)`.
 
   Args:
-    q, positions, kv, sink, comp: the main attention's roped queries, positions, K=V vectors,
-      sinks and compressed entries (the target side; the caller stops their gradient).
+    q, lse, comp: the attention's roped queries, log-normalizer and compressed entries (the
+      target side; the caller stops their gradient).
     iq, iw, ikeys: indexer queries, head weights (scaled) and keys (the trained side).
-    idx: None = dense warm-up stage (every visible entry); else the sparse stage's selected
-      indices [B, T, P] (-1 = none), and both distributions are restricted to them.
-    scale, window, ratio, block: softmax scale, W, m (=4) and queries per scan step.
-  Returns:
-    (sum of per-query KL, number of queries with at least one entry).
+    idx: None = dense warm-up stage (every visible entry); else the sparse stage's picks
+      [B, T, P] (-1 = none), and both distributions are restricted to them.
+    positions: row positions of the queries (entry visibility `s < floor((p_t + 1) / m)`).
+    segments / comp_seg: packed documents: entries of another document are invalid.
   """
   B, T, N, H = q.shape
   C = comp.shape[1]
   block = min(block, T)
   f32 = jnp.float32
-  qp, nb = pad_to_blocks(q, block, 1, 0)
-  pp, _ = pad_to_blocks(positions, block, 1, PAD_POSITION)
-  kv_pad = jnp.pad(pad_to_blocks(kv, block, 1, 0)[0], ((0, 0), (window, 0), (0, 0)))
-  kpos_pad = jnp.pad(pp, ((0, 0), (window, 0)), constant_values=PAD_POSITION)
-  xs = {"q": to_blocks(qp, block), "pos": to_blocks(pp, block), "b": jnp.arange(nb),
-        "iq": to_blocks(pad_to_blocks(iq, block, 1, 0)[0], block),
-        "iw": to_blocks(pad_to_blocks(iw, block, 1, 0)[0], block)}
+  pad = lambda a, v: to_blocks(pad_to_blocks(a, block, 1, v)[0], block)  # noqa: E731
+  xs = {"q": pad(q, 0), "lse": pad(lse, 0), "pos": pad(positions, PAD_POSITION),
+        "iq": pad(iq, 0), "iw": pad(iw, 0)}
   if idx is not None:
-    xs["idx"] = to_blocks(pad_to_blocks(idx, block, 1, -1)[0], block)
-  comp32, ikeys32, sink32 = comp.astype(f32), ikeys.astype(f32), sink.astype(f32)
+    xs["idx"] = pad(idx, -1)
+  if segments is not None:
+    xs["seg"] = pad(segments, -1)
+  comp32, ikeys32 = comp.astype(f32), ikeys.astype(f32)
 
   @jax.checkpoint
   def one_block(x):
     qb = x["q"].astype(f32) * scale  # [B, Q, N, H]
-    pos = x["pos"]
-    kb = jax.lax.dynamic_slice_in_dim(kv_pad, x["b"] * block, block + window, axis=1)
-    kbpos = jax.lax.dynamic_slice_in_dim(kpos_pad, x["b"] * block, block + window, axis=1)
-    win = jnp.einsum("BQNH,BKH->BQNK", qb, kb.astype(f32))
-    win = jnp.where(_window_mask(pos, kbpos, window)[:, :, None, :], win, -jnp.inf)
-    nvis = ((pos + 1) // ratio)[..., None]  # [B, Q, 1]
     if idx is None:  # dense warm-up: every visible entry
-      valid = jnp.arange(C)[None, None, :] < nvis  # [B, Q, C]
+      valid = jnp.arange(C)[None, None, :] < ((x["pos"] + 1) // ratio)[..., None]  # [B, Q, C]
       cl = jnp.einsum("BQNH,BCH->BQNC", qb, comp32)
       qk = jnp.einsum("BQIJ,BCJ->BQIC", x["iq"].astype(f32), ikeys32)
+      own = None if segments is None else jnp.broadcast_to(comp_seg[:, None, :], valid.shape)
     else:  # sparse stage: the selected set S_t
       sel = x["idx"]
       valid = sel >= 0  # [B, Q, P]
       gather = jax.vmap(lambda c, i: c[jnp.maximum(i, 0)])
       cl = jnp.einsum("BQNH,BQPH->BQNP", qb, gather(comp32, sel))
       qk = jnp.einsum("BQIJ,BQPJ->BQIP", x["iq"].astype(f32), gather(ikeys32, sel))
-    cl = jnp.where(valid[:, :, None, :], cl, -jnp.inf)
-    # Joint log-normalizer over window + entries + sink, per head (spec §3.10).
-    lse = jnp.logaddexp(jax.nn.logsumexp(jnp.concatenate([win, cl], axis=-1), axis=-1),
-                        sink32[None, None, :])  # [B, Q, N]
-    target = jax.lax.stop_gradient(jnp.sum(jnp.exp(cl - lse[..., None]), axis=2))  # [B, Q, P]
+      own = None if segments is None else gather(comp_seg, sel)
+    if own is not None:
+      valid = valid & (own == x["seg"][:, :, None])
+    mass = jnp.sum(jnp.exp(jnp.minimum(cl - x["lse"][..., None], 0.0)), axis=2)  # [B, Q, P]
+    target = jax.lax.stop_gradient(mass)
     logits = jnp.einsum("BQIP,BQI->BQP", jax.nn.relu(qk), x["iw"].astype(f32))
     return indexer_kl(target, logits, valid)
 
   sums, counts = jax.lax.map(one_block, xs)
-  return jnp.sum(sums), jnp.sum(counts)
+  return jnp.stack([jnp.sum(sums), jnp.sum(counts).astype(f32)])

@@ -8,13 +8,16 @@ Routed experts are stacked per layer (`layers.3.ffn.experts.w1` = every `experts
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
-from deepseek_v4 import sharding
+from deepseek_v4 import layout, sharding
 from deepseek_v4.config import SWA_RATIO, ModelConfig
 from deepseek_v4.layers import mhc
 from deepseek_v4.layers.attention import Attention
@@ -26,6 +29,53 @@ from deepseek_v4.layers.params import Linear, normal, param
 # Logical activation axes at block boundaries (resolved by sharding.py's activation rules).
 _STREAMS = ("batch", "seq", "streams", "embed")
 _LOGITS = ("batch", "seq", "vocab")
+
+REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How one forward runs (static, hashable): every path builds one and calls the same trunk.
+
+  Attributes:
+    indexer_stage: "off" (inference, ordinary training), "dense" or "sparse": the lightning
+      indexer's training stages (spec §7.4); CSA layers then return the indexer's KL.
+    remat: rematerialization of each block (or scanned period): none, full (save nothing),
+      dots, dots_no_batch.
+    moe: the MoE implementation (`deepseek_v4.layers.moe.MoEImpl`); None = the local default.
+    kernel_impl: attention/indexer kernels; None = `cfg.kernel_impl`.
+  """
+
+  indexer_stage: Literal["off", "dense", "sparse"] = "off"
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+  moe: Any = None
+  kernel_impl: Literal["reference", "pallas", "auto"] | None = None
+
+  def __post_init__(self):
+    if self.indexer_stage not in ("off", "dense", "sparse"):
+      raise ValueError(f"indexer_stage={self.indexer_stage!r}; expected off, dense or sparse")
+    if self.remat not in ("none", *REMAT_POLICIES):
+      raise ValueError(f"remat={self.remat!r}; expected one of none, {', '.join(REMAT_POLICIES)}")
+
+
+@struct.dataclass
+class BlockOut:
+  """What a block hands back besides its streams.
+
+  Attributes:
+    moe: routing statistics for the losses ({"scores": [B, T, E], "experts": [B, T, X]}).
+    indexer_kl: [2] = (indexer KL summed over queries, number of queries); zeros unless a CSA
+      layer runs an indexer training stage.
+    cache: the layer's new `LayerCache` when one came in, else None.
+  """
+
+  moe: dict
+  indexer_kl: Array
+  cache: Any = None
 
 
 class Block(nnx.Module):
@@ -48,22 +98,61 @@ class Block(nnx.Module):
     return mhc.hc_weights(x, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps,
                           norm_eps=c.rms_eps)
 
-  def attn_site(self, x: Float[Array, "B T M D"], attn_fn) -> Array:
-    """mHC around attention; `attn_fn(u)` runs the attention (full sequence or cached)."""
-    pre, post, comb = self._site(x, "attn")
-    y = attn_fn(self.attn_norm(mhc.hc_collapse(x, pre)))
-    return mhc.hc_expand(x, y, post, comb)
-
-  def ffn_site(self, x: Float[Array, "B T M D"], ids: Int[Array, "B T"]) -> tuple[Array, dict]:
-    pre, post, comb = self._site(x, "ffn")
-    y, stats = self.ffn(self.ffn_norm(mhc.hc_collapse(x, pre)), ids)
-    return mhc.hc_expand(x, y, post, comb), stats
-
   def __call__(self, x: Float[Array, "B T M D"], ids: Int[Array, "B T"],
-               positions: Int[Array, "B T"], segments: Int[Array, "B T"] | None = None,
-               ) -> tuple[Array, dict]:
-    x = self.attn_site(x, lambda u: self.attn(u, positions, segments))
-    return self.ffn_site(x, ids)
+               positions: Int[Array, "B T"], *, segments: Int[Array, "B T"] | None = None,
+               cache=None, n_valid: Int[Array, "B"] | None = None,
+               opts: Options = Options()) -> tuple[Array, BlockOut]:
+    """New streams and the block's outputs (see `Attention.__call__` for segments / cache)."""
+    pre, post, comb = self._site(x, "attn")
+    y, new_cache, kl = self.attn(
+      self.attn_norm(mhc.hc_collapse(x, pre)), positions, segments=segments, cache=cache,
+      n_valid=n_valid, indexer_stage=opts.indexer_stage, impl=opts.kernel_impl)
+    x = mhc.hc_expand(x, y, post, comb)
+    pre, post, comb = self._site(x, "ffn")
+    u = self.ffn_norm(mhc.hc_collapse(x, pre))
+    y, stats = self.ffn(u, ids) if opts.moe is None else self.ffn(u, ids, opts.moe)
+    return mhc.hc_expand(x, y, post, comb), BlockOut(stats, kl, new_cache)
+
+
+def _rematted(fn, opts: Options):
+  return fn if opts.remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[opts.remat],
+                                                        prevent_cse=True)
+
+
+class Group(nnx.Module):
+  """A period of blocks repeated `count` times (`deepseek_v4.layout`): stacked on a leading
+  `layers` axis and run under `jax.lax.scan` when count > 1, a plain list of blocks otherwise."""
+
+  def __init__(self, cfg: ModelConfig, spec: layout.Group, *, rngs: nnx.Rngs):
+    self.spec = spec
+
+    def make(rngs):
+      return nnx.List([Block(cfg, r, h, rngs=rngs) for r, h in zip(spec.ratios, spec.hashed)])
+
+    if spec.scanned:
+      make = nnx.vmap(make, in_axes=0, out_axes=0,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+      self.blocks = make(rngs.split(spec.count))
+    else:
+      self.blocks = make(rngs)
+
+  def __call__(self, x, ids, positions, *, segments, cache, n_valid, opts: Options):
+    """Streams after the group, one BlockOut per slot (leading [count] axis when scanned)."""
+
+    def period(blocks, x, caches):
+      outs = []
+      for slot, block in enumerate(blocks):
+        x, out = block(x, ids, positions, segments=segments, n_valid=n_valid, opts=opts,
+                       cache=None if caches is None else caches[slot])
+        x = sharding.constrain(x, _STREAMS)  # block boundary (a no-op without a mesh)
+        outs.append(out)
+      return x, tuple(outs)
+
+    graphdef, state = nnx.split(self.blocks)
+    step = _rematted(lambda st, x, c: period(nnx.merge(graphdef, st), x, c), opts)
+    if not self.spec.scanned:
+      return step(state, x, cache)
+    return jax.lax.scan(lambda x, sc: step(sc[0], x, sc[1]), x, (state, cache))
 
 
 class Embedding(nnx.Module):
@@ -109,23 +198,19 @@ class MTPBlock(Block):
     e = self.e_proj(self.enorm(next_emb))
     return e[:, :, None, :] + self.h_proj(self.hnorm(streams))
 
-  def hidden(self, streams: Array, next_ids: Array, next_emb: Array, positions: Array,
-             segments: Array | None = None):
-    z, stats = Block.__call__(self, self.mix_inputs(streams, next_emb), next_ids, positions,
-                              segments)
-    return _collapse_and_norm(self, self.cfg, z), stats
-
 
 class Transformer(nnx.Module):
-  """DeepSeek-V4 causal LM. `model(input_ids)` maps int32 [B, T] to float32 logits [B, T, V]."""
+  """DeepSeek-V4 causal LM. `model(input_ids)` maps int32 [B, T] to float32 logits [B, T, V].
+
+  `trunk` is the one loop over layers: the full forward, chunked prefill and the decode step
+  (`deepseek_v4.decoding`), and the training step (`deepseek_v4.train`) all call it.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = Embedding(cfg, rngs=rngs)
-    self.layers = nnx.List([
-      Block(cfg, r, cfg.is_hash_layer(i), rngs=rngs) for i, r in enumerate(cfg.compress_ratios)
-    ])
+    self.groups = nnx.List([Group(cfg, g, rngs=rngs) for g in layout.layer_groups(cfg)])
     _head_params(self, cfg, rngs)
     self.head = Linear(cfg.d_model, cfg.vocab_size, axes=("vocab", "embed"), std=cfg.init_std,
                        param_dtype=pd, rngs=rngs)
@@ -133,68 +218,118 @@ class Transformer(nnx.Module):
 
   # ----- pieces --------------------------------------------------------------------------------
   def embed_tokens(self, ids: Int[Array, "B T"]) -> Array:
-    return self.embed.weight[...][ids].astype(jnp.dtype(self.cfg.dtype))
+    """Embedding rows; an id outside [0, vocab) gives a NaN row (never a clamped real row), so a
+    tokenizer / model mismatch inside jit shows up as NaN logits instead of plausible ones."""
+    w = self.embed.weight[...]
+    e = jnp.take(w, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    return e.astype(jnp.dtype(self.cfg.dtype))
 
   def logits(self, h: Float[Array, "B T D"]) -> Array:
     """LM head in float32 (spec §2.5)."""
     y = self.head(h, jnp.float32)  # [B, T, V] or, at one position per row, [B, V]
     return sharding.constrain(y, _LOGITS if y.ndim == 3 else _LOGITS[::2])
 
-  def trunk(self, ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None,
-            segments: Int[Array, "B T"] | None = None) -> tuple[Array, list[dict]]:
-    """Final mHC streams X^L [B, T, M, D] (before the head collapse) and per-layer MoE stats.
+  def layer(self, i: int) -> Block:
+    """Official layer `i` as a Block (for inspection: a scanned layer is a detached copy)."""
+    g, r, s = layout.locate(self.cfg, i)
+    group = self.groups[g]
+    if not group.spec.scanned:
+      return group.blocks[s]
+    graphdef, state = nnx.split(group.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))[s]
+
+  def trunk(self, ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None, *,
+            segments: Int[Array, "B T"] | None = None, cache=None,
+            n_valid: Int[Array, "B"] | None = None, opts: Options = Options(),
+            ) -> tuple[Array, tuple[BlockOut, ...], Any]:
+    """Final mHC streams X^L [B, T, M, D] (before the head collapse), one `BlockOut` per layer
+    (official order), and the new cache groups (None without a cache).
 
     Packed documents (spec §7.2, sample-level masking): `segments` [B, T] gives each token's
     document id (non-decreasing along a row); every document must start at a row offset that is a
     multiple of `packing_alignment(cfg)`, so compression windows never straddle documents.
     Tokens then attend only inside their document, each document is compressed on its own, and
     `positions` (default: derived from `segments`) count from 0 at each document's start.
+
+    With `cache` (`deepseek_v4.cache.Cache`), `positions` are `cache.lengths[:, None] +
+    arange(T)` and only each row's first `n_valid[b]` tokens are real (decoding.py).
     """
     B, T = ids.shape
-    if segments is not None:
-      if tuple(segments.shape) != (B, T):
-        raise ValueError(f"segments shape {tuple(segments.shape)} must equal ids shape {(B, T)}")
-      if positions is None:
-        positions = document_positions(segments)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    positions = default_positions(ids, positions, segments)
     e = self.embed_tokens(ids)
     x = jnp.broadcast_to(e[:, :, None, :], (B, T, self.cfg.hc_mult, self.cfg.d_model))
     x = sharding.constrain(x, _STREAMS)
-    stats = []
-    for layer in self.layers:
-      x, s = layer(x, ids, positions, segments)
-      x = sharding.constrain(x, _STREAMS)  # block boundary (a no-op without a mesh)
-      stats.append(s)
-    return x, stats
+    if cache is not None and cache.layer_groups != tuple(g.spec for g in self.groups):
+      raise ValueError("the cache was made for another layer layout (scan_layers or layers "
+                       "differ): build it with init_cache(model.cfg, ...)")
+    caches = (None,) * len(self.groups) if cache is None else cache.groups
+    per_layer, new_groups = [None] * self.cfg.num_layers, []
+    for group, gcache in zip(self.groups, caches):
+      x, outs = group(x, ids, positions, segments=segments, cache=gcache, n_valid=n_valid,
+                      opts=opts)
+      spec = group.spec
+      for r in range(spec.count):
+        for s, out in enumerate(outs):
+          per_layer[spec.layer(r, s)] = (jax.tree.map(lambda a: a[r], out) if spec.scanned
+                                         else out)
+      new_groups.append(tuple(out.cache for out in outs))
+    return x, tuple(per_layer), (None if cache is None else tuple(new_groups))
 
   def final_hidden(self, streams: Float[Array, "B T M D"]) -> Array:
     return _collapse_and_norm(self, self.cfg, streams)
 
-  def mtp_logits(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
+  def mtp_hidden(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
                  positions: Int[Array, "B T"] | None = None,
-                 segments: Int[Array, "B T"] | None = None) -> Array:
-    """MTP logits [B, T-1, V]: position i (< T-1) predicts token i+2 from X^L_i and token i+1.
+                 segments: Int[Array, "B T"] | None = None, opts: Options = Options(),
+                 ) -> tuple[Array, BlockOut]:
+    """MTP hidden states [B, T-1, D] (position i < T-1 predicts token i+2 from X^L_i and token
+    i+1) and the MTP block's BlockOut. The block runs through `Block.__call__` like the trunk's.
 
     With packed documents (`segments`, see `trunk`) the MTP block attends inside documents; the
     caller ignores targets that cross a document boundary.
     """
     if not len(self.mtp):
       raise ValueError("this config has num_mtp_layers=0; there is no MTP module")
-    B, T = ids.shape
+    positions = default_positions(ids, positions, segments)
     nxt = ids[:, 1:]
     seg = None if segments is None else segments[:, :-1]
-    if positions is None:
-      positions = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if segments is None
-                   else document_positions(segments))
-    h, _ = self.mtp[0].hidden(streams[:, :-1], nxt, self.embed_tokens(nxt), positions[:, :-1],
-                              seg)
+    emb = self.embed_tokens(nxt)
+    graphdef, state = nnx.split(self.mtp[0])
+
+    def run(state, streams):
+      mtp = nnx.merge(graphdef, state)
+      z, out = Block.__call__(mtp, mtp.mix_inputs(streams, emb), nxt, positions[:, :-1],
+                              segments=seg, opts=opts)
+      return _collapse_and_norm(mtp, self.cfg, z), out
+
+    return _rematted(run, opts)(state, streams[:, :-1])
+
+  def mtp_logits(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
+                 positions: Int[Array, "B T"] | None = None,
+                 segments: Int[Array, "B T"] | None = None) -> Array:
+    """MTP logits [B, T-1, V] (see `mtp_hidden`)."""
+    h, _ = self.mtp_hidden(streams, ids, positions, segments)
     return self.logits(h)
 
-  def __call__(self, input_ids: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+  def __call__(self, input_ids: Int[Array, "B T"], *, opts: Options = Options(),
+               ) -> Float[Array, "B T V"]:
     validate_input_ids(input_ids, self.cfg)
-    streams, _ = self.trunk(input_ids)
+    streams, _, _ = self.trunk(input_ids, opts=opts)
     return self.logits(self.final_hidden(streams))
+
+
+def default_positions(ids: Array, positions: Array | None, segments: Array | None) -> Array:
+  """`positions` as given, else positions inside documents (`segments`), else arange(T)."""
+  B, T = ids.shape
+  if segments is not None and tuple(segments.shape) != (B, T):
+    raise ValueError(f"segments shape {tuple(segments.shape)} must equal ids shape {(B, T)}")
+  if positions is not None:
+    if tuple(positions.shape) != (B, T):
+      raise ValueError(f"positions shape {tuple(positions.shape)} must equal ids shape {(B, T)}")
+    return positions
+  if segments is not None:
+    return document_positions(segments)
+  return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
 def packing_alignment(cfg: ModelConfig) -> int:

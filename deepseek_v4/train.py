@@ -36,20 +36,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from deepseek_v4 import losses
-from deepseek_v4.config import ModelConfig
-from deepseek_v4.layers.rope import rope_angles
-from deepseek_v4.model import Transformer
+from deepseek_v4 import layout, losses
+from deepseek_v4.config import ModelConfig, layer_kind
+from deepseek_v4.model import REMAT_POLICIES, Options, Transformer, default_positions
 from deepseek_v4.optim import deepseek_optimizer
 
 IndexerStage = Literal["off", "dense", "sparse"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
-_POLICIES = {
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.dots_saveable,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -170,11 +164,9 @@ class TrainConfig:
       raise ValueError(f"indexer_stage={self.indexer_stage!r}; expected off, dense or sparse")
     if self.packing not in ("concat", "pad", "aligned"):
       raise ValueError(f"packing={self.packing!r}; expected concat, pad or aligned")
-    if self.packing == "aligned" and self.indexer_stage != "off":
-      raise ValueError(f"packing='aligned' (document masking) with indexer_stage="
-                       f"{self.indexer_stage!r} is not supported; use packing 'pad' or 'concat'")
-    if self.remat not in ("none", *_POLICIES):
-      raise ValueError(f"remat={self.remat!r}; expected one of none, {', '.join(_POLICIES)}")
+    if self.remat not in ("none", *REMAT_POLICIES):
+      raise ValueError(f"remat={self.remat!r}; expected one of none, "
+                       f"{', '.join(REMAT_POLICIES)}")
     if not (0.0 <= self.decay_fraction <= 1.0):
       raise ValueError(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -224,12 +216,29 @@ def training_model_config(cfg: ModelConfig, tcfg: TrainConfig) -> ModelConfig:
   return cfg.replace(dtype=tcfg.compute_dtype, param_dtype="float32")
 
 
-def trainable_filter(tcfg: TrainConfig):
-  """The nnx filter of trained parameters: Params minus frozen patterns (LoRA: adapters only)."""
+def _freeze_patterns(tcfg: TrainConfig) -> tuple[re.Pattern, ...]:
   patterns = list(tcfg.freeze)
   if tcfg.indexer_stage == "off":
     patterns.append(r"\.indexer\.")
-  compiled = tuple(re.compile(p) for p in patterns)
+  try:
+    return tuple(re.compile(p) for p in patterns)
+  except re.error as e:
+    raise ValueError(f"freeze pattern {e.pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _official(cfg: ModelConfig | None, path) -> list[tuple[str, int | None]]:
+  name = ".".join(str(p) for p in path)
+  return [(name, None)] if cfg is None else layout.official_names(cfg, name)
+
+
+def trainable_filter(tcfg: TrainConfig, cfg: ModelConfig | None = None):
+  """The nnx filter of trained parameters: Params minus frozen patterns (LoRA: adapters only).
+
+  Freeze patterns are `re.search`ed on the official names (`layers.7.attn.wq_a.weight`); a
+  stacked parameter of scanned layers is trainable when any of its layers is, and the frozen
+  layers' slices are then held fixed by `freeze_mask` (gradients and updates zeroed).
+  """
+  compiled = _freeze_patterns(tcfg)
   only_indexer = tcfg.indexer_stage == "dense"
   lora = tcfg.lora_rank > 0
 
@@ -238,12 +247,12 @@ def trainable_filter(tcfg: TrainConfig):
       return False
     if lora:
       return isinstance(value, nnx.LoRAParam)
-    name = ".".join(str(p) for p in path)
+    names = [n for n, _ in _official(cfg, path)]
     if only_indexer:  # V3.2 warm-up: everything frozen except the indexer (spec §7.4)
-      return ".indexer." in name
-    return not any(p.search(name) for p in compiled)
+      return ".indexer." in names[0]
+    return any(not any(p.search(n) for p in compiled) for n in names)
 
-  return _Filter(trainable, tuple(patterns), only_indexer, lora)
+  return _Filter(trainable, tuple(p.pattern for p in compiled), only_indexer, lora, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,26 +263,50 @@ class _Filter:
   patterns: tuple[str, ...]
   only_indexer: bool
   lora: bool
+  cfg: ModelConfig | None = None
 
   def __call__(self, path, value) -> bool:
     return self.fn(path, value)
+
+
+def freeze_mask(tree, tcfg: TrainConfig, cfg: ModelConfig):
+  """`tree` (gradients or updates of the trainable parameters) with the slices of frozen layers
+  inside stacked parameters set to zero; a no-op when no stack is partly frozen."""
+  if tcfg.lora_rank or tcfg.indexer_stage == "dense":
+    return tree
+  compiled = _freeze_patterns(tcfg)
+
+  def mask(path, x):
+    keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+    names = _official(cfg, [k for k in keys if k != "value"])
+    keep = [not any(p.search(n) for p in compiled) for n, _ in names]
+    if all(keep) or names[0][1] is None:
+      return x
+    m = jnp.asarray(keep, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return x * m
+
+  return jax.tree_util.tree_map_with_path(mask, tree)
 
 
 @functools.lru_cache(maxsize=32)
 def _transform(cfg: ModelConfig, tcfg: TrainConfig) -> optax.GradientTransformation:
   """One transformation object per (model, run) config: the optimizer's graph holds it as static
   data, so reusing the object lets `train_step` reuse its compiled program across builds."""
-  return deepseek_optimizer(
+  tx = deepseek_optimizer(
     wsd_schedule(tcfg), cfg, muon_momentum=tcfg.muon_momentum,
     muon_rms_scale=tcfg.muon_rms_scale, muon_weight_decay=tcfg.weight_decay,
     adam_b1=tcfg.adam_b1, adam_b2=tcfg.adam_b2, adam_eps=tcfg.adam_eps,
     adam_weight_decay=tcfg.adam_weight_decay, clip_norm=tcfg.clip_norm,
     mu_dtype=jnp.float32)
+  # Frozen layers inside a stack of scanned layers: their slices get no update (weight decay
+  # included), as a frozen unstacked parameter would.
+  hold = optax.stateless(lambda updates, params=None: freeze_mask(updates, tcfg, cfg))
+  return optax.chain(tx, hold)
 
 
 def make_optimizer(model: Transformer, tcfg: TrainConfig) -> nnx.Optimizer:
   """nnx.Optimizer over the trainable parameters with DeepSeek's Muon/AdamW split."""
-  wrt = trainable_filter(tcfg)
+  wrt = trainable_filter(tcfg, model.cfg)
   if not nnx.state(model, wrt):
     raise ValueError("no trainable parameters: every parameter is frozen by "
                      f"freeze={tcfg.freeze} / indexer_stage={tcfg.indexer_stage!r} / "
@@ -292,124 +325,11 @@ def build(cfg: ModelConfig, tcfg: TrainConfig) -> tuple[Transformer, nnx.Optimiz
   return model, make_optimizer(model, tcfg)
 
 
-# ----- forward with the indexer stages and remat --------------------------------------------------
-def _attention(attn, u, positions, segments, stage: IndexerStage, tcfg: TrainConfig):
-  """One attention layer; CSA layers in the dense/sparse stage also return the indexer KL.
-
-  `segments` (packed documents, see `loss_fn`) is supported with the indexer stage "off" only.
-  """
-  zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-  if segments is not None:
-    if stage != "off" and attn.indexer is not None:
-      raise NotImplementedError(
-        f"indexer_stage={stage!r} with packed-document segments (packing='aligned') is not "
-        "supported; use packing 'pad' or 'concat' for the indexer warm-up/sparse stages")
-    return attn(u, positions, segments=segments), zero
-  if stage == "off" or attn.indexer is None:
-    return attn(u, positions), zero
-  freqs = attn.freqs
-  cos, sin = rope_angles(positions, freqs)
-  cq, q, kv = attn.project_qkv(u, cos, sin)
-  comp = attn.compressor(u, freqs)
-  ind = attn.indexer
-  # The indexer reads a detached copy of its inputs: it learns only from its own loss (§7.4).
-  us, cqs = jax.lax.stop_gradient(u), jax.lax.stop_gradient(cq)
-  ikeys = ind.compressor(us, freqs)
-  iq, iw = ind.queries(us, cqs, cos, sin)
-  if stage == "dense":
-    idx = None  # every visible compressed entry, no selection
-  else:
-    idx = jax.lax.stop_gradient(ind.select(iq, iw, ikeys, positions))
-  o = attn.core(q, positions, kv, comp=comp, comp_idx=idx)
-  sg = jax.lax.stop_gradient
-  kl = losses.indexer_loss(
-    sg(q), positions, sg(kv), sg(attn.attn_sink[...]), sg(comp), iq, iw, ikeys, idx,
-    scale=1.0 / math.sqrt(attn.cfg.head_dim), window=attn.cfg.window, ratio=attn.ratio,
-    block=attn.cfg.attn_block)
-  return attn.output(o, cos, sin), kl
-
-
-def _block(layer, x, ids, positions, segments, stage: IndexerStage, tcfg: TrainConfig):
-  kl = []
-
-  def attn_fn(u):
-    y, k = _attention(layer.attn, u, positions, segments, stage, tcfg)
-    kl.append(k)
-    return y
-
-  x = layer.attn_site(x, attn_fn)
-  x, stats = layer.ffn_site(x, ids)
-  return x, stats, kl[0]
-
-
-def _remat(fn, module, tcfg: TrainConfig):
-  """`fn(module, *args)` under jax.checkpoint with the configured policy (functional NNX)."""
-  if tcfg.remat == "none":
-    return lambda *args: fn(module, *args)
-  graphdef, state = nnx.split(module)
-
-  def pure(state, *args):
-    return fn(nnx.merge(graphdef, state), *args)
-
-  ck = jax.checkpoint(pure, policy=_POLICIES[tcfg.remat], prevent_cse=True)
-  return lambda *args: ck(state, *args)
-
-
-def forward(model: Transformer, ids, positions, tcfg: TrainConfig, segments=None):
-  """Trunk streams, per-layer MoE stats and the indexer KL (sum, count) over CSA layers.
-
-  The same computation as `Transformer.trunk(ids, positions, segments)`, block by block (with
-  remat and the indexer stages)."""
-  cfg = model.cfg
-  B, T = ids.shape
-  e = model.embed_tokens(ids)
-  x = jnp.broadcast_to(e[:, :, None, :], (B, T, cfg.hc_mult, cfg.d_model))
-  stats, kl_sum, kl_n, n_csa = [], jnp.zeros(()), jnp.zeros((), jnp.int32), 0
-  for layer in model.layers:
-    fn = lambda lyr, x: _block(lyr, x, ids, positions, segments, tcfg.indexer_stage, tcfg)
-    x, s, (ks, kn) = _remat(fn, layer, tcfg)(x)
-    stats.append(s)
-    if layer.attn.indexer is not None:
-      n_csa += 1
-      kl_sum = kl_sum + ks / jnp.maximum(kn, 1)
-      kl_n = kl_n + kn
-  indexer = kl_sum / max(n_csa, 1)
-  return x, stats, indexer
-
-
-def _mtp(model: Transformer, streams, ids, tcfg: TrainConfig, positions=None, segments=None):
-  """MTP hidden states [B, T-1, D] for positions i < T-1 (input token i+1) and its MoE stats.
-
-  As `Transformer.mtp_logits`: with packed documents, position i keeps its own position and
-  segment (the caller ignores targets across a document boundary)."""
-  B, T = ids.shape
-  nxt = ids[:, 1:]
-  if segments is None:
-    pos = jnp.broadcast_to(jnp.arange(T - 1, dtype=jnp.int32), (B, T - 1))
-
-    def fn(mtp, streams):
-      return mtp.hidden(streams, nxt, model.embed_tokens(nxt), pos)
-  else:
-    pos, seg = positions[:, :-1], segments[:, :-1]
-
-    def fn(mtp, streams):
-      return mtp.hidden(streams, nxt, model.embed_tokens(nxt), pos, segments=seg)
-
-  return _remat(fn, model.mtp[0], tcfg)(streams[:, :-1])
-
-
-def learned_layers(cfg: ModelConfig) -> list[str]:
-  """Names of the learned-routing MoE layers, in the order of `aux['loads']`."""
-  names = [f"layers.{i}" for i in range(cfg.num_layers) if not cfg.is_hash_layer(i)]
-  return names + [f"mtp.{i}" for i in range(cfg.num_mtp_layers)]
-
-
-def document_positions(segments: jax.Array) -> jax.Array:
-  """Position of each token inside its segment: 0 where the segment id changes, then +1."""
-  B, T = segments.shape
-  idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  start = jnp.concatenate([jnp.ones((B, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
-  return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+# ----- forward ------------------------------------------------------------------------------------
+def options(tcfg: TrainConfig, moe=None) -> Options:
+  """The trunk options of a training step: indexer stage and remat from `tcfg`, the MoE
+  implementation (`deepseek_v4.layers.moe.MoEImpl`, e.g. `parallel.moe_impl(mesh, rules)`)."""
+  return Options(indexer_stage=tcfg.indexer_stage, remat=tcfg.remat, moe=moe)
 
 
 def mtp_targets(targets: jax.Array, segments: jax.Array | None = None) -> jax.Array:
@@ -422,7 +342,7 @@ def mtp_targets(targets: jax.Array, segments: jax.Array | None = None) -> jax.Ar
 
 
 def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
-            mtp_weight: float | jax.Array | None = None) -> tuple[jax.Array, dict]:
+            mtp_weight: float | jax.Array | None = None, moe=None) -> tuple[jax.Array, dict]:
   """Total training loss and its parts.
 
   Args:
@@ -433,6 +353,7 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
       "aligned")`: document id per token and position inside the document; attention stays
       inside a document and MTP targets across a document boundary are ignored)}.
     tcfg: run settings (loss weights, indexer stage, remat, CE chunk).
+    moe: the MoE implementation (`MoEImpl`; None = local), see `options`.
     mtp_weight: lambda of the MTP loss (default tcfg.mtp_weight).
   Returns:
     (loss, aux) with aux = {lm_loss, mtp_loss, balance_loss, indexer_loss, loads [L, E],
@@ -444,26 +365,27 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
   mask = batch.get("input_mask")
   mask = jnp.ones((B, T), jnp.float32) if mask is None else mask.astype(jnp.float32)
   segments = batch.get("segments")
-  if segments is None:
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    streams, stats, indexer = forward(model, ids, positions, tcfg)
-  else:
+  positions = batch.get("positions")
+  if segments is not None:
     segments = segments.astype(jnp.int32)
-    positions = batch.get("positions")
-    positions = (document_positions(segments) if positions is None
-                 else positions.astype(jnp.int32))
-    streams, stats, indexer = forward(model, ids, positions, tcfg, segments=segments)
+  positions = default_positions(ids, None if positions is None else positions.astype(jnp.int32),
+                                segments)
+  opts = options(tcfg, moe)
+  streams, outs, _ = model.trunk(ids, positions, segments=segments, opts=opts)
   head = model.head.weight[...]
   lm_sum, ntok = losses.chunked_cross_entropy(model.final_hidden(streams), head, targets,
                                               tcfg.ce_chunk)
   lm = lm_sum / jnp.maximum(ntok, 1)
-  learned = [s for i, s in enumerate(stats) if not cfg.is_hash_layer(i)]
+  # Indexer KL: per CSA layer the mean over its queries, then the mean over CSA layers.
+  csa = [o.indexer_kl for o, r in zip(outs, cfg.compress_ratios) if layer_kind(r) == "csa"]
+  indexer = (sum(k[0] / jnp.maximum(k[1], 1.0) for k in csa) / len(csa)) if csa else jnp.zeros(())
+  learned = [o.moe for i, o in enumerate(outs) if not cfg.is_hash_layer(i)]
   masks = [mask] * len(learned)
   mtp = jnp.zeros(())
   if cfg.num_mtp_layers and T > 1:
-    h, mtp_stats = _mtp(model, streams, ids, tcfg, positions, segments)
+    h, mtp_out = model.mtp_hidden(streams, ids, positions, segments, opts)
     mtp = losses.mean_cross_entropy(h, head, mtp_targets(targets, segments), tcfg.ce_chunk)
-    learned.append(mtp_stats)
+    learned.append(mtp_out.moe)
     masks.append(mask[:, 1:])
   bal = sum((losses.balance_loss(s["scores"], s["experts"], m, tcfg.balance_alpha)
              for s, m in zip(learned, masks)), jnp.zeros(()))
@@ -477,12 +399,12 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
 
 
 # ----- the step -----------------------------------------------------------------------------------
-def _grads(model: Transformer, wrt, batch: dict, tcfg: TrainConfig, mtp_weight):
+def _grads(model: Transformer, wrt, batch: dict, tcfg: TrainConfig, mtp_weight, moe=None):
   """Loss, aux and gradients, averaged over `grad_accum` micro-batches (a lax.scan)."""
   graphdef, params, rest = nnx.split(model, wrt, ...)
 
   def pure_loss(params, mb):
-    return loss_fn(nnx.merge(graphdef, params, rest), mb, tcfg, mtp_weight)
+    return loss_fn(nnx.merge(graphdef, params, rest), mb, tcfg, mtp_weight, moe)
 
   grad_fn = jax.value_and_grad(pure_loss, has_aux=True)
   A = tcfg.grad_accum
@@ -505,17 +427,32 @@ def _grads(model: Transformer, wrt, batch: dict, tcfg: TrainConfig, mtp_weight):
 
 
 def update_router_biases(model: Transformer, loads: jax.Array, speed: float) -> None:
-  """Aux-loss-free balancing after the step: one sign step per learned router (spec §7.3)."""
-  gates = [model.layers[i].ffn.gate for i in range(model.cfg.num_layers)
-           if not model.cfg.is_hash_layer(i)]
-  gates += [m.ffn.gate for m in model.mtp]
-  for gate, load in zip(gates, loads):
-    gate.bias.set_value(losses.router_bias_update(gate.bias[...], load, speed))
+  """Aux-loss-free balancing after the step: one sign step per learned router (spec §7.3).
+
+  `loads` [n, E] has one row per learned-routing layer in official order, then the MTP block."""
+  cfg = model.cfg
+  row = {i: n for n, i in enumerate(i for i in range(cfg.num_layers) if not cfg.is_hash_layer(i))}
+  update = jax.vmap(losses.router_bias_update, in_axes=(0, 0, None))
+  for group in model.groups:
+    spec = group.spec
+    for s, block in enumerate(group.blocks):
+      if spec.hashed[s]:
+        continue
+      rows = jnp.asarray([row[spec.layer(r, s)] for r in range(spec.count)])
+      bias = block.ffn.gate.bias
+      if spec.scanned:
+        bias.set_value(update(bias[...], loads[rows], speed))
+      else:
+        bias.set_value(losses.router_bias_update(bias[...], loads[rows[0]], speed))
+  for k, m in enumerate(model.mtp):
+    bias = m.ffn.gate.bias
+    bias.set_value(losses.router_bias_update(bias[...], loads[len(row) + k], speed))
 
 
 def _train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict, mtp_weight,
-                tcfg: TrainConfig) -> dict[str, jax.Array]:
-  loss, aux, grads = _grads(model, optimizer.wrt, batch, tcfg, mtp_weight)
+                tcfg: TrainConfig, moe=None) -> dict[str, jax.Array]:
+  loss, aux, grads = _grads(model, optimizer.wrt, batch, tcfg, mtp_weight, moe)
+  grads = freeze_mask(grads, tcfg, model.cfg)
   lr = wsd_schedule(tcfg)(optimizer.step[...])
   grad_norm = optax.tree.norm(grads)
   optimizer.update(model, grads)
@@ -530,7 +467,7 @@ def _train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict, mtp_w
               grad_norm=grad_norm, lr=lr, load_imbalance=imbalance, tokens=aux["tokens"])
 
 
-train_step = nnx.jit(_train_step, static_argnames=("tcfg",),
+train_step = nnx.jit(_train_step, static_argnames=("tcfg", "moe"),
                      donate_argnames=("model", "optimizer"))
 train_step.__doc__ = """One optimizer step (jitted; `model` and `optimizer` are donated).
 
@@ -539,17 +476,11 @@ Args:
   batch: see `loss_fn`; leading axis batch_size (split into grad_accum micro-batches).
   mtp_weight: lambda of the MTP loss for this step (a traced scalar: no recompiles).
   tcfg: run settings (static).
+  moe: the MoE implementation (static; default local), e.g. `parallel.moe_impl(mesh, rules)`.
 Returns:
   {loss, lm_loss, mtp_loss, balance_loss, indexer_loss, grad_norm (before clipping), lr (of this
   step), load_imbalance (max/mean expert load, mean over learned layers), tokens}.
 """
-
-
-@nnx.jit(static_argnames=("tcfg",))
-def eval_step(model: Transformer, batch: dict, tcfg: TrainConfig) -> dict[str, jax.Array]:
-  """Loss parts without a gradient step."""
-  loss, aux = loss_fn(model, batch, tcfg)
-  return dict(loss=loss, lm_loss=aux["lm_loss"], mtp_loss=aux["mtp_loss"])
 
 
 def as_batch(inputs: np.ndarray, targets: np.ndarray, input_mask: np.ndarray | None = None,

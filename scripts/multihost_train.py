@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  from deepseek_v4 import sharding
+  from deepseek_v4 import parallel, sharding
 
   sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   import jax
@@ -62,11 +62,11 @@ def main(argv=None) -> None:
     model = load_hf_checkpoint(args.checkpoint, jnp.dtype(cfg.dtype), config=cfg, mesh=mesh,
                                rules=args.rules)
   else:
-    model = sharding.init_model(cfg, mesh, args.rules)
+    model = parallel.init_model(cfg, mesh, args.rules)
   tcfg = train.TrainConfig(seq_len=args.seq, batch_size=args.batch, steps=args.steps,
                            learning_rate=args.lr, warmup_steps=1, freeze=tuple(args.freeze))
   opt = train.make_optimizer(model, tcfg)
-  step = sharding.jit_train_step(functools.partial(train._train_step, tcfg=tcfg), model, opt,
+  step = parallel.jit_train_step(functools.partial(train._train_step, tcfg=tcfg), model, opt,
                                  mesh, args.rules, capacity_factor=args.capacity_factor)
   rng = np.random.default_rng(0)  # the same global batch on every process; each keeps its shards
   for i in range(args.steps):

@@ -17,7 +17,7 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int, out
   import jax
 
   jax.config.update("jax_default_matmul_precision", "highest")
-  from deepseek_v4 import sharding
+  from deepseek_v4 import parallel, sharding
 
   assert sharding.initialize_distributed(f"localhost:{port}", num_processes, process_id)
   import numpy as np
@@ -31,9 +31,9 @@ def main(process_id: int, num_processes: int, port: int, local_devices: int, out
   # data spans the processes (the slow link); FSDP and experts stay inside one process.
   rules = "fsdp_ep"
   mesh = sharding.make_mesh(data=num_processes, fsdp=-1, expert=min(2, local_devices))
-  model = sharding.init_model(steps.CFG_SMALL, mesh, rules)
+  model = parallel.init_model(steps.CFG_SMALL, mesh, rules)
   opt = steps.optimizer(model)
-  step = sharding.jit_train_step(steps.lm_step, model, opt, mesh, rules, donate=False)
+  step = parallel.jit_train_step(steps.lm_step, model, opt, mesh, rules, donate=False)
   batch = steps.batch(steps.CFG_SMALL)  # every process holds the global batch; each places its
   batch = {k: sharding.shard_batch(v, mesh, rules) for k, v in batch.items()}  # own shards
   metrics = step(model, opt, batch)

@@ -21,7 +21,8 @@ def test_layer_shapes(tiny_cfg):
   c = cache_lib.init_cache(tiny_cfg, 2, 64)
   H, W, J = tiny_cfg.head_dim, tiny_cfg.window, tiny_cfg.index_head_dim
   assert c.max_len == 64 and c.lengths.shape == (2,)
-  for r, lc in zip(tiny_cfg.compress_ratios, c.layers):
+  for i, r in enumerate(tiny_cfg.compress_ratios):
+    lc = c.layer(i)
     assert lc.window.kv.shape == (2, W, H) and (np.asarray(lc.window.pos) < 0).all()
     if r == 0:
       assert lc.compressor is None and lc.entries is None and lc.index_keys is None

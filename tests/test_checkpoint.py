@@ -69,8 +69,8 @@ def test_round_trip_is_exact(model, forward, tmp_path):
 def test_bfloat16_load(model, tmp_path):
   save_hf_checkpoint(model, tmp_path)
   loaded = load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
-  assert loaded.layers[0].attn.wq_a.weight.dtype == jnp.bfloat16
-  assert loaded.layers[0].hc_attn_fn.dtype == jnp.float32  # mHC stays float32 (spec §1.4)
+  assert loaded.layer(0).attn.wq_a.weight.dtype == jnp.bfloat16
+  assert loaded.layer(0).hc_attn_fn.dtype == jnp.float32  # mHC stays float32 (spec §1.4)
   assert loaded.cfg.dtype == "bfloat16"
 
 

@@ -95,7 +95,8 @@ def test_prefill_leaves_the_state_of_spec_5_2(model, ragged):
   lengths[0] = 0  # a row that receives no tokens at all
   _, cache = _prefill_and_decode(model, lengths, tokens, chunk_size=1)
   W = model.cfg.window
-  for r, lc in zip(model.cfg.compress_ratios, cache.layers):
+  for i, r in enumerate(model.cfg.compress_ratios):
+    lc = cache.layer(i)
     pos = np.sort(np.asarray(lc.window.pos), axis=1)
     for b, n in enumerate(lengths):
       want = np.arange(max(0, n - W), n)

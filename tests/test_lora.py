@@ -28,7 +28,7 @@ def _randomize_adapters(model):
 def test_identity_at_init_then_merge_and_unmerge():
   model = _model()
   base_logits = forward(model, IDS)
-  w0 = np.asarray(model.layers[1].attn.wq_b.weight[...])
+  w0 = np.asarray(model.layer(1).attn.wq_b.weight[...])
   names = lora.apply_lora(model, ["wq_a", "wq_b", "wo_b", "shared_experts.w1"], rank=4,
                           alpha=8, rngs=nnx.Rngs(1))
   assert "layers.1.attn.wq_b" in names and "layers.0.ffn.shared_experts.w1" in names
@@ -37,10 +37,10 @@ def test_identity_at_init_then_merge_and_unmerge():
   adapted = forward(model, IDS)
   assert rel_err(adapted, base_logits) > 1e-3
   lora.merge_lora(model)
-  assert not np.allclose(model.layers[1].attn.wq_b.weight[...], w0)
+  assert not np.allclose(model.layer(1).attn.wq_b.weight[...], w0)
   assert rel_err(forward(model, IDS), adapted) < F32_MODEL_REL
   lora.unmerge_lora(model)
-  assert rel_err(model.layers[1].attn.wq_b.weight[...], w0) < F32_FUNCTION
+  assert rel_err(model.layer(1).attn.wq_b.weight[...], w0) < F32_FUNCTION
   assert rel_err(forward(model, IDS), adapted) < F32_MODEL_REL
 
 

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import deepseek_v4
+from deepseek_v4 import layout
 from deepseek_v4.config import ModelConfig, fields_to_hf
 from tests.tolerances import F32_MODEL_REL, rel_err
 
@@ -240,8 +241,12 @@ def test_preset_hyperparameters():
 
 
 def _shapes(abstract) -> dict[str, tuple[int, ...]]:
-  flat = nnx.to_flat_state(nnx.state(abstract))
-  return {".".join(str(p) for p in path): tuple(v.shape) for path, v in flat}
+  """Shape of every parameter under its official per-layer name (scanned stacks split)."""
+  out = {}
+  for path, v in nnx.to_flat_state(nnx.state(abstract)):
+    for name, r in layout.official_names(abstract.cfg, ".".join(str(p) for p in path)):
+      out[name] = tuple(v.shape)[r is not None:]
+  return out
 
 
 @pytest.mark.parametrize("preset", ["flash", "pro"])

@@ -64,7 +64,7 @@ def test_logits_match_transformers(pair, forward, T):
 def test_indexer_really_selects(pair):
   """At T=64 a CSA query sees up to 16 entries but keeps 4: the selection is not the identity."""
   model, _ = pair
-  attn = model.layers[2].attn
+  attn = model.layer(2).attn
   assert attn.kind == "csa"
   T = 64
   x = jax.random.normal(jax.random.key(0), (1, T, model.cfg.d_model))
@@ -92,9 +92,9 @@ def test_every_layer_stream_matches(pair, trunk, T):
   e = model.embed_tokens(x)
   streams = jnp.broadcast_to(e[:, :, None], (1, T, model.cfg.hc_mult, model.cfg.d_model))
   pos = jnp.arange(T)[None]
-  for i, layer in enumerate(model.layers):
+  for i in range(L):
     assert rel_err(streams, hidden[i]) < F32_MODEL_REL, f"input of layer {i}"
-    streams, _ = layer(streams, x, pos)
+    streams, _ = model.layer(i)(streams, x, pos)
   final = model.final_hidden(streams)
   assert rel_err(final, hidden[-1]) < F32_MODEL_REL
 
@@ -104,19 +104,19 @@ def test_moe_matches_transformers_module(pair):
   for i in (0, 4):  # a hash-routed and a score-routed layer
     x = np.random.default_rng(i).standard_normal((2, 7, model.cfg.d_model)).astype(np.float32)
     ids = np.random.default_rng(i).integers(0, model.cfg.vocab_size, (2, 7))
-    ours, _ = model.layers[i].ffn(jnp.asarray(x), jnp.asarray(ids, jnp.int32))
+    ours, _ = model.layer(i).ffn(jnp.asarray(x), jnp.asarray(ids, jnp.int32))
     with torch.no_grad():
-      theirs = ref.model.layers[i].mlp(torch.as_tensor(x), input_ids=torch.as_tensor(ids))
+      theirs = ref.model.layer(i).mlp(torch.as_tensor(x), input_ids=torch.as_tensor(ids))
     assert rel_err(ours, theirs.numpy()) < F32_FUNCTION, f"layer {i}"
 
 
 def test_mhc_matches_transformers_module(pair):
   model, ref = pair
-  layer = model.layers[3]
+  layer = model.layer(3)
   x = np.random.default_rng(0).standard_normal((2, 5, 4, model.cfg.d_model)).astype(np.float32)
   pre, post, comb = layer._site(jnp.asarray(x), "attn")
   with torch.no_grad():
-    t_post, t_comb, t_collapsed = ref.model.layers[3].attn_hc(torch.as_tensor(x))
+    t_post, t_comb, t_collapsed = ref.model.layer(3).attn_hc(torch.as_tensor(x))
   assert rel_err(post, t_post.numpy()) < F32_FUNCTION
   assert rel_err(comb, t_comb.numpy()) < F32_FUNCTION
   assert rel_err(mhc.hc_collapse(jnp.asarray(x), pre), t_collapsed.numpy()) < F32_FUNCTION

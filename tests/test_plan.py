@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import deepseek_v4
-from deepseek_v4 import cli, plan, sharding
+from deepseek_v4 import cli, parallel, plan, sharding
 
 MESH = dict(data=1, fsdp=2, expert=2, tensor=2)
 
@@ -23,7 +23,7 @@ def _line(p: plan.Plan, prefix: str) -> float:
 def test_parameter_bytes_equal_jax_shard_shapes(rules):
   cfg = deepseek_v4.tiny()
   mesh = sharding.make_mesh(**MESH)
-  _, abstract = sharding.abstract_model(cfg, mesh, rules)  # ShapeDtypeStructs with shardings
+  _, abstract = parallel.abstract_model(cfg, mesh, rules)  # ShapeDtypeStructs with shardings
   params = buffers = 0
   for _, var in nnx.to_flat_state(abstract):
     a = var.get_value()

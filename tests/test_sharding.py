@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import deepseek_v4
-from deepseek_v4 import sharding
+from deepseek_v4 import parallel, sharding
 from deepseek_v4.checkpoint import convert
 from tests import sharded_steps as steps
 from tests.tolerances import F32_SHARDED_REL, rel_err
@@ -91,7 +91,7 @@ def test_axis_that_does_not_divide_names_both_numbers():
   mesh = sharding.make_mesh(tensor=8)  # tiny has 4 attention heads
   with pytest.raises(ValueError, match=r"attn_sink: dimension 0 \('heads'\) has size 4, which is "
                                        r"not divisible by the mesh axis 'tensor' of size 8"):
-    sharding.init_model(deepseek_v4.tiny(), mesh, "fsdp_tp")
+    parallel.init_model(deepseek_v4.tiny(), mesh, "fsdp_tp")
   with pytest.raises(ValueError, match=r"input batch: dimension 0 \('batch'\) has size 6, which "
                                        r"is not divisible by the mesh axes data x fsdp of total "
                                        r"size 8"):
@@ -181,7 +181,6 @@ def test_param_specs_follow_the_table(rules):
 def test_constrain_is_a_noop_without_a_mesh():
   x = jnp.ones((2, 3))
   assert sharding.constrain(x, ("batch", "embed")) is x
-  assert sharding.expert_parallel() is None
 
 
 # ----- sharded model vs one device ---------------------------------------------------------------
@@ -200,18 +199,18 @@ def _run_forward_and_step(cfg, mesh_name):
   sizes, rules = MESHES[mesh_name]
   ref = _reference(cfg)
   mesh = sharding.make_mesh(**sizes)
-  model = sharding.init_model(cfg, mesh, rules)
+  model = parallel.init_model(cfg, mesh, rules)
   _check_born_sharded(model, mesh, rules)
   init = steps.flat_params(model)
   init_err = _state_rel_err(init, ref["init"])
 
   b = steps.batch(cfg)
   inputs = sharding.shard_batch(b["inputs"], mesh, rules)
-  logits = sharding.jit_forward(model, mesh, rules)(model, inputs)
+  logits = parallel.jit_forward(model, mesh, rules)(model, inputs)
   fwd_err = rel_err(logits, ref["logits"])
 
   opt = steps.optimizer(model)
-  step = sharding.jit_train_step(steps.lm_step, model, opt, mesh, rules, donate=False)
+  step = parallel.jit_train_step(steps.lm_step, model, opt, mesh, rules, donate=False)
   metrics = step(model, opt, jax.tree.map(lambda x: sharding.shard_batch(x, mesh, rules), b))
   loss_err = abs(float(metrics["loss"]) - ref["loss"]) / abs(ref["loss"])
   step_err = _state_rel_err(steps.flat_params(model), ref["params"])
@@ -254,7 +253,7 @@ def test_prefill_decode_and_generate_equal_single_device(mesh_name):
   ref_dec, _ = decoding.decode_step(ref_model, c, nxt)
 
   mesh = sharding.make_mesh(**sizes)
-  model = sharding.init_model(cfg, mesh, rules)
+  model = parallel.init_model(cfg, mesh, rules)
   c = cache_lib.init_cache(cfg, 8, 32)
   c = jax.device_put(c, sharding.cache_shardings(c, mesh, rules))
   with sharding.use(mesh, rules):
@@ -293,15 +292,15 @@ def test_train_py_step_sharded_equals_single_device():
   ref = nnx.jit(train._train_step, static_argnames=("tcfg",))(ref_model, ref_opt, b, 0.3, tcfg)
   sizes, rules = MESHES[FAST]
   mesh = sharding.make_mesh(**sizes)
-  model = sharding.init_model(cfg, mesh, rules)
+  model = parallel.init_model(cfg, mesh, rules)
   opt = train.make_optimizer(model, tcfg)
-  step = sharding.jit_train_step(functools.partial(train._train_step, tcfg=tcfg), model, opt,
+  step = parallel.jit_train_step(functools.partial(train._train_step, tcfg=tcfg), model, opt,
                                  mesh, rules, donate=False)
   got = step(model, opt, {k: sharding.shard_batch(v, mesh, rules) for k, v in b.items()},
              jnp.float32(0.3))
   for k, v in ref.items():
     assert abs(float(got[k]) - float(v)) <= F32_SHARDED_REL * max(abs(float(v)), 1e-30), k
-  bias = lambda m: np.asarray(m.layers[0].ffn.gate.bias.get_value())  # noqa: E731
+  bias = lambda m: np.asarray(m.layer(0).ffn.gate.bias.get_value())  # noqa: E731
   np.testing.assert_array_equal(bias(model), bias(ref_model))
 
 
@@ -327,7 +326,7 @@ def test_orbax_restore_into_another_mesh(small_ref, tmp_path):
     ckpt.save(tmp_path / "ckpt", state_a)
   for sizes, rules in ((dict(fsdp=2, tensor=4), "fsdp_tp"), (dict(data=2, expert=4), "fsdp_ep")):
     mesh_b = sharding.make_mesh(**sizes)
-    _, target = sharding.abstract_model(steps.CFG_SMALL, mesh_b, rules)
+    _, target = parallel.abstract_model(steps.CFG_SMALL, mesh_b, rules)
     with ocp.StandardCheckpointer() as ckpt:
       restored = ckpt.restore(tmp_path / "ckpt", target)
     model = nnx.merge(graphdef, restored)

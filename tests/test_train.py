@@ -15,7 +15,9 @@ from flax import nnx
 import deepseek_v4
 from deepseek_v4 import data as data_lib
 from deepseek_v4 import losses, train, trainer
+from deepseek_v4 import model as model_lib
 from deepseek_v4.layers import moe
+from kernels_pallas.sparse_attention.reference import sparse_attention
 from tests.tolerances import F32_FUNCTION, F32_MODEL_REL, rel_err
 
 # A 3-layer tiny (SWA+hash, CSA, HCA; MTP on): every layer kind, cheaper to compile.
@@ -148,9 +150,13 @@ def test_indexer_loss_matches_numpy(sparse):
       for t in range(T):
         vis = rng.permutation((t + 1) // 4)[:2]
         idx[b, t, :len(vis)] = vis
-  ours = losses.indexer_loss(*(jnp.asarray(a) for a in (q, pos, kv, sink, comp, iq, iw, ik)),
-                             None if idx is None else jnp.asarray(idx), scale=0.3, window=W,
-                             ratio=4, block=8)
+  # The attention's own log-normalizer (window + entries + sink) feeds the loss (spec §7.4).
+  jq, jpos, jcomp = jnp.asarray(q), jnp.asarray(pos), jnp.asarray(comp)
+  jidx = None if idx is None else jnp.asarray(idx)
+  _, lse = sparse_attention(jq, jpos, jnp.asarray(kv), jnp.asarray(sink), scale=0.3, window=W,
+                            block=8, comp=jcomp, comp_idx=jidx, comp_ratio=4, return_lse=True)
+  ours = losses.indexer_kl_from_attention(jq, lse, jcomp, jnp.asarray(iq), jnp.asarray(iw),
+                                          jnp.asarray(ik), jidx, jpos, scale=0.3, ratio=4, block=8)
   ref = _np_indexer_loss(q, pos, kv, sink, comp, iq, iw, ik, idx, 0.3, W, 4)
   assert int(ours[1]) == ref[1]
   assert rel_err(ours[0], ref[0]) < F32_FUNCTION
@@ -175,7 +181,7 @@ def overfit_run():
   tcfg = train.TrainConfig(seq_len=32, batch_size=4, steps=40, learning_rate=1e-2,
                            warmup_steps=5, decay_fraction=0.0, bias_update_speed=1e-2)
   model, opt = train.build(cfg, tcfg)
-  bias0 = np.asarray(model.layers[3].ffn.gate.bias[...])
+  bias0 = np.asarray(model.layer(3).ffn.gate.bias[...])
   batch = _batch(cfg)
   hist = [train.train_step(model, opt, batch, 0.3, tcfg=tcfg) for _ in range(tcfg.steps)]
   hist = [{k: float(v) for k, v in m.items()} for m in jax.device_get(hist)]
@@ -192,10 +198,10 @@ def test_tiny_model_overfits_one_batch(overfit_run):
 
 def test_router_bias_updates_during_training(overfit_run):
   model, hist, bias0 = overfit_run
-  bias = np.asarray(model.layers[3].ffn.gate.bias[...])
+  bias = np.asarray(model.layer(3).ffn.gate.bias[...])
   assert np.any(bias != bias0) and np.all(np.abs(bias) <= 40 * 1e-2 + 1e-6)
   # Hash layers have no bias; their table never moves.
-  assert not hasattr(model.layers[0].ffn.gate, "bias")
+  assert not hasattr(model.layer(0).ffn.gate, "bias")
 
 
 def _flat(tree):
@@ -339,7 +345,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
   def poison(step, model):
     if step == 3:  # corrupt one weight before the 3rd step
-      w = model.layers[1].attn.wq_a.weight
+      w = model.layer(1).attn.wq_a.weight
       w.set_value(w[...].at[0, 0].set(jnp.nan))
 
   with pytest.raises(trainer.TrainingDiverged, match=r"step 3.*last good checkpoint \(step 2\)"):
@@ -441,7 +447,7 @@ def test_mtp_targets_ignore_cross_segment_predictions():
   segments = jnp.asarray([[0, 0, 0, 0, 1, 1]])
   np.testing.assert_array_equal(train.mtp_targets(targets), [[6, 7, -1, 8, 9]])
   np.testing.assert_array_equal(train.mtp_targets(targets, segments), [[6, 7, -1, -1, 9]])
-  np.testing.assert_array_equal(train.document_positions(segments), [[0, 1, 2, 3, 0, 1]])
+  np.testing.assert_array_equal(model_lib.document_positions(segments), [[0, 1, 2, 3, 0, 1]])
 
 
 def test_aligned_packed_loss_equals_documents_alone():

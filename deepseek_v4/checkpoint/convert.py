@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_v4 import sharding
+from deepseek_v4 import layout, sharding
 from deepseek_v4.checkpoint import files as ckpt_files
 from deepseek_v4.checkpoint.safetensors_io import CheckpointError
 from deepseek_v4.config import ModelConfig, fields_to_hf
@@ -49,33 +49,52 @@ def _leaves(state) -> Iterator[tuple[str, nnx.Variable]]:
       yield _path_name(path), var
 
 
+def _hub_names(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """The hub tensors held by our leaf `name`: an object array over the leaf's leading axes that
+  index separate tensors (the stacked-layers axis of scanned layers, then the expert axis)."""
+  per_layer = layout.official_names(cfg, name)  # [(official name, stacked index or None)]
+  stacked = per_layer[0][1] is not None
+  rows = []
+  for official, _ in per_layer:
+    m = _EXPERT_OURS.match(official)
+    if m:
+      rows.append([f"{m['pre']}.{e}.{m['w']}.weight" for e in range(shape[int(stacked)])])
+    else:
+      rows.append([official])
+  names = np.empty((len(rows), len(rows[0])), dtype=object)
+  for i, row in enumerate(rows):
+    names[i, :] = row
+  if not _EXPERT_OURS.match(per_layer[0][0]):
+    names = names[:, 0]
+  return names if stacked else names[0, ...]
+
+
+def leaf_table(abstract: Transformer) -> dict[str, np.ndarray]:
+  """Our leaf path -> the hub names it holds (see `_hub_names`), for every checkpoint leaf."""
+  return {name: _hub_names(abstract.cfg, name, tuple(var.shape))
+          for name, var in _leaves(nnx.state(abstract))}
+
+
 def expected_tensors(abstract: Transformer) -> dict[str, tuple[tuple[int, ...], str]]:
   """Hub name -> (shape, our leaf path) for every tensor a checkpoint of this model holds."""
   out: dict[str, tuple[tuple[int, ...], str]] = {}
   for name, var in _leaves(nnx.state(abstract)):
-    shape = tuple(var.shape)
-    m = _EXPERT_OURS.match(name)
-    if m:
-      for e in range(shape[0]):
-        out[f"{m['pre']}.{e}.{m['w']}.weight"] = (shape[1:], name)
-    else:
-      out[name] = (shape, name)
+    names = _hub_names(abstract.cfg, name, tuple(var.shape))
+    for hub in names.ravel() if names.ndim else [names.item()]:
+      out[hub] = (tuple(var.shape)[names.ndim:], name)
   return out
 
 
 def to_hub_tensors(model: Transformer) -> dict[str, np.ndarray]:
-  """Our parameters under hub names (experts unstacked), as NumPy arrays."""
+  """Our parameters under hub names (scanned layers and experts unstacked), as NumPy arrays."""
   out: dict[str, np.ndarray] = {}
   for name, var in _leaves(nnx.state(model)):
     value = np.asarray(jax.device_get(var[...]))
-    m = _EXPERT_OURS.match(name)
-    if m:
-      for e in range(value.shape[0]):
-        out[f"{m['pre']}.{e}.{m['w']}.weight"] = np.ascontiguousarray(value[e])
-    elif isinstance(var, HashTable):
-      out[name] = value.astype(np.int64)  # hub and transformers store tid2eid as int64
-    else:
-      out[name] = value
+    if isinstance(var, HashTable):
+      value = value.astype(np.int64)  # hub and transformers store tid2eid as int64
+    names = _hub_names(model.cfg, name, value.shape)
+    for idx in np.ndindex(names.shape):
+      out[names[idx]] = np.ascontiguousarray(value[idx])
   return out
 
 
@@ -187,24 +206,18 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=N
   expected = expected_tensors(abstract)
   _check(tensors, expected)
   graphdef, state = nnx.split(abstract)
-  by_leaf: dict[str, list[str]] = {}
-  for hub, (_, leaf) in expected.items():
-    by_leaf.setdefault(leaf, []).append(hub)
+  table = leaf_table(abstract)
   flat = dict(nnx.to_flat_state(state))
   placements = None if mesh is None else sharding.flat_shardings(state, mesh, rules or "fsdp")
   for path, var in flat.items():
     name = _path_name(path)
-    if name not in by_leaf:
+    if name not in table:
       continue
-    m = _EXPERT_OURS.match(name)
+    block = functools.partial(_host_block, tensors, table[name])
     if placements is not None:
-      value = sharding.put_host_array(functools.partial(_host_block, tensors, name, var.shape),
-                                      var.shape, var.dtype, placements[path])
-    elif m:
-      value = jnp.stack([jnp.asarray(tensors[f"{m['pre']}.{e}.{m['w']}.weight"])
-                         for e in range(var.shape[0])])
+      value = sharding.put_host_array(block, var.shape, var.dtype, placements[path])
     else:
-      value = jnp.asarray(tensors[name])
+      value = jnp.asarray(block(tuple(slice(None) for _ in var.shape)))
     if isinstance(var, HashTable):
       v = np.asarray(value)
       if v.min() < 0 or v.max() >= cfg.num_experts:
@@ -214,15 +227,17 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=N
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _host_block(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...],
+def _host_block(tensors: dict[str, np.ndarray], names: np.ndarray,
                 idx: tuple[slice, ...]) -> np.ndarray:
-  """The block `idx` of our leaf `name` (of `shape`), read from the hub tensors; stacked experts
-  are assembled only for the experts inside the block."""
-  m = _EXPERT_OURS.match(name)
-  if m is None:
-    return np.asarray(tensors[name])[idx]
-  return np.stack([np.asarray(tensors[f"{m['pre']}.{e}.{m['w']}.weight"])[idx[1:]]
-                   for e in range(shape[0])[idx[0]]])
+  """The block `idx` of one of our leaves, read from the hub tensors it holds (`names`, over the
+  leaf's leading stacked axes): only the layers and experts inside the block are touched."""
+  lead = names.ndim
+  rest = tuple(idx[lead:])
+  if lead == 0:
+    return np.asarray(tensors[names.item()])[rest]
+  sub = names[tuple(idx[:lead])]
+  parts = [np.asarray(tensors[n])[rest] for n in sub.ravel()]
+  return np.stack(parts).reshape(sub.shape + parts[0].shape)
 
 
 def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,

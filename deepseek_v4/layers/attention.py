@@ -1,13 +1,15 @@
 """V4 hybrid attention (spec §3): low-rank queries, one shared K=V head, sliding window, sink,
 compressed entries (CSA with the lightning indexer, or HCA), grouped low-rank output projection.
 
-The core softmax lives in kernels_pallas/sparse_attention/reference.py (gather-based, linear
-memory in T). This module owns the parameters and the projections around it.
+The core softmax is `kernels_pallas/sparse_attention/ops.py` (`impl=` picks the pure-JAX reference
+or the Pallas kernel). This module owns the parameters and the projections around it, and, in the
+indexer training stages, returns the indexer's KL toward this attention (spec §7.4).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,8 @@ from deepseek_v4.layers.indexer import Indexer
 from deepseek_v4.layers.norms import RMSNorm, rms_norm
 from deepseek_v4.layers.params import Linear, param
 from deepseek_v4.layers.rope import apply_rope, inv_freq, rope_angles
-from kernels_pallas.sparse_attention.reference import sparse_attention
+from deepseek_v4.losses import indexer_kl_from_attention
+from kernels_pallas.sparse_attention import ops as attention_ops
 
 
 class Attention(nnx.Module):
@@ -70,53 +73,85 @@ class Attention(nnx.Module):
     o = jnp.einsum("BTGI,GOI->BTGO", o, wo_a).reshape(B, T, G * dg)
     return self.wo_b(o)
 
-  def core(self, q, positions, kv, comp=None, comp_idx=None, prefix_kv=None, prefix_pos=None,
-           segments=None, comp_seg=None):
-    return sparse_attention(
-      q, positions, kv, self.attn_sink[...], scale=1.0 / math.sqrt(self.cfg.head_dim),
-      window=self.cfg.window, block=self.cfg.attn_block, prefix_kv=prefix_kv,
-      prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=self.ratio,
-      segments=segments, comp_seg=comp_seg)
+  def core(self, q, positions, kv, *, impl: str, comp=None, comp_idx=None, prefix_kv=None,
+           prefix_pos=None, segments=None, comp_seg=None, return_lse: bool = False):
+    """The joint softmax over window, compressed entries and sink (kernels_pallas seam)."""
+    return attention_ops.sparse_attention(
+      q, positions, kv, self.attn_sink[...], scale=self.scale, window=self.cfg.window,
+      block=self.cfg.attn_block, prefix_kv=prefix_kv, prefix_pos=prefix_pos, comp=comp,
+      comp_idx=comp_idx, comp_ratio=self.ratio, segments=segments, comp_seg=comp_seg,
+      return_lse=return_lse, impl=impl)
 
-  def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
-               segments: Int[Array, "B T"] | None = None) -> Array:
-    """Full-sequence attention; the sequence starts at position 0.
+  @property
+  def scale(self) -> float:
+    return 1.0 / math.sqrt(self.cfg.head_dim)
 
-    With packed documents, `segments` [B, T] holds each token's document id and `positions` its
-    position inside the document; every document must start at a row offset that is a multiple
-    of the largest compression ratio. Tokens then see only their own document.
+  def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], *,
+               segments: Int[Array, "B T"] | None = None, cache=None,
+               n_valid: Int[Array, "B"] | None = None, indexer_stage: str = "off",
+               impl: str | None = None) -> tuple[Array, Any, Array]:
+    """One attention layer: the full sequence from position 0, or a chunk against a cache.
+
+    Args:
+      x: normed attention input.
+      positions: [B, T] positions (inside each document when `segments` is given).
+      segments: packed documents (full sequence only): each token's document id; every document
+        starts at a row offset that is a multiple of the largest compression ratio, and tokens
+        see only their own document.
+      cache: this layer's `deepseek_v4.cache.LayerCache` (decode / chunked prefill, spec §5.2);
+        row b's tokens sit at `positions[b] = start[b] + arange(T)`, its first `n_valid[b]` real.
+      indexer_stage: "off" (inference / ordinary training), "dense" (warm-up: every visible
+        entry, the indexer learns the attention's entry distribution) or "sparse" (top-k; the
+        indexer learns on its own picks), spec §7.4. Full sequence only.
+      impl: kernel implementation (default `cfg.kernel_impl`).
+    Returns:
+      (output [B, T, D], new LayerCache or None, indexer KL (sum over queries, query count) [2]).
     """
+    impl = impl or self.cfg.kernel_impl
+    if cache is not None:
+      if indexer_stage != "off":
+        raise ValueError(f"indexer_stage={indexer_stage!r} needs the full sequence, not a cache")
+      y, new = self._extend(x, positions, n_valid, cache, impl)
+      return y, new, jnp.zeros((2,), jnp.float32)
+    return self._full(x, positions, segments, indexer_stage, impl)
+
+  def _full(self, x, positions, segments, stage: str, impl: str):
     freqs = self.freqs
     cos, sin = rope_angles(positions, freqs)
     cq, q, kv = self.project_qkv(x, cos, sin)
     row_pos = positions  # window distance and entry visibility are measured along the row
-    doc_pos = None
+    doc_pos = comp = idx = comp_seg = None
     if segments is not None:
       B, T = positions.shape
       row_pos, doc_pos = jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype), (B, T)), positions
-    comp = idx = comp_seg = None
     if self.compressor is not None:
       comp = self.compressor(x, freqs, doc_pos, segments)  # [B, T // m, H]
       if segments is not None:
-        comp_seg = segments[:, : comp.shape[1] * self.ratio : self.ratio]
+        comp_seg = segments[:, : comp.shape[1] * self.ratio: self.ratio]
+    train_indexer = stage != "off" and self.indexer is not None
     if self.indexer is not None:
-      idx, _ = self.indexer(x, cq, row_pos, cos, sin, freqs, segments, doc_pos)
-    o = self.core(q, row_pos, kv, comp=comp, comp_idx=idx, segments=segments, comp_seg=comp_seg)
-    return self.output(o, cos, sin)
+      # The indexer reads detached inputs: it learns only from its own loss (spec §7.4).
+      sg = jax.lax.stop_gradient
+      ikeys, iq, iw = self.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
+      if stage != "dense":  # dense warm-up: every visible entry, no selection
+        idx = sg(self.indexer.select(iq, iw, ikeys, row_pos, segments, comp_seg))
+    o = self.core(q, row_pos, kv, impl=impl, comp=comp, comp_idx=idx, segments=segments,
+                  comp_seg=comp_seg, return_lse=train_indexer)
+    kl = jnp.zeros((2,), jnp.float32)
+    if train_indexer:
+      o, lse = o
+      sg = jax.lax.stop_gradient
+      kl = indexer_kl_from_attention(
+        sg(q), sg(lse), sg(comp), iq, iw, ikeys, idx, row_pos, scale=self.scale,
+        ratio=self.ratio, block=self.cfg.attn_block, segments=segments, comp_seg=comp_seg)
+    return self.output(o, cos, sin), None, kl
 
-  def extend(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
-             n_valid: Int[Array, "B"], cache):
+  def _extend(self, x, positions, n_valid, cache, impl: str):
     """Cached attention of a chunk (decode step: T = 1), spec §5.2.
 
-    Row b's tokens sit at `positions[b] = start[b] + arange(T)` and only its first `n_valid[b]`
-    are real (right padding writes nothing). Order: compressors first, so an entry closed by
-    token t is visible to t; then attention over the chunk's own band, the ring (keys written
-    before the chunk), and the entries; the ring is updated last.
-
-    Args:
-      cache: this layer's `deepseek_v4.cache.LayerCache`.
-    Returns:
-      (output [B, T, D], new LayerCache).
+    Order: compressors first, so an entry closed by token t is visible to t; then attention over
+    the chunk's own band, the ring (keys written before the chunk), and the entries; the ring is
+    updated last. Right padding (tokens past `n_valid`) writes nothing.
     """
     freqs = self.freqs
     cos, sin = rope_angles(positions, freqs)
@@ -131,8 +166,8 @@ class Attention(nnx.Module):
     if self.indexer is not None:
       idx, new["index_keys"], new["indexer"] = self.indexer.extend(
         x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys)
-    o = self.core(q, positions, kv, comp=comp, comp_idx=idx, prefix_kv=cache.window.kv,
-                  prefix_pos=cache.window.pos)
+    o = self.core(q, positions, kv, impl=impl, comp=comp, comp_idx=idx,
+                  prefix_kv=cache.window.kv, prefix_pos=cache.window.pos)
     new["window"] = write_window(cache.window, kv, positions, n_valid)
     return self.output(o, cos, sin), cache.replace(**new)
 

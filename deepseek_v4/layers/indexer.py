@@ -18,7 +18,7 @@ from deepseek_v4.config import CSA_RATIO, ModelConfig
 from deepseek_v4.layers.compressor import Compressor
 from deepseek_v4.layers.params import Linear
 from deepseek_v4.layers.rope import apply_rope
-from kernels_pallas.indexer_topk.reference import indexer_topk
+from kernels_pallas.indexer_topk import ops as indexer_ops
 
 
 class Indexer(nnx.Module):
@@ -29,6 +29,7 @@ class Indexer(nnx.Module):
     self.head_dim = cfg.index_head_dim
     self.topk = cfg.index_topk
     self.block = cfg.attn_block
+    self.impl = cfg.kernel_impl
     pd = jax.numpy.dtype(cfg.param_dtype)
     self.wq_b = Linear(cfg.q_lora_rank, self.heads * self.head_dim,
                        axes=("index_heads", "q_lora"), std=cfg.init_std, param_dtype=pd, rngs=rngs)
@@ -50,22 +51,19 @@ class Indexer(nnx.Module):
   def select(self, q: Array, w: Array, keys: Array, positions: Array, q_seg: Array | None = None,
              k_seg: Array | None = None) -> Array:
     """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk)."""
-    return indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk, block=self.block,
-                        q_seg=q_seg, k_seg=k_seg)
+    return indexer_ops.indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk,
+                                    block=self.block, q_seg=q_seg, k_seg=k_seg, impl=self.impl)
 
-  def __call__(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
-               freqs: np.ndarray, segments: Array | None = None,
-               doc_positions: Array | None = None) -> tuple[Array, Array]:
-    """Full sequence from position 0: (selected indices, indexer keys).
+  def encode(self, x: Array, cq: Array, cos: Array, sin: Array, freqs: np.ndarray,
+             segments: Array | None = None, doc_positions: Array | None = None):
+    """Full sequence from position 0: (keys [B, C, J], queries [B, T, I, J], weights [B, T, I]).
 
-    `positions` are row positions (visibility); with packed documents, `segments` and
-    `doc_positions` (positions inside each document) as in `Compressor.__call__`.
+    With packed documents, `segments` and `doc_positions` (positions inside each document) as in
+    `Compressor.__call__`.
     """
     keys = self.compressor(x, freqs, doc_positions, segments)  # [B, C, J]
     q, w = self.queries(x, cq, cos, sin)
-    k_seg = None if segments is None else segments[:, : keys.shape[1] * CSA_RATIO : CSA_RATIO]
-    idx = self.select(q, w, keys, positions, segments, k_seg)
-    return jax.lax.stop_gradient(idx), keys
+    return keys, q, w
 
   def extend(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
              freqs: np.ndarray, n_valid: Array, state, keys: Array):

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from deepseek_v4.config import ModelConfig, layer_kind
+from deepseek_v4.config import ModelConfig
 
 # 8 fast quintic steps, then 2 steps that converge to singular value 1 (spec §7.1).
 HYBRID_NS_COEFFS: tuple[tuple[float, float, float], ...] = (
@@ -268,19 +268,18 @@ def matrix_blocks(cfg: ModelConfig) -> BlocksFn:
       return MatrixBlocks((M, M, M * M))
     if name.endswith("attn.wo_a.weight"):
       return MatrixBlocks((cfg.o_lora_rank,) * cfg.o_groups)
-    if re.search(r"compressor\.(wkv|wgate)\.weight$", name) and _csa_compressor(cfg, name):
+    if re.search(r"compressor\.(wkv|wgate)\.weight$", name) and _csa_compressor(cfg, name, rows):
       return MatrixBlocks((rows // 2, rows // 2))
     return MatrixBlocks()
 
   return fn
 
 
-def _csa_compressor(cfg: ModelConfig, name: str) -> bool:
-  """The indexer's compressor is always CSA; a layer's own one is CSA iff its ratio is 4."""
-  if ".indexer." in name:
-    return True
-  m = re.match(r"layers\.(\d+)\.", name)
-  return m is not None and layer_kind(cfg.compress_ratios[int(m.group(1))]) == "csa"
+def _csa_compressor(cfg: ModelConfig, name: str, rows: int) -> bool:
+  """The indexer's compressor is always CSA; a layer's own one is CSA iff it projects to the two
+  series (2 x head_dim rows; an HCA compressor has head_dim). Decided from the shape, so it holds
+  for a scanned stack of layers as for one layer."""
+  return ".indexer." in name or rows == 2 * cfg.head_dim
 
 
 def _is_var(x) -> bool:

@@ -1,0 +1,107 @@
+"""How the trunk's layers are grouped for `jax.lax.scan`, and the official per-layer names.
+
+A layer's kind is (compression ratio, hash-routed). The layers are cut, left to right, into
+groups: a group is a period of kinds repeated `count` times (Flash: `[SWA·h] x 2`, `[CSA·h]`,
+`[HCA, CSA] x 20`). A group with `count > 1` holds its parameters stacked on a leading `layers`
+axis and runs under one scan; a group of one is a plain block. Inside the model a parameter is
+`groups.G.blocks.S.<rest>` (with the leading axis when scanned); outside (checkpoints, freeze
+patterns, error messages, summaries) it is the official `layers.N.<rest>`. This module is the one
+table between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from deepseek_v4.config import ModelConfig
+
+MAX_PERIOD = 4  # longest repeating pattern looked for (V4 uses 1 and 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """Layers `start .. start + len(ratios) * count - 1`: the period (ratios, hashed) x count."""
+
+  start: int
+  ratios: tuple[int, ...]
+  hashed: tuple[bool, ...]
+  count: int
+
+  @property
+  def period(self) -> int:
+    return len(self.ratios)
+
+  @property
+  def scanned(self) -> bool:
+    return self.count > 1
+
+  @property
+  def size(self) -> int:
+    return self.period * self.count
+
+  def layer(self, repeat: int, slot: int) -> int:
+    """The official index of the block at (repeat, slot)."""
+    return self.start + repeat * self.period + slot
+
+
+def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
+  """Greedy cut into maximal repeats: at each layer, the period (<= MAX_PERIOD) whose repeats
+  cover the most layers (the shortest period on ties); a kind that does not repeat stands alone.
+  With `cfg.scan_layers=False` every layer is its own group."""
+  kinds = [(r, cfg.is_hash_layer(i)) for i, r in enumerate(cfg.compress_ratios)]
+  L, i, groups = len(kinds), 0, []
+  while i < L:
+    period, count = 1, 1
+    if cfg.scan_layers:
+      for p in range(1, MAX_PERIOD + 1):
+        c = 1
+        while i + (c + 1) * p <= L and kinds[i + c * p: i + (c + 1) * p] == kinds[i: i + p]:
+          c += 1
+        if c >= 2 and c * p > period * count:
+          period, count = p, c
+    ratios, hashed = zip(*kinds[i: i + period])
+    groups.append(Group(i, tuple(ratios), tuple(hashed), count))
+    i += period * count
+  return tuple(groups)
+
+
+def locate(cfg: ModelConfig, layer: int) -> tuple[int, int, int]:
+  """(group, repeat, slot) of official layer `layer`."""
+  if not 0 <= layer < cfg.num_layers:
+    raise ValueError(f"layer {layer} is outside [0, {cfg.num_layers})")
+  for g, grp in enumerate(layer_groups(cfg)):
+    if grp.start <= layer < grp.start + grp.size:
+      r, s = divmod(layer - grp.start, grp.period)
+      return g, r, s
+  raise AssertionError("unreachable")
+
+
+_INNER = re.compile(r"^groups\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_OUTER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def official_names(cfg: ModelConfig, path: str) -> list[tuple[str, int | None]]:
+  """The official names held by one model path, each with its index on the stacked axis.
+
+  `groups.3.blocks.1.attn.wq_a.weight` -> [("layers.4.attn.wq_a.weight", 0), ...]; paths outside
+  the groups are their own official name (index None).
+  """
+  m = _INNER.match(path)
+  if m is None:
+    return [(path, None)]
+  grp = layer_groups(cfg)[int(m.group(1))]
+  slot, rest = int(m.group(2)), m.group(3)
+  if not grp.scanned:
+    return [(f"layers.{grp.layer(0, slot)}.{rest}", None)]
+  return [(f"layers.{grp.layer(r, slot)}.{rest}", r) for r in range(grp.count)]
+
+
+def model_path(cfg: ModelConfig, name: str) -> tuple[str, int | None]:
+  """Inverse of `official_names`: (model path, stacked index or None) of an official name."""
+  m = _OUTER.match(name)
+  if m is None:
+    return name, None
+  g, r, s = locate(cfg, int(m.group(1)))
+  grp = layer_groups(cfg)[g]
+  return f"groups.{g}.blocks.{s}.{m.group(2)}", (r if grp.scanned else None)
