@@ -16,8 +16,12 @@ What is exact and what is estimated:
   re.search on dotted paths, as TrainConfig.freeze) have neither gradients nor state.
 * estimated (activations): the intermediates of one block per token (mHC streams in float32,
   projections, MoE rows and float32 SwiGLU), the attention/indexer working set of one query block
-  (both run `attn_block` queries per scan step), the expert-parallel all-to-all buffers (their
-  size follows the capacity formula in layers/moe_ep.py: dropless = worst case), and the float32
+  (both run `attn_block` queries per scan step), the expert-parallel all-to-all buffers of the
+  path that will run (`Settings.all_to_all`: "ragged" on GPU/TPU, T_l * k send rows and a receive
+  buffer of R rows; "buffer" on CPU, P * C rows each way; sizes from layers/moe_ep.py, dropless =
+  worst case; T_l = the tokens one device holds inside the MoE's shard_map, i.e. the global tokens
+  of a step or prefill chunk over every token shard, even when the batch itself is too small to
+  split and is replicated outside the MoE), and the float32
   logits of the cross-entropy chunk. Training with `--remat full` keeps each block's input streams
   and recomputes the rest during the backward pass; `--remat none` keeps every intermediate. XLA's
   own workspace, fragmentation and the CUDA context are not modeled: `--headroom` reserves a
@@ -38,7 +42,7 @@ import numpy as np
 
 from deepseek_v4 import sharding
 from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
-from deepseek_v4.layers.moe_ep import capacity
+from deepseek_v4.layers.moe_ep import ALL_TO_ALL, capacity, ragged_rows
 
 
 # ----- sizes -------------------------------------------------------------------------------------
@@ -103,6 +107,7 @@ class Settings:
   param_dtype: str | None = None
   freeze: tuple[str, ...] = ()
   capacity_factor: float | None = None
+  all_to_all: str = "ragged"  # expert-parallel path (layers/moe_ep.py): ragged on GPU/TPU
   prefill_chunk: int = 8192
   ce_chunk: int = 1024
 
@@ -228,13 +233,25 @@ def attention_block_bytes(cfg: ModelConfig, rows: int, seq: int, tp_heads: int) 
 
 
 def ep_buffer_bytes(cfg: ModelConfig, tokens: int, shards: int, cf: float | None,
-                    tp_mlp: int) -> float:
-  """The expert-parallel dispatch/compute/combine buffers of one MoE (layers/moe_ep.py)."""
+                    tp_mlp: int, all_to_all: str = "ragged") -> float:
+  """The expert-parallel dispatch/compute/combine buffers of one MoE (layers/moe_ep.py).
+
+  `tokens` is T_l, the tokens of one device inside the MoE's shard_map. Received rows hold the
+  input, its expert-sorted copy, the float32 SwiGLU inputs and output, and the expert output;
+  the "ragged" path's send side holds only the T_l * k pairs (sorted rows, returned rows, and
+  the rows back in token order), the "buffer" path sends and receives P * C rows.
+  """
+  if all_to_all not in ALL_TO_ALL:
+    raise ValueError(f"all_to_all={all_to_all!r} must be one of {ALL_TO_ALL}")
   act = _itemsize(cfg.dtype)
   E_l = cfg.num_experts // shards
-  rows = shards * capacity(tokens, cfg.experts_per_token, E_l, shards, cf)
-  D, F = cfg.d_model, cfg.moe_inter_dim
-  return rows * (4 * D * act + 3 * F * 4 / tp_mlp + F * act / tp_mlp + 3 * 4)
+  X, D, F = cfg.experts_per_token, cfg.d_model, cfg.moe_inter_dim
+  per_row = 4 * D * act + 3 * F * 4 / tp_mlp + F * act / tp_mlp
+  if all_to_all == "buffer":
+    rows = shards * capacity(tokens, X, E_l, shards, cf)
+    return rows * (per_row + 3 * 4)
+  rows = ragged_rows(tokens, X, E_l, shards, cf)
+  return tokens * X * (3 * D * act + 2 * 4) + rows * (per_row + 2 * 4)
 
 
 def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
@@ -247,6 +264,7 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
   rows = s.batch // shards if s.batch % shards == 0 else s.batch
   per_block = block_bytes_per_token(cfg, tp_h, tp_f, ep)
   ep_shards = sizes[dict(r.params)["expert"]] if ep else 1
+  token_shards = _act_shards(sizes, rules, "batch", math.prod(sizes.values()))  # MoE shard_map
   act = _itemsize(cfg.dtype)
   L = cfg.num_layers + cfg.num_mtp_layers
   if s.train:
@@ -258,7 +276,9 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
     saved = L * n * (stream if s.remat == "full" else per_block)
     work = n * per_block * (2 if s.remat == "full" else 1)
     attn = attention_block_bytes(cfg, rows, s.seq, tp_h) * 3
-    moe = ep_buffer_bytes(cfg, n, ep_shards, s.capacity_factor, tp_f) * 2 if ep else 0.0
+    t_l = -(-s.batch // s.grad_accum * s.seq // token_shards)
+    moe = ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all) * 2 \
+      if ep else 0.0
     logits = min(s.ce_chunk, n) * cfg.vocab_size * 4 * 3 / tp_v
     lines = [(f"saved activations ({L} blocks, remat {s.remat})", saved, "estimate"),
              ("one block's recompute + backward", work, "estimate"),
@@ -269,14 +289,16 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
     n = rows * chunk
     work = n * (per_block + 2 * cfg.hc_mult * cfg.d_model * act)
     attn = attention_block_bytes(cfg, rows, s.seq, tp_h)
-    moe = ep_buffer_bytes(cfg, n, ep_shards, s.capacity_factor, tp_f) if ep else 0.0
+    t_l = -(-s.batch * chunk // token_shards)  # a replicated batch is split inside the MoE
+    moe = ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all) \
+      if ep else 0.0
     logits = rows * cfg.vocab_size * 4 * 2 / tp_v
     lines = [(f"prefill chunk of {chunk} tokens: one block", work, "estimate"),
              ("attention/indexer query block", attn, "estimate")]
     head = f"rows/device {rows}, cache capacity {s.seq} tokens"
   if ep:
     cf = "dropless" if s.capacity_factor is None else f"capacity factor {s.capacity_factor}"
-    lines.append((f"MoE all-to-all buffers ({cf})", moe, "estimate"))
+    lines.append((f"MoE all-to-all buffers ({s.all_to_all}, {cf})", moe, "estimate"))
   lines.append(("logits (float32)", logits, "estimate"))
   return lines, [head]
 

@@ -117,3 +117,45 @@ def test_cli(capsys):
   err = capsys.readouterr().err
   assert rc == cli.USAGE_ERROR
   assert "which is not divisible by the mesh axis 'fsdp' of size 3" in err
+
+
+def test_flash_inference_on_64_h200_fits():
+  """fsdp=8 x expert=8: the MoE's tokens are split over all 64 devices inside its shard_map (a
+  batch of 8 is replicated outside it), and the ragged path sends only the real pairs."""
+  flash = deepseek_v4.flash()
+  p = plan.make_plan(flash, dict(fsdp=8, expert=8), device_memory=plan.parse_bytes("141GB"))
+  assert p.rules == "fsdp_ep" and p.fits
+  (label,) = [a for a, _, _ in p.lines if a.startswith("MoE all-to-all")]
+  assert label == "MoE all-to-all buffers (ragged, dropless)"
+  assert _line(p, "MoE all-to-all") < 2e9
+
+
+@pytest.mark.parametrize("path", ["ragged", "buffer"])
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_ep_buffers_follow_the_path_that_runs(path, train):
+  from deepseek_v4.layers import moe_ep
+
+  cfg = deepseek_v4.tiny()
+  sizes = dict(fsdp=4, expert=2)  # 8 token shards, 2 expert shards
+  s = plan.Settings(train=train, batch=8, seq=256, all_to_all=path, prefill_chunk=128)
+  got = _line(plan.make_plan(cfg, sizes, "fsdp_ep", s), "MoE all-to-all")
+  T_l = 8 * (256 if train else 128) // 8  # the step's (or chunk's) tokens over 8 token shards
+  P, X, El = 2, cfg.experts_per_token, cfg.num_experts // 2
+  D, F, act = cfg.d_model, cfg.moe_inter_dim, np.dtype(cfg.dtype).itemsize
+  per_row = 4 * D * act + 3 * F * 4 + F * act
+  if path == "buffer":
+    want = P * moe_ep.capacity(T_l, X, El, P, None) * (per_row + 12)
+  else:
+    want = T_l * X * (3 * D * act + 8) + moe_ep.ragged_rows(T_l, X, El, P, None) * (per_row + 8)
+  assert got == want * (2 if train else 1)
+  with pytest.raises(ValueError, match="all_to_all='nccl'"):
+    plan.make_plan(cfg, sizes, "fsdp_ep", plan.Settings(all_to_all="nccl"))
+
+
+def test_ragged_capacity_bounds_the_receive_buffer():
+  from deepseek_v4.layers import moe_ep
+
+  assert moe_ep.ragged_rows(10, 6, 32, 8, None) == 8 * 60  # every source sends all pairs here
+  assert moe_ep.ragged_rows(10, 6, 2, 8, None) == 8 * 20  # at most E_l pairs per token
+  assert moe_ep.ragged_rows(10, 6, 32, 8, 1.25) == 75  # ceil(1.25 * 60): mean load x factor
+  assert moe_ep.ragged_rows(10, 6, 32, 8, 100.0) == 480  # never above dropless
