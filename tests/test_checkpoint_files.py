@@ -209,6 +209,21 @@ def test_save_load_save_is_byte_identical(model, tmp_path, quantize):
   np.testing.assert_array_equal(dec.astype(np.float32), hub["layers.3.ffn.experts.1.w1.weight"])
 
 
+def test_bfloat16_model_is_stored_and_read_as_bf16(model, tmp_path):
+  bf16 = load_hf_checkpoint(_saved(model, tmp_path / "a"), dtype=jnp.bfloat16)
+  save_hf_checkpoint(bf16, tmp_path / "b")
+  listing = ckpt_files.list_checkpoint(str(tmp_path / "b"))
+  assert listing["embed.weight"].dtype == "BF16" and listing["layers.0.hc_attn_fn"].dtype == "F32"
+  again = to_hub_tensors(load_hf_checkpoint(tmp_path / "b", dtype=jnp.bfloat16))
+  for k, v in to_hub_tensors(bf16).items():
+    np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+def _saved(model, folder):
+  save_hf_checkpoint(model, folder)
+  return folder
+
+
 # ----- one consistent checkpoint per folder (issue 11 item 1) -------------------------------------
 def test_save_over_a_sharded_checkpoint_replaces_it(model, tmp_path):
   from tests.hf_oracle import randomize_params

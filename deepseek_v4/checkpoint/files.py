@@ -89,7 +89,7 @@ def layer_subset(cfg: ModelConfig, num_layers: int | None, mtp: bool
                  ) -> tuple[ModelConfig, Callable[[str], bool]]:
   """The config of the first `num_layers` layers (and MTP only if `mtp`), and the filter of the
   hub names it keeps."""
-  full = cfg.num_layers
+  full, full_mtp = cfg.num_layers, cfg.num_mtp_layers
   if num_layers is not None:
     if not 1 <= num_layers <= full:
       raise ValueError(f"num_layers={num_layers} outside [1, {full}] (the checkpoint's layers)")
@@ -97,7 +97,7 @@ def layer_subset(cfg: ModelConfig, num_layers: int | None, mtp: bool
                               num_hash_layers=min(cfg.num_hash_layers, num_layers))
   if not mtp:
     cfg = dataclasses.replace(cfg, num_mtp_layers=0)
-  if cfg.num_layers < full or (not mtp and cfg.num_mtp_layers != 0):
+  if cfg.num_layers < full or cfg.num_mtp_layers < full_mtp:
     log.warning("partial load: %d of %d layers%s; the config is adjusted to compress_ratios=%s, "
                 "num_hash_layers=%d, num_mtp_layers=%d", cfg.num_layers, full,
                 "" if mtp else ", no MTP", cfg.compress_ratios, cfg.num_hash_layers,

@@ -141,7 +141,7 @@ def _quant_spec(name: str, w: _Rows, s: _Rows) -> quant.QuantSpec:
 
 def _check_dtype(name: str, w: _Rows) -> None:
   code = w.info.dtype
-  is_int = code[0] in "IUB"
+  is_int = code.startswith(("I", "U")) or code == "BOOL"
   if _INT_OK.search(name):
     if not is_int:
       raise CheckpointError(f"{w.info.where()}: {name} holds expert ids but is stored as {code}; "
