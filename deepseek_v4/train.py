@@ -77,6 +77,10 @@ class TrainConfig:
     packing: "aligned" (recommended: documents share rows at aligned offsets, with exact
       per-document attention masking), "concat" (documents joined with EOS, cut into rows, no
       masking) or "pad" (one document per row).
+    val_fraction / val_documents: documents held out for validation (a share of them, or a
+      count; 0 = none; see deepseek_v4.evaluate).
+    eval_every / eval_rows: validation loss every this many steps (and at the last step), on
+      the first this many validation rows.
   """
 
   seq_len: int = 128
@@ -113,11 +117,15 @@ class TrainConfig:
   save_every: int = 100
   keep_checkpoints: int = 3
   packing: Literal["concat", "pad", "aligned"] = "concat"
+  val_fraction: float = 0.0
+  val_documents: int = 0
+  eval_every: int = 50
+  eval_rows: int = 64
 
   def __post_init__(self):
     # Every run setting has its type and range (issue 11): no negative warm-up or weight decay, no
     # NaN / inf, no bools or strings where numbers belong; the error names the field and value.
-    for name in ("warmup_steps", "lora_rank", "seed"):
+    for name in ("warmup_steps", "lora_rank", "seed", "val_documents"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise ValueError(f"{name}={v!r} must be an integer >= 0")
@@ -128,7 +136,7 @@ class TrainConfig:
       "adam_b1": unit, "adam_b2": unit, "adam_eps": positive, "adam_weight_decay": at_least_0,
       "mtp_weight": at_least_0, "mtp_weight_decay_phase": at_least_0,
       "balance_alpha": at_least_0, "bias_update_speed": at_least_0,
-      "indexer_loss_weight": at_least_0, "lora_alpha": positive,
+      "indexer_loss_weight": at_least_0, "lora_alpha": positive, "val_fraction": unit,
     }
     if self.clip_norm is not None:
       ranges["clip_norm"] = positive
@@ -153,13 +161,16 @@ class TrainConfig:
       except re.error as e:
         raise ValueError(f"freeze={pattern!r} is not a regular expression ({e})") from None
     for name in ("seq_len", "batch_size", "grad_accum", "steps", "ce_chunk", "log_every",
-                 "save_every", "keep_checkpoints"):
+                 "save_every", "keep_checkpoints", "eval_every", "eval_rows"):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name}={v!r} must be a positive integer")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"batch_size={self.batch_size} not divisible by "
                        f"grad_accum={self.grad_accum}")
+    if self.val_fraction and self.val_documents:
+      raise ValueError(f"val_fraction={self.val_fraction} and val_documents="
+                       f"{self.val_documents}: hold out a share or a count, not both")
     if self.indexer_stage not in ("off", "dense", "sparse"):
       raise ValueError(f"indexer_stage={self.indexer_stage!r}; expected off, dense or sparse")
     if self.packing not in ("concat", "pad", "aligned"):
