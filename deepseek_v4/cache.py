@@ -105,8 +105,13 @@ def empty_compressor_state(batch: int, ratio: int, width: int, overlap: bool) ->
   return CompressorState(zeros(k), ninf(k))
 
 
+def ring_size(cfg: ModelConfig, max_len: int) -> int:
+  """Slots of a layer's window ring: W, or every position with attention="dense"."""
+  return max_len if cfg.attention == "dense" else cfg.window
+
+
 def init_layer_cache(cfg: ModelConfig, ratio: int, batch: int, max_len: int, dtype) -> LayerCache:
-  H, W = cfg.head_dim, cfg.window
+  H, W = cfg.head_dim, ring_size(cfg, max_len)
   window = WindowCache(kv=jnp.zeros((batch, W, H), dtype),
                        pos=jnp.full((batch, W), PAD_POSITION, jnp.int32))
   kind = layer_kind(ratio)
@@ -160,8 +165,10 @@ def bytes_per_token(cfg: ModelConfig, dtype=None) -> float:
   entries + indexer keys (1 per 4 tokens) and HCA entries (1 per m' tokens); the window ring and
   the compressor tails have a fixed size that does not grow with the context."""
   item = jnp.dtype(dtype or cfg.dtype).itemsize
+  if cfg.attention == "dense":  # every K=V vector is kept (and its position)
+    return cfg.num_layers * (cfg.head_dim * item + 4)
   total = 0.0
-  for r in cfg.compress_ratios:
+  for r in cfg.layer_ratios:
     kind = layer_kind(r)
     if kind == "csa":
       total += (cfg.head_dim + cfg.index_head_dim) * item / CSA_RATIO
@@ -175,8 +182,9 @@ def fixed_bytes(cfg: ModelConfig, dtype=None) -> int:
   and the float32 compressor tails."""
   item = jnp.dtype(dtype or cfg.dtype).itemsize
   total = 0
-  for r in cfg.compress_ratios:
-    total += cfg.window * (cfg.head_dim * item + 4)
+  for r in cfg.layer_ratios:
+    if cfg.attention != "dense":  # a dense ring grows with the context (bytes_per_token)
+      total += cfg.window * (cfg.head_dim * item + 4)
     kind = layer_kind(r)
     if kind == "hca":
       total += 2 * r * cfg.head_dim * 4
@@ -188,5 +196,5 @@ def fixed_bytes(cfg: ModelConfig, dtype=None) -> int:
 
 def capacity_multiple(cfg: ModelConfig) -> int:
   """lcm of the compression ratios: a max_len that is a multiple of it wastes no entry slot."""
-  ratios = [r for r in cfg.compress_ratios if r > 0] or [1]
+  ratios = [r for r in cfg.layer_ratios if r > 0] or [1]
   return math.lcm(*ratios)

@@ -44,22 +44,43 @@ class ModelConfig:
     o_groups: g, groups of the grouped output projection.
     o_lora_rank: d_g, per-group output rank.
     window: W, sliding-window size (keys p_t - W < p_j <= p_t).
-    compress_ratios: one entry per trunk layer: 0 sliding-only, 4 CSA, other > 0 HCA.
+    compress_ratios: one entry per trunk layer: 0 sliding-only, 4 CSA, other > 0 HCA (the V4
+      schedule; the `attention` switch may replace it, see `layer_ratios`).
     index_heads / index_head_dim / index_topk: lightning indexer H_I, c_I, k_I.
     num_experts / experts_per_token / moe_inter_dim: routed experts E, K and their hidden size.
     num_shared_experts: shared experts (0 or 1), each of size moe_inter_dim.
     num_hash_layers: the first layers route by the frozen `tid2eid` table.
     route_scale: routed_scaling_factor applied after renormalizing the top-k weights.
     norm_topk_prob: renormalize the selected scores to sum 1 before scaling.
-    score_func: router affinity; V4 uses sqrt(softplus(logits)).
+    score_func: router affinity s = f(x gate^T): "sqrtsoftplus" sqrt(softplus) (V4), "sigmoid"
+      (V3) or "softmax" over the experts (classic top-k MoE); the combine weights are the selected
+      unbiased scores (renormalized when norm_topk_prob) times route_scale, whichever f.
+    router_bias: the aux-loss-free balancing bias of learned routers (added to the scores for the
+      selection only, moved toward balance after each step). False = plain top-k of the scores,
+      and no `gate.bias` tensor exists.
     swiglu_limit: clamp of the SwiGLU branches (gate <= limit, |up| <= limit).
     hc_mult / hc_sinkhorn_iters / hc_eps: mHC stream count, Sinkhorn iterations, epsilon.
+    residual: the residual connection around every attention and MoE (ablation switch):
+      "mhc" (V4): hc_mult streams, sigmoid pre/post, Sinkhorn-projected (doubly stochastic) W^res;
+      "hc": hyper-connections (Zhu et al. 2024) as the mHC paper writes them, without the manifold
+        constraint: pre/post/res = scale * tanh(mixing logits) + base, W^res unconstrained, base
+        initialized to HC's static values (layers.mhc.hc_weights);
+      "plain": the pre-norm residual x + f(norm(x)) with one stream; hc_mult (and the Sinkhorn
+        settings) are ignored and no hc_* tensor exists (`num_streams` = 1).
     rms_eps: epsilon of every RMS norm (also the mHC RMS scalar).
     rope_theta: base of the sliding-only layers (no YaRN).
     compress_rope_theta: base of CSA/HCA layers (queries, window keys, entries, indexer).
     rope_factor / rope_original_max_position / rope_beta_fast / rope_beta_slow: YaRN on the
       compressed layers; `rope_factor == 1` turns YaRN off.
     max_position_embeddings: longest sequence the model accepts.
+    attention: which attention every trunk layer runs (ablation switch; `layer_ratios` is the
+      effective schedule that the model, the cache, the layout and the summary follow):
+      "v4": `compress_ratios` as given; "window": sliding window only, every layer; "csa": CSA
+      (ratio 4 + lightning indexer, index_topk) every layer; "hca": HCA with ratio `hca_ratio`
+      every layer; "dense": full causal MQA with the same projections and sink, every key
+      visible (no window limit, no compression; the MTP block too, and a decode cache keeps
+      every key).
+    hca_ratio: the compression ratio of attention="hca" (unused otherwise).
     num_mtp_layers: multi-token-prediction depth (0 or 1); the MTP block is sliding-only.
     bos_token_id / eos_token_id: special ids.
     dtype: compute dtype of activations and matmuls.
@@ -92,11 +113,15 @@ class ModelConfig:
   num_hash_layers: int = 3
   route_scale: float = 1.5
   norm_topk_prob: bool = True
-  score_func: Literal["sqrtsoftplus"] = "sqrtsoftplus"
+  score_func: Literal["sqrtsoftplus", "sigmoid", "softmax"] = "sqrtsoftplus"
+  router_bias: bool = True
   swiglu_limit: float = 10.0
   hc_mult: int = 4
   hc_sinkhorn_iters: int = 20
   hc_eps: float = 1e-6
+  residual: Literal["mhc", "hc", "plain"] = "mhc"
+  attention: Literal["v4", "dense", "window", "csa", "hca"] = "v4"
+  hca_ratio: int = 128
   rms_eps: float = 1e-6
   rope_theta: float = 10000.0
   compress_rope_theta: float = 160000.0
@@ -134,16 +159,30 @@ class ModelConfig:
     return self.num_heads // self.o_groups
 
   @property
+  def num_streams(self) -> int:
+    """Residual streams M of the trunk: hc_mult, or 1 with residual="plain"."""
+    return 1 if self.residual == "plain" else self.hc_mult
+
+  @property
   def hc_mix_dim(self) -> int:
     """Size of the mHC mixing vector: pre (M) + post (M) + residual (M*M)."""
     return (2 + self.hc_mult) * self.hc_mult
+
+  @property
+  def layer_ratios(self) -> tuple[int, ...]:
+    """The compression ratio each trunk layer runs with (0 sliding, 4 CSA, other HCA): the
+    `attention` switch applied to `compress_ratios`. Everything per-layer reads this."""
+    return {"v4": self.compress_ratios, "dense": (SWA_RATIO,) * self.num_layers,
+            "window": (SWA_RATIO,) * self.num_layers, "csa": (CSA_RATIO,) * self.num_layers,
+            "hca": (self.hca_ratio,) * self.num_layers}[self.attention]
 
   @property
   def yarn(self) -> bool:
     return self.rope_factor != 1.0
 
   def layer_kinds(self) -> tuple[LayerKind, ...]:
-    return tuple(layer_kind(r) for r in self.compress_ratios)
+    """Per trunk layer; attention="dense" layers are "sliding" with every key in the window."""
+    return tuple(layer_kind(r) for r in self.layer_ratios)
 
   def is_hash_layer(self, layer: int) -> bool:
     return layer < self.num_hash_layers
@@ -507,11 +546,19 @@ def hf_to_fields(hf: dict) -> dict[str, Any]:
 
 
 _OWN_KEY = "deepseek_v4_jax"
-_OWN_FIELDS = ("attn_block", "init_std", "scan_layers", "kernel_impl")
+_OWN_FIELDS = ("attn_block", "init_std", "scan_layers", "kernel_impl", "residual", "attention",
+               "hca_ratio", "router_bias")
 
 
 def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-  """The transformers-style config.json of `cfg` (accepted by `DeepseekV4Config`)."""
+  """The transformers-style config.json of `cfg` (accepted by `DeepseekV4Config`).
+
+  The ablation switches without a transformers key (residual, attention, hca_ratio, router_bias)
+  go under our own key, as do the other knobs of `_OWN_FIELDS`; the transformers keys describe
+  the fields as stored (`compress_ratios`, not `layer_ratios`), so a config reads back equal. A
+  switched config (residual != "mhc", attention != "v4", router_bias off) is a model only this
+  package runs.
+  """
   kinds = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
            "hca": "heavily_compressed_attention"}
   hca = sorted({r for r in cfg.compress_ratios if layer_kind(r) == "hca"}) or [128]
@@ -534,7 +581,7 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     "n_shared_experts": cfg.num_shared_experts, "num_experts_per_tok": cfg.experts_per_token,
     "scoring_func": cfg.score_func, "norm_topk_prob": cfg.norm_topk_prob,
     "routed_scaling_factor": cfg.route_scale, "swiglu_limit": cfg.swiglu_limit,
-    "layer_types": [kinds[k] for k in cfg.layer_kinds()],
+    "layer_types": [kinds[layer_kind(r)] for r in cfg.compress_ratios],
     "compress_rates": {"compressed_sparse_attention": CSA_RATIO,
                        "heavily_compressed_attention": hca[0]},
     "mlp_layer_types": ["hash_moe" if cfg.is_hash_layer(i) else "moe"
@@ -611,10 +658,14 @@ def _validate(c: ModelConfig) -> None:
     raise ValueError(f"rope_dim={c.rope_dim} must be even and in (0, head_dim={c.head_dim}]")
   if c.num_heads % c.o_groups:
     raise ValueError(f"num_heads={c.num_heads} not divisible by o_groups={c.o_groups}")
-  if any(layer_kind(r) == "csa" for r in c.compress_ratios):
+  if c.hca_ratio <= 0 or c.hca_ratio == CSA_RATIO:
+    raise ValueError(f"hca_ratio={c.hca_ratio} must be a positive integer other than "
+                     f"{CSA_RATIO} (ratio {CSA_RATIO} is CSA)")
+  if any(layer_kind(r) == "csa" for r in c.layer_ratios):
     for name in ("index_heads", "index_head_dim", "index_topk"):
       if getattr(c, name) <= 0:
-        raise ValueError(f"{name}={getattr(c, name)} must be positive when a CSA layer exists")
+        raise ValueError(f"{name}={getattr(c, name)} must be positive when a CSA layer exists"
+                         f" (attention={c.attention!r})")
     if not (0 < c.rope_dim <= c.index_head_dim):
       raise ValueError(f"rope_dim={c.rope_dim} must fit in index_head_dim={c.index_head_dim}")
   if not (0 < c.experts_per_token <= c.num_experts):
@@ -627,8 +678,6 @@ def _validate(c: ModelConfig) -> None:
     raise ValueError(f"num_shared_experts={c.num_shared_experts}; supported: 0 or 1")
   if c.num_mtp_layers not in (0, 1):
     raise ValueError(f"num_mtp_layers={c.num_mtp_layers}; supported: 0 or 1")
-  if c.score_func != "sqrtsoftplus":
-    raise ValueError(f"score_func={c.score_func!r}; DeepSeek-V4 uses 'sqrtsoftplus'")
   for name in ("dtype", "param_dtype"):
     if getattr(c, name) not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"{name}={getattr(c, name)!r}; expected 'float32', 'bfloat16' or 'float16'")

@@ -217,7 +217,7 @@ class PackedRows:
 def packing_align(cfg) -> int:
   """Row offset multiple at which "aligned" packing starts documents for a ModelConfig: the
   largest compression ratio (and at least 4), so compression windows never straddle documents."""
-  return max(tuple(cfg.compress_ratios) + (4,))
+  return max(tuple(cfg.layer_ratios) + (4,))
 
 
 def _pack_aligned(tokenized, seq_len: int, align: int, pad_id: int, source: str) -> PackedRows:

@@ -49,7 +49,7 @@ def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
   """Greedy cut into maximal repeats: at each layer, the period (<= MAX_PERIOD) whose repeats
   cover the most layers (the shortest period on ties); a kind that does not repeat stands alone.
   With `cfg.scan_layers=False` every layer is its own group."""
-  kinds = [(r, cfg.is_hash_layer(i)) for i, r in enumerate(cfg.compress_ratios)]
+  kinds = [(r, cfg.is_hash_layer(i)) for i, r in enumerate(cfg.layer_ratios)]
   L, i, groups = len(kinds), 0, []
   while i < L:
     period, count = 1, 1

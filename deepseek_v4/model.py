@@ -79,24 +79,32 @@ class BlockOut:
 
 
 class Block(nnx.Module):
-  """Attention and MoE, each inside its own mHC connection and pre-norm (spec §2.2)."""
+  """Attention and MoE, each inside its own mHC connection and pre-norm (spec §2.2).
+
+  `cfg.residual` picks the connection (layers/mhc.py): "mhc", "hc" (same tensors, other maps) or
+  "plain" (one stream, no hc_* tensors: x + attn(norm(x)), then x + moe(norm(x))).
+  """
 
   def __init__(self, cfg: ModelConfig, ratio: int, hashed: bool, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-    self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mhc.init_site(
-      rngs, cfg.hc_mix_dim, cfg.hc_mult, cfg.d_model, 3, cfg.init_std)
-    self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.init_site(
-      rngs, cfg.hc_mix_dim, cfg.hc_mult, cfg.d_model, 3, cfg.init_std)
+    if cfg.residual != "plain":
+      site = (rngs, cfg.hc_mix_dim, cfg.hc_mult, cfg.d_model, 3, cfg.init_std,
+              cfg.residual == "mhc")
+      self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mhc.init_site(*site)
+      self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.init_site(*site)
     self.attn = Attention(cfg, ratio, rngs=rngs)
     self.ffn = MoE(cfg, hashed, rngs=rngs)
 
   def _site(self, x: Array, which: str):
+    """(pre, post, comb) of one connection; (None, None, None) for the plain residual."""
     c = self.cfg
+    if c.residual == "plain":
+      return None, None, None
     fn, base, scale = (getattr(self, f"hc_{which}_{n}")[...] for n in ("fn", "base", "scale"))
     return mhc.hc_weights(x, fn, base, scale, iters=c.hc_sinkhorn_iters, eps=c.hc_eps,
-                          norm_eps=c.rms_eps)
+                          norm_eps=c.rms_eps, constrained=c.residual == "mhc")
 
   def __call__(self, x: Float[Array, "B T M D"], ids: Int[Array, "B T"],
                positions: Int[Array, "B T"], *, segments: Int[Array, "B T"] | None = None,
@@ -164,14 +172,21 @@ class Embedding(nnx.Module):
 
 
 def _head_params(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+  """The final collapse of the streams (none with residual="plain") and its norm."""
+  module.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+  if cfg.residual == "plain":
+    return
   module.hc_head_fn = param(normal(rngs, (cfg.hc_mult, cfg.hc_mult * cfg.d_model), cfg.init_std,
                                   jnp.float32), ("hc_mix", "hc_embed"))
   module.hc_head_base = param(jnp.zeros((cfg.hc_mult,), jnp.float32), ("hc_mix",))
   module.hc_head_scale = param(jnp.ones((1,), jnp.float32), (None,))
-  module.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
 
 
 def _collapse_and_norm(module: nnx.Module, cfg: ModelConfig, x: Array) -> Array:
+  """norm(streams collapsed by the mHC head) (spec §2.4); norm(x) of the one plain stream.
+  residual="hc" keeps V4's head: the switch changes the per-layer connections only."""
+  if cfg.residual == "plain":
+    return module.norm(mhc.hc_collapse(x, None))
   h = mhc.hc_head(x, module.hc_head_fn[...], module.hc_head_base[...],
                   module.hc_head_scale[...], eps=cfg.hc_eps, norm_eps=cfg.rms_eps)
   return module.norm(h)
@@ -257,7 +272,7 @@ class Transformer(nnx.Module):
     B, T = ids.shape
     positions = default_positions(ids, positions, segments)
     e = self.embed_tokens(ids)
-    x = jnp.broadcast_to(e[:, :, None, :], (B, T, self.cfg.hc_mult, self.cfg.d_model))
+    x = jnp.broadcast_to(e[:, :, None, :], (B, T, self.cfg.num_streams, self.cfg.d_model))
     x = sharding.constrain(x, _STREAMS)
     if cache is not None and cache.layer_groups != tuple(g.spec for g in self.groups):
       raise ValueError("the cache was made for another layer layout (scan_layers or layers "

@@ -118,7 +118,7 @@ def component(path: tuple, cfg: ModelConfig) -> str:
     return "compressors"
   if "attn" in names:
     if path[0] == "layers":
-      return "attn_" + layer_kind(cfg.compress_ratios[path[1]])
+      return "attn_" + layer_kind(cfg.layer_ratios[path[1]])
     return "attn_sliding"  # the MTP block's attention is sliding-only
   if "shared_experts" in names:
     return "shared_experts"
@@ -294,23 +294,29 @@ def kv_cache(cfg: ModelConfig, context: int) -> KVCache:
   """KV-cache bytes per layer kind at `context` tokens; windows count W entries per layer."""
   eb = entry_bytes(cfg)
   rows: list[CacheRow] = []
-  csa = [r for r in cfg.compress_ratios if layer_kind(r) == "csa"]
+  ratios = cfg.layer_ratios
+  csa = [r for r in ratios if layer_kind(r) == "csa"]
   if csa:
     n = context // CSA_RATIO
     rows.append(CacheRow("CSA entries", len(csa), n, eb["main_serving"], eb["main_bf16"],
                          eb["main_serving"] / CSA_RATIO, eb["main_bf16"] / CSA_RATIO))
     rows.append(CacheRow("CSA indexer keys", len(csa), n, eb["index_serving"], eb["index_bf16"],
                          eb["index_serving"] / CSA_RATIO, eb["index_bf16"] / CSA_RATIO))
-  for ratio in sorted({r for r in cfg.compress_ratios if layer_kind(r) == "hca"}):
-    layers = cfg.compress_ratios.count(ratio)
+  for ratio in sorted({r for r in ratios if layer_kind(r) == "hca"}):
+    layers = ratios.count(ratio)
     rows.append(CacheRow(f"HCA entries (m={ratio})", layers, context // ratio,
                          eb["main_serving"], eb["main_bf16"], eb["main_serving"] / ratio,
                          eb["main_bf16"] / ratio))
   window_layers = cfg.num_layers + cfg.num_mtp_layers
-  rows.append(CacheRow(f"sliding windows (W={cfg.window})", window_layers, cfg.window,
-                       eb["main_serving"], eb["main_bf16"], 0.0, 0.0))
+  if cfg.attention == "dense":  # every key is kept: the "window" grows with the context
+    rows.append(CacheRow("all keys (dense attention)", window_layers, context,
+                         eb["main_serving"], eb["main_bf16"], eb["main_serving"],
+                         eb["main_bf16"]))
+  else:
+    rows.append(CacheRow(f"sliding windows (W={cfg.window})", window_layers, cfg.window,
+                         eb["main_serving"], eb["main_bf16"], 0.0, 0.0))
   state = 0
-  for r in cfg.compress_ratios:
+  for r in ratios:
     if layer_kind(r) != "sliding":
       state += _compressor_state_bytes(r, cfg.head_dim)
     if layer_kind(r) == "csa":
@@ -321,7 +327,7 @@ def kv_cache(cfg: ModelConfig, context: int) -> KVCache:
 # ----- FLOPs --------------------------------------------------------------------------------------
 def attention_keys(cfg: ModelConfig, ratio: int, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(attended keys, indexer-scored entries) of the token that has `ctx` tokens in context."""
-  window = np.minimum(cfg.window, ctx)
+  window = ctx if cfg.attention == "dense" else np.minimum(cfg.window, ctx)
   kind = layer_kind(ratio)
   if kind == "sliding":
     return window, np.zeros_like(ctx)
@@ -336,7 +342,7 @@ def attention_flops(cfg: ModelConfig, ctx: np.ndarray) -> dict[str, np.ndarray]:
   per_key = 2 * 2 * cfg.num_heads * cfg.head_dim  # q.k and p.v, 2 FLOPs per MAC
   per_entry = 2 * cfg.index_heads * cfg.index_head_dim
   out = {"attn_core_sliding": 0, "attn_core_csa": 0, "attn_core_hca": 0, "indexer_scores": 0}
-  for r in cfg.compress_ratios:
+  for r in cfg.layer_ratios:
     keys, scored = attention_keys(cfg, r, ctx)
     out["attn_core_" + layer_kind(r)] = out["attn_core_" + layer_kind(r)] + keys * per_key
     out["indexer_scores"] = out["indexer_scores"] + scored * per_entry
@@ -520,14 +526,25 @@ def _flops_lines(f: Flops) -> list[str]:
   return out + _table(["part", "at context", "prefill mean"], rows)
 
 
+def switches(cfg: ModelConfig) -> str:
+  """The ablation switches of `cfg` in one line (`field=value`, as config.json stores them)."""
+  attention = cfg.attention + (f" (hca_ratio={cfg.hca_ratio})" if cfg.attention == "hca" else "")
+  streams = "" if cfg.residual == "plain" else f" (hc_mult={cfg.hc_mult})"
+  return (f"residual={cfg.residual}{streams}, attention={attention}, "
+          f"score_func={cfg.score_func}, router_bias={cfg.router_bias}, "
+          f"hash_layers={cfg.num_hash_layers}")
+
+
 def format_summary(s: Summary) -> str:
   """The summary as plain-text tables."""
   cfg = s.config
   kinds = cfg.layer_kinds()
+  layers = ("all dense" if cfg.attention == "dense" else
+            f"{kinds.count('sliding')} sliding, {kinds.count('csa')} CSA, {kinds.count('hca')} HCA")
   head = (f"DeepSeek-V4 {s.name or 'custom config'}: {cfg.num_layers} layers "
-          f"({kinds.count('sliding')} sliding, {kinds.count('csa')} CSA, {kinds.count('hca')} HCA)"
-          f", D={cfg.d_model}, heads={cfg.num_heads}x{cfg.head_dim}, "
-          f"experts={cfg.num_experts} (top-{cfg.experts_per_token}), MTP={cfg.num_mtp_layers}")
+          f"({layers}), D={cfg.d_model}, heads={cfg.num_heads}x{cfg.head_dim}, "
+          f"experts={cfg.num_experts} (top-{cfg.experts_per_token}), MTP={cfg.num_mtp_layers}; "
+          f"{switches(cfg)}")
   blocks = [[head], _params_lines(s), _kv_lines(s.kv), _flops_lines(s.flops)]
   return "\n\n".join("\n".join(b) for b in blocks)
 

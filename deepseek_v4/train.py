@@ -37,9 +37,9 @@ import optax
 from flax import nnx
 
 from deepseek_v4 import layout, losses
-from deepseek_v4.config import ModelConfig, layer_kind
+from deepseek_v4.config import ModelConfig
 from deepseek_v4.model import REMAT_POLICIES, Options, Transformer, default_positions
-from deepseek_v4.optim import deepseek_optimizer
+from deepseek_v4.optim import adamw_optimizer, deepseek_optimizer
 
 IndexerStage = Literal["off", "dense", "sparse"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -59,6 +59,11 @@ class TrainConfig:
       last `decay_fraction` of the steps (spec §7.2).
     muon_momentum / muon_rms_scale / weight_decay: Muon's mu, gamma and lambda (spec §7.1).
     adam_b1 / adam_b2 / adam_eps / adam_weight_decay: AdamW of the non-matrix groups.
+    optimizer: "muon_v4" (V4: Muon for matrices, AdamW for the rest, spec §7.1) or "adamw"
+      (ablation: AdamW with the adam_* settings on every parameter, the same clipping and
+      schedule).
+    adamw_learning_rate: peak learning rate of optimizer="adamw" (None = learning_rate); AdamW
+      on matrices usually wants a smaller one than Muon.
     clip_norm: global gradient-norm clip (None = off).
     mtp_weight / mtp_weight_decay_phase: lambda of the MTP loss before / during the LR decay.
     balance_alpha: weight of the sequence-wise balance loss per learned layer.
@@ -98,6 +103,8 @@ class TrainConfig:
   adam_b2: float = 0.95
   adam_eps: float = 1e-20
   adam_weight_decay: float = 0.1
+  optimizer: Literal["muon_v4", "adamw"] = "muon_v4"
+  adamw_learning_rate: float | None = None
   clip_norm: float | None = 1.0
   mtp_weight: float = 0.3
   mtp_weight_decay_phase: float = 0.1
@@ -140,13 +147,18 @@ class TrainConfig:
     }
     if self.clip_norm is not None:
       ranges["clip_norm"] = positive
+    if self.adamw_learning_rate is not None:
+      ranges["adamw_learning_rate"] = positive
+    if self.optimizer not in ("muon_v4", "adamw"):
+      raise ValueError(f"optimizer={self.optimizer!r}; expected 'muon_v4' or 'adamw'")
     inside = {at_least_0: lambda v: v >= 0, in_0_1: lambda v: 0 <= v <= 1,
               unit: lambda v: 0 <= v < 1, positive: lambda v: v > 0}
     for name, interval in ranges.items():
       v = getattr(self, name)
       if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
           or not inside[interval](v)):
-        extra = " (or None: no clipping)" if name == "clip_norm" else ""
+        extra = {"clip_norm": " (or None: no clipping)",
+                 "adamw_learning_rate": " (or None: learning_rate)"}.get(name, "")
         raise ValueError(f"{name}={v!r} must be a finite number in {interval}{extra}")
     if self.compute_dtype not in (None, "float32", "bfloat16"):
       raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected None, 'float32' or "
@@ -188,6 +200,14 @@ class TrainConfig:
       object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
   @property
+  def peak_learning_rate(self) -> float:
+    """The schedule's peak: adamw_learning_rate for optimizer="adamw" when set, else
+    learning_rate."""
+    if self.optimizer == "adamw" and self.adamw_learning_rate is not None:
+      return self.adamw_learning_rate
+    return self.learning_rate
+
+  @property
   def decay_start(self) -> int:
     """First step of the LR decay phase."""
     return self.steps - int(round(self.decay_fraction * self.steps))
@@ -199,8 +219,9 @@ class TrainConfig:
 # ----- schedule -----------------------------------------------------------------------------------
 def wsd_schedule(tcfg: TrainConfig) -> optax.Schedule:
   """Warmup-stable-decay (spec §7.2): linear warm-up reaching the peak at step `warmup_steps - 1`,
-  constant, then cosine decay from `decay_start` to `final_lr_ratio * peak` at `steps`."""
-  peak, final = tcfg.learning_rate, tcfg.final_lr_ratio
+  constant, then cosine decay from `decay_start` to `final_lr_ratio * peak` at `steps`; the peak
+  is `tcfg.peak_learning_rate` (the optimizer's own)."""
+  peak, final = tcfg.peak_learning_rate, tcfg.final_lr_ratio
   warm = max(tcfg.warmup_steps, 1)
   start, length = tcfg.decay_start, max(tcfg.steps - tcfg.decay_start, 1)
 
@@ -303,12 +324,15 @@ def freeze_mask(tree, tcfg: TrainConfig, cfg: ModelConfig):
 def _transform(cfg: ModelConfig, tcfg: TrainConfig) -> optax.GradientTransformation:
   """One transformation object per (model, run) config: the optimizer's graph holds it as static
   data, so reusing the object lets `train_step` reuse its compiled program across builds."""
-  tx = deepseek_optimizer(
-    wsd_schedule(tcfg), cfg, muon_momentum=tcfg.muon_momentum,
-    muon_rms_scale=tcfg.muon_rms_scale, muon_weight_decay=tcfg.weight_decay,
-    adam_b1=tcfg.adam_b1, adam_b2=tcfg.adam_b2, adam_eps=tcfg.adam_eps,
-    adam_weight_decay=tcfg.adam_weight_decay, clip_norm=tcfg.clip_norm,
-    mu_dtype=jnp.float32)
+  adam = dict(adam_b1=tcfg.adam_b1, adam_b2=tcfg.adam_b2, adam_eps=tcfg.adam_eps,
+              adam_weight_decay=tcfg.adam_weight_decay, clip_norm=tcfg.clip_norm,
+              mu_dtype=jnp.float32)
+  if tcfg.optimizer == "adamw":
+    tx = adamw_optimizer(wsd_schedule(tcfg), **adam)
+  else:
+    tx = deepseek_optimizer(
+      wsd_schedule(tcfg), cfg, muon_momentum=tcfg.muon_momentum,
+      muon_rms_scale=tcfg.muon_rms_scale, muon_weight_decay=tcfg.weight_decay, **adam)
   # Frozen layers inside a stack of scanned layers: their slices get no update (weight decay
   # included), as a frozen unstacked parameter would.
   hold = optax.stateless(lambda updates, params=None: freeze_mask(updates, tcfg, cfg))
@@ -316,7 +340,8 @@ def _transform(cfg: ModelConfig, tcfg: TrainConfig) -> optax.GradientTransformat
 
 
 def make_optimizer(model: Transformer, tcfg: TrainConfig) -> nnx.Optimizer:
-  """nnx.Optimizer over the trainable parameters with DeepSeek's Muon/AdamW split."""
+  """nnx.Optimizer over the trainable parameters with DeepSeek's Muon/AdamW split (or AdamW
+  everywhere with tcfg.optimizer="adamw")."""
   wrt = trainable_filter(tcfg, model.cfg)
   if not nnx.state(model, wrt):
     raise ValueError("no trainable parameters: every parameter is frozen by "
@@ -388,7 +413,7 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
                                               tcfg.ce_chunk)
   lm = lm_sum / jnp.maximum(ntok, 1)
   # Indexer KL: per CSA layer the mean over its queries, then the mean over CSA layers.
-  csa = [o.indexer_kl for o, r in zip(outs, cfg.compress_ratios) if layer_kind(r) == "csa"]
+  csa = [o.indexer_kl for o, k in zip(outs, cfg.layer_kinds()) if k == "csa"]
   indexer = (sum(k[0] / jnp.maximum(k[1], 1.0) for k in csa) / len(csa)) if csa else jnp.zeros(())
   learned = [o.moe for i, o in enumerate(outs) if not cfg.is_hash_layer(i)]
   masks = [mask] * len(learned)
@@ -469,7 +494,8 @@ def _train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict, mtp_w
   optimizer.update(model, grads)
   loads = aux["loads"]
   if loads.shape[0]:
-    update_router_biases(model, loads, tcfg.bias_update_speed)
+    if model.cfg.router_bias:
+      update_router_biases(model, loads, tcfg.bias_update_speed)
     imbalance = jnp.mean(jax.vmap(losses.load_imbalance)(loads))
   else:
     imbalance = jnp.ones(())

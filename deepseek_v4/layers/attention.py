@@ -73,11 +73,18 @@ class Attention(nnx.Module):
     o = jnp.einsum("BTGI,GOI->BTGO", o, wo_a).reshape(B, T, G * dg)
     return self.wo_b(o)
 
-  def core(self, q, positions, kv, *, impl: str, comp=None, comp_idx=None, prefix_kv=None,
-           prefix_pos=None, segments=None, comp_seg=None, return_lse: bool = False):
+  def window(self, span: int) -> int:
+    """W of the window branch. attention="dense": `span`, the number of positions the call can
+    see (T of a full sequence, the ring's slots with a cache), so every earlier key is in the
+    window: full causal attention, O(T^2) like any dense attention, through the same kernel."""
+    return span if self.cfg.attention == "dense" else self.cfg.window
+
+  def core(self, q, positions, kv, *, window: int, impl: str, comp=None, comp_idx=None,
+           prefix_kv=None, prefix_pos=None, segments=None, comp_seg=None,
+           return_lse: bool = False):
     """The joint softmax over window, compressed entries and sink (kernels_pallas seam)."""
     return attention_ops.sparse_attention(
-      q, positions, kv, self.attn_sink[...], scale=self.scale, window=self.cfg.window,
+      q, positions, kv, self.attn_sink[...], scale=self.scale, window=window,
       block=self.cfg.attn_block, prefix_kv=prefix_kv, prefix_pos=prefix_pos, comp=comp,
       comp_idx=comp_idx, comp_ratio=self.ratio, segments=segments, comp_seg=comp_seg,
       return_lse=return_lse, impl=impl)
@@ -135,7 +142,8 @@ class Attention(nnx.Module):
       ikeys, iq, iw = self.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
       if stage != "dense":  # dense warm-up: every visible entry, no selection
         idx = sg(self.indexer.select(iq, iw, ikeys, row_pos, segments, comp_seg))
-    o = self.core(q, row_pos, kv, impl=impl, comp=comp, comp_idx=idx, segments=segments,
+    o = self.core(q, row_pos, kv, window=self.window(x.shape[1]), impl=impl, comp=comp,
+                  comp_idx=idx, segments=segments,
                   comp_seg=comp_seg, return_lse=train_indexer)
     kl = jnp.zeros((2,), jnp.float32)
     if train_indexer:
@@ -166,8 +174,9 @@ class Attention(nnx.Module):
     if self.indexer is not None:
       idx, new["index_keys"], new["indexer"] = self.indexer.extend(
         x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys)
-    o = self.core(q, positions, kv, impl=impl, comp=comp, comp_idx=idx,
-                  prefix_kv=cache.window.kv, prefix_pos=cache.window.pos)
+    o = self.core(q, positions, kv, window=self.window(cache.window.kv.shape[1]), impl=impl,
+                  comp=comp, comp_idx=idx, prefix_kv=cache.window.kv,
+                  prefix_pos=cache.window.pos)
     new["window"] = write_window(cache.window, kv, positions, n_valid)
     return self.output(o, cos, sin), cache.replace(**new)
 

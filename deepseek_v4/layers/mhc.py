@@ -3,6 +3,11 @@
 The residual stream is M parallel streams `X: [B, T, M, D]`. Each sub-layer reads a collapse of
 the streams (`pre`), writes its output back through `post`, and mixes the old streams through
 `comb`, a doubly-stochastic matrix produced by Sinkhorn-Knopp. All of this runs in float32.
+
+The `ModelConfig.residual` switch runs through the same functions: "hc" (hyper-connections
+without the manifold constraint, `hc_weights(constrained=False)`) keeps every tensor and changes
+the maps; "plain" has one stream and no weights (`pre`/`post`/`comb` None): `hc_collapse` reads
+the stream and `hc_expand` adds the sub-layer output to it, x + f(norm(x)).
 """
 
 from __future__ import annotations
@@ -42,12 +47,25 @@ def _mixing_logits(x: Float[Array, "B T M D"], fn: Array, norm_eps: float) -> Ar
 
 
 def hc_weights(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array, *, iters: int,
-               eps: float, norm_eps: float) -> tuple[Array, Array, Array]:
-  """pre [B,T,M], post [B,T,M] and comb [B,T,M,M] of one mHC site (spec §2.2 steps 1-4)."""
+               eps: float, norm_eps: float, constrained: bool = True
+               ) -> tuple[Array, Array, Array]:
+  """pre [B,T,M], post [B,T,M] and comb [B,T,M,M] of one mHC site (spec §2.2 steps 1-4).
+
+  constrained=False is residual="hc": hyper-connections (Zhu et al. 2024) in the form the mHC
+  paper gives them (its eq. 5), `H = scale * tanh(mu) + base` for pre, post and res alike, with
+  no sigmoid and no Sinkhorn projection, so W^res is an unconstrained learned matrix (static base
+  + dynamic tanh part). We chose this rather than "mHC minus Sinkhorn" because it is the baseline
+  the mHC paper compares against, and its identity-like static init (`init_site`) keeps the
+  unconstrained residual trainable; `iters`/`eps` are then unused.
+  """
   M = x.shape[2]
   mu = _mixing_logits(x, fn, norm_eps)
   base = base.astype(jnp.float32)
   scale = scale.astype(jnp.float32)
+  if not constrained:
+    h = jnp.concatenate([scale[0] * jnp.tanh(mu[..., :M]), scale[1] * jnp.tanh(mu[..., M:2 * M]),
+                         scale[2] * jnp.tanh(mu[..., 2 * M:])], axis=-1) + base
+    return h[..., :M], h[..., M:2 * M], h[..., 2 * M:].reshape(*h.shape[:-1], M, M)
   pre = jax.nn.sigmoid(mu[..., :M] * scale[0] + base[:M]) + eps
   post = 2.0 * jax.nn.sigmoid(mu[..., M:2 * M] * scale[1] + base[M:2 * M])
   res = mu[..., 2 * M:] * scale[2] + base[2 * M:]
@@ -55,14 +73,20 @@ def hc_weights(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array,
   return pre, post, comb
 
 
-def hc_collapse(x: Float[Array, "B T M D"], pre: Float[Array, "B T M"]) -> Array:
-  """`u = sum_i pre_i X_i` in float32, cast to the stream dtype (spec §2.2 step 5)."""
+def hc_collapse(x: Float[Array, "B T M D"], pre: Float[Array, "B T M"] | None) -> Array:
+  """`u = sum_i pre_i X_i` in float32, cast to the stream dtype (spec §2.2 step 5); the one
+  stream itself when `pre` is None (residual="plain", M = 1)."""
+  if pre is None:
+    return x[:, :, 0]
   return jnp.einsum("BTM,BTMD->BTD", pre, x.astype(jnp.float32)).astype(x.dtype)
 
 
-def hc_expand(x: Float[Array, "B T M D"], y: Float[Array, "B T D"], post: Array,
-              comb: Array) -> Array:
-  """`X'_j = post_j y + sum_i comb[i, j] X_i` (note: comb transposed), float32 math."""
+def hc_expand(x: Float[Array, "B T M D"], y: Float[Array, "B T D"], post: Array | None,
+              comb: Array | None) -> Array:
+  """`X'_j = post_j y + sum_i comb[i, j] X_i` (note: comb transposed), float32 math; the plain
+  residual `x + y` when `post` and `comb` are None (residual="plain")."""
+  if post is None:
+    return (x.astype(jnp.float32) + y.astype(jnp.float32)[:, :, None, :]).astype(x.dtype)
   mixed = jnp.einsum("BTij,BTiD->BTjD", comb, x.astype(jnp.float32))
   out = post[..., None] * y.astype(jnp.float32)[:, :, None, :] + mixed
   return out.astype(x.dtype)
@@ -77,9 +101,22 @@ def hc_head(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array, *,
 
 
 def init_site(rngs: nnx.Rngs, rows: int, hc_mult: int, d_model: int, n_scales: int,
-              std: float) -> tuple[nnx.Param, nnx.Param, nnx.Param]:
-  """(fn, base, scale) of one mHC site, initialized as transformers does (spec §7.9)."""
+              std: float, constrained: bool = True) -> tuple[nnx.Param, nnx.Param, nnx.Param]:
+  """(fn, base, scale) of one mHC site, initialized as transformers does (spec §7.9).
+
+  constrained=False (residual="hc", a sub-layer site: rows = (2 + M) M) starts from HC's static
+  connections: base = (pre 1/M each, post 1 each, res the identity) and dynamic scales 0.01, so
+  each stream carries itself forward and receives the full sub-layer output. HC reads stream
+  `layer mod M` (a one-hot pre); we read their mean, the same value at init, where every stream
+  holds the same vector, without making the init depend on the layer index.
+  """
   fn = param(normal(rngs, (rows, hc_mult * d_model), std, jnp.float32), ("hc_mix", "hc_embed"))
-  base = param(jnp.zeros((rows,), jnp.float32), ("hc_mix",))
-  scale = param(jnp.ones((n_scales,), jnp.float32), (None,))
-  return fn, base, scale
+  if constrained:
+    base = jnp.zeros((rows,), jnp.float32)
+    scale = jnp.ones((n_scales,), jnp.float32)
+  else:
+    M = hc_mult
+    base = jnp.concatenate([jnp.full((M,), 1.0 / M), jnp.ones((M,)),
+                            jnp.eye(M).reshape(-1)]).astype(jnp.float32)
+    scale = jnp.full((n_scales,), 0.01, jnp.float32)
+  return fn, param(base, ("hc_mix",)), param(scale, (None,))

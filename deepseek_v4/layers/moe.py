@@ -40,15 +40,25 @@ class MoEImpl:
   expert_parallel: moe_ep.ExpertParallel | None = None
 
 
-def router_scores(x: Float[Array, "T D"], gate: Float[Array, "E D"]) -> Array:
-  """Affinities `sqrt(softplus(x gate^T))` in float32, [T, E] (spec §4.1)."""
+SCORE_FUNCS = {
+  "sqrtsoftplus": lambda z: jnp.sqrt(jax.nn.softplus(z)),  # V4 (spec §4.1)
+  "sigmoid": jax.nn.sigmoid,  # V3
+  "softmax": lambda z: jax.nn.softmax(z, axis=-1),  # classic top-k MoE (over the experts)
+}
+
+
+def router_scores(x: Float[Array, "T D"], gate: Float[Array, "E D"],
+                  func: str = "sqrtsoftplus") -> Array:
+  """Affinities `f(x gate^T)` in float32, [T, E]; f = `ModelConfig.score_func` (V4:
+  sqrt(softplus), spec §4.1)."""
   logits = jnp.einsum("TD,ED->TE", x.astype(jnp.float32), gate.astype(jnp.float32))
-  return jnp.sqrt(jax.nn.softplus(logits))
+  return SCORE_FUNCS[func](logits)
 
 
-def route_topk(scores: Float[Array, "T E"], bias: Float[Array, "E"], k: int) -> Array:
-  """Learned selection: top-k of `scores + bias`; the bias only chooses (spec §4.2)."""
-  return jax.lax.top_k(scores + bias.astype(jnp.float32), k)[1]
+def route_topk(scores: Float[Array, "T E"], bias: Float[Array, "E"] | None, k: int) -> Array:
+  """Learned selection: top-k of `scores + bias`; the bias only chooses (spec §4.2). No bias
+  (router_bias=False): top-k of the scores."""
+  return jax.lax.top_k(scores if bias is None else scores + bias.astype(jnp.float32), k)[1]
 
 
 def route_hash(ids: Int[Array, "T"], table: Int[Array, "V X"]) -> Array:
@@ -114,7 +124,8 @@ def default_hash_table(key: jax.Array, vocab: int, experts: int, k: int) -> jax.
 
 
 class Gate(nnx.Module):
-  """Router: weight [E, D]; `bias` [E] on learned layers, `tid2eid` [V, K] on hash layers."""
+  """Router: weight [E, D]; `bias` [E] on learned layers (when cfg.router_bias), `tid2eid`
+  [V, K] on hash layers."""
 
   def __init__(self, cfg: ModelConfig, hashed: bool, *, rngs: nnx.Rngs):
     self.hashed = hashed
@@ -125,7 +136,7 @@ class Gate(nnx.Module):
                                  cfg.experts_per_token)
       self.tid2eid = HashTable(table, out_sharding=("vocab", None),
                                eager_sharding=False)
-    else:
+    elif cfg.router_bias:
       self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32),
                              out_sharding=("expert",), eager_sharding=False)
 
@@ -143,11 +154,12 @@ class MoE(nnx.Module):
   def route(self, x: Float[Array, "T D"], ids: Int[Array, "T"]) -> tuple[Array, Array, Array]:
     """(scores [T,E], selected experts [T,K], combine weights [T,K])."""
     cfg = self.cfg
-    scores = router_scores(x, self.gate.weight[...])
+    scores = router_scores(x, self.gate.weight[...], cfg.score_func)
     if self.gate.hashed:
       idx = route_hash(ids, self.gate.tid2eid[...])
     else:
-      idx = route_topk(scores, self.gate.bias[...], cfg.experts_per_token)
+      bias = self.gate.bias[...] if cfg.router_bias else None
+      idx = route_topk(scores, bias, cfg.experts_per_token)
     return scores, idx, combine_weights(scores, idx, cfg.route_scale, cfg.norm_topk_prob)
 
   def __call__(self, x: Float[Array, "B T D"], ids: Int[Array, "B T"],

@@ -344,3 +344,14 @@ def deepseek_optimizer(learning_rate: optax.ScalarOrSchedule, cfg: ModelConfig, 
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.partition({MUON: muon_tx, ADAMW: adam_tx}, param_labels))
   return optax.chain(*parts)
+
+
+def adamw_optimizer(learning_rate: optax.ScalarOrSchedule, *, adam_b1: float = 0.9,
+                    adam_b2: float = 0.95, adam_eps: float = 1e-20,
+                    adam_weight_decay: float = 0.1, clip_norm: float | None = 1.0,
+                    mu_dtype=None) -> optax.GradientTransformation:
+  """The AdamW baseline (TrainConfig.optimizer="adamw"): global-norm clipping, then AdamW with
+  decoupled weight decay on every parameter, matrices included (the usual pre-Muon recipe)."""
+  adam_tx = optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                        weight_decay=adam_weight_decay, mu_dtype=mu_dtype)
+  return optax.chain(*([optax.clip_by_global_norm(clip_norm)] if clip_norm else []), adam_tx)
