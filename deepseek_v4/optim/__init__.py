@@ -21,7 +21,7 @@ from deepseek_v4.optim.muon import (
 )
 
 __all__ = [
-  "ADAMW", "HYBRID_NS_COEFFS", "MUON", "DeepSeekMuonState", "adamw_optimizer", "MatrixBlocks", "deepseek_muon",
-  "deepseek_optimizer", "describe", "format_groups", "matrix_blocks", "newton_schulz",
+  "ADAMW", "HYBRID_NS_COEFFS", "MUON", "DeepSeekMuonState", "MatrixBlocks", "adamw_optimizer",
+  "deepseek_muon", "deepseek_optimizer", "describe", "format_groups", "matrix_blocks", "newton_schulz",
   "orthogonalize", "param_group", "param_labels", "path_name", "scale_by_deepseek_muon",
 ]
