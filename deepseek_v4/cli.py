@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "generate": ("deepseek_v4.generate_cli", "generate text from a checkpoint, streamed"),
   "train": ("deepseek_v4.train_cli",
             "train or fine-tune (Muon, V4 losses, Orbax checkpoints); --demo runs on CPU"),
+  "ablate": ("deepseek_v4.ablate", "a grid of model variants x seeds, resumable, with a report"),
 }
 
 USAGE_ERROR = 2
