@@ -30,12 +30,18 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "benchmarks", "results", "bench_train.json")
 
 
-# A wider variant (`--wide`): d_model 256, 16 experts. On CPU its step is dominated by
-# `jax.lax.ragged_dot` in the MoE, which XLA:CPU runs ~20x slower than the equivalent dense matmul.
+# A wider variant (`--wide`): d_model 256, 16 experts. The MoE's grouped matmuls run on the tiled
+# CPU path (kernels_pallas/moe_gmm; `jax.lax.ragged_dot` would be a masked product over every
+# expert on XLA:CPU).
 WIDE = ["d_model=256", "num_heads=8", "head_dim=128", "rope_dim=64", "q_lora_rank=128",
         "o_groups=4", "o_lora_rank=64", "moe_inter_dim=256", "num_experts=16",
         "experts_per_token=4", "index_heads=8", "index_head_dim=64", "window=32",
         "vocab_size=4096"]
+
+# V4-shaped routing at small width (`--moe64`, issue 10): WIDE with 64 routed experts, top-6 (as
+# Flash routes 6 of 256) and the shared expert.
+MOE64 = WIDE + ["num_experts=64", "experts_per_token=6", "num_shared_experts=1",
+                "moe_inter_dim=128"]
 
 
 def bench_ours(model, opt, tcfg, ids, targets, steps, warmup):
@@ -81,6 +87,8 @@ def main(argv=None) -> int:
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       help="ModelConfig overrides")
   parser.add_argument("--wide", action="store_true", help="the d_model-256 variant (WIDE)")
+  parser.add_argument("--moe64", action="store_true",
+                      help="the d_model-256 variant with 64 experts, top-6 (MOE64)")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--steps", type=int, default=5)
@@ -101,8 +109,8 @@ def main(argv=None) -> int:
   from deepseek_v4.checkpoint import save_hf_checkpoint
   from deepseek_v4.config import PRESETS, parse_overrides
 
-  if args.wide:
-    args.overrides = WIDE + args.overrides
+  if args.wide or args.moe64:
+    args.overrides = (MOE64 if args.moe64 else WIDE) + args.overrides
   cfg = parse_overrides(PRESETS[args.preset](num_mtp_layers=0), args.overrides)
   cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, args.seq))
   tcfg = train.TrainConfig(seq_len=args.seq, batch_size=args.batch, learning_rate=1e-3,
