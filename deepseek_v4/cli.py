@@ -5,8 +5,10 @@ Each subcommand lives in its own module, which defines `add_arguments(parser)` a
 Only the module of the subcommand being run is imported, so `--help` stays cheap and one
 subcommand's dependencies never affect another.
 
-Errors in the user's input (an unknown preset, a bad `--set`, a missing config file) are printed to
-stderr as `error: ...` and exit with status 2, the same as argparse's own usage errors.
+Errors in the user's input (an unknown preset, a bad `--set`, a missing or unreadable file, a bad
+regex) are printed to stderr as one line `error: ...` naming the bad value, and exit with status 2,
+the same as argparse's own usage errors. Any other exception is also one `error:` line (exit 1).
+`--debug` (on every subcommand) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+import traceback
 
 from deepseek_v4 import config
 
@@ -33,11 +37,16 @@ USAGE_ERROR = 2
 
 
 # ----- shared flags (for every subcommand that builds a model config) -----------------------------
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-  """`--preset` | `--config`, and repeated `--set field=value`."""
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "flash") -> None:
+  """`--preset` | `--config`, and repeated `--set field=value`.
+
+  `--preset` stays None when not given (so a subcommand can tell an explicit choice from the
+  default); `config_from_args` falls back to `default_preset`.
+  """
   group = parser.add_mutually_exclusive_group()
   group.add_argument("--preset", choices=sorted(config.PRESETS), default=None,
-                     help="model preset (default flash)")
+                     help=f"model preset (default {default_preset})")
+  parser.set_defaults(default_preset=default_preset)
   group.add_argument("--config", metavar="PATH",
                      help="a hub or transformers config.json (or its folder)")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -54,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[config.ModelConfig, str 
   if args.config:
     cfg, name = config.ModelConfig.from_hf(args.config), None
   else:
-    name = args.preset or "flash"
+    name = args.preset or args.default_preset
     cfg = config.PRESETS[name]()
   if args.overrides:
     cfg, name = config.parse_overrides(cfg, args.overrides), None
@@ -72,6 +81,39 @@ def positive_int(text: str) -> int:
   return value
 
 
+def arg_type(parse):
+  """argparse type from a parser raising ValueError: argparse then prints the message itself
+  (for a plain ValueError it prints only 'invalid <function name> value')."""
+  def convert(text: str):
+    try:
+      return parse(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+
+  convert.__name__ = parse.__name__
+  return convert
+
+
+def fraction(text: str) -> float:
+  """argparse type: a number in [0, 1) (e.g. a share of memory kept free)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0 <= value < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1) (a fraction, e.g. 0.1)")
+  return value
+
+
+def one_line(message: str) -> str:
+  """A multi-line message (e.g. a list of mismatching fields) joined into one line."""
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  out = lines[0] if lines else ""
+  for line in lines[1:]:
+    out += (" " if out.endswith(":") else "; ") + line
+  return out
+
+
 # ----- entry point --------------------------------------------------------------------------------
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   """The parser; only `command`'s module is imported and given its flags (the others list their
@@ -80,6 +122,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for name, (module_name, help_text) in SUBCOMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line")
     if name == command:
       module = importlib.import_module(module_name)
       module.add_arguments(p)
@@ -97,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
   except BrokenPipeError:  # the reader (e.g. `| head`) stopped reading: not a usage error
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ValueError, OSError, re.error) as e:  # the user's input: a bad value, file or regex
+    _report(e, args.debug, "")
     return USAGE_ERROR
+  except Exception as e:  # noqa: BLE001 - one line instead of a traceback; --debug shows it
+    _report(e, args.debug, f"{type(e).__name__}: ")
+    return 1
+
+
+def _report(e: Exception, debug: bool, prefix: str) -> None:
+  if debug:
+    traceback.print_exc()
+  print(f"error: {prefix}{one_line(str(e))}" + ("" if debug or not prefix else
+                                                 " (rerun with --debug for the traceback)"),
+        file=sys.stderr)

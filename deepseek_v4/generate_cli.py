@@ -2,15 +2,19 @@
 
   python -m deepseek_v4 generate --checkpoint DIR --prompt "Hello" --max-new-tokens 64
   python -m deepseek_v4 generate --checkpoint DIR --prompt "Hi" --chat --temperature 1.0
+  python -m deepseek_v4 generate --checkpoint runs/a --step 400 --prompt "def "   # train --out
 
-The tokenizer is DIR/tokenizer.json when present (or `--tokenizer PATH`), else the byte
-tokenizer of models trained here. Tokens are printed as the jitted loop produces them (an ordered
-`jax.debug.callback`, see `deepseek_v4.decoding.generate`).
+DIR is a hub / transformers folder (config.json + *.safetensors), or a folder that `train --out`
+wrote (Orbax checkpoints; the latest step, or `--step N`; LoRA adapters are merged). The tokenizer
+is `--tokenizer PATH`, else DIR/tokenizer.json when present, else the byte tokenizer of models
+trained here. Tokens are printed as the jitted loop produces them (an ordered `jax.debug.callback`,
+see `deepseek_v4.decoding.generate`); the text ends at the stop (end-of-sequence) token.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   from deepseek_v4.cli import positive_int
 
   parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                      help="folder with config.json and *.safetensors (hub or transformers names)")
+                      help="folder with config.json and *.safetensors (hub or transformers names), "
+                           "or a `train --out` folder (Orbax checkpoints)")
+  parser.add_argument("--step", type=int, default=None, metavar="N",
+                      help="with a `train --out` folder: the checkpoint step (default: the latest)")
   parser.add_argument("--prompt", required=True, help="prompt text")
   parser.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N")
   parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -34,17 +41,112 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
 
 
-def run(args: argparse.Namespace, out=None) -> int:
+def training_checkpoints(path: str) -> str | None:
+  """The Orbax checkpoint folder of a `train --out` folder (PATH/checkpoints, or PATH itself when
+  it holds step folders), or None."""
+  for folder in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(folder) and any(
+        name.isdigit() and os.path.isdir(os.path.join(folder, name))
+        for name in os.listdir(folder)):
+      return folder
+  return None
+
+
+def load_training_checkpoint(folder: str, step: int | None, dtype: str):
+  """The model of an Orbax training checkpoint (LoRA adapters merged), in `dtype`."""
+  import dataclasses
+
   import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from flax import nnx
 
-  from deepseek_v4 import decoding, tokenizer
-  from deepseek_v4.checkpoint import load_hf_checkpoint
+  from deepseek_v4 import lora
+  from deepseek_v4.checkpoint import from_hub_tensors, to_hub_tensors
+  from deepseek_v4.checkpoint.io import Checkpointer
+  from deepseek_v4.config import ModelConfig
+  from deepseek_v4.model import Transformer
 
-  out = out or sys.stdout
-  tok = tokenizer.load_tokenizer(args.tokenizer or args.checkpoint)
+  ck = Checkpointer(folder)
+  try:
+    meta = ck.read_meta(step)
+    step = meta["step"]
+    cfg = ModelConfig(**meta["model_config"])
+    run = meta.get("train_config") or {}
+
+    def build():
+      model = Transformer(cfg, rngs=nnx.Rngs(0))
+      if run.get("lora_rank"):
+        lora.apply_lora(model, run["lora_targets"], rank=run["lora_rank"],
+                        alpha=run["lora_alpha"], rngs=nnx.Rngs(0))
+      return model
+
+    model = nnx.eval_shape(build)
+    state = nnx.state(model)
+    out = ck.manager.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore(nnx.to_pure_dict(state))))
+  finally:
+    ck.close()
+  nnx.replace_by_pure_dict(state, out["model"])
+  nnx.update(model, state)
+  if run.get("lora_rank"):
+    lora.strip_lora(model)
+  if not (cfg.dtype == dtype and cfg.param_dtype == dtype):
+    # The same casts as a hub checkpoint loaded in `dtype` (norms, mHC, router bias stay f32).
+    name = jnp.dtype(dtype).name
+    model = from_hub_tensors(dataclasses.replace(cfg, dtype=name, param_dtype=name),
+                             to_hub_tensors(model))
+  return model
+
+
+def _tokenizer(args: argparse.Namespace):
+  from deepseek_v4 import tokenizer
+
+  path = args.tokenizer or args.checkpoint
+  try:
+    tok = tokenizer.load_tokenizer(path)
+  except (ValueError, OSError):  # these name the file already
+    raise
+  except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+    flag = "--tokenizer" if args.tokenizer else "--checkpoint"
+    raise ValueError(f"{flag} {path!r}: not a readable tokenizer.json ({e})") from None
   if args.tokenizer and isinstance(tok, tokenizer.ByteTokenizer):
     raise ValueError(f"--tokenizer {args.tokenizer!r}: no tokenizer.json there")
-  model = load_hf_checkpoint(args.checkpoint, dtype=jnp.dtype(args.dtype))
+  return tok
+
+
+def _check_folder(path: str) -> None:
+  if not os.path.exists(path):
+    raise ValueError(f"--checkpoint {path!r} does not exist")
+  if not os.path.isdir(path):
+    raise ValueError(f"--checkpoint {path!r} is a file; expected a folder (config.json + "
+                     "*.safetensors, or a `train --out` folder)")
+
+
+def _model(args: argparse.Namespace):
+  import jax.numpy as jnp
+
+  from deepseek_v4.checkpoint import load_hf_checkpoint
+
+  path = args.checkpoint
+  orbax = training_checkpoints(path)
+  if orbax is not None:
+    return load_training_checkpoint(orbax, args.step, args.dtype)
+  if args.step is not None:
+    raise ValueError(f"--step {args.step}: {path!r} is not a `train --out` folder (it has no "
+                     "checkpoints/<step> folders)")
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise ValueError(f"--checkpoint {path!r} holds neither config.json (a hub / transformers "
+                     "checkpoint) nor checkpoints/<step> folders (written by `train --out`)")
+  return load_hf_checkpoint(path, dtype=jnp.dtype(args.dtype))
+
+
+def run(args: argparse.Namespace, out=None) -> int:
+  from deepseek_v4 import decoding, tokenizer
+
+  out = out or sys.stdout
+  _check_folder(args.checkpoint)
+  tok = _tokenizer(args)
+  model = _model(args)
   cfg = model.cfg
   if tok.vocab_size > cfg.vocab_size and isinstance(tok, tokenizer.ByteTokenizer):
     raise ValueError(f"the checkpoint has vocab_size={cfg.vocab_size}, too small for the byte "
@@ -69,16 +171,22 @@ def run(args: argparse.Namespace, out=None) -> int:
 
 
 def printer(dec, out):
-  """The `stream` callback of `generate` for one row: prints each token's text when complete."""
+  """The `stream` callback of `generate` for one row: prints each token's text when complete.
+
+  The text ends before the stop token: the step whose `done` turns true produced the stop token,
+  and everything after it is padding.
+  """
   finished = [False]
 
   def stream(step, tokens, done):
     if finished[0]:
       return
+    finished[0] = bool(done[0])
+    if finished[0]:  # the stop token itself: not part of the text
+      return
     text = dec.push([int(tokens[0])])
     if text:
       out.write(text)
       out.flush()
-    finished[0] = bool(done[0])
 
   return stream

@@ -47,12 +47,24 @@ from deepseek_v4.layers.moe_ep import ALL_TO_ALL, capacity, ragged_rows
 
 # ----- sizes -------------------------------------------------------------------------------------
 def parse_bytes(text: str) -> int:
-  """'141GB' -> 141e9, '140GiB' -> 140 * 2**30, '8e9' -> 8e9 (decimal units unless 'iB')."""
+  """'141GB' -> 141e9, '140GiB' -> 140 * 2**30, '8e9' -> 8e9 (decimal units unless 'iB').
+
+  A number without a unit counts bytes; since no device has under 1 MB, such a size is refused
+  ('141' surely meant 141GB) instead of read as 141 bytes.
+  """
   m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text)
-  if not m:
+  try:
+    number = float(m[1]) if m else math.nan
+  except ValueError:
+    number = math.nan
+  if not (m and math.isfinite(number) and (m[2] or not m[3])):
     raise ValueError(f"device memory {text!r}: expected e.g. 141GB, 140GiB or 80e9")
   base = 1024 if m[3] else 1000
-  return int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
+  value = int(number * base ** " KMGT".index(m[2] or " "))
+  if value < 10**6:
+    raise ValueError(f"device memory {text!r} is {value} bytes: a number without a unit counts "
+                     f"bytes; write e.g. {m[1]}GB or {m[1]}GiB")
+  return value
 
 
 def gb(n: float) -> str:
@@ -386,10 +398,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--capacity-factor", type=float, default=None,
                       help="expert-parallel MoE capacity factor (default: dropless)")
   parser.add_argument("--prefill-chunk", type=cli.positive_int, default=8192)
-  parser.add_argument("--device-memory", type=parse_bytes, default=None,
-                      help="e.g. 141GB (H200) or 80GB; prints whether the plan fits")
-  parser.add_argument("--headroom", type=float, default=0.1,
-                      help="fraction of device memory kept free for XLA (default 0.1)")
+  parser.add_argument("--device-memory", type=cli.arg_type(parse_bytes), default=None,
+                      help="e.g. 141GB (H200), 80GB or 140GiB (a bare number counts bytes); "
+                      "prints whether the plan fits")
+  parser.add_argument("--headroom", type=cli.fraction, default=0.1,
+                      help="fraction of device memory kept free for XLA, in [0, 1) "
+                      "(default 0.1)")
   parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
 
 

@@ -4,7 +4,13 @@ demo corpus), with checkpoints, metrics.jsonl and loss.png in --out.
   python -m deepseek_v4 train --demo                       # tiny V4 on the stdlib sources, ~4 min
   python -m deepseek_v4 train --preset tiny --data corpus.txt --steps 500 --out runs/a
   python -m deepseek_v4 train ... --out runs/a --resume    # continue exactly where it stopped
-  python -m deepseek_v4 train --config ckpt/ --init ckpt/ --data sft.jsonl --lora-rank 8
+  python -m deepseek_v4 train ... --out runs/a --resume --resume-step 300 --lr 1e-3  # after a
+                                                           # divergence: from a kept checkpoint
+  python -m deepseek_v4 train --init ckpt/ --data sft.jsonl --lora-rank 8
+
+With `--init DIR` the architecture is DIR/config.json's; a `--preset`, `--config` or `--set` that
+contradicts it is refused (only fields that change how the model runs, not what it computes, such
+as dtype or attn_block, may be set).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import shutil
 import sys
 
 from deepseek_v4 import cli
@@ -20,8 +28,7 @@ from deepseek_v4 import train, trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  cli.add_config_arguments(parser)
-  parser.set_defaults(preset="tiny")
+  cli.add_config_arguments(parser, default_preset="tiny")
   p = parser.add_argument
   p("--demo", action="store_true",
     help="the demo: a tiny V4 (every layer kind) on the embedded stdlib corpus, then a sample")
@@ -31,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p("--out", metavar="DIR",
     help="checkpoints, metrics.jsonl, loss.png (default runs/train; runs/demo with --demo)")
   p("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-  p("--init", metavar="DIR", help="start from a transformers/hub checkpoint folder (fine-tuning)")
+  p("--resume-step", type=cli.positive_int, metavar="N",
+    help="continue from the kept checkpoint of step N instead of the latest (implies --resume; "
+         "later checkpoints are deleted)")
+  p("--init", metavar="DIR",
+    help="start from a transformers/hub checkpoint folder (fine-tuning); the architecture is "
+         "DIR/config.json's")
   p("--seq-len", type=cli.positive_int)
   p("--batch-size", type=cli.positive_int)
   p("--grad-accum", type=cli.positive_int)
@@ -52,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p("--log-every", type=cli.positive_int)
   p("--save-every", type=cli.positive_int)
   p("--keep", type=cli.positive_int, help="checkpoints to keep")
+  p("--diverge-factor", type=float, default=None, metavar="F",
+    help="stop when the loss exceeds F x its running level (and by 3 nats; default 3; inf = "
+         "only NaN / inf)")
+  p("--diverge-grad-factor", type=float, default=None, metavar="F",
+    help="stop when the gradient norm exceeds F x its running level (default 100)")
   p("--train-set", dest="train_overrides", action="append", default=[],
     metavar="FIELD=VALUE", help="override any TrainConfig field (repeatable)")
   p("--sample", type=int, default=200, metavar="N", help="tokens to sample at the end (0 = none)")
@@ -98,10 +115,59 @@ def train_config_from_args(args: argparse.Namespace, base: train.TrainConfig) ->
   if args.bf16:
     updates["compute_dtype"] = "bfloat16"
   if args.freeze:
+    for pattern in args.freeze:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"--freeze {pattern!r}: not a valid regular expression ({e})") from None
     updates["freeze"] = tuple(args.freeze)
   if args.lora_targets:
     updates["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
   return _parse_train_overrides(dataclasses.replace(base, **updates), args.train_overrides)
+
+
+# ModelConfig fields that change how the model runs, not what it computes: `--set` may change them
+# with `--init` (every other field comes from the checkpoint's config.json).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attn_block", "init_std", "scan_layers", "kernel_impl",
+                  "max_position_embeddings")
+
+
+def _contradictions(ckpt, other, skip=()) -> list[str]:
+  """`field: checkpoint X, other Y` for each architecture field that differs."""
+  a, b = ckpt.to_dict(), other.to_dict()
+  return [f"{k}={b[k]!r} (checkpoint {a[k]!r})" for k in a
+          if k not in skip and a[k] != b[k]]
+
+
+def init_config(args: argparse.Namespace):
+  """The ModelConfig of `--init DIR` (its config.json) with the runtime-only `--set` fields.
+
+  Raises:
+    ValueError: a `--preset`, `--config` or `--set` contradicts the checkpoint (fields named).
+  """
+  from deepseek_v4 import config
+
+  path = os.path.join(args.init, "config.json") if os.path.isdir(args.init) else args.init
+  cfg = config.ModelConfig.from_hf(args.init)
+  given = []
+  if args.preset:
+    given.append((f"--preset {args.preset}", config.PRESETS[args.preset]()))
+  if args.config:
+    given.append((f"--config {args.config}", config.ModelConfig.from_hf(args.config)))
+  for flag, other in given:
+    bad = _contradictions(cfg, other, skip=RUNTIME_FIELDS)
+    if bad:
+      raise ValueError(f"{flag} contradicts the architecture of --init {path!r}: "
+                       f"{', '.join(bad)}; drop it (--init takes the architecture from the "
+                       "checkpoint)")
+  if args.overrides:
+    new = config.parse_overrides(cfg, args.overrides)
+    bad = _contradictions(cfg, new, skip=RUNTIME_FIELDS)
+    if bad:
+      raise ValueError(f"--set {', '.join(bad)} contradicts the architecture of --init "
+                       f"{path!r}; with --init only {', '.join(RUNTIME_FIELDS)} may be set")
+    cfg = new
+  return cfg
 
 
 def _init_from(folder: str):
@@ -120,17 +186,44 @@ def _init_from(folder: str):
   return init
 
 
+def _divergence(args: argparse.Namespace) -> trainer.DivergenceCheck:
+  updates = {k: v for k, v in (("loss_factor", args.diverge_factor),
+                               ("grad_norm_factor", args.diverge_grad_factor)) if v is not None}
+  try:
+    return trainer.DivergenceCheck(**updates)
+  except ValueError as e:
+    flag = "--diverge-factor" if "loss_factor" in str(e) else "--diverge-grad-factor"
+    raise ValueError(f"{flag}: {e}") from None
+
+
+def _keep_tokenizer(spec: str, out: str) -> None:
+  """Copies a tokenizer.json into --out, where `generate --checkpoint OUT` finds it."""
+  if spec in (None, "", "bytes", "byte"):
+    return
+  src = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+  dst = os.path.join(out, "tokenizer.json")
+  os.makedirs(out, exist_ok=True)
+  if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+    shutil.copyfile(src, dst)
+
+
 def run(args: argparse.Namespace) -> int:
   tok = data_lib.get_tokenizer(args.tokenizer)
   if args.demo:
+    if args.init:
+      raise ValueError("--demo trains its own tiny model; drop --init (or --demo)")
     cfg, base = trainer.demo_configs(tok.vocab_size)
     if args.overrides:
       from deepseek_v4.config import parse_overrides
       cfg = parse_overrides(cfg, args.overrides)
+  elif args.init:
+    cfg, base = init_config(args), train.TrainConfig()
   else:
     cfg, _ = cli.config_from_args(args)
     base = train.TrainConfig()
   tcfg = train_config_from_args(args, base)
+  divergence = _divergence(args)
+  trainer.check_settings(cfg, tcfg)
   if args.print_groups:
     from flax import nnx
 
@@ -148,16 +241,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
   out = args.out or ("runs/demo" if args.demo else "runs/train")
   # The demo continues (or just re-reports) its own earlier run instead of refusing to start.
-  resume = args.resume or (args.demo and args.out is None)
+  resume = (args.resume or args.resume_step is not None
+            or (args.demo and args.out is None and os.path.isdir(out)))
+  trainer.check_resume(out, resume)
   rows = data_lib.load_rows(args.data, tok, tcfg.seq_len, tcfg.packing,
                             align=data_lib.packing_align(cfg))
   source = args.data or "the embedded demo corpus (Python stdlib sources)"
   print(f"training {cfg.num_layers}-layer V4 (d_model {cfg.d_model}, {cfg.num_experts} experts) "
         f"on {source}: {len(rows)} rows of {tcfg.seq_len} tokens, {tcfg.steps} steps -> "
         f"{out}", file=sys.stderr)
+  _keep_tokenizer(args.tokenizer, out)
   try:
-    result = trainer.fit(cfg, tcfg, rows, out, resume=resume,
-                         progress=not args.no_progress,
+    result = trainer.fit(cfg, tcfg, rows, out, resume=resume, resume_step=args.resume_step,
+                         progress=not args.no_progress, divergence=divergence,
                          init_model=_init_from(args.init) if args.init else None)
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)

@@ -3,14 +3,21 @@ CPU demo (a tiny V4 trained on the Python standard library's sources, then sampl
 
 Outputs in `out_dir`: `checkpoints/<step>/` (Orbax), `metrics.jsonl` (one JSON object per logged
 step: step, loss, its parts, grad_norm, lr, tokens_per_s, load_imbalance), `loss.png`.
+
+Divergence: a step whose loss or gradient norm is NaN / inf, or far above its running level
+(`DivergenceCheck`), stops the run. Before a checkpoint is written, the loss of the parameters it
+would hold is measured on the next batch, so a blown-up state is never saved: the checkpoints that
+are kept all come from before the divergence, and `fit(..., resume_step=N)` continues from any.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from typing import Callable
@@ -18,10 +25,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from deepseek_v4 import data as data_lib
-from deepseek_v4 import evaluate, train
+from deepseek_v4 import train
 from deepseek_v4.checkpoint.io import Checkpointer
 from deepseek_v4.config import ModelConfig
 
@@ -32,7 +40,87 @@ def _all_finite(tree) -> jax.Array:
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss or gradient norm became NaN / inf; nothing after the last good checkpoint is saved."""
+  """The loss or gradient norm blew up; nothing after the last good checkpoint is saved.
+
+  Attributes:
+    step: the step at which the divergence was seen.
+    resume_step: the latest kept checkpoint (all come from before the divergence), or None.
+  """
+
+  def __init__(self, message: str, step: int, resume_step: int | None):
+    super().__init__(message)
+    self.step, self.resume_step = step, resume_step
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DivergenceCheck:
+  """When a run counts as diverged, besides a NaN / inf loss or gradient norm.
+
+  The running level of a quantity is the median of its last `window` finite values (a median, so
+  one spike does not raise it). After `warm_in` values, a loss above
+  `max(loss_factor * level, level + min_rise)` or a gradient norm above `grad_norm_factor * level`
+  is a divergence. `inf` turns a check off.
+
+  Attributes:
+    loss_factor: allowed ratio of a loss to its running level (> 1).
+    min_rise: a loss is never flagged when less than this many nats above its level (>= 0);
+      keeps small losses (fine-tuning) from tripping on ordinary batch-to-batch noise.
+    grad_norm_factor: allowed ratio of a gradient norm (before clipping) to its level (> 1).
+    warm_in: values needed before the level checks start (>= 1).
+    window: steps in the running level (>= 1).
+  """
+
+  loss_factor: float = 3.0
+  min_rise: float = 3.0
+  grad_norm_factor: float = 100.0
+  warm_in: int = 1
+  window: int = 20
+
+  def __post_init__(self):
+    for name in ("loss_factor", "grad_norm_factor"):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and v > 1):
+        raise ValueError(f"{name}={v!r} must be a number > 1 (inf turns the check off)")
+    if not (isinstance(self.min_rise, (int, float)) and self.min_rise >= 0):
+      raise ValueError(f"min_rise={self.min_rise!r} must be a number >= 0")
+    for name in ("warm_in", "window"):
+      v = getattr(self, name)
+      if not (isinstance(v, int) and v >= 1):
+        raise ValueError(f"{name}={v!r} must be an integer >= 1")
+
+
+class _Levels:
+  """Running medians of the recent loss and gradient norm, and the verdict on new values."""
+
+  def __init__(self, check: DivergenceCheck, history: list[dict]):
+    self.check = check
+    self.loss = collections.deque(maxlen=check.window)
+    self.grad_norm = collections.deque(maxlen=check.window)
+    for row in history[-check.window:]:
+      self.add(row)
+
+  def add(self, m: dict) -> None:
+    for name, values in (("loss", self.loss), ("grad_norm", self.grad_norm)):
+      if name in m and math.isfinite(m[name]):
+        values.append(m[name])
+
+  def problem(self, name: str, value: float) -> str | None:
+    """Why `value` (of "loss" / "grad_norm") counts as diverged, or None."""
+    if not math.isfinite(value):
+      return f"{name}={value}"
+    values = self.loss if name == "loss" else self.grad_norm
+    if len(values) < self.check.warm_in:
+      return None
+    level = statistics.median(values)
+    if name == "loss":
+      limit = max(self.check.loss_factor * level, level + self.check.min_rise)
+      rule = f"{self.check.loss_factor:g} x, and at least +{self.check.min_rise:g} over,"
+    else:
+      limit = self.check.grad_norm_factor * level
+      rule = f"{self.check.grad_norm_factor:g} x"
+    if value > limit:
+      return f"{name}={value:.4g}, above {limit:.4g} ({rule} its running level {level:.4g})"
+    return None
 
 
 @dataclasses.dataclass
@@ -49,8 +137,6 @@ class RunResult:
   out_dir: str | None
   losses: list[float]
   model: object = None
-  last_val_loss: float | None = None
-  last_val_bpb: float | None = None
 
 
 class _Progress:
@@ -115,10 +201,6 @@ def plot_losses(metrics_path: str, png_path: str) -> bool:
   ax.plot(steps, [r["loss"] for r in rows], label="total loss")
   if "lm_loss" in rows[0]:
     ax.plot(steps, [r["lm_loss"] for r in rows], label="next-token loss", alpha=0.7)
-  evals = [r for r in rows if "val_loss" in r]
-  if evals:
-    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
-            label="validation loss (held-out documents)")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.grid(alpha=0.3)
@@ -137,11 +219,11 @@ def check_vocab(cfg: ModelConfig, rows: data_lib.PackedRows) -> None:
 
 
 def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
-        out_dir: str | None = None, *, resume: bool = False, stop_after: int | None = None,
-        progress: bool = True, log: Callable[[str], None] | None = None,
-        init_model: Callable | None = None,
+        out_dir: str | None = None, *, resume: bool = False, resume_step: int | None = None,
+        stop_after: int | None = None, progress: bool = True,
+        log: Callable[[str], None] | None = None, init_model: Callable | None = None,
         callback: Callable[[int, object], None] | None = None,
-        val: evaluate.ValidationSet | None = None) -> RunResult:
+        divergence: DivergenceCheck = DivergenceCheck()) -> RunResult:
   """Trains for `tcfg.steps` optimizer steps (or until `stop_after`), checkpointing in `out_dir`.
 
   Args:
@@ -149,22 +231,28 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
     rows: packed training rows.
     out_dir: output folder (checkpoints, metrics.jsonl, loss.png); None = keep nothing.
     resume: continue from the latest checkpoint in `out_dir` (model, optimizer, step, data
-      position, RNG), producing exactly the losses an uninterrupted run would.
+      position, RNG), producing exactly the losses an uninterrupted run would. `out_dir` must
+      exist.
+    resume_step: continue from this kept checkpoint instead of the latest (implies `resume`);
+      the checkpoints after it (of the abandoned run) are deleted.
     stop_after: stop (after saving) once this step is reached, as an interruption would.
     progress: show a progress bar.
     log: where one-line messages go (default: stderr).
     init_model: optional `fn(model)` applied to the fresh model before the optimizer sees it
       (e.g. loading pre-trained weights for fine-tuning).
     callback: optional `fn(step, model)` called before each step (1-based step about to run).
-    val: held-out rows (`evaluate.load_split`): their loss and bits per byte are logged (val_loss,
-      val_bpb) every `tcfg.eval_every` steps and at the last step, and reported at the end.
+    divergence: when the run counts as diverged (see `DivergenceCheck`).
   Raises:
-    TrainingDiverged: the loss or gradient norm is NaN / inf (the last good checkpoint is kept).
+    TrainingDiverged: the loss or gradient norm is NaN / inf or far above its running level;
+      checkpoints from before it are kept, the diverged state is never saved.
     CheckpointMismatch: `resume` with a checkpoint of another configuration.
     ValueError: bad data or settings.
   """
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  resume = resume or resume_step is not None
+  check_settings(cfg, tcfg)
   check_vocab(cfg, rows)
+  check_resume(out_dir, resume)
   if len(rows) < tcfg.batch_size:
     log(f"note: {len(rows)} rows < batch_size {tcfg.batch_size}; rows repeat within a batch")
   model, optimizer = train.build(cfg, tcfg)
@@ -172,7 +260,7 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
     init_model(model)
     optimizer = train.make_optimizer(model, tcfg)
   run = _Run(out_dir, tcfg, log)
-  step, data_state, rng = run.start(model, optimizer, resume)
+  step, data_state, rng = run.start(model, optimizer, resume, resume_step)
   if data_state and data_state.get("num_rows", len(rows)) != len(rows):
     raise ValueError(f"the checkpoint's data position is for {data_state['num_rows']} rows but "
                      f"the data now packs into {len(rows)}: resume with the same data and "
@@ -181,6 +269,7 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
   end = min(tcfg.steps, stop_after) if stop_after is not None else tcfg.steps
   bar = _Progress(tcfg.steps, step, progress)
   speed = _Throughput()
+  levels = _Levels(divergence, run.metrics)
   losses = []
   try:
     while step < end:
@@ -192,28 +281,67 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
       m = train.train_step(model, optimizer, batch,
                            train.mtp_weight_at(tcfg, step), tcfg=tcfg)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
-      run.check_finite(m, step + 1)
+      run.check_step(m, step + 1, levels)
+      levels.add(m)
       step += 1
       losses.append(m["loss"])
       tokens_per_s = speed.update(m["tokens"])
       bar.update(step, f"loss {m['loss']:.3f} {tokens_per_s:,.0f} tok/s")
-      if val is not None and (step % tcfg.eval_every == 0 or step == end):
-        m.update(evaluate.evaluate(model, val, tcfg))
-      if step % tcfg.log_every == 0 or step in (1, end) or "val_loss" in m:
+      if step % tcfg.log_every == 0 or step in (1, end):
         run.log_metrics(step, m, tokens_per_s)
       if step % tcfg.save_every == 0 or step == end:
+        probe = _probe(model, optimizer, rows, batches, tcfg, step)
+        run.check_before_save(step, probe, levels)
         run.save(step, model, optimizer, {**batches.state(), "num_rows": len(rows)}, rng)
   finally:
     bar.close()
     run.close()
   first, last = (run.metrics[0], run.metrics[-1]) if run.metrics else ({}, {})
-  evals = [r for r in run.metrics if "val_loss" in r]
   return RunResult(steps=step, first_loss=first.get("loss"), last_loss=last.get("loss"),
                    first_lm_loss=first.get("lm_loss"), last_lm_loss=last.get("lm_loss"),
                    wall_s=time.time() - run.t_start, tokens_per_s=speed.value, out_dir=out_dir,
-                   losses=losses, model=model,
-                   last_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_val_bpb=evals[-1]["val_bpb"] if evals else None)
+                   losses=losses, model=model)
+
+
+def check_settings(cfg: ModelConfig, tcfg: train.TrainConfig) -> None:
+  """Run settings that cannot work with this model, refused before any work."""
+  if tcfg.seq_len > cfg.max_position_embeddings:
+    raise ValueError(f"seq_len={tcfg.seq_len} is above the model's max_position_embeddings="
+                     f"{cfg.max_position_embeddings} (inference would refuse such a sequence); "
+                     "use a shorter --seq-len")
+
+
+def check_resume(out_dir: str | None, resume: bool) -> None:
+  """Refuses to resume in an output folder that does not exist (a typo would start afresh)."""
+  if resume and out_dir is not None and not os.path.isdir(out_dir):
+    raise ValueError(f"--resume: the output folder {out_dir!r} does not exist, so there is no "
+                     "run to continue; drop --resume to begin a new run there")
+
+
+@nnx.jit(static_argnames=("tcfg", "wrt"))
+def _loss_and_grad_norm(model, batch: dict, mtp_weight, tcfg: train.TrainConfig, wrt):
+  graphdef, params, rest = nnx.split(model, wrt, ...)
+
+  def loss(params):
+    return train.loss_fn(nnx.merge(graphdef, params, rest), batch, tcfg, mtp_weight)[0]
+
+  value, grads = jax.value_and_grad(loss)(params)
+  return value, optax.tree.norm(grads)
+
+
+def _probe(model, optimizer, rows: data_lib.PackedRows, batches: data_lib.Batches,
+           tcfg: train.TrainConfig, step: int) -> dict[str, float]:
+  """{loss, grad_norm} of the current parameters (after `step` steps) on one micro-batch of the
+  next batch, without drawing it and without updating anything: what the next step would see,
+  measured before these parameters are saved. A state can have a sane loss and a NaN gradient."""
+  b = data_lib.Batches(rows, tcfg.batch_size, seed=tcfg.seed, state=batches.state()).next()
+  n = tcfg.batch_size // tcfg.grad_accum  # a micro-batch: the memory of one training micro-step
+  batch = train.as_batch(b["inputs"][:n], b["targets"][:n], b["input_mask"][:n],
+                         None if b.get("segments") is None else b["segments"][:n],
+                         None if b.get("positions") is None else b["positions"][:n])
+  loss, grad_norm = _loss_and_grad_norm(model, batch, train.mtp_weight_at(tcfg, step), tcfg,
+                                        optimizer.wrt)
+  return {"loss": float(loss), "grad_norm": float(grad_norm)}
 
 
 class _Throughput:
@@ -244,36 +372,68 @@ class _Run:
       self.ck = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tcfg.keep_checkpoints)
       self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
-  def start(self, model, optimizer, resume: bool):
-    """(step, data position, rng) of a fresh run, or restored from the latest checkpoint."""
+  def start(self, model, optimizer, resume: bool, resume_step: int | None = None):
+    """(step, data position, rng) of a fresh run, or restored from the latest checkpoint (or
+    `resume_step`'s, deleting the later ones)."""
     step, data_state, rng = 0, None, jax.random.key(self.tcfg.seed)
     if self.ck is None:
       return step, data_state, rng
-    if self.ck.latest_step() is not None:
+    steps = self.ck.all_steps()
+    if steps:
       if not resume:
         raise ValueError(f"{self.out_dir!r} already holds checkpoints (latest step "
                          f"{self.ck.latest_step()}); pass --resume to continue, or choose "
                          "another --out")
-      meta = self.ck.restore(model, optimizer, train_config=self.tcfg)
+      if resume_step is not None and resume_step not in steps:
+        raise ValueError(f"resume step {resume_step}: no checkpoint of that step in "
+                         f"{self.ck.directory!r}; kept steps: {sorted(steps)}")
+      meta = self.ck.restore(model, optimizer, step=resume_step, train_config=self.tcfg)
       step, data_state = meta["step"], meta["data_state"]
       rng = rng if meta["rng"] is None else meta["rng"]
+      later = sorted(s for s in steps if s > step)
+      for s in later:  # the abandoned continuation: the run now continues from `step`
+        self.ck.manager.delete(s)
       self.metrics = [r for r in _read_metrics(self.metrics_path) if r["step"] <= step]
-      self.log(f"resumed from step {step} ({self.ck.directory})")
+      self.log(f"resumed from step {step} ({self.ck.directory})" +
+               (f"; deleted the later checkpoints of steps {later}" if later else ""))
+    elif resume_step is not None:
+      raise ValueError(f"resume step {resume_step}: {self.ck.directory!r} holds no checkpoint")
+    elif resume:
+      self.log(f"note: {self.out_dir!r} holds no checkpoint yet; starting from step 0")
     _write_metrics(self.metrics_path, self.metrics)  # drops lines past the restored step
     return step, data_state, rng
 
-  def _kept(self) -> str:
-    last = self.ck.latest_step() if self.ck else None
-    if last is None:
-      return "no checkpoint had been saved yet"
-    return f"the last good checkpoint (step {last}) in {self.ck.directory!r} was kept"
+  def _diverged(self, step: int, what: str) -> TrainingDiverged:
+    """The error, with advice that works: resume from the latest kept checkpoint."""
+    steps = sorted(self.ck.all_steps()) if self.ck else []
+    if not steps:
+      advice = ("no checkpoint had been saved before it, so start again (same --out) with a "
+                "lower learning rate")
+      return TrainingDiverged(f"{what}. {advice}.", step, None)
+    good = steps[-1]
+    return TrainingDiverged(
+      f"{what}. The last good checkpoint (step {good}) in {self.ck.directory!r} was kept (kept "
+      f"steps: {steps}, all from before the divergence). Lower the learning rate (or check the "
+      f"data), then continue from step {good}: --resume --resume-step {good} "
+      f"(fit(..., resume_step={good})).", step, good)
 
-  def check_finite(self, m: dict, step: int) -> None:
-    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-      raise TrainingDiverged(
-        f"training diverged at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']}. "
-        f"Stopped without saving; {self._kept()}. Lower the learning rate or check the data, "
-        "then --resume.")
+  def check_step(self, m: dict, step: int, levels: _Levels) -> None:
+    """Raises TrainingDiverged when this step's loss or gradient norm blew up."""
+    why = [w for w in (levels.problem("loss", m["loss"]),
+                       levels.problem("grad_norm", m["grad_norm"])) if w]
+    if why:
+      raise self._diverged(step, f"training diverged at step {step}: {'; '.join(why)}; stopped "
+                                 f"without saving step {step}")
+
+  def check_before_save(self, step: int, probe: dict, levels: _Levels) -> None:
+    """Raises TrainingDiverged when the parameters about to be saved as `step` give a blown-up
+    loss or gradient norm on the next batch (what step `step + 1` would see)."""
+    why = "; ".join(w for w in (levels.problem("loss", probe["loss"]),
+                                levels.problem("grad_norm", probe["grad_norm"])) if w)
+    if why:
+      raise self._diverged(step + 1, f"training diverged at step {step + 1}: the parameters after "
+                                     f"step {step} give {why} on the next batch; stopped "
+                                     f"without saving step {step}")
 
   def log_metrics(self, step: int, m: dict, tokens_per_s: float) -> None:
     row = {"step": step, **{k: v for k, v in m.items() if k != "tokens"},
@@ -288,8 +448,7 @@ class _Run:
       return
     # A finite loss was computed before this step's update: check what would be saved.
     if not bool(_all_finite(nnx.state(model, nnx.Param))):
-      raise TrainingDiverged(f"parameters became NaN / inf at step {step}: not saving; "
-                             f"{self._kept()}.")
+      raise self._diverged(step, f"parameters became NaN / inf at step {step}: not saving")
     self.ck.save(step, model, optimizer, data_state=data_state, rng=rng, train_config=self.tcfg)
 
   def close(self) -> None:
@@ -300,14 +459,9 @@ class _Run:
 
 
 def summary(result: RunResult) -> str:
-  """One line: the held-out loss when there is one, else the first and last training loss; time,
-  throughput."""
+  """One line: total and next-token loss at the first and last logged step, time, throughput."""
   if result.first_loss is None:
     return "no step was logged"
-  if result.last_val_loss is not None:
-    return (f"validation loss {result.last_val_loss:.4f} nats/token ({result.last_val_bpb:.4f} "
-            f"bits/byte) after {result.steps} steps (training loss {result.last_loss:.4f}); "
-            f"{result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s")
   return (f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (next-token "
           f"{result.first_lm_loss:.4f} -> {result.last_lm_loss:.4f}) after {result.steps} steps; "
           f"{result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s")
@@ -315,13 +469,15 @@ def summary(result: RunResult) -> str:
 
 def sample_text(model, tok, prompt: str, max_new_tokens: int = 200, temperature: float = 0.7,
                 seed: int = 0) -> str:
-  """A continuation of `prompt` from the trained model (the project's decoding loop)."""
+  """A continuation of `prompt` from the trained model (the project's decoding loop), cut before
+  the end-of-sequence token when one was produced (what follows it in the row is padding)."""
   from deepseek_v4 import decoding
 
   ids = np.asarray(tok.encode(prompt), np.int32)[None, :]
+  stops = tuple(i for i in (tok.eos_id,) if i is not None and 0 <= i < model.cfg.vocab_size)
   out = decoding.generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
-                          stop_tokens=(tok.eos_id,))
-  return tok.decode(np.asarray(out)[0, ids.shape[1]:])
+                          stop_tokens=stops)
+  return tok.decode(decoding.cut_at_stop(np.asarray(out)[0, ids.shape[1]:], stops))
 
 
 # ----- the CPU demo -------------------------------------------------------------------------------
