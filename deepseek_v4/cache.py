@@ -177,6 +177,14 @@ def bytes_per_token(cfg: ModelConfig, dtype=None) -> float:
   return total
 
 
+def compressor_state_bytes(ratio: int, width: int) -> int:
+  """float32 pending values + gate logits of one window, plus the CSA overlap halves (§5.1)."""
+  f32 = 4
+  if layer_kind(ratio) == "csa":
+    return ratio * 2 * width * 2 * f32 + ratio * width * 2 * f32
+  return ratio * width * 2 * f32
+
+
 def fixed_bytes(cfg: ModelConfig, dtype=None) -> int:
   """Per-sequence bytes that do not grow with the context: window rings (+ their positions)
   and the float32 compressor tails."""
@@ -186,11 +194,10 @@ def fixed_bytes(cfg: ModelConfig, dtype=None) -> int:
     if cfg.attention != "dense":  # a dense ring grows with the context (bytes_per_token)
       total += cfg.window * (cfg.head_dim * item + 4)
     kind = layer_kind(r)
-    if kind == "hca":
-      total += 2 * r * cfg.head_dim * 4
-    elif kind == "csa":
-      for w in (cfg.head_dim, cfg.index_head_dim):
-        total += 2 * CSA_RATIO * 2 * w * 4 + 2 * CSA_RATIO * w * 4
+    if kind != "sliding":
+      total += compressor_state_bytes(r, cfg.head_dim)
+    if kind == "csa":
+      total += compressor_state_bytes(r, cfg.index_head_dim)
   return total + 4  # + the row's length counter
 
 

@@ -155,10 +155,6 @@ class ModelConfig:
     return self.head_dim - self.rope_dim
 
   @property
-  def heads_per_group(self) -> int:
-    return self.num_heads // self.o_groups
-
-  @property
   def num_streams(self) -> int:
     """Residual streams M of the trunk: hc_mult, or 1 with residual="plain"."""
     return 1 if self.residual == "plain" else self.hc_mult

@@ -138,7 +138,7 @@ class Group(nnx.Module):
       return nnx.List([Block(cfg, r, h, rngs=rngs) for r, h in zip(spec.ratios, spec.hashed)])
 
     if spec.scanned:
-      make = nnx.vmap(make, in_axes=0, out_axes=0,
+      make = nnx.vmap(make, in_axes=0, out_axes=0, axis_size=spec.count,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
       self.blocks = make(rngs.split(spec.count))
     else:
@@ -262,7 +262,7 @@ class Transformer(nnx.Module):
 
     Packed documents (spec §7.2, sample-level masking): `segments` [B, T] gives each token's
     document id (non-decreasing along a row); every document must start at a row offset that is a
-    multiple of `packing_alignment(cfg)`, so compression windows never straddle documents.
+    multiple of `data.packing_align(cfg)`, so compression windows never straddle documents.
     Tokens then attend only inside their document, each document is compressed on its own, and
     `positions` (default: derived from `segments`) count from 0 at each document's start.
 
@@ -345,11 +345,6 @@ def default_positions(ids: Array, positions: Array | None, segments: Array | Non
   if segments is not None:
     return document_positions(segments)
   return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-
-
-def packing_alignment(cfg: ModelConfig) -> int:
-  """Packed documents must start at multiples of this (the largest compression ratio, >= 4)."""
-  return max(cfg.compress_ratios + (4,))
 
 
 def document_positions(segments: Int[Array, "B T"]) -> Array:

@@ -158,8 +158,11 @@ class Plan:
 
 
 def _is_adamw(path: str, ndim: int) -> bool:
-  """DeepSeek's AdamW group: embedding, LM head and every vector (norms, mHC biases, sinks)."""
-  return ndim < 2 or path.split(".")[0] in ("embed", "head")
+  """DeepSeek's AdamW group, as the optimizer itself decides it (`optim.param_group`):
+  embedding, LM head, norms, mHC biases and gates, sinks and the compressors' `ape`."""
+  from deepseek_v4.optim.muon import ADAMW, param_group
+
+  return param_group(path, ndim)[0] == ADAMW
 
 
 def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):

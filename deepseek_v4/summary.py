@@ -41,6 +41,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from deepseek_v4 import layout
+from deepseek_v4.cache import compressor_state_bytes
 from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
 from deepseek_v4.layers.params import HashTable, RouterBias
 
@@ -81,6 +83,9 @@ class _ShapeOnlyRngs:
   def __call__(self) -> jax.Array:
     return jax.random.key(0)
 
+  def split(self, n: int) -> nnx.Rngs:  # the stacks of scanned layers (vmapped keys)
+    return nnx.Rngs(jax.random.split(jax.random.key(0), n))
+
   def __getattr__(self, name: str):
     if name.startswith("__"):
       raise AttributeError(name)
@@ -88,11 +93,23 @@ class _ShapeOnlyRngs:
 
 
 def abstract_state(cfg: ModelConfig) -> list[tuple[tuple, nnx.Variable]]:
-  """(path, abstract variable) for every leaf of `Transformer(cfg)`, without allocating."""
+  """(official path, abstract variable) for every leaf of `Transformer(cfg)`, without
+  allocating; the stacks of scanned layers are split into their layers (`layers.N.*`)."""
   from deepseek_v4.model import Transformer
 
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=_ShapeOnlyRngs()))
-  return list(nnx.to_flat_state(nnx.state(model)))
+  out = []
+  for path, stacked in nnx.to_flat_state(nnx.state(model)):
+    for name, r in layout.official_names(cfg, ".".join(map(str, path))):
+      official = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+      var = stacked
+      if r is not None:  # one layer of a stack: drop the leading `layers` axis
+        value = stacked.get_value()
+        names = stacked.get_metadata().get("out_sharding")
+        var = stacked.replace(jax.ShapeDtypeStruct(value.shape[1:], value.dtype),
+                              out_sharding=tuple(names[1:]) if names else names)
+      out.append((official, var))
+  return out
 
 
 def component(path: tuple, cfg: ModelConfig) -> str:
@@ -283,13 +300,6 @@ def entry_bytes(cfg: ModelConfig) -> dict[str, float]:
   }
 
 
-def _compressor_state_bytes(ratio: int, width: int) -> int:
-  """FP32 pending values + gate logits of one window, plus the CSA overlap halves (spec §5.1)."""
-  if ratio == CSA_RATIO:
-    return ratio * 2 * width * 2 * FP32_BYTES + ratio * width * 2 * FP32_BYTES
-  return ratio * width * 2 * FP32_BYTES
-
-
 def kv_cache(cfg: ModelConfig, context: int) -> KVCache:
   """KV-cache bytes per layer kind at `context` tokens; windows count W entries per layer."""
   eb = entry_bytes(cfg)
@@ -318,9 +328,9 @@ def kv_cache(cfg: ModelConfig, context: int) -> KVCache:
   state = 0
   for r in ratios:
     if layer_kind(r) != "sliding":
-      state += _compressor_state_bytes(r, cfg.head_dim)
+      state += compressor_state_bytes(r, cfg.head_dim)
     if layer_kind(r) == "csa":
-      state += _compressor_state_bytes(r, cfg.index_head_dim)
+      state += compressor_state_bytes(r, cfg.index_head_dim)
   return KVCache(context=context, rows=rows, state_bytes=state)
 
 

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from deepseek_v4 import data as data_lib
-from deepseek_v4 import train
+from deepseek_v4 import evaluate, train
 from deepseek_v4.checkpoint.io import Checkpointer
 from deepseek_v4.config import ModelConfig
 
@@ -137,6 +137,8 @@ class RunResult:
   out_dir: str | None
   losses: list[float]
   model: object = None
+  last_val_loss: float | None = None
+  last_val_bpb: float | None = None
 
 
 class _Progress:
@@ -201,6 +203,10 @@ def plot_losses(metrics_path: str, png_path: str) -> bool:
   ax.plot(steps, [r["loss"] for r in rows], label="total loss")
   if "lm_loss" in rows[0]:
     ax.plot(steps, [r["lm_loss"] for r in rows], label="next-token loss", alpha=0.7)
+  evals = [r for r in rows if "val_loss" in r]
+  if evals:
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
+            label="validation loss (held-out documents)")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.grid(alpha=0.3)
@@ -223,7 +229,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
         stop_after: int | None = None, progress: bool = True,
         log: Callable[[str], None] | None = None, init_model: Callable | None = None,
         callback: Callable[[int, object], None] | None = None,
-        divergence: DivergenceCheck = DivergenceCheck()) -> RunResult:
+        divergence: DivergenceCheck = DivergenceCheck(),
+        val: evaluate.ValidationSet | None = None) -> RunResult:
   """Trains for `tcfg.steps` optimizer steps (or until `stop_after`), checkpointing in `out_dir`.
 
   Args:
@@ -242,6 +249,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
       (e.g. loading pre-trained weights for fine-tuning).
     callback: optional `fn(step, model)` called before each step (1-based step about to run).
     divergence: when the run counts as diverged (see `DivergenceCheck`).
+    val: held-out rows (`evaluate.load_split`): their loss and bits per byte are logged (val_loss,
+      val_bpb) every `tcfg.eval_every` steps and at the last step, and reported at the end.
   Raises:
     TrainingDiverged: the loss or gradient norm is NaN / inf or far above its running level;
       checkpoints from before it are kept, the diverged state is never saved.
@@ -287,7 +296,9 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
       losses.append(m["loss"])
       tokens_per_s = speed.update(m["tokens"])
       bar.update(step, f"loss {m['loss']:.3f} {tokens_per_s:,.0f} tok/s")
-      if step % tcfg.log_every == 0 or step in (1, end):
+      if val is not None and (step % tcfg.eval_every == 0 or step == end):
+        m.update(evaluate.evaluate(model, val, tcfg))
+      if step % tcfg.log_every == 0 or step in (1, end) or "val_loss" in m:
         run.log_metrics(step, m, tokens_per_s)
       if step % tcfg.save_every == 0 or step == end:
         probe = _probe(model, optimizer, rows, batches, tcfg, step)
@@ -297,10 +308,13 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
     bar.close()
     run.close()
   first, last = (run.metrics[0], run.metrics[-1]) if run.metrics else ({}, {})
+  evals = [r for r in run.metrics if "val_loss" in r]
   return RunResult(steps=step, first_loss=first.get("loss"), last_loss=last.get("loss"),
                    first_lm_loss=first.get("lm_loss"), last_lm_loss=last.get("lm_loss"),
                    wall_s=time.time() - run.t_start, tokens_per_s=speed.value, out_dir=out_dir,
-                   losses=losses, model=model)
+                   losses=losses, model=model,
+                   last_val_loss=evals[-1]["val_loss"] if evals else None,
+                   last_val_bpb=evals[-1]["val_bpb"] if evals else None)
 
 
 def check_settings(cfg: ModelConfig, tcfg: train.TrainConfig) -> None:
@@ -459,9 +473,14 @@ class _Run:
 
 
 def summary(result: RunResult) -> str:
-  """One line: total and next-token loss at the first and last logged step, time, throughput."""
+  """One line: the held-out loss when there is one, else the first and last training loss; time,
+  throughput."""
   if result.first_loss is None:
     return "no step was logged"
+  if result.last_val_loss is not None:
+    return (f"validation loss {result.last_val_loss:.4f} nats/token ({result.last_val_bpb:.4f} "
+            f"bits/byte) after {result.steps} steps (training loss {result.last_loss:.4f}); "
+            f"{result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s")
   return (f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (next-token "
           f"{result.first_lm_loss:.4f} -> {result.last_lm_loss:.4f}) after {result.steps} steps; "
           f"{result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s")

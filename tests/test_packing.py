@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 import deepseek_v4
-from deepseek_v4.model import document_positions, packing_alignment
+from deepseek_v4.data import packing_align as packing_alignment
+from deepseek_v4.model import document_positions
 from tests.hf_oracle import randomize_params
 from tests.tolerances import F32_MODEL_REL, rel_err
 

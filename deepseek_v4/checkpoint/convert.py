@@ -233,10 +233,11 @@ def _host_block(tensors: dict[str, np.ndarray], names: np.ndarray,
   leaf's leading stacked axes): only the layers and experts inside the block are touched."""
   lead = names.ndim
   rest = tuple(idx[lead:])
+  # Index before converting: a lazy (memory-mapped, dequantizing) tensor reads only the block.
   if lead == 0:
-    return np.asarray(tensors[names.item()])[rest]
+    return np.asarray(tensors[names.item()][rest])
   sub = names[tuple(idx[:lead])]
-  parts = [np.asarray(tensors[n])[rest] for n in sub.ravel()]
+  parts = [np.asarray(tensors[n][rest]) for n in sub.ravel()]
   return np.stack(parts).reshape(sub.shape + parts[0].shape)
 
 

@@ -19,10 +19,6 @@ class HashTable(nnx.Variable):
   """Frozen token-id -> expert-ids table of the hash-routed layers (data, never trained)."""
 
 
-def dtype_of(name: str):
-  return jnp.dtype(name)
-
-
 def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
   """An nnx.Param tagged with logical axis names (one per dimension)."""
   if len(axes) != value.ndim:
