@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from deepseek_v4 import layout
 from deepseek_v4.config import ModelConfig
 
 # 8 fast quintic steps, then 2 steps that converge to singular value 1 (spec §7.1).
@@ -304,15 +305,19 @@ def describe(model_or_state, cfg: ModelConfig | None = None, wrt=nnx.Param) -> l
   blocks_fn = matrix_blocks(cfg) if cfg is not None else (lambda n, s: MatrixBlocks())
   rows = []
   for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]:
-    name = path_name(path)
-    shape = tuple(var.shape)
-    label, why = param_group(name, len(shape))
-    blocks = []
-    if label == MUON:
-      sizes = blocks_fn(name, shape).row_blocks or (shape[-2],)
-      count = math.prod(shape[:-2])
-      blocks = [(count, (n, shape[-1])) for n in sizes]
-    rows.append(dict(name=name, shape=shape, optimizer=label, reason=why, blocks=blocks))
+    # Official per-layer names (`layers.7.attn.wq_a.weight`): a stack of scanned layers is one
+    # tensor but one row per layer, each orthogonalized on its own (the stacked axis is a batch).
+    per_layer = ([(path_name(path), None)] if cfg is None
+                 else layout.official_names(cfg, path_name(path)))
+    for name, r in per_layer:
+      shape = tuple(var.shape)[r is not None:]
+      label, why = param_group(name, len(shape))
+      blocks = []
+      if label == MUON:
+        sizes = blocks_fn(name, shape).row_blocks or (shape[-2],)
+        count = math.prod(shape[:-2])
+        blocks = [(count, (n, shape[-1])) for n in sizes]
+      rows.append(dict(name=name, shape=shape, optimizer=label, reason=why, blocks=blocks))
   return rows
 
 
