@@ -25,6 +25,7 @@ resumes from its last checkpoint, so rerunning the same command after a kill con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -437,18 +438,37 @@ def run(args: argparse.Namespace) -> int:
           f"{len(spec.variants) * len(spec.seeds)} runs of {tcfg.steps} steps x "
           f"{tcfg.batch_size * tcfg.seq_len} tokens; all variants trace. Output: {out}")
     return 0
-  _compile_cache(out)
-  run_grid(spec, out, progress=not args.no_progress)
+  with _compile_cache(out):
+    run_grid(spec, out, progress=not args.no_progress)
   print(f"results: {os.path.join(out, 'results.md')}  curves: {os.path.join(out, 'curves.png')}")
   with open(os.path.join(out, "results.md")) as f:
     print(f.read())
   return 0
 
 
-def _compile_cache(out: str) -> None:
-  """A persistent XLA cache in the output folder: the seeds of a variant share their programs
-  (the seed changes no shapes), so only the first seed of each variant compiles."""
+@contextlib.contextmanager
+def _compile_cache(out: str):
+  """A persistent XLA cache in the output folder while the grid runs: the seeds of a variant
+  share their programs (the seed changes no shapes), so only the first seed of each variant
+  compiles. The previous settings come back afterwards (the folder may be deleted later, and a
+  process-wide cache pointing at a deleted folder aborts later compilations)."""
   import jax
 
-  jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  def reset():  # jax keeps the opened cache object until told to drop it (private API: guarded)
+    try:
+      from jax._src import compilation_cache
+      compilation_cache.reset_cache()
+    except Exception:  # noqa: BLE001 - an older/newer jax without it: the settings still apply
+      pass
+
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {k: getattr(jax.config, k) for k in keys}
+  reset()
+  jax.config.update(keys[0], os.path.join(out, ".jax_cache"))
+  jax.config.update(keys[1], 1.0)
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+    reset()

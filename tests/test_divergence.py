@@ -51,6 +51,7 @@ def test_huge_lr_from_the_start_writes_no_checkpoint(tmp_path, corpus):
   assert Checkpointer(tmp_path / "checkpoints").all_steps() == []
 
 
+@pytest.mark.slow  # about 200 s on 2 cores; the no-checkpoint-on-divergence test stays default
 def test_advice_after_divergence_resumes_and_trains(tmp_path, corpus, capsys):
   path, rows = corpus
   out = tmp_path / "run"

@@ -71,7 +71,8 @@ def test_indexer_really_selects(pair):
   pos = jnp.arange(T)[None]
   cos, sin = rope.rope_angles(pos, attn.freqs)
   cq, _, _ = attn.project_qkv(x, cos, sin)
-  idx, _ = attn.indexer(x, cq, pos, cos, sin, attn.freqs)
+  keys, q, w = attn.indexer.encode(x, cq, cos, sin, attn.freqs)
+  idx = attn.indexer.select(q, w, keys, pos)
   idx = np.asarray(idx)[0]
   assert idx.shape == (T, model.cfg.index_topk)
   last = idx[-1]
