@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
   "train": ("deepseek_v4.train_cli",
             "train or fine-tune (Muon, V4 losses, Orbax checkpoints); --demo runs on CPU"),
   "ablate": ("deepseek_v4.ablate", "a grid of model variants x seeds, resumable, with a report"),
+  "convert": ("deepseek_v4.convert_cli", "hub safetensors (FP8/FP4 or not) <-> Orbax checkpoints"),
 }
 
 USAGE_ERROR = 2
