@@ -141,7 +141,7 @@ class Attention(nnx.Module):
       sg = jax.lax.stop_gradient
       ikeys, iq, iw = self.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
       if stage != "dense":  # dense warm-up: every visible entry, no selection
-        idx = sg(self.indexer.select(iq, iw, ikeys, row_pos, segments, comp_seg))
+        idx = sg(self.indexer.select(iq, iw, ikeys, row_pos, segments, comp_seg, impl=impl))
     o = self.core(q, row_pos, kv, window=self.window(x.shape[1]), impl=impl, comp=comp,
                   comp_idx=idx, segments=segments,
                   comp_seg=comp_seg, return_lse=train_indexer)
@@ -173,7 +173,7 @@ class Attention(nnx.Module):
       new["entries"] = comp
     if self.indexer is not None:
       idx, new["index_keys"], new["indexer"] = self.indexer.extend(
-        x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys)
+        x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys, impl)
     o = self.core(q, positions, kv, window=self.window(cache.window.kv.shape[1]), impl=impl,
                   comp=comp, comp_idx=idx, prefix_kv=cache.window.kv,
                   prefix_pos=cache.window.pos)

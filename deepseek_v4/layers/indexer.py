@@ -49,10 +49,12 @@ class Indexer(nnx.Module):
     return q, w
 
   def select(self, q: Array, w: Array, keys: Array, positions: Array, q_seg: Array | None = None,
-             k_seg: Array | None = None) -> Array:
-    """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk)."""
+             k_seg: Array | None = None, impl: str | None = None) -> Array:
+    """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk); `impl` is the
+    kernel implementation (default `cfg.kernel_impl`, like the attention's)."""
     return indexer_ops.indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk,
-                                    block=self.block, q_seg=q_seg, k_seg=k_seg, impl=self.impl)
+                                    block=self.block, q_seg=q_seg, k_seg=k_seg,
+                                    impl=impl or self.impl)
 
   def encode(self, x: Array, cq: Array, cos: Array, sin: Array, freqs: np.ndarray,
              segments: Array | None = None, doc_positions: Array | None = None):
@@ -66,7 +68,7 @@ class Indexer(nnx.Module):
     return keys, q, w
 
   def extend(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
-             freqs: np.ndarray, n_valid: Array, state, keys: Array):
+             freqs: np.ndarray, n_valid: Array, state, keys: Array, impl: str | None = None):
     """Decode / chunked-prefill step (spec §5.2 step 3): stores the keys of every indexer window
     the chunk closes, then selects among all stored keys (visibility from `positions`).
 
@@ -74,4 +76,4 @@ class Indexer(nnx.Module):
     """
     keys, state = self.compressor.extend(x, positions[:, 0], n_valid, state, keys, freqs)
     q, w = self.queries(x, cq, cos, sin)
-    return jax.lax.stop_gradient(self.select(q, w, keys, positions)), keys, state
+    return jax.lax.stop_gradient(self.select(q, w, keys, positions, impl=impl)), keys, state

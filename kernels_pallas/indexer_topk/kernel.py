@@ -112,6 +112,10 @@ def indexer_topk(q, w, k, positions, *, ratio: int, topk: int, block: int, q_seg
   """
   if backend == "tpu":
     raise NotImplementedError("indexer_topk: no TPU body yet; use impl='reference' on TPU")
+  # The result is integer indices: no gradient flows back. Cutting the tangents here keeps the
+  # scoring pallas_call out of autodiff, which cannot linearize it (the model differentiates a loss
+  # whose indexer queries and keys carry tangents for the indexer's own KL loss).
+  q, w, k = (jax.lax.stop_gradient(a) for a in (q, w, k))
   B, T = q.shape[:2]
   C = k.shape[1]
   P = min(topk, C)
