@@ -42,6 +42,7 @@ def _losses(out) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl"))}
 
 
+@pytest.mark.slow  # ~40 s; the running-level rule is tested alone by default
 def test_huge_lr_from_the_start_writes_no_checkpoint(tmp_path, corpus):
   # The trial of the issue: --lr 1e6 kept a step-1 checkpoint whose parameters were already ruined.
   with pytest.raises(trainer.TrainingDiverged, match="no checkpoint had been saved") as e:

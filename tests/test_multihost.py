@@ -25,6 +25,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("local_devices", [4])
+@pytest.mark.slow  # ~90 s: two processes compile the step
 def test_two_process_train_step_equals_single_process(tmp_path, local_devices):
   out = tmp_path / "multihost.npz"
   port = _free_port()

@@ -36,6 +36,7 @@ def test_document_positions():
   np.testing.assert_array_equal(document_positions(seg), [[0, 1, 2, 0, 1, 0, 1, 2, 3]])
 
 
+@pytest.mark.slow  # ~80 s; packed rows stay covered by test_train and test_trunk
 def test_each_packed_document_equals_itself_alone(model):
   cfg = model.cfg
   align = packing_alignment(cfg)

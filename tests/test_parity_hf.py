@@ -80,7 +80,8 @@ def test_indexer_really_selects(pair):
   assert (idx[:3] == -1).all()  # t = 0, 1, 2 see no entry
 
 
-@pytest.mark.parametrize("T", [9, 40], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("T", [9, pytest.param(40, marks=pytest.mark.slow)],
+                         ids=lambda t: f"T{t}")
 def test_every_layer_stream_matches(pair, trunk, T):
   """mHC streams after each block (transformers' hidden_states) agree layer by layer."""
   model, ref = pair
@@ -143,9 +144,12 @@ def test_pro_like_layout_matches_transformers():
 
 
 # A narrow model at the published configs' selection and compression scale (issue 8): T = 4096,
-# index_topk 512 of 1024 CSA entries, window 128, CSA 4, HCA 128.
+# index_topk 512 of 1024 CSA entries, window 128, CSA 4, HCA 128. 16 indexer heads: with 2, a
+# quarter of the entries score exactly 0 (every head's ReLU off), and at the top-k cut such ties are
+# broken differently by jax.lax.top_k (lowest index first) and torch.topk (unspecified), which made
+# logits differ from position 2056 on (the first query with more visible entries than k; spec §0.3).
 REAL_SCALE = dict(d_model=64, num_heads=4, head_dim=64, rope_dim=16, q_lora_rank=32, o_groups=2,
-                  o_lora_rank=16, window=128, compress_ratios=(0, 4, 128, 4), index_heads=2,
+                  o_lora_rank=16, window=128, compress_ratios=(0, 4, 128, 4), index_heads=16,
                   index_head_dim=32, index_topk=512, num_experts=8, experts_per_token=2,
                   moe_inter_dim=32, num_hash_layers=1, num_mtp_layers=0, vocab_size=512,
                   max_position_embeddings=8192, hc_sinkhorn_iters=20)

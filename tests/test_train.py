@@ -317,6 +317,7 @@ LOOP = dict(seq_len=32, batch_size=4, steps=4, learning_rate=5e-3, warmup_steps=
             log_every=1, decay_fraction=0.5)
 
 
+@pytest.mark.slow  # ~100 s: three fits, each compiling its step
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
   cfg = _small_cfg()
   tcfg = train.TrainConfig(**LOOP)
@@ -479,6 +480,7 @@ def test_aligned_packed_loss_equals_documents_alone():
   assert rel_err(packed["mtp_loss"], mtp / n_mtp) < F32_MODEL_REL
 
 
+@pytest.mark.slow  # ~50 s; aligned rows stay covered by test_aligned_packed_loss_equals_documents_alone
 def test_fit_trains_on_aligned_rows():
   cfg = _small_cfg()
   rng = np.random.default_rng(1)

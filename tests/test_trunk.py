@@ -57,13 +57,20 @@ def _ids(B=2, T=37, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (B, T)), jnp.int32)
 
 
-def test_scanned_equals_unrolled_forward_and_decode():
+def test_scanned_equals_unrolled_forward():
   scanned, unrolled = _pair()
   assert any(g.spec.scanned for g in scanned.groups)
   assert not any(g.spec.scanned for g in unrolled.groups)
   ids = _ids()
   a, b = scanned(ids), unrolled(ids)
   assert rel_err(a, b) < F32_FUNCTION
+
+
+@pytest.mark.slow  # ~45 s; tests/test_decoding.py decodes the (scanned) tiny preset by default
+def test_scanned_and_unrolled_decode_equal_the_forward():
+  scanned, unrolled = _pair()
+  ids = _ids()
+  a = scanned(ids)
   for model in (scanned, unrolled):  # decode through the same trunk, cache scanned alongside
     cache = deepseek_v4.init_cache(model.cfg, 2, 48)
     pre, cache = deepseek_v4.prefill(model, cache, ids[:, :30], chunk_size=7)
@@ -117,7 +124,7 @@ def test_freezing_one_layer_of_a_stack_holds_only_its_slice():
     assert not np.array_equal(after[name], before[name])  # its stack-mates train
 
 
-@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("stage", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])
 def test_indexer_stages_on_aligned_packed_rows_equal_each_document(stage):
   """The indexer KL of a packed row is the sum of its documents' KLs, each alone (spec §7.4)."""
   cfg = deepseek_v4.tiny(compress_ratios=(4,), num_hash_layers=0, num_mtp_layers=0,

@@ -60,6 +60,7 @@ def test_bits_per_byte_of_the_byte_tokenizer(tmp_path):
   assert val.documents == 2 and len(rows) > len(val.rows)
 
 
+@pytest.mark.slow  # ~40 s; the ablate grid test logs validation too
 def test_fit_logs_validation_at_its_interval_and_reports_it(tmp_path):
   tok = data_lib.byte_tokenizer()
   cfg = tiny(vocab_size=tok.vocab_size, compress_ratios=(0, 4), num_hash_layers=1, d_model=32,

@@ -93,6 +93,7 @@ def test_forward_logits_pallas_equal_reference(models, pallas_calls):
 
 # "sparse" runs everything "off" does (top-k attention through both kernels) plus the indexer KL,
 # which reads the kernel's log-sum-exp; the other stages cost one more compile pair each.
+@pytest.mark.slow  # ~70 s per stage (compiles the whole backward twice); kernel grads are default
 @pytest.mark.parametrize("stage", ["sparse", pytest.param("off", marks=pytest.mark.slow),
                                    pytest.param("dense", marks=pytest.mark.slow)])
 def test_loss_gradients_pallas_equal_reference(models, pallas_calls, stage):
@@ -140,6 +141,7 @@ def _flat(grads: dict) -> np.ndarray:
   return np.concatenate([grads[k].ravel() for k in sorted(grads)])
 
 
+@pytest.mark.slow  # ~45 s
 def test_prefill_and_decode_pallas_equal_reference(models, pallas_calls):
   """Ragged prompts (37 and 29 tokens) fed in chunks of 16 (so later chunks see a filled window
   ring), then DECODE_STEPS single-token steps; every real position's logits compared."""
