@@ -263,10 +263,12 @@ def test_prefill_decode_and_generate_equal_single_device(mesh_name):
   model = parallel.init_model(cfg, mesh, rules)
   c = cache_lib.init_cache(cfg, 8, 32)
   c = jax.device_put(c, sharding.cache_shardings(c, mesh, rules))
+  moe = parallel.moe_impl(mesh, rules)
   with sharding.use(mesh, rules):
-    pre, c = decoding.prefill(model, c, sharding.shard_batch(ids, mesh, rules), logits="last")
-    dec, c = decoding.decode_step(model, c, nxt)
-    out_ids, logits = decoding.generate(model, ids, 4, return_logits=True)
+    pre, c = decoding.prefill(model, c, sharding.shard_batch(ids, mesh, rules), logits="last",
+                              moe=moe)
+    dec, c = decoding.decode_step(model, c, nxt, moe=moe)
+    out_ids, logits = decoding.generate(model, ids, 4, return_logits=True, moe=moe)
   for leaf, want in zip(jax.tree.leaves(c), jax.tree.leaves(sharding.cache_shardings(c, mesh,
                                                                                       rules))):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)  # the cache stays batch-sharded
@@ -277,6 +279,28 @@ def test_prefill_decode_and_generate_equal_single_device(mesh_name):
   want = sharding.batch_sharding(mesh, rules, out_ids.shape)
   assert out_ids.sharding.is_equivalent_to(want, 2)  # generate's output comes back batch-sharded
   assert max(errs.values()) < F32_SHARDED_REL
+
+
+def test_sharded_generate_partitions_without_replicating(capfd):
+  """Issue 11: generate on an 8-device mesh printed XLA "Involuntary full rematerialization"
+  warnings. Two causes: the grouped output projection (its weight's first axis is FSDP-sharded,
+  so the partitioner split the product over groups and replicated the batch-sharded activations
+  around it; now pinned batch-sharded) and the local MoE's global sort of batch-sharded tokens
+  (decoding now takes the expert-parallel `moe=` as training does)."""
+  decoding = pytest.importorskip("deepseek_v4.decoding")
+  cfg = steps.CFG_SMALL
+  ids = steps.batch(cfg, B=8, T=16)["inputs"]
+  ref = decoding.generate(_reference(cfg)["model"], ids, 3)
+  for name in ("data2_fsdp2_ep2", "fsdp8"):
+    sizes, rules = MESHES[name]
+    mesh = sharding.make_mesh(**sizes)
+    model = parallel.init_model(cfg, mesh, rules)
+    capfd.readouterr()
+    with sharding.use(mesh, rules):
+      out = decoding.generate(model, ids, 3, moe=parallel.moe_impl(mesh, rules))
+    err = capfd.readouterr().err
+    assert "Involuntary full rematerialization" not in err, (name, err[:2000])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
 @pytest.mark.slow

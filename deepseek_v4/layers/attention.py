@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from deepseek_v4 import sharding
 from deepseek_v4.config import ModelConfig, layer_kind
 from deepseek_v4.layers.compressor import Compressor
 from deepseek_v4.layers.indexer import Indexer
@@ -25,6 +26,8 @@ from deepseek_v4.layers.params import Linear, param
 from deepseek_v4.layers.rope import apply_rope, inv_freq, rope_angles
 from deepseek_v4.losses import indexer_kl_from_attention
 from kernels_pallas.sparse_attention import ops as attention_ops
+
+_BTGI = ("batch", "seq", None, None)  # activation layout of the grouped output projection
 
 
 class Attention(nnx.Module):
@@ -70,7 +73,11 @@ class Attention(nnx.Module):
     G, dg = self.cfg.o_groups, self.cfg.o_lora_rank
     o = apply_rope(o, cos, sin, inverse=True).reshape(B, T, G, N * H // G)  # [B, T, G, I]
     wo_a = self.wo_a.weight[...].astype(o.dtype).reshape(G, dg, N * H // G)
-    o = jnp.einsum("BTGI,GOI->BTGO", o, wo_a).reshape(B, T, G * dg)
+    # Batch-sharded in and out: with the weight's first axis sharded (FSDP), the partitioner would
+    # otherwise split this product over G and reshard the activations around it by replicating
+    # them (XLA's "involuntary full rematerialization" warnings in sharded decoding).
+    o = sharding.constrain(o, _BTGI)
+    o = sharding.constrain(jnp.einsum("BTGI,GOI->BTGO", o, wo_a), _BTGI).reshape(B, T, G * dg)
     return self.wo_b(o)
 
   def window(self, span: int) -> int:
