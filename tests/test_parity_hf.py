@@ -155,13 +155,57 @@ REAL_SCALE = dict(d_model=64, num_heads=4, head_dim=64, rope_dim=16, q_lora_rank
                   max_position_embeddings=8192, hc_sinkhorn_iters=20)
 
 
+def _hf_selections(ref) -> tuple[list, list]:
+  """Hooks on transformers' indexers: per CSA layer, its selections [B, T, k] and scores."""
+  picks, scores = [], []
+  for layer in ref.model.layers:
+    indexer = getattr(getattr(layer.self_attn, "compressor", None), "indexer", None)
+    if indexer is not None:
+      indexer.register_forward_hook(lambda m, i, out: picks.append(out.numpy()))
+      indexer.scorer.register_forward_hook(lambda m, i, out: scores.append(out.numpy()))
+  return picks, scores
+
+
 @pytest.mark.slow
-def test_logits_match_transformers_at_real_selection_scale():
-  cfg = deepseek_v4.tiny(**REAL_SCALE)
+def test_logits_match_transformers_at_real_selection_scale(monkeypatch):
+  """At T = 4096 the indexer drops half the visible entries, so a score that ties (or nearly
+  ties, within float32 rounding of two implementations) at the top-k cut can be picked by one
+  side and not the other. Checked: every query whose selection differs is such a near tie in
+  transformers' own scores, such queries are rare, and every other position's logits match."""
+  from deepseek_v4.layers.indexer import Indexer
+
+  cfg = deepseek_v4.tiny(**REAL_SCALE, scan_layers=False)
   model = _model(cfg, seed=7)
-  ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, 4096)).astype(np.int32)
-  ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
-  assert rel_err(ours, hf_logits(hf_model(model), ids)) < F32_MODEL_REL
+  T = 4096
+  ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
+  ours_picks, select = [], Indexer.select
+
+  def recording_select(self, *args, **kwargs):
+    out = select(self, *args, **kwargs)
+    ours_picks.append(np.asarray(out))
+    return out
+
+  monkeypatch.setattr(Indexer, "select", recording_select)
+  ours = np.asarray(model(jnp.asarray(ids)))  # eager, so the selections are concrete
+  monkeypatch.undo()
+  ref = hf_model(model)
+  hf_picks, hf_scores = _hf_selections(ref)
+  want = hf_logits(ref, ids)
+  assert len(ours_picks) == len(hf_picks) == cfg.compress_ratios.count(4)
+  flipped = set()
+  for a, b, score in zip(ours_picks, hf_picks, hf_scores):
+    a, b, score = a[0], b[0], score[0]
+    for t in np.nonzero((np.sort(a, -1) != np.sort(b, -1)).any(-1))[0]:
+      only_ours = sorted(set(a[t].tolist()) - set(b[t].tolist()))
+      only_hf = sorted(set(b[t].tolist()) - set(a[t].tolist()))
+      gap = score[t, only_hf].min() - score[t, only_ours].max()  # >= 0: transformers' top-k
+      assert 0 <= gap <= F32_MODEL_REL * np.abs(score[t, :(t + 1) // 4]).max(), (t, gap)
+      flipped.add(int(t))
+  print(f"near-tie selection flips at {sorted(flipped)} of {T} positions")
+  assert len(flipped) <= T // 1000
+  per_token = np.abs(ours - want).max(-1)[0] / np.abs(want).max()
+  keep = np.setdiff1d(np.arange(T), sorted(flipped))
+  assert per_token[keep].max() < F32_MODEL_REL, (per_token[keep].argmax(), per_token[keep].max())
   # The bf16 forward (bf16 weights and compute; norms, softmax, router and mHC in float32). Its
   # largest errors come from discrete choices (an expert or an indexer pick flipping at a near
   # tie: about 5% of tokens at this random init), which rounding the weights alone also causes,
