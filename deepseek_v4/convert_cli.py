@@ -249,52 +249,6 @@ def to_orbax(args: argparse.Namespace, src: str, out) -> None:
             + f", in {time.perf_counter() - start:.1f} s\n")
 
 
-def restore_on_host(folder: str, step: int | None):
-  """(model, step) of an Orbax checkpoint folder, restored into host memory (the CPU device),
-  whatever devices or mesh it was written from; LoRA adapters are merged.
-
-  As `generate_cli.load_training_checkpoint`, plus an explicit restore target: without one,
-  Orbax puts each array back on the devices it was saved from, and refuses ("Topology mismatch")
-  when this process has fewer, e.g. for a `convert --to orbax --mesh fsdp=8` checkpoint.
-  """
-  import jax
-  import orbax.checkpoint as ocp
-  from flax import nnx
-
-  from deepseek_v4 import lora
-  from deepseek_v4.checkpoint.io import Checkpointer
-  from deepseek_v4.config import ModelConfig
-  from deepseek_v4.model import Transformer
-
-  ck = Checkpointer(folder)
-  try:
-    meta = ck.read_meta(step)
-    cfg = ModelConfig(**meta["model_config"])
-    run = meta.get("train_config") or {}
-
-    def build():
-      model = Transformer(cfg, rngs=nnx.Rngs(0))
-      if run.get("lora_rank"):
-        lora.apply_lora(model, run["lora_targets"], rank=run["lora_rank"],
-                        alpha=run["lora_alpha"], rngs=nnx.Rngs(0))
-      return model
-
-    model = nnx.eval_shape(build)
-    state = nnx.state(model)
-    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),
-                          nnx.to_pure_dict(state))
-    out = ck.manager.restore(meta["step"], args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(target)))
-  finally:
-    ck.close()
-  nnx.replace_by_pure_dict(state, out["model"])
-  nnx.update(model, state)
-  if run.get("lora_rank"):
-    lora.strip_lora(model)
-  return model, meta["step"]
-
-
 def to_hub(args: argparse.Namespace, src: str, out) -> None:
   """Orbax folder `src` (its `--step`, else latest) -> a hub folder in `args.output`."""
   import dataclasses
@@ -306,8 +260,12 @@ def to_hub(args: argparse.Namespace, src: str, out) -> None:
   from deepseek_v4.checkpoint import from_hub_tensors, save_hf_checkpoint, to_hub_tensors
   from deepseek_v4.checkpoint.safetensors_io import list_checkpoint
 
+  from deepseek_v4.checkpoint.io import restore_model
+
   start = time.perf_counter()
-  model, step = restore_on_host(src, args.step)
+  # Onto this process's first device, whatever mesh wrote it (LoRA adapters merged).
+  model, meta = restore_model(src, args.step)
+  step = meta["step"]
   cfg = model.cfg
   if args.dtype is not None and not cfg.dtype == cfg.param_dtype == args.dtype:
     # The casts of a hub checkpoint loaded in --dtype (norms, mHC, router bias stay float32).

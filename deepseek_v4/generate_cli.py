@@ -57,39 +57,12 @@ def load_training_checkpoint(folder: str, step: int | None, dtype: str):
   import dataclasses
 
   import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-  from flax import nnx
 
-  from deepseek_v4 import lora
   from deepseek_v4.checkpoint import from_hub_tensors, to_hub_tensors
-  from deepseek_v4.checkpoint.io import Checkpointer
-  from deepseek_v4.config import ModelConfig
-  from deepseek_v4.model import Transformer
+  from deepseek_v4.checkpoint.io import restore_model
 
-  ck = Checkpointer(folder)
-  try:
-    meta = ck.read_meta(step)
-    step = meta["step"]
-    cfg = ModelConfig(**meta["model_config"])
-    run = meta.get("train_config") or {}
-
-    def build():
-      model = Transformer(cfg, rngs=nnx.Rngs(0))
-      if run.get("lora_rank"):
-        lora.apply_lora(model, run["lora_targets"], rank=run["lora_rank"],
-                        alpha=run["lora_alpha"], rngs=nnx.Rngs(0))
-      return model
-
-    model = nnx.eval_shape(build)
-    state = nnx.state(model)
-    out = ck.manager.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(nnx.to_pure_dict(state))))
-  finally:
-    ck.close()
-  nnx.replace_by_pure_dict(state, out["model"])
-  nnx.update(model, state)
-  if run.get("lora_rank"):
-    lora.strip_lora(model)
+  model, _ = restore_model(folder, step)  # on this process's device, whatever mesh wrote it
+  cfg = model.cfg
   if not (cfg.dtype == dtype and cfg.param_dtype == dtype):
     # The same casts as a hub checkpoint loaded in `dtype` (norms, mHC, router bias stay f32).
     name = jnp.dtype(dtype).name

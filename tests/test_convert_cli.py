@@ -125,12 +125,16 @@ def test_sharded_conversion(folders, tmp_path, capsys):
   out = tmp_path / "sharded"
   assert _convert(hub, out, "--to", "orbax", "--mesh", "fsdp=8") == 0
   assert "sharded over fsdp=8 by fsdp" in capsys.readouterr().out
-  loaded = load_model(out)
-  wq = loaded.layer(0).attn.wq_a.weight[...]
-  assert len(wq.sharding.device_set) == 8  # restored into the shards it was written from
+  from deepseek_v4 import sharding
+
   want = to_hub_tensors(load_hf_checkpoint(hub))
-  for k, v in to_hub_tensors(loaded).items():
-    np.testing.assert_array_equal(v, want[k], err_msg=k)
+  sharded = load_model(out, mesh=sharding.make_mesh(data=2, fsdp=4), rules="fsdp")
+  single = load_model(out)  # this process's first device, whatever mesh wrote it
+  assert len(sharded.layer(0).attn.wq_a.weight[...].sharding.device_set) == 8
+  assert len(single.layer(0).attn.wq_a.weight[...].sharding.device_set) == 1
+  for loaded in (sharded, single):
+    for k, v in to_hub_tensors(loaded).items():
+      np.testing.assert_array_equal(v, want[k], err_msg=k)
   # Back to hub in a process with one device (Orbax alone would refuse: topology mismatch).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"

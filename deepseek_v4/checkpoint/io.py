@@ -162,22 +162,63 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_model(directory: str | os.PathLike, step: int | None = None) -> Transformer:
-  """The model of a training checkpoint folder, built from its saved config (no optimizer).
+def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh=None,
+                  rules=None, merge_lora: bool = True) -> tuple[Transformer, dict]:
+  """(model, meta) of a training checkpoint folder (latest step, or `step`), built from its saved
+  config; no optimizer.
 
-  LoRA checkpoints hold adapters: merge them (deepseek_v4.lora.strip_lora) before saving a model
-  meant for `load_model`.
+  The arrays land on this process's first device, or in their shards of `mesh` by `rules`
+  (`deepseek_v4.sharding`), whatever devices or mesh wrote them: without an explicit target,
+  Orbax puts each array back on the devices it was saved from and refuses ("Topology mismatch")
+  when this process has fewer. LoRA adapters in the checkpoint are merged into the weights
+  (`merge_lora=False` keeps them; needs no mesh).
   """
+  if (mesh is None) != (rules is None):
+    raise ValueError("restore_model: mesh and rules go together")
+  from deepseek_v4 import lora
+
   ck = Checkpointer(directory)
-  meta = ck.read_meta(step)
-  cfg = ModelConfig(**meta["model_config"])
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
-  out = ck.manager.restore(ck._step(step), args=ocp.args.Composite(
-    model=ocp.args.StandardRestore(nnx.to_pure_dict(state))))
+  try:
+    meta = ck.read_meta(step)
+    cfg = ModelConfig(**meta["model_config"])
+    run = meta.get("train_config") or {}
+    adapters = bool(run.get("lora_rank"))
+    if adapters and mesh is not None:
+      raise ValueError(f"{directory}: a LoRA checkpoint restores on one device (mesh=None); "
+                       "merge and shard it afterwards")
+
+    def build():
+      model = Transformer(cfg, rngs=nnx.Rngs(0))
+      if adapters:
+        lora.apply_lora(model, run["lora_targets"], rank=run["lora_rank"],
+                        alpha=run["lora_alpha"], rngs=nnx.Rngs(0))
+      return model
+
+    model = nnx.eval_shape(build)
+    state = nnx.state(model)
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            state)
+    else:
+      from deepseek_v4.sharding import with_shardings
+
+      target = with_shardings(state, mesh, rules)
+    out = ck.manager.restore(meta["step"], args=ocp.args.Composite(
+      model=ocp.args.StandardRestore(nnx.to_pure_dict(target))))
+  finally:
+    ck.close()
   nnx.replace_by_pure_dict(state, out["model"])
   nnx.update(model, state)
-  return model
+  if adapters and merge_lora:
+    lora.strip_lora(model)
+  return model, meta
 
 
-__all__ = ["Checkpointer", "CheckpointMismatch", "config_diff", "load_model"]
+def load_model(directory: str | os.PathLike, step: int | None = None, *, mesh=None,
+               rules=None) -> Transformer:
+  """The model of a training checkpoint folder (see `restore_model`; LoRA adapters merged)."""
+  return restore_model(directory, step, mesh=mesh, rules=rules)[0]
+
+
+__all__ = ["Checkpointer", "CheckpointMismatch", "config_diff", "load_model", "restore_model"]
