@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "attention masking; concat: documents joined with EOS, no masking (default); pad: one "
          "document per row")
   p("--log-every", type=cli.positive_int)
+  p("--val-fraction", type=float, metavar="F",
+    help="hold out this share of the documents (by document, fixed seed) for validation")
+  p("--val-documents", type=cli.positive_int, metavar="N",
+    help="hold out N documents for validation (instead of --val-fraction)")
+  p("--eval-every", type=cli.positive_int, metavar="N",
+    help="validation loss and bits per byte every N steps and at the last (default 50)")
   p("--save-every", type=cli.positive_int)
   p("--keep", type=cli.positive_int, help="checkpoints to keep")
   p("--diverge-factor", type=float, default=None, metavar="F",
@@ -110,7 +116,8 @@ def train_config_from_args(args: argparse.Namespace, base: train.TrainConfig) ->
            "grad_accum": "grad_accum", "lr": "learning_rate", "warmup": "warmup_steps",
            "remat": "remat", "indexer_stage": "indexer_stage", "lora_rank": "lora_rank",
            "lora_alpha": "lora_alpha", "packing": "packing", "log_every": "log_every",
-           "save_every": "save_every", "keep": "keep_checkpoints"}
+           "save_every": "save_every", "keep": "keep_checkpoints", "val_fraction": "val_fraction",
+           "val_documents": "val_documents", "eval_every": "eval_every"}
   updates = {field: getattr(args, a) for a, field in flags.items() if getattr(args, a) is not None}
   if args.bf16:
     updates["compute_dtype"] = "bfloat16"
@@ -244,17 +251,24 @@ def run(args: argparse.Namespace) -> int:
   resume = (args.resume or args.resume_step is not None
             or (args.demo and args.out is None and os.path.isdir(out)))
   trainer.check_resume(out, resume)
-  rows = data_lib.load_rows(args.data, tok, tcfg.seq_len, tcfg.packing,
-                            align=data_lib.packing_align(cfg))
+  val = None
+  if tcfg.val_fraction or tcfg.val_documents:  # held-out documents: loss and bits per byte
+    from deepseek_v4 import evaluate
+
+    rows, val = evaluate.load_split(args.data, tok, tcfg, align=data_lib.packing_align(cfg))
+  else:
+    rows = data_lib.load_rows(args.data, tok, tcfg.seq_len, tcfg.packing,
+                              align=data_lib.packing_align(cfg))
   source = args.data or "the embedded demo corpus (Python stdlib sources)"
+  held = "" if val is None else f" ({val.documents} documents held out for validation)"
   print(f"training {cfg.num_layers}-layer V4 (d_model {cfg.d_model}, {cfg.num_experts} experts) "
-        f"on {source}: {len(rows)} rows of {tcfg.seq_len} tokens, {tcfg.steps} steps -> "
+        f"on {source}: {len(rows)} rows of {tcfg.seq_len} tokens{held}, {tcfg.steps} steps -> "
         f"{out}", file=sys.stderr)
   _keep_tokenizer(args.tokenizer, out)
   try:
     result = trainer.fit(cfg, tcfg, rows, out, resume=resume, resume_step=args.resume_step,
                          progress=not args.no_progress, divergence=divergence,
-                         init_model=_init_from(args.init) if args.init else None)
+                         init_model=_init_from(args.init) if args.init else None, val=val)
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -77,3 +77,34 @@ def test_fit_logs_validation_at_its_interval_and_reports_it(tmp_path):
     assert m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2) / val.bytes_per_token)
   assert result.last_val_loss == evals[-1]["val_loss"]
   assert "validation loss" in trainer.summary(result)
+
+
+def _jsonl(tmp_path):
+  data = tmp_path / "docs.jsonl"
+  data.write_text("".join(json.dumps({"text": f"note {i}: " + "the cat sat. " * (8 + i)}) + "\n"
+                          for i in range(24)))
+  return data
+
+
+def test_train_cli_validation_flags_are_checked(tmp_path, capsys):
+  from deepseek_v4 import cli
+
+  data = _jsonl(tmp_path)
+  assert cli.main(["train", "--data", str(data), "--val-fraction", "1.5", "--steps", "1"]) == 2
+  assert "val_fraction" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a two-step training run through the CLI (about a minute)
+def test_train_cli_holds_out_documents_and_logs_validation(tmp_path, capsys):
+  from deepseek_v4 import cli
+
+  data = _jsonl(tmp_path)
+  out = tmp_path / "run"
+  rc = cli.main(["train", "--data", str(data), "--out", str(out), "--steps", "2", "--seq-len",
+                 "32", "--batch-size", "2", "--val-documents", "4", "--eval-every", "1",
+                 "--sample", "0", "--no-progress", "--set", "num_mtp_layers=0"])
+  assert rc == 0
+  assert "4 documents held out for validation" in capsys.readouterr().err
+  evals = [m for m in map(json.loads, open(out / "metrics.jsonl")) if "val_loss" in m]
+  assert [m["step"] for m in evals] == [1, 2]
+  assert all(math.isfinite(m["val_loss"]) and m["val_bpb"] > 0 for m in evals)
