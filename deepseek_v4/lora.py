@@ -135,7 +135,7 @@ def strip_lora(model: nnx.Module) -> None:
 
 
 def _plain_linear(m: LoRALinear) -> Linear:
-  out_features, in_features = m.weight.shape
+  *_, out_features, in_features = m.weight.shape  # scanned layers: [count, out, in]
   lin = nnx.eval_shape(lambda: Linear(in_features, out_features, axes=(None, None), std=0.0,
                                       param_dtype=m.weight.dtype, rngs=nnx.Rngs(0)))
   lin.weight = m.weight

@@ -84,3 +84,19 @@ def test_only_adapters_train():
     if not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))]
   # Only the router biases (non-gradient state) move besides the adapters.
   assert all(n.endswith("gate.bias") for n in changed), changed
+
+
+def test_strip_on_scanned_layers():
+  # Layers 0-1 (SWA, hash-routed) form a scanned group: their weights are stacked [2, out, in].
+  cfg = deepseek_v4.tiny(compress_ratios=(0, 0, 4), num_hash_layers=2, num_mtp_layers=0)
+  base = deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0))
+  names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(base))}
+  model = deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0))
+  wrapped = lora.apply_lora(model, ["wq_a"], rank=2, alpha=2, rngs=nnx.Rngs(1))
+  assert {"layers.0.attn.wq_a", "layers.1.attn.wq_a"} <= set(wrapped)
+  assert any(m.weight.ndim == 3 for m in lora.lora_modules(model))
+  _randomize_adapters(model)
+  adapted = forward(model, IDS)
+  lora.strip_lora(model)
+  assert {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))} == names
+  assert rel_err(forward(model, IDS), adapted) < F32_MODEL_REL
