@@ -1,6 +1,7 @@
 """Data for the architecture tour (notebooks/02_architecture_tour): router load per expert across
-layers, KV-cache bytes vs context for V4 against dense attention, and Sinkhorn-normalized mixing
-matrices (mHC, spec §2). The notebook only plots what these return."""
+layers, KV-cache bytes vs context for V4 against dense attention, Sinkhorn-normalized mixing
+matrices (mHC, spec §2), the lightning indexer's selections (spec §3.8) and the compressors' gate
+weights (spec §3.6). The notebook only plots what these return."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import numpy as np
 
 from deepseek_v4 import summary, train
 from deepseek_v4.config import ModelConfig
-from deepseek_v4.layers import mhc
+from deepseek_v4.layers import compressor, mhc
+from deepseek_v4.layers.rope import rope_angles
+from deepseek_v4.model import default_positions
+
+SELECTED, VISIBLE, INVISIBLE = 2, 1, 0  # codes of `selection_map`
 
 
 def kv_bytes_vs_context(cfg: ModelConfig, contexts: list[int]) -> dict[str, np.ndarray]:
@@ -37,3 +42,64 @@ def sinkhorn_matrices(cfg: ModelConfig, seed: int = 0, count: int = 3) -> list[n
   `mhc.sinkhorn` (the doubly stochastic projection; rows and columns sum to 1)."""
   logits = jax.random.normal(jax.random.key(seed), (count, cfg.hc_mult, cfg.hc_mult))
   return list(np.asarray(mhc.sinkhorn(logits, cfg.hc_sinkhorn_iters, cfg.hc_eps)))
+
+
+def attention_input(model, ids: np.ndarray, layer: int) -> tuple[jax.Array, jax.Array]:
+  """(u' [B, T, D], positions [B, T]): the normed attention input of official layer `layer` on
+  `ids` [B, T] (full sequence from position 0), the blocks before it run one by one as the trunk
+  runs them."""
+  ids = jnp.asarray(ids, jnp.int32)
+  B, T = ids.shape
+  positions = default_positions(ids, None, None)
+  e = model.embed_tokens(ids)
+  x = jnp.broadcast_to(e[:, :, None, :], (B, T, model.cfg.num_streams, model.cfg.d_model))
+  for i in range(layer):
+    x, _ = model.layer(i)(x, ids, positions)
+  block = model.layer(layer)
+  pre, _, _ = block._site(x, "attn")
+  return block.attn_norm(mhc.hc_collapse(x, pre)), positions
+
+
+def indexer_selections(model, ids: np.ndarray, layer: int) -> np.ndarray:
+  """[B, T, min(k_I, T // 4)] compressed entries the lightning indexer of CSA layer `layer`
+  selects for each query of `ids` [B, T] (-1 = none), through the layer's own `Indexer.encode`
+  and `Indexer.select` as its attention calls them (spec §3.8)."""
+  attn = model.layer(layer).attn
+  if attn.indexer is None:
+    raise ValueError(f"layer {layer} is {attn.kind}, not CSA: it has no indexer")
+  u, positions = attention_input(model, ids, layer)
+  cos, sin = rope_angles(positions, attn.freqs)
+  cq, _, _ = attn.project_qkv(u, cos, sin)
+  keys, q, w = attn.indexer.encode(u, cq, cos, sin, attn.freqs)
+  return np.asarray(attn.indexer.select(q, w, keys, positions))
+
+
+def selection_map(selected: np.ndarray, ratio: int = 4) -> np.ndarray:
+  """[T, T // ratio] image of one row's selections [T, k]: SELECTED, VISIBLE (not selected) or
+  INVISIBLE (entry s is visible to query t iff s < floor((t + 1) / ratio), spec §3.7)."""
+  T = selected.shape[0]
+  t, s = np.arange(T)[:, None], np.arange(T // ratio)[None, :]
+  out = np.where(s < (t + 1) // ratio, VISIBLE, INVISIBLE)
+  rows, cols = np.nonzero(selected >= 0)
+  out[rows, selected[rows, cols]] = SELECTED
+  return out
+
+
+def compressor_weights(model, ids: np.ndarray, layer: int, which: str = "main") -> np.ndarray:
+  """[B, n, slots, width] softmax gate weights with which the compressor of CSA/HCA layer
+  `layer` ("main", or "indexer" in a CSA layer) pools each of its n = T // m windows on `ids`
+  [B, T]: slots = m tokens (HCA) or 2m (CSA: the previous window's m, then its own m). They sum
+  to 1 over the slots of each entry and channel (spec §3.6)."""
+  attn = model.layer(layer).attn
+  if which not in ("main", "indexer"):
+    raise ValueError(f"which={which!r}; expected main or indexer")
+  comp = attn.compressor
+  if which == "indexer":
+    comp = None if attn.indexer is None else attn.indexer.compressor
+  if comp is None:
+    raise ValueError(f"layer {layer} ({attn.kind}) has no {which} compressor")
+  u, _ = attention_input(model, ids, layer)
+  n = u.shape[1] // comp.ratio
+  c, z = comp.project(u[:, : n * comp.ratio])
+  _, logits = compressor.window_slots(c, z, comp.ratio, comp.overlap)
+  return np.asarray(jax.nn.softmax(logits, axis=2))

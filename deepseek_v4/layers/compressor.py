@@ -34,9 +34,12 @@ def project(x: Float[Array, "B T D"], wkv: Array, wgate: Array, ape: Array,
   return c, z + ape.astype(jnp.float32)[slot]
 
 
-def pool_windows(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int, overlap: bool,
-                 prev: tuple[Array, Array] | None = None, same_doc: Array | None = None) -> Array:
-  """Pools S = n*m window-aligned tokens into n entries (float32, before norm and RoPE).
+def window_slots(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int, overlap: bool,
+                 prev: tuple[Array, Array] | None = None, same_doc: Array | None = None,
+                 ) -> tuple[Array, Array]:
+  """The slots each of the n = S/m entries pools: (values, biased gate logits), each
+  [B, n, slots, width]; slots = m tokens of its window (HCA), or 2m (CSA): the m tokens of the
+  previous window through the first half, then the m of its own through the second half.
 
   Args:
     c, z: values and biased gate logits, `K = (1 + overlap) * width`.
@@ -46,15 +49,13 @@ def pool_windows(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int,
       c[:, 0]; None means "no previous window" (value 0, logit -inf, so weight 0).
     same_doc: CSA with packed documents: [B, n] whether window i-1 belongs to the document of
       window i; where not, entry i has no previous window.
-  Returns:
-    [B, n, width].
   """
   B, S, K = c.shape
   n = S // ratio
   c = c.reshape(B, n, ratio, K)
   z = z.reshape(B, n, ratio, K)
   if not overlap:
-    return jnp.sum(jax.nn.softmax(z, axis=2) * c, axis=2)
+    return c, z
   w = K // 2
   if prev is None:
     prev = (jnp.zeros((B, ratio, w), c.dtype), jnp.full((B, ratio, w), -jnp.inf, z.dtype))
@@ -65,6 +66,14 @@ def pool_windows(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int,
     prev_z = jnp.where(same_doc[:, :, None, None], prev_z, -jnp.inf)
   vals = jnp.concatenate([prev_c, c[..., w:]], axis=2)  # [B, n, 2m, w]
   logits = jnp.concatenate([prev_z, z[..., w:]], axis=2)
+  return vals, logits
+
+
+def pool_windows(c: Float[Array, "B S K"], z: Float[Array, "B S K"], ratio: int, overlap: bool,
+                 prev: tuple[Array, Array] | None = None, same_doc: Array | None = None) -> Array:
+  """Pools S = n*m window-aligned tokens into n entries (float32, before norm and RoPE): one
+  channel-wise softmax over each entry's `window_slots` (same arguments). Returns [B, n, width]."""
+  vals, logits = window_slots(c, z, ratio, overlap, prev, same_doc)
   return jnp.sum(jax.nn.softmax(logits, axis=2) * vals, axis=2)
 
 
