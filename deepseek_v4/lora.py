@@ -24,8 +24,10 @@ from flax import nnx
 from deepseek_v4 import layout
 from deepseek_v4.layers.params import Linear
 
-# Linear modules whose weight the layers read directly (not through Linear.__call__).
-_RAW_WEIGHT = re.compile(r"(^|\.)(wo_a|compressor\.wkv|compressor\.wgate)$")
+# Linear modules whose weight the layers read directly (not through Linear.__call__): the grouped
+# output projection, the compressors, and the output head (the training loss and evaluation read
+# `head.weight` in their chunked cross-entropy, so an adapter there would get no gradient).
+_RAW_WEIGHT = re.compile(r"(^|\.)(wo_a|compressor\.wkv|compressor\.wgate|head)$")
 
 
 class LoRALinear(Linear):

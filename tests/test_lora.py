@@ -63,6 +63,8 @@ def test_bad_targets():
     lora.apply_lora(model, ["nope"], rank=2, alpha=2, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="read these weights directly"):
     lora.apply_lora(model, ["wo_a"], rank=2, alpha=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'head'.*read these weights directly"):
+    lora.apply_lora(model, ["head"], rank=2, alpha=2, rngs=nnx.Rngs(0))  # no gradient in training
 
 
 def test_only_adapters_train():
