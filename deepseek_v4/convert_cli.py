@@ -258,9 +258,8 @@ def to_hub(args: argparse.Namespace, src: str, out) -> None:
   from flax import nnx
 
   from deepseek_v4.checkpoint import from_hub_tensors, save_hf_checkpoint, to_hub_tensors
-  from deepseek_v4.checkpoint.safetensors_io import list_checkpoint
-
   from deepseek_v4.checkpoint.io import restore_model
+  from deepseek_v4.checkpoint.safetensors_io import list_checkpoint
 
   start = time.perf_counter()
   # Onto this process's first device, whatever mesh wrote it (LoRA adapters merged).
