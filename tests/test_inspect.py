@@ -8,7 +8,7 @@ from flax import nnx
 
 import deepseek_v4 as dsv4
 from deepseek_v4 import inspect as tour
-from deepseek_v4.layers.indexer import Indexer
+from tests.recording import recorded_selections
 
 T = 64  # 16 CSA entries > top-k 4 of tiny: later queries must choose
 
@@ -27,17 +27,9 @@ def _csa_layers(cfg):
   return [i for i, r in enumerate(cfg.layer_ratios) if r == 4]
 
 
-def test_indexer_selections_are_the_forwards(model, ids, monkeypatch):
-  recorded, select = [], Indexer.select
-
-  def record(self, *args, **kwargs):
-    out = select(self, *args, **kwargs)
-    recorded.append(np.asarray(out))
-    return out
-
-  monkeypatch.setattr(Indexer, "select", record)
-  model.trunk(np.asarray(ids, np.int32))  # eager: CSA layers in official order
-  monkeypatch.undo()
+def test_indexer_selections_are_the_forwards(model, ids):
+  with recorded_selections() as recorded:
+    model.trunk(np.asarray(ids, np.int32))  # eager: CSA layers in official order
   layers = _csa_layers(model.cfg)
   assert len(recorded) == len(layers) >= 1
   for layer, got in zip(layers, recorded):

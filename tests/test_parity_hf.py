@@ -167,27 +167,19 @@ def _hf_selections(ref) -> tuple[list, list]:
 
 
 @pytest.mark.slow
-def test_logits_match_transformers_at_real_selection_scale(monkeypatch):
+def test_logits_match_transformers_at_real_selection_scale():
   """At T = 4096 the indexer drops half the visible entries, so a score that ties (or nearly
   ties, within float32 rounding of two implementations) at the top-k cut can be picked by one
   side and not the other. Checked: every query whose selection differs is such a near tie in
   transformers' own scores, such queries are rare, and every other position's logits match."""
-  from deepseek_v4.layers.indexer import Indexer
+  from tests.recording import recorded_selections
 
   cfg = deepseek_v4.tiny(**REAL_SCALE, scan_layers=False)
   model = _model(cfg, seed=7)
   T = 4096
   ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
-  ours_picks, select = [], Indexer.select
-
-  def recording_select(self, *args, **kwargs):
-    out = select(self, *args, **kwargs)
-    ours_picks.append(np.asarray(out))
-    return out
-
-  monkeypatch.setattr(Indexer, "select", recording_select)
-  ours = np.asarray(model(jnp.asarray(ids)))  # eager, so the selections are concrete
-  monkeypatch.undo()
+  with recorded_selections() as ours_picks:
+    ours = np.asarray(model(jnp.asarray(ids)))  # eager, so the selections are concrete
   ref = hf_model(model)
   hf_picks, hf_scores = _hf_selections(ref)
   want = hf_logits(ref, ids)
