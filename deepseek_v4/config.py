@@ -91,6 +91,10 @@ class ModelConfig:
       independent of depth); False unrolls every layer (same numbers, easier to debug).
     kernel_impl: attention/indexer implementation behind `kernels_pallas/*/ops.py`: "reference"
       (pure JAX, the oracle), "pallas" or "auto" (Pallas on GPU/TPU, the reference elsewhere).
+    keep_quantized: inference-only storage of released low-precision weights (spec §6.2): None
+      (every matrix in param_dtype) or "experts" (routed experts held as their packed FP4 codes
+      and E8M0 scales, dequantized one expert at a time inside the MoE; layers/moe.py). A load
+      option, not part of the architecture: never written to config.json.
   """
 
   vocab_size: int
@@ -139,6 +143,7 @@ class ModelConfig:
   init_std: float = 0.02
   scan_layers: bool = True
   kernel_impl: Literal["reference", "pallas", "auto"] = "reference"
+  keep_quantized: Literal[None, "experts"] = None
 
   def __post_init__(self):
     if isinstance(self.compress_ratios, list):

@@ -27,16 +27,17 @@ from deepseek_v4 import layout, sharding
 from deepseek_v4.checkpoint import files as ckpt_files
 from deepseek_v4.checkpoint.safetensors_io import CheckpointError
 from deepseek_v4.config import ModelConfig, fields_to_hf
+from deepseek_v4.layers.moe import KeptWeight
 from deepseek_v4.layers.params import HashTable, RouterBias
 from deepseek_v4.model import Transformer
 
 log = logging.getLogger(__name__)
 
-_EXPERT_OURS = re.compile(r"^(?P<pre>.+\.ffn\.experts)\.(?P<w>w[123])$")
+_EXPERT_OURS = re.compile(r"^(?P<pre>.+\.ffn\.experts)\.(?P<w>w[123])(?P<scale>_scale)?$")
 _EXPERT_HUB = re.compile(r"^(?P<pre>.+\.ffn\.experts)\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
 # MTP copies of the shared embedding / head are dropped, as the official convert.py does.
 _MTP_SHARED = re.compile(r"^mtp\.\d+\.(emb|embed|head)\b")
-_STATE_TYPES = (nnx.Param, RouterBias, HashTable)
+_STATE_TYPES = (nnx.Param, RouterBias, HashTable, KeptWeight)
 
 
 def _path_name(path) -> str:
@@ -58,7 +59,8 @@ def _hub_names(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> np.ndarra
   for official, _ in per_layer:
     m = _EXPERT_OURS.match(official)
     if m:
-      rows.append([f"{m['pre']}.{e}.{m['w']}.weight" for e in range(shape[int(stacked)])])
+      kind = "scale" if m["scale"] else "weight"  # kept FP4 experts: codes and their scales
+      rows.append([f"{m['pre']}.{e}.{m['w']}.{kind}" for e in range(shape[int(stacked)])])
     else:
       rows.append([official])
   names = np.empty((len(rows), len(rows[0])), dtype=object)
@@ -167,7 +169,8 @@ def read_safetensors(path: str, dtype=jnp.float32) -> dict[str, np.ndarray]:
 
 
 def _check(tensors: dict, expected: dict) -> None:
-  quantized = sorted(k for k in tensors if k.endswith(".scale") and k[: -6] + ".weight" in tensors)
+  quantized = sorted(k for k in tensors if k.endswith(".scale") and k[: -6] + ".weight" in tensors
+                     and k not in expected)
   if quantized:
     raise CheckpointError(
       f"checkpoint holds {len(quantized)} FP8/FP4 quantization scales (e.g. {quantized[0]!r}); "
@@ -243,7 +246,8 @@ def _host_block(tensors: dict[str, np.ndarray], names: np.ndarray,
 
 def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
                        config: ModelConfig | None = None, *, mesh=None, rules=None,
-                       num_layers: int | None = None, mtp: bool = True) -> Transformer:
+                       num_layers: int | None = None, mtp: bool = True,
+                       keep_quantized: str | None = None) -> Transformer:
   """Loads a folder with `config.json` and `*.safetensors` (hub or transformers naming, plain or
   FP8/FP4-quantized as published, spec §6.2), reading tensor by tensor.
 
@@ -255,6 +259,10 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
     mesh / rules: place every tensor directly into its shards (see `from_hub_tensors`).
     num_layers / mtp: load only the first `num_layers` layers (and the MTP block only if `mtp`);
       the returned model's config says so.
+    keep_quantized: None (dequantize everything) or "experts": the routed experts stay in their
+      stored FP4 form (codes and scales copied byte for byte, never decoded on the host) and are
+      decoded inside the MoE (`ModelConfig.keep_quantized`; inference only). The checkpoint's
+      experts must be FP4.
   Returns:
     A ready `Transformer`. Any problem (a corrupt or truncated file, an index that disagrees with
     the files, a scale grid that does not fit, a NaN FP8 value, a tensor the config does not
@@ -263,9 +271,9 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
   path = os.fspath(path)
   cfg = config or ckpt_files.read_config(path)
   name = jnp.dtype(dtype).name
-  cfg = dataclasses.replace(cfg, dtype=name, param_dtype=name)
+  cfg = dataclasses.replace(cfg, dtype=name, param_dtype=name, keep_quantized=keep_quantized)
   cfg, keep = ckpt_files.layer_subset(cfg, num_layers, mtp)
-  tensors = ckpt_files.hub_tensors(path, dtype=dtype, keep=keep)
+  tensors = ckpt_files.hub_tensors(path, dtype=dtype, keep=keep, keep_quantized=keep_quantized)
   return from_hub_tensors(cfg, tensors, mesh=mesh, rules=rules)
 
 

@@ -115,12 +115,21 @@ def layer_subset(cfg: ModelConfig, num_layers: int | None, mtp: bool
   return cfg, keep
 
 
-def hub_tensors(path: str, *, dtype=jnp.float32, keep: Callable[[str], bool] = lambda n: True
-                ) -> dict[str, reader.LazyTensor]:
-  """`{hub name: LazyTensor}` of a checkpoint folder (validated; nothing read yet)."""
+def kept_names(keep_quantized: str | None) -> Callable[[str], bool]:
+  """The hub names `ModelConfig.keep_quantized` keeps as stored (routed experts for "experts")."""
+  if keep_quantized is None:
+    return lambda name: False
+  return lambda name: _EXPERTS.search(name) is not None
+
+
+def hub_tensors(path: str, *, dtype=jnp.float32, keep: Callable[[str], bool] = lambda n: True,
+                keep_quantized: str | None = None) -> dict[str, reader.LazyTensor]:
+  """`{hub name: LazyTensor}` of a checkpoint folder (validated; nothing read yet); with
+  `keep_quantized` the weights it names come as stored (codes + `.scale`, see `reader`)."""
   from deepseek_v4.checkpoint.convert import _canonical  # the hub <-> transformers name table
 
-  return reader.hub_tensors(list_checkpoint(path), _canonical, dtype=dtype, keep=keep)
+  return reader.hub_tensors(list_checkpoint(path), _canonical, dtype=dtype, keep=keep,
+                            kept=kept_names(keep_quantized))
 
 
 # ----- saving -------------------------------------------------------------------------------------
@@ -133,6 +142,13 @@ def stored_tensors(tensors: Mapping[str, np.ndarray], quantize: str | None
   out: dict[str, Pending | np.ndarray] = {}
   for name, value in tensors.items():
     fmt = None
+    if _EXPERTS.search(name) and name[: -len(".weight")] + ".scale" in tensors:
+      # Already stored (a model with keep_quantized experts): FP4 codes + scales as they are.
+      if quantize == "fp8":
+        raise CheckpointError(f"{name}: the model keeps its experts in FP4; quantize='fp8' would "
+                              "need them in FP8 (save with quantize='fp4-experts' or None)")
+      out[name] = np.asarray(value).view(np.int8)  # the official I8 packing
+      continue
     if quantize is not None and _EXPERTS.search(name):
       fmt = "fp4" if quantize == "fp4-experts" else "fp8"
     elif quantize is not None and _FP8_LINEARS.search(name):

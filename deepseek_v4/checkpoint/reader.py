@@ -54,13 +54,18 @@ class _Rows:
 
 
 class LazyTensor:
-  """One hub tensor, read (and dequantized) on demand. `shape` / `dtype` are the logical ones."""
+  """One hub tensor, read (and dequantized) on demand. `shape` / `dtype` are the logical ones.
+
+  `stored` (a dtype) reads the bytes as stored instead, reinterpreted as that dtype of the same
+  width (packed FP4 codes as uint8, E8M0 scales): the kept-quantized form (`keep_quantized`).
+  """
 
   def __init__(self, name: str, weight: _Rows, scale: _Rows | None = None,
-               spec: quant.QuantSpec | None = None, dtype=None):
+               spec: quant.QuantSpec | None = None, dtype=None, stored=None):
     self.name, self.weight, self.scale, self.spec = name, weight, scale, spec
+    self.stored = None if stored is None else np.dtype(stored)
     self.shape = spec.shape if spec else weight.shape
-    self.dtype = np.dtype(dtype) if spec else DTYPES[weight.info.dtype]
+    self.dtype = np.dtype(dtype) if spec else self.stored or DTYPES[weight.info.dtype]
     self.ndim = len(self.shape)
 
   def where(self) -> str:
@@ -97,9 +102,10 @@ class LazyTensor:
     if self.spec:
       return self._dequantized(r0, r1)
     try:
-      return np.asarray(self.weight.read(r0, r1) if self.shape else self.weight.read())
+      out = np.asarray(self.weight.read(r0, r1) if self.shape else self.weight.read())
     except OSError as e:
       raise CheckpointError(f"{self.where()}: cannot read: {e}") from e
+    return out if self.stored is None else _as_stored(out, self.stored, self.where())
 
   def __array__(self, dtype=None, copy=None):
     out = np.asarray(self.read())
@@ -116,6 +122,31 @@ class LazyTensor:
       return np.asarray(self)[index]
     block = np.asarray(self.read(first))
     return block[(slice(None),) + index[1:]]
+
+
+def _as_stored(raw: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+  """Stored bytes as `dtype` without decoding: a same-width view (int8 -> uint8 codes, U8 ->
+  E8M0), or for a float32 scale the E8M0 byte of each (power-of-two) value, checked exact."""
+  if raw.dtype.itemsize == dtype.itemsize:
+    return raw.view(dtype)
+  out = raw.astype(dtype)
+  if not np.array_equal(out.astype(raw.dtype), raw):
+    raise CheckpointError(f"{where}: {raw.dtype} scales that are not powers of two cannot be kept "
+                          "as E8M0")
+  return out
+
+
+def _kept_pair(name: str, w: _Rows, s: _Rows | None) -> dict[str, LazyTensor]:
+  """An FP4 weight and its scale as stored, under `name` and its `.scale` name."""
+  fmt = None if s is None else _quant_spec(name, w, s).fmt
+  if fmt != "fp4":
+    raise CheckpointError(
+      f"{w.info.where()}: keep_quantized='experts' keeps routed experts in FP4 (packed I8 codes + "
+      f"1x32 E8M0 scales), but {name!r} is stored as {fmt or w.info.dtype + ' without a scale'}; "
+      "load with keep_quantized=None to dequantize it")
+  scale_name = name[: -len(".weight")] + ".scale"
+  return {name: LazyTensor(name, w, stored=np.uint8),
+          scale_name: LazyTensor(scale_name, s, stored=np.dtype("float8_e8m0fnu"))}
 
 
 def _quant_spec(name: str, w: _Rows, s: _Rows) -> quant.QuantSpec:
@@ -153,10 +184,12 @@ def _check_dtype(name: str, w: _Rows) -> None:
 
 
 def hub_tensors(listing: Mapping[str, TensorInfo], canonical: Callable[[str], str], *,
-                dtype=jnp.float32, keep: Callable[[str], bool] = lambda name: True
-                ) -> dict[str, LazyTensor]:
+                dtype=jnp.float32, keep: Callable[[str], bool] = lambda name: True,
+                kept: Callable[[str], bool] = lambda name: False) -> dict[str, LazyTensor]:
   """`{hub name: LazyTensor}` for a checkpoint listing (see module doc); `dtype` is what
-  quantized weights dequantize to, `keep(hub name)` drops tensors (partial loads)."""
+  quantized weights dequantize to, `keep(hub name)` drops tensors (partial loads), and the FP4
+  weights for which `kept(hub name)` holds stay as stored: `name` the codes, `.scale` the
+  scales (a weight that is not FP4 is an error)."""
   weights: dict[str, _Rows] = {}
   scales: dict[str, _Rows] = {}
 
@@ -192,7 +225,9 @@ def hub_tensors(listing: Mapping[str, TensorInfo], canonical: Callable[[str], st
   for name, w in weights.items():
     if not keep(name):
       continue
-    if name in scales:
+    if kept(name):
+      out.update(_kept_pair(name, w, scales.get(name)))
+    elif name in scales:
       out[name] = LazyTensor(name, w, scales[name], _quant_spec(name, w, scales[name]), dtype)
     else:
       _check_dtype(name, w)

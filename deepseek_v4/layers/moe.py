@@ -11,6 +11,7 @@ and, for expert parallelism, the device layout (layers/moe_ep.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from deepseek_v4.layers import moe_ep, moe_ffn
 from deepseek_v4.layers.moe_ffn import swiglu
 from deepseek_v4.layers.params import HashTable, Linear, RouterBias, normal, param
 
-__all__ = ["MoE", "MoEImpl", "routed_experts", "swiglu"]
+__all__ = ["Experts", "KeptWeight", "MoE", "MoEImpl", "routed_experts", "swiglu"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +89,56 @@ def routed_experts(x: Float[Array, "T D"], idx: Int[Array, "T X"], w: Float[Arra
   return moe_ffn.combine(y, w)  # weighted sum of each token's k outputs, float32
 
 
+class KeptWeight(nnx.Variable):
+  """A weight held in its released low-precision form (packed FP4 codes or E8M0 scales,
+  `ModelConfig.keep_quantized`): inference-only data, never a gradient-trained `nnx.Param`."""
+
+
+def _fp4_weight(rngs: nnx.Rngs, shape: tuple[int, int, int], std: float,
+                axes: tuple[str, str, str]) -> tuple[KeptWeight, KeptWeight]:
+  """(codes [E, R, C/2] uint8, scales [E, R, ceil(C/32)] E8M0) of a fresh FP4 weight: random
+  codes (E2M1 values up to 6) under one power-of-two scale near std / 2. A loaded checkpoint
+  replaces both; a fresh kept model exists for shapes (plan, eval_shape) and tests."""
+  E, R, C = shape
+  if C % 2:
+    raise ValueError(f"keep_quantized='experts' packs two FP4 values per byte along the last "
+                     f"axis; expert weight {shape} has an odd width {C}")
+  codes = jax.random.bits(rngs.params(), (E, R, C // 2), jnp.uint8)
+  scale = jnp.full((E, R, -(-C // 32)), 2.0 ** round(math.log2(std / 2)), jnp.float8_e8m0fnu)
+  return (KeptWeight(codes, out_sharding=axes, eager_sharding=False),
+          KeptWeight(scale, out_sharding=axes, eager_sharding=False))
+
+
 class Experts(nnx.Module):
-  """Stacked routed experts: w1, w3 [E, F, D] and w2 [E, D, F]."""
+  """Stacked routed experts: w1, w3 [E, F, D] and w2 [E, D, F].
+
+  With `cfg.keep_quantized == "experts"` each of them is held as stored in the official
+  checkpoints (spec §6.2): `w1` the packed FP4 codes [E, F, D/2] uint8 and `w1_scale` the E8M0
+  scales [E, F, D/32] (likewise w3; w2 [E, D, F/2] and [E, D, F/32]); the MoE decodes them one
+  expert at a time (layers/moe_ffn.py).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     E, F, D = cfg.num_experts, cfg.moe_inter_dim, cfg.d_model
-    pd = jnp.dtype(cfg.param_dtype)
-    self.w1 = param(normal(rngs, (E, F, D), cfg.init_std, pd), ("expert", "mlp", "embed"))
-    self.w3 = param(normal(rngs, (E, F, D), cfg.init_std, pd), ("expert", "mlp", "embed"))
-    self.w2 = param(normal(rngs, (E, D, F), cfg.init_std, pd), ("expert", "embed", "mlp"))
+    self.kept = cfg.keep_quantized == "experts"
+    shapes = {"w1": ((E, F, D), ("expert", "mlp", "embed")),
+              "w3": ((E, F, D), ("expert", "mlp", "embed")),
+              "w2": ((E, D, F), ("expert", "embed", "mlp"))}
+    for name, (shape, axes) in shapes.items():
+      if self.kept:
+        codes, scale = _fp4_weight(rngs, shape, cfg.init_std, axes)
+        setattr(self, name, codes)
+        setattr(self, f"{name}_scale", scale)
+      else:
+        setattr(self, name, param(normal(rngs, shape, cfg.init_std, jnp.dtype(cfg.param_dtype)),
+                                  axes))
+
+  def weights(self) -> tuple:
+    """(w1, w2, w3): arrays, or `moe_ffn.Fp4Weight`s when kept quantized."""
+    if not self.kept:
+      return self.w1[...], self.w2[...], self.w3[...]
+    return tuple(moe_ffn.Fp4Weight(getattr(self, n)[...], getattr(self, f"{n}_scale")[...])
+                 for n in ("w1", "w2", "w3"))
 
 
 class SharedExpert(nnx.Module):
@@ -168,8 +210,7 @@ class MoE(nnx.Module):
     B, T, D = x.shape
     flat = x.reshape(B * T, D)
     scores, idx, w = self.route(flat, ids.reshape(-1))
-    e = self.experts
-    experts = (e.w1[...], e.w2[...], e.w3[...], self.cfg.swiglu_limit)
+    experts = (*self.experts.weights(), self.cfg.swiglu_limit)
     if impl.expert_parallel is None:
       y = routed_experts(flat, idx, w, *experts, gmm=impl.gmm)
     else:

@@ -7,6 +7,9 @@
   "reference":  `reference.py` (O(M K N) memory; tests only).
   "auto":       "tiled" on CPU, "ragged_dot" on GPU/TPU; logs once which path runs.
 
+`grouped_swiglu_ffn_decoded` is the expert FFN over weights kept in a stored form (packed FP4
+experts, layers/moe_ffn.py), decoded per tile in the tiled path.
+
 Every path computes the same function, forward and backward (see the tests in
 tests/kernels/test_moe_gmm.py).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +148,48 @@ def grouped_swiglu_ffn(
   x, w1, w2, w3 = _same_varying_axes(x, *(w.astype(x.dtype) for w in (w1, w2, w3)))
   return tiled.swiglu_ffn(x, w1, w2, w3, group_sizes.astype(jnp.int32),
                           tile or tiled.default_tile(M, E), float(limit))
+
+
+def grouped_swiglu_ffn_decoded(
+  x: Float[Array, "M D"],
+  w1: Any,
+  w2: Any,
+  w3: Any,
+  group_sizes: Int[Array, "E"],
+  *,
+  decode: Callable[[Any], Array],
+  limit: float,
+  impl: Impl = "auto",
+  tile: int | None = None,
+) -> Float[Array, "M D"]:
+  """`grouped_swiglu_ffn` over weights kept in a stored form (inference only, no VJP).
+
+  Args:
+    w1, w2, w3: pytrees of arrays sharing a leading expert axis E (e.g. packed FP4 codes and
+      their block scales); `decode` maps one expert's leaves to its matrix in checkpoint layout
+      (w1, w3 -> [F, D], w2 -> [D, F]) in x's dtype.
+    impl: "tiled" decodes each tile's expert inside the tile loop, so one expert's matrices are
+      the only decoded weights alive at a time; "ragged_dot" and "reference" decode every expert
+      of this call (one layer, or one device's experts) up front and run the float path.
+  Returns:
+    [M, D] in x's dtype.
+  """
+  one = lambda w: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), w)  # noqa: E731
+  shapes = [jax.eval_shape(decode, one(w)).shape for w in (w1, w2, w3)]
+  E = {a.shape[0] for a in jax.tree.leaves((w1, w2, w3))}
+  (F, D) = shapes[0]
+  if len(E) != 1 or shapes[2] != (F, D) or shapes[1] != (D, F) or x.ndim != 2 or x.shape[1] != D:
+    raise ValueError(f"grouped_swiglu_ffn_decoded: need x [M, D], leaves with one leading "
+                     f"expert axis, decoded w1 = w3 [F, D], w2 [D, F]; got x {x.shape}, leading "
+                     f"axes {sorted(E)}, decoded {shapes}")
+  E = E.pop()
+  if group_sizes.shape != (E,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"grouped_swiglu_ffn_decoded: group_sizes must be integer [E={E}], got "
+                     f"{group_sizes.dtype}{list(group_sizes.shape)}")
+  impl = resolve_impl(impl)
+  M = x.shape[0]
+  if impl != "tiled" or M == 0:
+    full = [jax.vmap(decode)(w).astype(x.dtype) for w in (w1, w2, w3)]  # [E, ...] each
+    return grouped_swiglu_ffn(x, *full, group_sizes, limit=limit, impl=impl, tile=tile)
+  return tiled.swiglu_ffn_decoded(x, w1, w2, w3, group_sizes.astype(jnp.int32),
+                                  tile or tiled.default_tile(M, E), float(limit), decode)

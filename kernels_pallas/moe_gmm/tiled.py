@@ -7,6 +7,9 @@ the sorted rows are scattered into a padded layout where every group starts on a
 min(M, (M + min(E, M) * (tile - 1)) // tile); a `fori_loop` runs only the tiles in use. Nothing is
 dropped, and each output element is the same single dot product as in `ragged_dot`.
 
+`swiglu_ffn_decoded` runs the same forward loop over weights kept in a stored form (packed FP4
+codes and scales), decoding each tile's expert inside the loop body.
+
 The backward pass is a custom VJP made of the same two loops (measured about twice as fast as
 autodiff through a tile scan, whose weight cotangent is a full [E, K, N] add per tile):
   dx = gmm(dy, w^T)   (the forward loop with the other weight layout)
@@ -16,7 +19,7 @@ autodiff through a tile scan, whose weight cotangent is a full [E, K, N] add per
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -165,18 +168,27 @@ def swiglu_ffn(x: Float[Array, "M D"], w1: Float[Array, "E F D"], w2: Float[Arra
   return _ffn_fwd(x, w1, w2, w3, group_sizes, tile, limit)[0]
 
 
-def _ffn_fwd(x, w1, w2, w3, group_sizes, tile, limit):
+def _ffn_loop(x: Array, group_sizes: Array, tile: int, limit: float,
+              expert: Callable[[Array], tuple[Array, Array, Array]], *like: Array) -> Array:
+  """The forward tile loop; `expert(e)` gives expert e's (w1 [F, D], w2 [D, F], w3 [F, D]) in
+  x's dtype (`like`: the weight arrays, whose manual mesh axes the carry must share)."""
   tiles = tile_layout(group_sizes, x.shape[0], tile)
   xp = pad_rows(x, tiles, tile)
   nt, _, D = xp.shape
 
   def body(t, yp):
-    e, xt = tiles.expert[t], xp[t]
-    h = swiglu(_dot(xt, w1[e], 1, 1), _dot(xt, w3[e], 1, 1), limit).astype(xt.dtype)
-    return yp.at[t].set(_dot(h, w2[e], 1, 1).astype(yp.dtype))
+    xt = xp[t]
+    w1, w2, w3 = expert(tiles.expert[t])
+    h = swiglu(_dot(xt, w1, 1, 1), _dot(xt, w3, 1, 1), limit).astype(xt.dtype)
+    return yp.at[t].set(_dot(h, w2, 1, 1).astype(yp.dtype))
 
-  yp = jax.lax.fori_loop(0, tiles.used, body, _zeros((nt, tile, D), x.dtype, xp, w1))
-  return unpad_rows(yp, tiles), (x, w1, w2, w3, group_sizes)
+  yp = jax.lax.fori_loop(0, tiles.used, body, _zeros((nt, tile, D), x.dtype, xp, *like))
+  return unpad_rows(yp, tiles)
+
+
+def _ffn_fwd(x, w1, w2, w3, group_sizes, tile, limit):
+  y = _ffn_loop(x, group_sizes, tile, limit, lambda e: (w1[e], w2[e], w3[e]), w1)
+  return y, (x, w1, w2, w3, group_sizes)
 
 
 def _ffn_bwd(tile, limit, res, dy):
@@ -207,3 +219,20 @@ def _ffn_bwd(tile, limit, res, dy):
 
 
 swiglu_ffn.defvjp(_ffn_fwd, _ffn_bwd)
+
+
+# ----- stored (e.g. FP4) weights, decoded one expert at a time -----------------------------------
+def swiglu_ffn_decoded(x: Float[Array, "M D"], w1: Any, w2: Any, w3: Any,
+                       group_sizes: Int[Array, "E"], tile: int, limit: float,
+                       decode: Callable[[Any], Array]) -> Float[Array, "M D"]:
+  """`swiglu_ffn` over weights kept in a stored form: w1, w2, w3 are pytrees of arrays with a
+  leading expert axis, and `decode(one expert's leaves)` gives its matrix in x's dtype.
+
+  Each tile decodes its own expert inside the loop body, so at most one expert's three decoded
+  matrices exist at a time (never a decoded copy of every expert). Forward only: the stored
+  weights are inference constants (callers refuse differentiation, layers/moe_ffn.py).
+  """
+  def expert(e):
+    return tuple(decode(jax.tree.map(lambda a: a[e], w)) for w in (w1, w2, w3))
+
+  return _ffn_loop(x, group_sizes, tile, limit, expert, *jax.tree.leaves((w1, w2, w3)))
