@@ -22,7 +22,10 @@ What is exact and what is estimated:
   worst case; T_l = the tokens one device holds inside the MoE's shard_map, i.e. the global tokens
   of a step or prefill chunk over every token shard, even when the batch itself is too small to
   split and is replicated outside the MoE), and the float32
-  logits of the cross-entropy chunk. Training with `--remat full` keeps each block's input streams
+  logits of the cross-entropy chunk, and with `keep_quantized="experts"` the decoded expert weights
+  (`Settings.gmm`: "tiled" decodes one expert per tile, "ragged_dot" decodes a layer's local
+  experts up front; layers/moe_ffn.py). Kept FP4 experts are exact: 0.5 byte per weight for the
+  packed codes plus 1/32 byte for the E8M0 scale of each 1x32 block. Training with `--remat full` keeps each block's input streams
   and recomputes the rest during the backward pass; `--remat none` keeps every intermediate. XLA's
   own workspace, fragmentation and the CUDA context are not modeled: `--headroom` reserves a
   fraction of device memory for them (default 10%).
@@ -43,6 +46,8 @@ import numpy as np
 from deepseek_v4 import sharding
 from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
 from deepseek_v4.layers.moe_ep import ALL_TO_ALL, capacity, ragged_rows
+
+GMM_PATHS = ("tiled", "ragged_dot", "reference")
 
 
 # ----- sizes -------------------------------------------------------------------------------------
@@ -122,6 +127,7 @@ class Settings:
   all_to_all: str = "ragged"  # expert-parallel path (layers/moe_ep.py): ragged on GPU/TPU
   prefill_chunk: int = 8192
   ce_chunk: int = 1024
+  gmm: str = "ragged_dot"  # grouped-matmul path (kernels_pallas/moe_gmm): ragged_dot on GPU/TPU
 
 
 @dataclasses.dataclass
@@ -168,6 +174,7 @@ def _is_adamw(path: str, ndim: int) -> bool:
 def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
   """(lines, notes) for parameters, buffers, gradients and optimizer state."""
   from deepseek_v4 import summary
+  from deepseek_v4.layers.moe import KeptWeight
   from deepseek_v4.layers.params import HashTable, RouterBias
 
   table = sharding.get_rules(rules).params
@@ -183,9 +190,12 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
     if isinstance(var, (RouterBias, HashTable)):
       tot["buffers"] += local * _itemsize(var.dtype)
       continue
+    if isinstance(var, KeptWeight) and var.dtype != np.uint8:  # kept FP4 experts' E8M0 scales
+      tot["params"] += local * _itemsize(var.dtype)
+      continue
     item = _itemsize(var.dtype)  # matrices in param_dtype; norms, mHC, sinks, ape in float32
     tot["params"] += local * item
-    tot["n_params"] += math.prod(shape)
+    tot["n_params"] += math.prod(shape) * (2 if isinstance(var, KeptWeight) else 1)  # FP4 pairs
     if local * item > largest[0]:
       largest = (local * item, name)
     if not s.train or any(p.search(name) for p in frozen):
@@ -194,7 +204,8 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
     tot["grads"] += local * item
     moments = 2 if s.optimizer == "adamw" or _is_adamw(name, len(shape)) else 1
     tot["opt"] += local * moments * mdt
-  lines = [(f"parameters ({tot['n_params'] / 1e9:.2f}B, matrices {cfg.param_dtype})",
+  kept = ", routed experts FP4" if cfg.keep_quantized == "experts" else ""
+  lines = [(f"parameters ({tot['n_params'] / 1e9:.2f}B, matrices {cfg.param_dtype}{kept})",
             tot["params"], "exact"),
            ("router bias + hash tables", tot["buffers"], "exact")]
   if s.train:
@@ -269,6 +280,19 @@ def ep_buffer_bytes(cfg: ModelConfig, tokens: int, shards: int, cf: float | None
   return tokens * X * (3 * D * act + 2 * 4) + rows * (per_row + 2 * 4)
 
 
+def decoded_experts_line(cfg: ModelConfig, expert_shards: int, gmm: str):
+  """The decoded copies of kept FP4 experts alive at once (layers/moe_ffn.py): one expert's
+  w1, w2, w3 on the tiled path, every local expert of one layer on ragged_dot / reference."""
+  if gmm not in GMM_PATHS:
+    raise ValueError(f"gmm={gmm!r} must be one of {GMM_PATHS}")
+  one = 3 * cfg.moe_inter_dim * cfg.d_model * _itemsize(cfg.dtype)
+  if gmm == "tiled":
+    return ("decoded FP4 experts (tiled: one expert per tile)", float(one), "estimate")
+  local = cfg.num_experts // expert_shards
+  return (f"decoded FP4 experts ({gmm}: {local} experts of one layer)", float(local * one),
+          "estimate")
+
+
 def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
   r = sharding.get_rules(rules)
   ep = r.expert_parallel
@@ -314,6 +338,8 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
   if ep:
     cf = "dropless" if s.capacity_factor is None else f"capacity factor {s.capacity_factor}"
     lines.append((f"MoE all-to-all buffers ({s.all_to_all}, {cf})", moe, "estimate"))
+  if cfg.keep_quantized == "experts":
+    lines.append(decoded_experts_line(cfg, ep_shards, s.gmm))
   lines.append(("logits (float32)", logits, "estimate"))
   return lines, [head]
 
@@ -342,6 +368,9 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
   if s.remat not in ("full", "none") or s.optimizer not in ("muon", "adamw"):
     raise ValueError(f"remat={s.remat!r} (full|none), optimizer={s.optimizer!r} (muon|adamw)")
   cfg = cfg if s.param_dtype is None else cfg.replace(param_dtype=s.param_dtype)
+  if s.train and cfg.keep_quantized:
+    raise ValueError(f"keep_quantized={cfg.keep_quantized!r} is inference-only; a training plan "
+                     "needs the experts in param_dtype (keep_quantized=None)")
   lines, notes = state_lines(cfg, sizes, rules, s)
   act, act_notes = activation_lines(cfg, sizes, rules, s)
   lines += act
@@ -401,6 +430,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--capacity-factor", type=float, default=None,
                       help="expert-parallel MoE capacity factor (default: dropless)")
   parser.add_argument("--prefill-chunk", type=cli.positive_int, default=8192)
+  parser.add_argument("--keep-quantized", choices=["experts"], default=None,
+                      help="inference with the routed experts kept in FP4 (load_hf_checkpoint("
+                      "keep_quantized='experts')); same as --set keep_quantized=experts")
+  parser.add_argument("--gmm", choices=GMM_PATHS, default="ragged_dot",
+                      help="grouped-matmul path, for the decoded kept experts (default "
+                      "ragged_dot, what 'auto' runs on GPU)")
   parser.add_argument("--device-memory", type=cli.arg_type(parse_bytes), default=None,
                       help="e.g. 141GB (H200), 80GB or 140GiB (a bare number counts bytes); "
                       "prints whether the plan fits")
@@ -414,6 +449,8 @@ def run(args: argparse.Namespace) -> int:
   from deepseek_v4 import cli
 
   cfg, name = cli.config_from_args(args)
+  if args.keep_quantized:
+    cfg = cfg.replace(keep_quantized=args.keep_quantized)
   if args.mesh:
     sizes = sharding.parse_mesh(args.mesh)
     n = math.prod(sizes.values())
@@ -426,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
                       grad_accum=args.grad_accum, remat=args.remat, optimizer=args.optimizer,
                       moment_dtype=args.moment_dtype, param_dtype=args.param_dtype,
                       freeze=tuple(args.freeze), capacity_factor=args.capacity_factor,
-                      prefill_chunk=args.prefill_chunk)
+                      prefill_chunk=args.prefill_chunk, gmm=args.gmm)
   plan = make_plan(cfg, sizes, args.rules, settings, name=name or "custom",
                    device_memory=args.device_memory, headroom=args.headroom)
   print(format_plan(plan))
