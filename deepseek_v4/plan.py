@@ -25,10 +25,10 @@ What is exact and what is estimated:
   logits of the cross-entropy chunk, and with `keep_quantized="experts"` the decoded expert weights
   (`Settings.gmm`: "tiled" decodes one expert per tile, "ragged_dot" decodes a layer's local
   experts up front; layers/moe_ffn.py). Kept FP4 experts are exact: 0.5 byte per weight for the
-  packed codes plus 1/32 byte for the E8M0 scale of each 1x32 block. Training with `--remat full` keeps each block's input streams
-  and recomputes the rest during the backward pass; `--remat none` keeps every intermediate. XLA's
-  own workspace, fragmentation and the CUDA context are not modeled: `--headroom` reserves a
-  fraction of device memory for them (default 10%).
+  packed codes plus 1/32 byte for the E8M0 scale of each 1x32 block. Training with `--remat full`
+  keeps each block's input streams and recomputes the rest during the backward pass; `--remat
+  none` keeps every intermediate. XLA's own workspace, fragmentation and the CUDA context are not
+  modeled: `--headroom` reserves a fraction of device memory for them (default 10%).
 """
 
 from __future__ import annotations

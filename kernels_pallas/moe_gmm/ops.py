@@ -174,7 +174,9 @@ def grouped_swiglu_ffn_decoded(
   Returns:
     [M, D] in x's dtype.
   """
-  one = lambda w: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), w)  # noqa: E731
+  def one(w):  # one expert's leaves, as shapes
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), w)
+
   shapes = [jax.eval_shape(decode, one(w)).shape for w in (w1, w2, w3)]
   E = {a.shape[0] for a in jax.tree.leaves((w1, w2, w3))}
   (F, D) = shapes[0]
