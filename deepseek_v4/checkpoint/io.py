@@ -119,7 +119,12 @@ class Checkpointer:
   def check_compatible(self, meta: dict, cfg: ModelConfig, train_config: Any = None) -> None:
     """Raises CheckpointMismatch naming every differing ModelConfig / structural TrainConfig
     field."""
-    problems = config_diff(meta["model_config"], cfg.to_dict())
+    # A field added after the checkpoint was written (e.g. keep_quantized) reads as its default,
+    # as `restore_model` builds it.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **meta["model_config"]}
+    problems = config_diff(saved, cfg.to_dict())
     if train_config is not None and meta.get("train_config") is not None:
       cur = dataclasses.asdict(train_config)
       saved = meta["train_config"]
