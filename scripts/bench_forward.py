@@ -7,8 +7,21 @@ steady-state time (median of `--repeats` runs, `block_until_ready`), peak RSS, R
 `device.memory_stats()` when the backend reports it (CPU usually does not). The growth exponents are
 least-squares slopes of log(value) vs log(T).
 
+Speed against the machine: each child also times a plain jitted f32 matmul (`--matmul-size`^3, median
+of `--repeats`) in the same process, and each row reports the model's achieved GFLOP/s (FLOPs from
+`deepseek_v4.summary`: the causal model count, not the work the implementation does) and its
+percentage of that matmul's GFLOP/s, by wall time and by process CPU time (the CPU-time ratio is
+steadier when other processes share the cores).
+
+`--profile` traces one more forward per length (`jax.profiler`), takes each XLA op's self time
+(nested events subtracted, summed over threads), maps the op to a model component through the
+compiled HLO's source stack frames (and the `attention_<kind>` named scope for the layer kind),
+and prints time, share, model FLOPs and GFLOP/s per component; the JSON row keeps the breakdown and
+the heaviest ops.
+
   python scripts/bench_forward.py                       # T = 2048, 4096, 8192, 16384
   python scripts/bench_forward.py --lengths 2048,4096 --repeats 2
+  python scripts/bench_forward.py --lengths 8192 --profile
 
 Writes benchmarks/results/bench_forward.json.
 """
@@ -20,11 +33,14 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import defaultdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "bench_forward.json")
@@ -59,7 +75,188 @@ def _cpu_seconds() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def run_one(T: int, batch: int, repeats: int, warmup: int, overrides: list[str]) -> dict:
+def _timed(fn, repeats: int) -> tuple[list[float], list[float]]:
+  """Wall and process-CPU seconds of `repeats` calls of fn (which must block until done)."""
+  times, cpu_times = [], []
+  for _ in range(repeats):
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+    cpu_times.append(_cpu_seconds() - c0)
+  return times, cpu_times
+
+
+def matmul_peak(n: int, repeats: int) -> dict:
+  """GFLOP/s of a plain jitted f32 [n, n] @ [n, n] in this process (median of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(jnp.matmul).lower(a, b).compile()
+  mm(a, b).block_until_ready()
+  times, cpu_times = _timed(lambda: mm(a, b).block_until_ready(), max(repeats, 3))
+  flops = 2.0 * n**3
+  return {"n": n, "flops": flops, "median_s": statistics.median(times),
+          "median_cpu_s": statistics.median(cpu_times),
+          "gflops": flops / statistics.median(times) / 1e9,
+          "gflops_per_cpu_s": flops / statistics.median(cpu_times) / 1e9}
+
+
+# ----- profile: XLA op self times -> model components ---------------------------------------------
+def _hlo_tables(hlo: str) -> tuple[dict, dict]:
+  """(instruction name -> (op_name, stack frame id, operand names, called computation),
+  computation name -> its instruction names) from optimized HLO text."""
+  instrs, comps, comp = {}, defaultdict(list), None
+  for line in hlo.splitlines():
+    head = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
+    if head and not line.startswith(" "):
+      comp = head.group(1)
+      continue
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+    if not m:
+      continue
+    name = m.group(1)
+    op = re.search(r'op_name="([^"]*)"', line)
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    calls = re.search(r"calls=%([\w.\-]+)", line)
+    args = line[m.end():].split("), ", 1)[0]
+    instrs[name] = (op.group(1) if op else "", int(frame.group(1)) if frame else 0,
+                    re.findall(r"%([\w.\-]+)", args), calls.group(1) if calls else None)
+    comps[comp].append(name)
+  return instrs, comps
+
+
+def _stack_frames(hlo: str) -> dict[int, list[tuple[str, str]]]:
+  """Stack frame id -> [(file, function)], innermost first, from the HLO text's tables (the
+  printed parent id is the parent's id + 1, 1 meaning none)."""
+
+  def table(name: str) -> str:
+    m = re.search(r"^" + name + r"\n((?:\d+ .*\n)*)", hlo, re.M)
+    return m.group(1) if m else ""
+
+  files = dict(re.findall(r'^(\d+) "(.*)"$', table("FileNames"), re.M))
+  funcs = dict(re.findall(r'^(\d+) "(.*)"$', table("FunctionNames"), re.M))
+  locs = {k: (files.get(f, ""), funcs.get(fn, "")) for k, f, fn in re.findall(
+    r"^(\d+) \{file_name_id=(\d+) function_name_id=(\d+)", table("FileLocations"), re.M)}
+  raw = {int(k): (loc, int(parent) - 1) for k, loc, parent in re.findall(
+    r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)", table("StackFrames"), re.M)}
+  out = {}
+  for fid in raw:
+    chain, f = [], fid
+    while f in raw and len(chain) < 64:
+      loc, f = raw[f]
+      chain.append(locs.get(loc, ("", "")))
+      if chain[-1][1] in ("Transformer.__call__", "forward"):
+        break  # the model's entry: frames beyond it are the caller's
+    out[fid] = chain
+  return out
+
+
+def component_of(frames: list[tuple[str, str]], op_name: str) -> str:
+  """The `deepseek_v4.summary` FLOP component (or norms / embedding / other) an op belongs to,
+  from its source stack (innermost first) and op_name (for the attention layer kind)."""
+  kind = re.search(r"attention_(sliding|csa|hca)", op_name)
+  kind = kind.group(1) if kind else "unknown"
+  files = " ".join(f for f, _ in frames)
+  funcs = {fn for _, fn in frames}
+  rules = [("sparse_attention/", f"attn_core_{kind}"), ("indexer_topk/", "indexer_scores"),
+           ("layers/indexer.py", "indexers"), ("layers/compressor.py", "compressors"),
+           ("layers/mhc.py", "mhc"), ("layers/attention.py", f"attn_{kind}")]
+  for path, comp in rules:
+    if path in files:
+      return comp
+  if "SharedExpert.__call__" in funcs:
+    return "shared_experts"
+  if "moe_gmm/" in files or "moe_ffn.py" in files or "routed_experts" in funcs:
+    return "routed_experts"
+  if "layers/moe.py" in files:
+    return "router_gates"
+  if "layers/norms.py" in files:
+    return "norms"
+  if "Transformer.logits" in funcs:
+    return "lm_head"
+  if "Transformer.embed_tokens" in funcs:
+    return "embedding"
+  return "other"
+
+
+def _op_source(name: str, instrs: dict, comps: dict, depth: int = 0) -> tuple[str, int]:
+  """(op_name, stack frame) of an instruction; a fusion without its own metadata (XLA's
+  YNNPACK fusions drop it) takes its fused computation's, else its operands'."""
+  op, frame, operands, calls = instrs.get(name, ("", 0, [], None))
+  if frame or depth > 3:
+    return op, frame
+  for inner in comps.get(calls, []) if calls else []:
+    if instrs[inner][1]:
+      return instrs[inner][0], instrs[inner][1]
+  for o in operands:
+    got = _op_source(o, instrs, comps, depth + 1)
+    if got[1]:
+      return got
+  return op, frame
+
+
+def _self_times(xplane: str) -> dict[str, float]:
+  """Event name -> self time in seconds on XLA's CPU worker threads (children subtracted)."""
+  import jax
+
+  out = defaultdict(float)
+  for plane in jax.profiler.ProfileData.from_file(xplane).planes:
+    for line in plane.lines:
+      if "XLAEigen" not in line.name:
+        continue
+      events = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events),
+                      key=lambda e: (e[0], -e[1]))
+      stack = []  # [end, name, start, time of children]
+
+      def pop():
+        end, name, start, child = stack.pop()
+        out[name] += (end - start - child) / 1e9
+        if stack:
+          stack[-1][3] += end - start
+
+      for start, end, name in events:
+        while stack and stack[-1][0] <= start:
+          pop()
+        stack.append([end, name, start, 0])
+      while stack:
+        pop()
+  return out
+
+
+def profile_forward(compiled, args: tuple, top: int = 25) -> dict:
+  """One traced run of `compiled(*args)`: seconds of thread time per component and the heaviest
+  ops (name, component, op_name, seconds)."""
+  import glob
+
+  import jax
+
+  hlo = compiled.as_text()
+  instrs, comps = _hlo_tables(hlo)
+  frames = _stack_frames(hlo)
+  with tempfile.TemporaryDirectory() as d:
+    t0 = time.perf_counter()
+    jax.profiler.start_trace(d)
+    jax.block_until_ready(compiled(*args))
+    jax.profiler.stop_trace()
+    traced_s = time.perf_counter() - t0
+    times = _self_times(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[-1])
+  per_comp, ops = defaultdict(float), []
+  for name, sec in times.items():
+    if name in instrs:
+      op, frame = _op_source(name, instrs, comps)
+      comp = component_of(frames.get(frame, []), op)
+    else:
+      op, comp = "", "runtime"  # the thunk executor and thread pool themselves
+    per_comp[comp] += sec
+    ops.append({"op": name, "component": comp, "op_name": op[-120:], "thread_s": sec})
+  ops.sort(key=lambda o: -o["thread_s"])
+  return {"traced_wall_s": traced_s, "thread_s": dict(per_comp), "top_ops": ops[:top]}
+
+
+def run_one(T: int, batch: int, repeats: int, warmup: int, overrides: list[str],
+            matmul_size: int = 2048, profile: bool = False) -> dict:
   """Benchmarks one length in this process; returns the measurements."""
   import jax
   import jax.numpy as jnp
@@ -83,13 +280,14 @@ def run_one(T: int, batch: int, repeats: int, warmup: int, overrides: list[str])
   compile_s = time.perf_counter() - t0
   for _ in range(warmup):  # first-run allocations and thread-pool start-up
     compiled(state, ids).block_until_ready()
-  times, cpu_times = [], []
-  for _ in range(repeats):
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    out = compiled(state, ids)
-    out.block_until_ready()
-    times.append(time.perf_counter() - t0)
-    cpu_times.append(_cpu_seconds() - c0)
+  peak = matmul_peak(matmul_size, repeats)
+  last = {}
+
+  def run():
+    last["out"] = compiled(state, ids).block_until_ready()
+
+  times, cpu_times = _timed(run, repeats)
+  out = last["out"]
   finite = bool(jnp.all(jnp.isfinite(out)))
   mem = compiled.memory_analysis()
   xla = None if mem is None else {
@@ -112,18 +310,68 @@ def run_one(T: int, batch: int, repeats: int, warmup: int, overrides: list[str])
     "rss_before_compile_bytes": rss_before, "xla_memory_analysis": xla,
     "device_memory_stats": device_stats, "device": str(device), "finite": finite,
     "xla_flops": float(cost["flops"]) if cost and "flops" in cost else None,
-    "load_average_1m_at_end": os.getloadavg()[0],
+    "load_average_1m_at_end": os.getloadavg()[0], "matmul_peak": peak,
+    "profile": profile_forward(compiled, (state, ids)) if profile else None,
   }
 
 
-def _analytic_flops(cfg, lengths: list[int], batch: int) -> dict[int, float]:
-  """Model FLOPs of the forward pass from deepseek_v4.summary (causal, top-k and window
-  counted exactly; the implementation also computes masked-out work, see the summary docs)."""
+def _analytic_flops(cfg, lengths: list[int], batch: int) -> dict[int, dict[str, float]]:
+  """Model FLOPs of the forward pass per `deepseek_v4.summary` component (weight matmuls and
+  attention cores; causal, top-k and window counted exactly; the implementation also computes
+  masked-out work, see the summary docs)."""
   from deepseek_v4 import summary
 
   counts = summary.count_params(cfg)
-  return {T: batch * T * summary.flops_per_token(cfg, T, counts).total_prefill_mean
-          for T in lengths}
+  out = {}
+  for T in lengths:
+    f = summary.flops_per_token(cfg, T, counts)
+    out[T] = {k: batch * T * v for k, v in {**f.matmul, **f.attention_prefill_mean}.items()}
+  return out
+
+
+def add_rates(r: dict, flops: dict[str, float]) -> None:
+  """Adds the model FLOPs, achieved GFLOP/s and percentage of the matmul peak to a row (and
+  FLOPs, milliseconds and GFLOP/s per component to its profile)."""
+  r["analytic_flops"] = sum(flops.values())
+  r["gflops"] = r["analytic_flops"] / r["median_s"] / 1e9
+  r["gflops_per_cpu_s"] = r["analytic_flops"] / r["median_cpu_s"] / 1e9
+  peak = r["matmul_peak"]
+  r["pct_of_matmul_peak"] = 100 * r["gflops"] / peak["gflops"]
+  r["pct_of_matmul_peak_cpu"] = 100 * r["gflops_per_cpu_s"] / peak["gflops_per_cpu_s"]
+  prof = r.get("profile")
+  if not prof:
+    return
+  total = sum(prof["thread_s"].values())
+  comps = {}
+  for name in sorted(set(prof["thread_s"]) | {k for k, v in flops.items() if v},
+                     key=lambda k: -prof["thread_s"].get(k, 0.0)):
+    share = prof["thread_s"].get(name, 0.0) / total
+    ms = 1e3 * share * r["median_s"]  # this component's part of the forward's wall time
+    f = flops.get(name, 0.0)
+    comps[name] = {"share": share, "ms": ms, "flops": f,
+                   "gflops": f / ms / 1e6 if ms > 0 and f else None}
+  prof["components"] = comps
+
+
+def format_profile(r: dict) -> str:
+  """The per-component breakdown of one profiled row."""
+  comps = r["profile"]["components"]
+  head = ["component", "ms", "% of forward", "model GFLOP", "GFLOP/s", "% of matmul peak"]
+  peak = r["matmul_peak"]["gflops"]
+  body = [[k, f"{c['ms']:,.0f}", f"{100 * c['share']:.1f}", f"{c['flops'] / 1e9:,.1f}",
+           "-" if c["gflops"] is None else f"{c['gflops']:.1f}",
+           "-" if c["gflops"] is None else f"{100 * c['gflops'] / peak:.0f}"]
+          for k, c in comps.items()]
+  body.append(["total", f"{1e3 * r['median_s']:,.0f}", "100.0",
+               f"{r['analytic_flops'] / 1e9:,.1f}", f"{r['gflops']:.1f}",
+               f"{r['pct_of_matmul_peak']:.0f}"])
+  widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+  lines = [f"T={r['T']}: time per component (self time of its XLA ops, summed over threads, as a "
+           "share of the forward's median wall time)"]
+  lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
+            for x in [head, *body]]
+  lines.insert(2, "-" * len(lines[1]))
+  return "\n".join(lines)
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:
@@ -139,7 +387,8 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 def _child(T: int, args: argparse.Namespace) -> dict:
   """Runs one length in a fresh interpreter; a crash (e.g. out of memory) becomes an error row."""
   cmd = [sys.executable, os.path.abspath(__file__), "--child", str(T), "--batch", str(args.batch),
-         "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+         "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+         "--matmul-size", str(args.matmul_size)] + (["--profile"] if args.profile else [])
   cmd += [f"--set={s}" for s in args.overrides]
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -155,7 +404,7 @@ def _fmt_mib(b) -> str:
 
 def format_table(rows: list[dict], slopes: dict) -> str:
   head = ["T", "compile s", "median s", "cpu s", "tok/s", "model GFLOP", "XLA GFLOP",
-          "peak RSS MiB", "RSS pre-compile MiB", "XLA temp MiB", "load avg"]
+          "GFLOP/s", "% peak", "% peak cpu", "peak RSS MiB", "RSS pre-compile MiB", "XLA temp MiB", "load avg"]
   body = []
   for r in rows:
     if "error" in r:
@@ -165,12 +414,18 @@ def format_table(rows: list[dict], slopes: dict) -> str:
     gflop = "-" if r["xla_flops"] is None else f"{r['xla_flops'] / 1e9:,.0f}"
     body.append([str(r["T"]), f"{r['compile_s']:.1f}", f"{r['median_s']:.2f}",
                  f"{r['median_cpu_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
-                 f"{r['analytic_flops'] / 1e9:,.0f}", gflop,
+                 f"{r['analytic_flops'] / 1e9:,.0f}", gflop, f"{r['gflops']:.1f}",
+                 f"{r['pct_of_matmul_peak']:.1f}", f"{r['pct_of_matmul_peak_cpu']:.1f}",
                  _fmt_mib(r["peak_rss_bytes"]), _fmt_mib(r["rss_before_compile_bytes"]),
                  _fmt_mib(temp), f"{r['load_average_1m_at_end']:.1f}"])
   widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
   lines = ["  ".join(c.rjust(w) for c, w in zip(x, widths)) for x in [head, *body]]
   lines.insert(1, "-" * len(lines[0]))
+  for r in rows:
+    if "matmul_peak" in r:
+      m = r["matmul_peak"]
+      lines.append(f"T={r['T']}: f32 matmul {m['n']}^3 in the same process: {m['gflops']:.1f} "
+                   f"GFLOP/s ({m['gflops_per_cpu_s']:.1f} per CPU second)")
   lines.append("growth exponents (log-log slope vs T): " + ", ".join(
     f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in slopes.items()))
   return "\n".join(lines)
@@ -185,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a field of the benchmark model (repeatable)")
+  p.add_argument("--matmul-size", type=int, default=2048,
+                 help="n of the f32 n x n x n matmul that measures the machine's peak")
+  p.add_argument("--profile", action="store_true",
+                 help="trace one more forward per length and break its time down by component")
   p.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
   p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -195,16 +454,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if args.child is not None:
-    print(json.dumps(run_one(args.child, args.batch, args.repeats, args.warmup, args.overrides)))
+    print(json.dumps(run_one(args.child, args.batch, args.repeats, args.warmup, args.overrides,
+                             args.matmul_size, args.profile)))
     return 0
   rows = []
   for T in lengths:
     print(f"T={T} ...", file=sys.stderr, flush=True)
     rows.append(_child(T, args))
   analytic = _analytic_flops(cfg, lengths, args.batch)
-  for r in rows:
-    r["analytic_flops"] = analytic[r["T"]]
   ok = [r for r in rows if "error" not in r]
+  for r in ok:
+    add_rates(r, analytic[r["T"]])
   Ts = [r["T"] for r in ok]
   slopes = {
     "time": slope(Ts, [r["median_s"] for r in ok]),
@@ -218,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
                            for r in ok]),
   }
   print(format_table(rows, slopes))
+  for r in ok:
+    if r.get("profile"):
+      print("\n" + format_profile(r))
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"model": cfg.to_dict(), "rows": rows, "slopes": slopes,

@@ -58,16 +58,24 @@ def apply_rope(x: Float[Array, "B T *heads H"], cos: Float[Array, "B T R2"],
 
   `cos`/`sin` have the leading [B, T] of `x` (B may be 1); head axes in between are broadcast.
   `inverse=True` rotates by the negative angle (the output de-rotation of spec §3.11).
+
+  Written as one elementwise pass over all H channels, `x * c + swap(x) * s` with `swap` exchanging
+  the two channels of each pair, kept only on the rotated channels: slicing the rotated part off and
+  concatenating it back made XLA:CPU copy the tensor twice (the attention queries are [T, N, H]).
   """
   r = 2 * cos.shape[-1]
+  H = x.shape[-1]
+  if (H - r) % 2:
+    raise ValueError(f"apply_rope: the unrotated channels must be even in number, got {H - r}")
   extra = x.ndim - cos.ndim  # head axes between T and the channel axis
-  shape = cos.shape[:-1] + (1,) * extra + cos.shape[-1:]
-  cos, sin = cos.reshape(shape), sin.reshape(shape)
+  shape = cos.shape[:-1] + (1,) * extra + (H,)
   if inverse:
     sin = -sin
-  nope, rot = x[..., :-r], x[..., -r:].astype(jnp.float32)
-  even, odd = rot[..., 0::2], rot[..., 1::2]  # [..., R2]
-  out_even = even * cos - odd * sin
-  out_odd = even * sin + odd * cos
-  rot = jnp.stack([out_even, out_odd], axis=-1).reshape(rot.shape)
-  return jnp.concatenate([nope, rot.astype(x.dtype)], axis=-1)
+  pad = [(0, 0)] * (cos.ndim - 1) + [(H - r, 0)]
+  # Per channel: (cos, cos) and (-sin, +sin) for each pair; the unrotated channels get (1, 0).
+  c = jnp.pad(jnp.repeat(cos, 2, axis=-1), pad, constant_values=1.0).reshape(shape)
+  s = jnp.pad(jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], r), pad).reshape(shape)
+  x32 = x.astype(jnp.float32)
+  swapped = x32.reshape(*x.shape[:-1], H // 2, 2)[..., ::-1].reshape(x.shape)
+  rotated = jnp.arange(H) >= H - r
+  return jnp.where(rotated, x32 * c + swapped * s, x32).astype(x.dtype)
