@@ -7,17 +7,19 @@ steady-state time (median of `--repeats` runs, `block_until_ready`), peak RSS, R
 `device.memory_stats()` when the backend reports it (CPU usually does not). The growth exponents are
 least-squares slopes of log(value) vs log(T).
 
-Speed against the machine: each child also times a plain jitted f32 matmul (`--matmul-size`^3, median
-of `--repeats`) in the same process, and each row reports the model's achieved GFLOP/s (FLOPs from
-`deepseek_v4.summary`: the causal model count, not the work the implementation does) and its
-percentage of that matmul's GFLOP/s, by wall time and by process CPU time (the CPU-time ratio is
-steadier when other processes share the cores).
+Speed against the machine: each child also times a plain jitted f32 matmul (`--matmul-size`^3,
+fastest of at least 5 runs) in the same process, and each row reports the model's achieved GFLOP/s
+(FLOPs from `deepseek_v4.summary`: the causal model count, not the work the implementation does)
+and its percentage of that matmul's GFLOP/s, by wall time and by process CPU time (the CPU-time
+ratio is steadier when other processes share the cores).
 
 `--profile` traces one more forward per length (`jax.profiler`), takes each XLA op's self time
 (nested events subtracted, summed over threads), maps the op to a model component through the
 compiled HLO's source stack frames (and the `attention_<kind>` named scope for the layer kind),
-and prints time, share, model FLOPs and GFLOP/s per component; the JSON row keeps the breakdown and
-the heaviest ops.
+and prints each component's share of the forward, that share of the median CPU time, its model
+FLOPs and GFLOP per CPU second; the JSON row keeps the breakdown and the heaviest ops. Shares are
+approximate: event times are wall durations (a descheduled thread still counts), and tracing adds
+a little to every op, which weighs on loops of many small ops.
 
   python scripts/bench_forward.py                       # T = 2048, 4096, 8192, 16384
   python scripts/bench_forward.py --lengths 2048,4096 --repeats 2
@@ -87,7 +89,8 @@ def _timed(fn, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def matmul_peak(n: int, repeats: int) -> dict:
-  """GFLOP/s of a plain jitted f32 [n, n] @ [n, n] in this process (median of `repeats`)."""
+  """GFLOP/s of a plain jitted f32 [n, n] @ [n, n] in this process: the fastest of at least 5 runs
+  (a peak: the median moved by 15% between runs on shared cores), by wall and by CPU time."""
   import jax
   import jax.numpy as jnp
 
@@ -95,12 +98,11 @@ def matmul_peak(n: int, repeats: int) -> dict:
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   mm = jax.jit(jnp.matmul).lower(a, b).compile()
   mm(a, b).block_until_ready()
-  times, cpu_times = _timed(lambda: mm(a, b).block_until_ready(), max(repeats, 3))
+  times, cpu_times = _timed(lambda: mm(a, b).block_until_ready(), max(repeats, 5))
   flops = 2.0 * n**3
-  return {"n": n, "flops": flops, "median_s": statistics.median(times),
-          "median_cpu_s": statistics.median(cpu_times),
-          "gflops": flops / statistics.median(times) / 1e9,
-          "gflops_per_cpu_s": flops / statistics.median(cpu_times) / 1e9}
+  return {"n": n, "flops": flops, "best_s": min(times), "best_cpu_s": min(cpu_times),
+          "times_s": times, "cpu_times_s": cpu_times, "gflops": flops / min(times) / 1e9,
+          "gflops_per_cpu_s": flops / min(cpu_times) / 1e9}
 
 
 # ----- profile: XLA op self times -> model components ---------------------------------------------
@@ -198,16 +200,18 @@ def _op_source(name: str, instrs: dict, comps: dict, depth: int = 0) -> tuple[st
 
 
 def _self_times(xplane: str) -> dict[str, float]:
-  """Event name -> self time in seconds on XLA's CPU worker threads (children subtracted)."""
+  """Event name -> self time in seconds on the threads that run XLA:CPU ops (its worker pool and
+  the client thread, which runs some ops inline), children subtracted; the client's wait for the
+  whole program is left out."""
   import jax
 
   out = defaultdict(float)
   for plane in jax.profiler.ProfileData.from_file(xplane).planes:
     for line in plane.lines:
-      if "XLAEigen" not in line.name:
+      if "XLAEigen" not in line.name and "XLAPjRtCpuClient" not in line.name:
         continue
-      events = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events),
-                      key=lambda e: (e[0], -e[1]))
+      events = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                       if "wait for completion" not in e.name), key=lambda e: (e[0], -e[1]))
       stack = []  # [end, name, start, time of children]
 
       def pop():
@@ -346,28 +350,30 @@ def add_rates(r: dict, flops: dict[str, float]) -> None:
   for name in sorted(set(prof["thread_s"]) | {k for k, v in flops.items() if v},
                      key=lambda k: -prof["thread_s"].get(k, 0.0)):
     share = prof["thread_s"].get(name, 0.0) / total
-    ms = 1e3 * share * r["median_s"]  # this component's part of the forward's wall time
+    cpu_ms = 1e3 * share * r["median_cpu_s"]  # this component's part of the forward's CPU time
     f = flops.get(name, 0.0)
-    comps[name] = {"share": share, "ms": ms, "flops": f,
-                   "gflops": f / ms / 1e6 if ms > 0 and f else None}
+    comps[name] = {"share": share, "cpu_ms": cpu_ms, "flops": f,
+                   "gflops_per_cpu_s": f / cpu_ms / 1e6 if cpu_ms > 0 and f else None}
   prof["components"] = comps
 
 
 def format_profile(r: dict) -> str:
   """The per-component breakdown of one profiled row."""
   comps = r["profile"]["components"]
-  head = ["component", "ms", "% of forward", "model GFLOP", "GFLOP/s", "% of matmul peak"]
-  peak = r["matmul_peak"]["gflops"]
-  body = [[k, f"{c['ms']:,.0f}", f"{100 * c['share']:.1f}", f"{c['flops'] / 1e9:,.1f}",
-           "-" if c["gflops"] is None else f"{c['gflops']:.1f}",
-           "-" if c["gflops"] is None else f"{100 * c['gflops'] / peak:.0f}"]
-          for k, c in comps.items()]
-  body.append(["total", f"{1e3 * r['median_s']:,.0f}", "100.0",
-               f"{r['analytic_flops'] / 1e9:,.1f}", f"{r['gflops']:.1f}",
-               f"{r['pct_of_matmul_peak']:.0f}"])
+  head = ["component", "CPU ms", "% of forward", "model GFLOP", "GFLOP/CPU-s", "% of matmul peak"]
+  peak = r["matmul_peak"]["gflops_per_cpu_s"]
+
+  def rate(g):
+    return ("-", "-") if g is None else (f"{g:.1f}", f"{100 * g / peak:.0f}")
+
+  body = [[k, f"{c['cpu_ms']:,.0f}", f"{100 * c['share']:.1f}", f"{c['flops'] / 1e9:,.1f}",
+           *rate(c["gflops_per_cpu_s"])] for k, c in comps.items()]
+  body.append(["total", f"{1e3 * r['median_cpu_s']:,.0f}", "100.0",
+               f"{r['analytic_flops'] / 1e9:,.1f}", *rate(r["gflops_per_cpu_s"])])
   widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-  lines = [f"T={r['T']}: time per component (self time of its XLA ops, summed over threads, as a "
-           "share of the forward's median wall time)"]
+  lines = [f"T={r['T']}: CPU time per component (self time of its XLA ops, "
+           "as a share of the forward's median process CPU time); peak = the f32 matmul's GFLOP "
+           f"per CPU second ({peak:.1f})"]
   lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(x, widths)))
             for x in [head, *body]]
   lines.insert(2, "-" * len(lines[1]))
@@ -404,7 +410,8 @@ def _fmt_mib(b) -> str:
 
 def format_table(rows: list[dict], slopes: dict) -> str:
   head = ["T", "compile s", "median s", "cpu s", "tok/s", "model GFLOP", "XLA GFLOP",
-          "GFLOP/s", "% peak", "% peak cpu", "peak RSS MiB", "RSS pre-compile MiB", "XLA temp MiB", "load avg"]
+          "GFLOP/s", "% peak", "% peak cpu", "peak RSS MiB", "RSS pre-compile MiB", "XLA temp MiB",
+          "load avg"]
   body = []
   for r in rows:
     if "error" in r:
