@@ -485,17 +485,33 @@ def update_router_biases(model: Transformer, loads: jax.Array, speed: float) -> 
     bias.set_value(losses.router_bias_update(bias[...], loads[len(row) + k], speed))
 
 
+def _apply_update(model: Transformer, optimizer: nnx.Optimizer, grads, loads: jax.Array,
+                  tcfg: TrainConfig) -> None:
+  """The optimizer step, then the router-bias step (in place)."""
+  optimizer.update(model, grads)
+  if loads.shape[0] and model.cfg.router_bias:
+    update_router_biases(model, loads, tcfg.bias_update_speed)
+
+
 def _train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict, mtp_weight,
-                tcfg: TrainConfig, moe=None) -> dict[str, jax.Array]:
+                tcfg: TrainConfig, moe=None, apply=True) -> dict[str, jax.Array]:
   loss, aux, grads = _grads(model, optimizer.wrt, batch, tcfg, mtp_weight, moe)
   grads = freeze_mask(grads, tcfg, model.cfg)
   lr = wsd_schedule(tcfg)(optimizer.step[...])
   grad_norm = optax.tree.norm(grads)
-  optimizer.update(model, grads)
   loads = aux["loads"]
+  if apply is True:  # a Python constant: the update is unconditional
+    _apply_update(model, optimizer, grads, loads, tcfg)
+  else:  # traced: one compiled program serves both the step and the metrics-only probe
+    graphdef, state = nnx.split((model, optimizer))
+
+    def update(state):
+      m, o = nnx.merge(graphdef, state)
+      _apply_update(m, o, grads, loads, tcfg)
+      return nnx.state((m, o))
+
+    nnx.update((model, optimizer), jax.lax.cond(apply, update, lambda s: s, state))
   if loads.shape[0]:
-    if model.cfg.router_bias:
-      update_router_biases(model, loads, tcfg.bias_update_speed)
     imbalance = jnp.mean(jax.vmap(losses.load_imbalance)(loads))
   else:
     imbalance = jnp.ones(())
@@ -514,6 +530,10 @@ Args:
   mtp_weight: lambda of the MTP loss for this step (a traced scalar: no recompiles).
   tcfg: run settings (static).
   moe: the MoE implementation (static; default local), e.g. `parallel.moe_impl(mesh, rules)`.
+  apply: False computes the metrics without changing the model or optimizer. Pass it as a bool
+    in every call (True / False) and both share one compiled program (`trainer.fit` measures
+    the parameters it is about to save this way); left at its default, the update is
+    unconditional.
 Returns:
   {loss, lm_loss, mtp_loss, balance_loss, indexer_loss, grad_norm (before clipping), lr (of this
   step), load_imbalance (max/mean expert load, mean over learned layers), tokens}.

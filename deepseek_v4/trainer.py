@@ -25,7 +25,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from deepseek_v4 import data as data_lib
@@ -287,8 +286,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
         callback(step + 1, model)
       batch = train.as_batch(b["inputs"], b["targets"], b["input_mask"], b.get("segments"),
                              b.get("positions"))
-      m = train.train_step(model, optimizer, batch,
-                           train.mtp_weight_at(tcfg, step), tcfg=tcfg)
+      m = train.train_step(model, optimizer, batch, train.mtp_weight_at(tcfg, step), tcfg=tcfg,
+                           apply=True)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       run.check_step(m, step + 1, levels)
       levels.add(m)
@@ -300,8 +299,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
         m.update(evaluate.evaluate(model, val, tcfg))
       if step % tcfg.log_every == 0 or step in (1, end) or "val_loss" in m:
         run.log_metrics(step, m, tokens_per_s)
-      if step % tcfg.save_every == 0 or step == end:
-        probe = _probe(model, optimizer, rows, batches, tcfg, step)
+      if run.ck is not None and (step % tcfg.save_every == 0 or step == end):
+        probe = _probe(model, optimizer, batches, tcfg, step)
         run.check_before_save(step, probe, levels)
         run.save(step, model, optimizer, {**batches.state(), "num_rows": len(rows)}, rng)
   finally:
@@ -332,30 +331,18 @@ def check_resume(out_dir: str | None, resume: bool) -> None:
                      "run to continue; drop --resume to begin a new run there")
 
 
-@nnx.jit(static_argnames=("tcfg", "wrt"))
-def _loss_and_grad_norm(model, batch: dict, mtp_weight, tcfg: train.TrainConfig, wrt):
-  graphdef, params, rest = nnx.split(model, wrt, ...)
-
-  def loss(params):
-    return train.loss_fn(nnx.merge(graphdef, params, rest), batch, tcfg, mtp_weight)[0]
-
-  value, grads = jax.value_and_grad(loss)(params)
-  return value, optax.tree.norm(grads)
-
-
-def _probe(model, optimizer, rows: data_lib.PackedRows, batches: data_lib.Batches,
-           tcfg: train.TrainConfig, step: int) -> dict[str, float]:
-  """{loss, grad_norm} of the current parameters (after `step` steps) on one micro-batch of the
-  next batch, without drawing it and without updating anything: what the next step would see,
-  measured before these parameters are saved. A state can have a sane loss and a NaN gradient."""
-  b = data_lib.Batches(rows, tcfg.batch_size, seed=tcfg.seed, state=batches.state()).next()
-  n = tcfg.batch_size // tcfg.grad_accum  # a micro-batch: the memory of one training micro-step
-  batch = train.as_batch(b["inputs"][:n], b["targets"][:n], b["input_mask"][:n],
-                         None if b.get("segments") is None else b["segments"][:n],
-                         None if b.get("positions") is None else b["positions"][:n])
-  loss, grad_norm = _loss_and_grad_norm(model, batch, train.mtp_weight_at(tcfg, step), tcfg,
-                                        optimizer.wrt)
-  return {"loss": float(loss), "grad_norm": float(grad_norm)}
+def _probe(model, optimizer, batches: data_lib.Batches, tcfg: train.TrainConfig,
+           step: int) -> dict[str, float]:
+  """{loss, grad_norm} of the current parameters (after `step` steps) on the next batch, without
+  drawing it and without updating anything: exactly what step `step + 1` will see, measured
+  before these parameters are saved (a state can have a sane loss and a NaN gradient). It runs
+  the training step's own compiled program with `apply=False`, so it costs no compilation."""
+  b = data_lib.Batches(batches.rows, tcfg.batch_size, seed=tcfg.seed, state=batches.state()).next()
+  batch = train.as_batch(b["inputs"], b["targets"], b["input_mask"], b.get("segments"),
+                         b.get("positions"))
+  m = train.train_step(model, optimizer, batch, train.mtp_weight_at(tcfg, step), tcfg=tcfg,
+                       apply=False)
+  return {k: float(m[k]) for k in ("loss", "grad_norm")}
 
 
 class _Throughput:

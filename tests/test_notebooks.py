@@ -1,7 +1,7 @@
-"""Every notebook in notebooks/ runs top to bottom headless (nbclient) at its tiny preset; a cell
-that raises fails. Marked slow: each trains / compiles a tiny model (about a minute or more each on
-2 shared cores), so together they exceed the default suite's budget; run with `-m slow`. The
-committed notebooks carry no outputs (checked here, fast)."""
+"""Every notebook in notebooks/ runs top to bottom headless (nbclient) at its tiny preset, in the
+default suite; a cell that raises fails. Each trains or compiles a tiny model (about one to two
+minutes each on 2 cores); the kernels share the suite's persistent compilation cache (conftest).
+The committed notebooks carry no outputs (checked here, fast)."""
 
 import glob
 import os
@@ -23,7 +23,6 @@ def test_notebooks_exist_and_are_stripped():
     assert all(not c.outputs and c.execution_count is None for c in code), f"{path}: outputs"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
 def test_notebook_runs_headless(path):
   nbclient = pytest.importorskip("nbclient")

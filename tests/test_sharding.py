@@ -281,7 +281,7 @@ def test_prefill_decode_and_generate_equal_single_device(mesh_name):
   assert max(errs.values()) < F32_SHARDED_REL
 
 
-def test_sharded_generate_partitions_without_replicating(capfd):
+def test_sharded_generate_partitions_without_replicating(capfd, no_compilation_cache):
   """Issue 11: generate on an 8-device mesh printed XLA "Involuntary full rematerialization"
   warnings. Two causes: the grouped output projection (its weight's first axis is FSDP-sharded,
   so the partitioner split the product over groups and replicated the batch-sharded activations
