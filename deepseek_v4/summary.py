@@ -192,7 +192,15 @@ class ParamCounts:
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
-  """Counts parameters and buffers of `Transformer(cfg)` from its abstract state."""
+  """Counts parameters and buffers of `Transformer(cfg)` from its abstract state.
+
+  With `cfg.keep_quantized` the routed experts are held as FP4 codes and scales (`KeptWeight`):
+  the counts are those of the logical (decoded) weights, and `param_bytes` what is held."""
+  if cfg.keep_quantized:
+    counts = count_params(dataclasses.replace(cfg, keep_quantized=None))
+    held = sum(math.prod(v.get_value().shape) * np.dtype(v.get_value().dtype).itemsize
+               for _, v in abstract_state(cfg) if not isinstance(v, (RouterBias, HashTable)))
+    return dataclasses.replace(counts, param_bytes=held)
   expert_frac = cfg.experts_per_token / cfg.num_experts
   parts: dict[str, dict[str, float]] = {
     k: {} for k in ("total", "active", "matmul", "mtp_total", "mtp_active", "mtp_matmul")
@@ -491,7 +499,8 @@ def _params_lines(s: Summary) -> list[str]:
   rows.append(["total with MTP", f"{p.trunk + p.mtp:,}", human(p.trunk + p.mtp),
                human(p.active_incl_embedding + sum(p.mtp_active.values()))])
   out = [f"Parameters (routed experts active at K/E = {cfg.experts_per_token}/{cfg.num_experts}; "
-         f"{human(p.param_bytes, 'B')} as built, {cfg.param_dtype} matrices)"]
+         f"{human(p.param_bytes, 'B')} as built, {cfg.param_dtype} matrices"
+         f"{', routed experts kept FP4' if cfg.keep_quantized else ''})"]
   out += _table(["component", "parameters", "", "active/token"], rows)
   out.append(f"active per token, without MTP: {human(p.active_incl_embedding)} incl. embedding, "
              f"{human(p.active_excl_embedding)} excl. embedding")

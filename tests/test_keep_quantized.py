@@ -170,6 +170,18 @@ def test_plan_bytes_equal_the_loaded_leaves(kept, dequantized):
   assert decoded == [3 * cfg.moe_inter_dim * cfg.d_model * 4]
 
 
+def test_summary_counts_the_logical_weights_and_the_held_bytes(kept, dequantized):
+  """`summary` of a kept config: the same parameter counts and FLOPs as the float model (the
+  weights are the same, only stored differently), and the bytes actually held."""
+  from deepseek_v4 import summary
+
+  a, b = summary.count_params(kept.cfg), summary.count_params(dequantized.cfg)
+  assert (a.total, a.active, a.mtp_total) == (b.total, b.active, b.mtp_total)
+  state = nnx.state(kept, nnx.Param, KeptWeight)
+  assert a.param_bytes == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  assert "routed experts kept FP4" in summary.format_summary(summary.summarize(kept.cfg))
+
+
 @pytest.mark.slow
 def test_sharded_load_and_generate(folder, kept):
   """Loaded straight into expert-parallel shards (codes and scales split along the experts) and
