@@ -87,6 +87,8 @@ def test_layer_view_reads_the_stack():
                                   unrolled.layer(i).attn.wq_a.weight[...])
 
 
+@pytest.mark.slow  # 50 s (two backward compiles); scanned gradients are checked against
+# transformers by default (test_train.py::test_loss_and_gradients_match_transformers)
 def test_scanned_equals_unrolled_loss_and_gradients():
   scanned, unrolled = _pair()
   ids = np.asarray(_ids(T=33))
@@ -124,7 +126,9 @@ def test_freezing_one_layer_of_a_stack_holds_only_its_slice():
     assert not np.array_equal(after[name], before[name])  # its stack-mates train
 
 
-@pytest.mark.parametrize("stage", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])
+@pytest.mark.slow  # 40 s per stage; by default test_train.py checks packed-document isolation
+# (test_aligned_packed_loss_equals_documents_alone) and the sparse stage's gradient split
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_indexer_stages_on_aligned_packed_rows_equal_each_document(stage):
   """The indexer KL of a packed row is the sum of its documents' KLs, each alone (spec §7.4)."""
   cfg = deepseek_v4.tiny(compress_ratios=(4,), num_hash_layers=0, num_mtp_layers=0,
