@@ -106,7 +106,8 @@ def kept_expert_ffn(xs: Float[Array, "R D"], sizes: Int[Array, "E"], w1: Fp4Weig
                     w2: Fp4Weight, w3: Fp4Weight, limit: float,
                     gmm: str = "auto") -> Float[Array, "R D"]:
   """`expert_ffn` over FP4-kept experts, decoded inside the computation (see the module doc):
-  on "tiled" per tile, on "ragged_dot"/"reference" all experts of this call (one layer) up front.
+  on "tiled" each expert once, at its first tile; on "ragged_dot"/"reference" all experts of this
+  call (one layer) up front.
   Forward only: differentiation raises `InferenceOnlyError`."""
   decode = functools.partial(decode_fp4, dtype=xs.dtype)
   run = functools.partial(gmm_ops.grouped_swiglu_ffn_decoded, decode=decode, limit=limit,

@@ -8,7 +8,7 @@
   "auto":       "tiled" on CPU, "ragged_dot" on GPU/TPU; logs once which path runs.
 
 `grouped_swiglu_ffn_decoded` is the expert FFN over weights kept in a stored form (packed FP4
-experts, layers/moe_ffn.py), decoded per tile in the tiled path.
+experts, layers/moe_ffn.py), decoded inside the tile loop on the tiled path.
 
 Every path computes the same function, forward and backward (see the tests in
 tests/kernels/test_moe_gmm.py).
@@ -168,9 +168,10 @@ def grouped_swiglu_ffn_decoded(
     w1, w2, w3: pytrees of arrays sharing a leading expert axis E (e.g. packed FP4 codes and
       their block scales); `decode` maps one expert's leaves to its matrix in checkpoint layout
       (w1, w3 -> [F, D], w2 -> [D, F]) in x's dtype.
-    impl: "tiled" decodes each tile's expert inside the tile loop, so one expert's matrices are
-      the only decoded weights alive at a time; "ragged_dot" and "reference" decode every expert
-      of this call (one layer, or one device's experts) up front and run the float path.
+    impl: "tiled" decodes each expert once inside the tile loop, at its first tile, and keeps it
+      for that expert's other tiles, so (besides the one being decoded) one expert's matrices are
+      the only decoded weights alive; "ragged_dot" and "reference" decode every expert of this
+      call (one layer, or one device's experts) up front and run the float path.
   Returns:
     [M, D] in x's dtype.
   """

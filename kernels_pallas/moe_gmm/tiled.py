@@ -8,7 +8,7 @@ min(M, (M + min(E, M) * (tile - 1)) // tile); a `fori_loop` runs only the tiles 
 dropped, and each output element is the same single dot product as in `ragged_dot`.
 
 `swiglu_ffn_decoded` runs the same forward loop over weights kept in a stored form (packed FP4
-codes and scales), decoding each tile's expert inside the loop body.
+codes and scales), decoding each expert inside the loop body when its first tile comes.
 
 The backward pass is a custom VJP made of the same two loops (measured about twice as fast as
 autodiff through a tile scan, whose weight cotangent is a full [E, K, N] add per tile):
@@ -169,20 +169,38 @@ def swiglu_ffn(x: Float[Array, "M D"], w1: Float[Array, "E F D"], w2: Float[Arra
 
 
 def _ffn_loop(x: Array, group_sizes: Array, tile: int, limit: float,
-              expert: Callable[[Array], tuple[Array, Array, Array]], *like: Array) -> Array:
+              expert: Callable[[Array], tuple[Array, Array, Array]], *like: Array,
+              reuse: bool = False) -> Array:
   """The forward tile loop; `expert(e)` gives expert e's (w1 [F, D], w2 [D, F], w3 [F, D]) in
-  x's dtype (`like`: the weight arrays, whose manual mesh axes the carry must share)."""
+  x's dtype (`like`: the weight arrays, whose manual mesh axes the carry must share). `reuse`
+  carries the last expert's matrices and calls `expert` only when the tile's expert changes (an
+  expert's tiles are consecutive, so each expert is produced once): for a costly `expert` such as
+  decoding stored weights."""
   tiles = tile_layout(group_sizes, x.shape[0], tile)
   xp = pad_rows(x, tiles, tile)
   nt, _, D = xp.shape
 
-  def body(t, yp):
-    xt = xp[t]
-    w1, w2, w3 = expert(tiles.expert[t])
+  def ffn(xt, w1, w2, w3):
     h = swiglu(_dot(xt, w1, 1, 1), _dot(xt, w3, 1, 1), limit).astype(xt.dtype)
-    return yp.at[t].set(_dot(h, w2, 1, 1).astype(yp.dtype))
+    return _dot(h, w2, 1, 1)
 
-  yp = jax.lax.fori_loop(0, tiles.used, body, _zeros((nt, tile, D), x.dtype, xp, *like))
+  yp = _zeros((nt, tile, D), x.dtype, xp, *like)
+  if not reuse:
+    def body(t, yp):
+      return yp.at[t].set(ffn(xp[t], *expert(tiles.expert[t])).astype(yp.dtype))
+
+    return unpad_rows(jax.lax.fori_loop(0, tiles.used, body, yp), tiles)
+
+  def body_reuse(t, carry):
+    yp, last, ws = carry
+    e = tiles.expert[t]
+    ws = jax.lax.cond(e == last, lambda: ws, lambda: tuple(expert(e)))
+    return yp.at[t].set(ffn(xp[t], *ws).astype(yp.dtype)), e, ws
+
+  shapes = jax.eval_shape(expert, tiles.expert[0])
+  ws = tuple(_zeros(a.shape, a.dtype, xp, *like) for a in shapes)
+  last = tiles.expert[0] * 0 - 1  # no expert yet (shares the layout's mesh axes)
+  yp, _, _ = jax.lax.fori_loop(0, tiles.used, body_reuse, (yp, last, ws))
   return unpad_rows(yp, tiles)
 
 
@@ -228,11 +246,13 @@ def swiglu_ffn_decoded(x: Float[Array, "M D"], w1: Any, w2: Any, w3: Any,
   """`swiglu_ffn` over weights kept in a stored form: w1, w2, w3 are pytrees of arrays with a
   leading expert axis, and `decode(one expert's leaves)` gives its matrix in x's dtype.
 
-  Each tile decodes its own expert inside the loop body, so at most one expert's three decoded
-  matrices exist at a time (never a decoded copy of every expert). Forward only: the stored
+  The loop decodes an expert when its first tile comes (its tiles are consecutive) and keeps it
+  for the rest, so each expert is decoded once and at most one expert's three decoded matrices
+  exist at a time (never a decoded copy of every expert). Forward only: the stored
   weights are inference constants (callers refuse differentiation, layers/moe_ffn.py).
   """
   def expert(e):
     return tuple(decode(jax.tree.map(lambda a: a[e], w)) for w in (w1, w2, w3))
 
-  return _ffn_loop(x, group_sizes, tile, limit, expert, *jax.tree.leaves((w1, w2, w3)))
+  return _ffn_loop(x, group_sizes, tile, limit, expert, *jax.tree.leaves((w1, w2, w3)),
+                   reuse=True)
