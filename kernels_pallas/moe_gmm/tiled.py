@@ -14,6 +14,13 @@ The backward pass is a custom VJP made of the same two loops (measured about twi
 autodiff through a tile scan, whose weight cotangent is a full [E, K, N] add per tile):
   dx = gmm(dy, w^T)   (the forward loop with the other weight layout)
   dw[e] = sum over the tiles t of group e of x_t^T dy_t   (`tgmm`, accumulated in float32)
+
+The weight-gradient loops run `BWD_UNROLL` tiles per iteration, written out one after another:
+XLA:CPU runs each small matmul on one core and the iterations of a loop one after another, but
+it overlaps independent matmuls inside one iteration. Measured on 2 cores (issue 10, E=64,
+12288 rows, tile 64): the fused FFN backward 63 -> 47-49 ms with 4 tiles per iteration; 2 gave
+no gain and 8 or 16 were slower again. The forward loop gained nothing from it and stays one tile
+per iteration. The extra tiles past `used` are padding (zero rows), so they add zeros.
 """
 
 from __future__ import annotations
@@ -104,16 +111,34 @@ def _tile_gmm(xp: Array, w: Array, tiles: Tiles, transpose_rhs: bool) -> Array:
   return jax.lax.fori_loop(0, tiles.used, body, _zeros((nt, tile, N), xp.dtype, xp, w))
 
 
-def _tile_tgmm(xp: Array, dp: Array, tiles: Tiles, groups: int) -> Array:
+BWD_UNROLL = 4  # tiles per iteration of the backward loops (see the module doc)
+
+
+def _unrolled(tiles: Tiles, *padded: Array, unroll: int) -> tuple[Array, Array, tuple[Array, ...]]:
+  """(expert per tile, number of iterations, the padded tile arrays) extended by zero tiles to a
+  multiple of `unroll` tiles, so that iteration c can run tiles c*unroll .. c*unroll+unroll-1.
+  The extra tiles repeat the last tile's expert and hold zero rows: their products are zeros."""
+  nt = padded[0].shape[0]
+  extra = -nt % unroll
+  expert = jnp.pad(tiles.expert, (0, extra), mode="edge")
+  padded = tuple(jnp.pad(a, ((0, extra), (0, 0), (0, 0))) for a in padded)
+  return expert, (tiles.used + unroll - 1) // unroll, padded
+
+
+def _tile_tgmm(xp: Array, dp: Array, tiles: Tiles, groups: int, unroll: int = 1) -> Array:
   """dw[e] = sum_{t: expert[t] = e} xp[t]^T dp[t], float32 [E, K, N]."""
   K, N = xp.shape[2], dp.shape[2]
+  expert, steps, (xq, dq) = _unrolled(tiles, xp, dp, unroll=unroll)
 
-  def body(t, dw):
-    g = jax.lax.dot_general(xp[t], dp[t], (((0,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)  # [K, N]
-    return dw.at[tiles.expert[t]].add(g)
+  def body(c, dw):
+    ts = [c * unroll + i for i in range(unroll)]
+    gs = [jax.lax.dot_general(xq[t], dq[t], (((0,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32) for t in ts]  # [K, N] each
+    for t, g in zip(ts, gs):
+      dw = dw.at[expert[t]].add(g)
+    return dw
 
-  return jax.lax.fori_loop(0, tiles.used, body, _zeros((groups, K, N), jnp.float32, xp, dp))
+  return jax.lax.fori_loop(0, steps, body, _zeros((groups, K, N), jnp.float32, xp, dp))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -209,30 +234,38 @@ def _ffn_fwd(x, w1, w2, w3, group_sizes, tile, limit):
   return y, (x, w1, w2, w3, group_sizes)
 
 
-def _ffn_bwd(tile, limit, res, dy):
+def _ffn_bwd(tile, limit, res, dy, unroll: int = BWD_UNROLL):
   x, w1, w2, w3, group_sizes = res
   tiles = tile_layout(group_sizes, x.shape[0], tile)
   xp, dp = pad_rows(x, tiles, tile), pad_rows(dy.astype(x.dtype), tiles, tile)
   nt, _, D = xp.shape
   dt = x.dtype
+  expert, steps, (xq, dq) = _unrolled(tiles, xp, dp, unroll=unroll)
 
-  def body(t, carry):
-    dxp, dw1, dw2, dw3 = carry
-    e, xt, dyt = tiles.expert[t], xp[t], dp[t]
+  def one_tile(t):
+    """(dx [tile, D], dw1 [F, D], dw2 [D, F], dw3 [F, D]) of tile t, recomputing its SwiGLU."""
+    e, xt, dyt = expert[t], xq[t], dq[t]
     h, swiglu_vjp = jax.vjp(lambda g, v: swiglu(g, v, limit), _dot(xt, w1[e], 1, 1),
                             _dot(xt, w3[e], 1, 1))  # [tile, F] float32
     dh = _dot(dyt, w2[e], 1, 0)  # [tile, F]
     dg, dv = (a.astype(dt) for a in swiglu_vjp(dh))
     dx = _dot(dg, w1[e], 1, 0) + _dot(dv, w3[e], 1, 0)  # [tile, D]
-    return (dxp.at[t].set(dx.astype(dt)),
-            dw1.at[e].add(_dot(dg, xt, 0, 0)),  # [F, D]
-            dw2.at[e].add(_dot(dyt, h.astype(dt), 0, 0)),  # [D, F]
-            dw3.at[e].add(_dot(dv, xt, 0, 0)))
+    return dx.astype(dt), _dot(dg, xt, 0, 0), _dot(dyt, h.astype(dt), 0, 0), _dot(dv, xt, 0, 0)
 
-  init = (_zeros((nt, tile, D), dt, xp, dp, w1), _zeros(w1.shape, jnp.float32, xp, dp, w1),
+  def body(c, carry):
+    dxq, dw1, dw2, dw3 = carry
+    t0 = c * unroll
+    outs = [one_tile(t0 + i) for i in range(unroll)]  # independent: XLA may overlap them
+    for i, (_, g1, g2, g3) in enumerate(outs):
+      e = expert[t0 + i]
+      dw1, dw2, dw3 = dw1.at[e].add(g1), dw2.at[e].add(g2), dw3.at[e].add(g3)
+    dxq = jax.lax.dynamic_update_slice_in_dim(dxq, jnp.stack([o[0] for o in outs]), t0, 0)
+    return dxq, dw1, dw2, dw3
+
+  init = (_zeros(xq.shape, dt, xp, dp, w1), _zeros(w1.shape, jnp.float32, xp, dp, w1),
           _zeros(w2.shape, jnp.float32, xp, dp, w1), _zeros(w3.shape, jnp.float32, xp, dp, w1))
-  dxp, dw1, dw2, dw3 = jax.lax.fori_loop(0, tiles.used, body, init)
-  return (unpad_rows(dxp, tiles), dw1.astype(w1.dtype), dw2.astype(w2.dtype),
+  dxq, dw1, dw2, dw3 = jax.lax.fori_loop(0, steps, body, init)
+  return (unpad_rows(dxq[:nt], tiles), dw1.astype(w1.dtype), dw2.astype(w2.dtype),
           dw3.astype(w3.dtype), None)
 
 

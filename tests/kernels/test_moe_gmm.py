@@ -156,3 +156,27 @@ def test_fused_tiled_ffn_equals_ragged_dot_ffn(sizes):
   assert rel_err(y, ry) < F32_FUNCTION
   for name, a, b in zip(("x", "w1", "w2", "w3"), g, rg):
     assert rel_err(a, b) < F32_FUNCTION, name
+
+
+@pytest.mark.parametrize("sizes", [PATTERNS["uneven"], PATTERNS["single_rows"],
+                                   PATTERNS["rows_past_the_groups"]],
+                         ids=["uneven", "single_rows", "rows_past_the_groups"])
+def test_ffn_backward_is_the_same_for_any_unroll(sizes):
+  """The fused FFN backward runs `BWD_UNROLL` tiles per loop iteration; the tiles, their products
+  and the order of the weight-gradient sums are the same for any unroll, so the cotangents are
+  bit-identical, including when the tiles in use are not a multiple of the unroll (the extra
+  tiles are zero rows)."""
+  rng = np.random.default_rng(11)
+  E, F, D = len(sizes), 6, K
+  x = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  w1, w3 = (jnp.asarray(rng.normal(size=(E, F, D)), jnp.float32) for _ in range(2))
+  w2 = jnp.asarray(rng.normal(size=(E, D, F)) / np.sqrt(F), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(M, D)), jnp.float32)
+  res = (x, w1, w2, w3, jnp.asarray(sizes, jnp.int32))
+  tiles_used = int(np.sum(-(-np.asarray(sizes) // 8)))
+  assert tiles_used % tiled.BWD_UNROLL  # the padding tiles are exercised
+  runs = {u: jax.jit(lambda dy, u=u: tiled._ffn_bwd(8, 3.0, res, dy, unroll=u))(dy)
+          for u in (1, 3, tiled.BWD_UNROLL)}
+  for u, out in runs.items():
+    for name, a, b in zip(("x", "w1", "w2", "w3"), out[:4], runs[1][:4]):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"unroll {u}: {name}")
