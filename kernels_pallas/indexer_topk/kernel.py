@@ -3,8 +3,8 @@
 `I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])`. A program owns one query token: its I indexer
 heads are the rows of a [I, J] x [J, block_c] matmul, the ReLU and the head weighting reduce the
 rows, and the entry loop stops at the last visible chunk (causal block skipping); the rest of the
-row is written as -inf. Selection stays `jax.lax.top_k` (issue 13: no measured reason to replace
-it), so the indices equal the reference's whenever the scores do.
+row is written as -inf. Selection is the reference's `top_indices` (on GPU `jax.lax.top_k`, its
+picks sorted by index), so the indices equal the reference's whenever the scores do.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.common import PAD_POSITION, from_blocks, pad_to_blocks, to_blocks
+from kernels_pallas.indexer_topk import reference
 
 NEG_INF = float("-inf")
 
@@ -131,8 +132,6 @@ def indexer_topk(q, w, k, positions, *, ratio: int, topk: int, block: int, q_seg
     qb, wb, pb, sb = args
     scores = indexer_scores(qb, wb, k, pb, ratio=ratio, q_seg=sb, k_seg=kseg, interpret=interpret,
                             block_sizes=block_sizes)
-    val, idx = jax.lax.top_k(scores, P)
-    nvis = (pb + 1) // ratio
-    return jnp.where((idx < nvis[..., None]) & (val > NEG_INF), idx, -1).astype(jnp.int32)
+    return reference.top_indices(scores, P)  # invisible entries are -inf: never picked
 
   return from_blocks(jax.lax.map(one_block, xs))[:, :T]

@@ -20,8 +20,8 @@ def _np_scores(q, w, k):
 
 
 def _np_topk(scores, positions, m, topk):
-  """Per query: visible s < floor((t+1)/m), highest scores first, ties lowest index first;
-  k = min(topk, C) picks, invisible picks -> -1."""
+  """Per query: visible s < floor((t+1)/m), the highest scores (ties lowest index first),
+  k = min(topk, C) picks in ascending index order, slots without a visible pick -> -1."""
   B, T, C = scores.shape
   P = min(topk, C)
   out = np.full((B, T, P), -1, np.int64)
@@ -29,7 +29,7 @@ def _np_topk(scores, positions, m, topk):
     for t in range(T):
       nvis = (positions[b, t] + 1) // m
       cand = sorted(range(min(nvis, C)), key=lambda s: (-scores[b, t, s], s))
-      out[b, t, : min(P, len(cand))] = cand[:P]
+      out[b, t, : min(P, len(cand))] = sorted(cand[:P])
   return out
 
 
@@ -120,3 +120,41 @@ def test_offset_positions_and_no_entries():
   empty = ref_lib.indexer_topk(jnp.asarray(q), jnp.asarray(w), jnp.zeros((2, 0, 8)),
                                jnp.asarray(pos), ratio=4, topk=4, block=2)
   assert empty.shape == (2, 3, 0)
+
+
+def _tie_heavy_scores(seed, R=64, C=300):
+  """Rows with repeated values, both zeros (-0.0 ranks below +0.0 in XLA's total order, as in
+  `top_k`), -inf tails and fully -inf rows."""
+  rng = np.random.default_rng(seed)
+  s = np.round(rng.normal(size=(R, C)) * 2) / 2
+  s[rng.random((R, C)) < 0.1] = -0.0
+  s[rng.random((R, C)) < 0.1] = 0.0
+  cut = rng.integers(0, C + 1, size=R)
+  s[np.arange(C)[None, :] >= cut[:, None]] = -np.inf
+  s[0] = -np.inf
+  s[1, :] = 7.0  # one value everywhere: the lowest indices
+  return jnp.asarray(s, jnp.float32)
+
+
+@pytest.mark.parametrize("P", [1, 5, 64, 300])
+def test_top_indices_bisect_equals_top_k(P):
+  """The CPU bisection and `jax.lax.top_k` pick the same entries, in the same (ascending) order,
+  -inf never, for tie-heavy rows; and the picks are exactly NumPy's stable ranking."""
+  s = _tie_heavy_scores(P)
+  a = np.asarray(jax.jit(lambda x: ref_lib.top_indices(x, P, "bisect"))(s))
+  b = np.asarray(jax.jit(lambda x: ref_lib.top_indices(x, P, "top_k"))(s))
+  np.testing.assert_array_equal(a, b)
+  sn = np.asarray(s)
+  for r in range(sn.shape[0]):
+    # XLA's total order: -0.0 below +0.0; stable: lower index first among equals
+    rank = sorted(range(sn.shape[1]), key=lambda c: (-sn[r, c], np.signbit(sn[r, c]), c))
+    pick = sorted(c for c in rank[:P] if sn[r, c] > -np.inf)
+    np.testing.assert_array_equal(a[r], pick + [-1] * (P - len(pick)), err_msg=f"row {r}")
+  assert (a[0] == -1).all() and list(a[1]) == list(range(P))
+
+
+def test_top_indices_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="P=4 must be in"):
+    ref_lib.top_indices(jnp.zeros((2, 3)), 4)
+  with pytest.raises(ValueError, match="method='heap'"):
+    ref_lib.top_indices(jnp.zeros((2, 3)), 2, "heap")
