@@ -76,8 +76,11 @@ def tile_layout(group_sizes: Int[Array, "E"], m: int, tile: int) -> Tiles:
   g = jnp.searchsorted(row_end, rows, side="right")  # group of each sorted row (E = none)
   gc = jnp.minimum(g, E - 1)
   dest = jnp.where(g < E, tile_start[gc] * tile + rows - row_start[gc], nt * tile)
-  return Tiles(expert.astype(jnp.int32), tile_end[-1], src.astype(jnp.int32),
-               dest.astype(jnp.int32))
+  # Materialize the layout: otherwise XLA fuses its index arithmetic into the row gathers that
+  # use it and recomputes it for every element of a row (measured: the FFN forward at E=64,
+  # 12288 rows, 29 -> 24 ms).
+  return Tiles(*jax.lax.optimization_barrier((expert.astype(jnp.int32), tile_end[-1],
+                                               src.astype(jnp.int32), dest.astype(jnp.int32))))
 
 
 def pad_rows(x: Float[Array, "M K"], tiles: Tiles, tile: int) -> Float[Array, "T tile K"]:
