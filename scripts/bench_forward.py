@@ -488,10 +488,13 @@ def main(argv: list[str] | None = None) -> int:
   for r in ok:
     if r.get("profile"):
       print("\n" + format_profile(r))
+  from deepseek_v4 import hugepages
+
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"model": cfg.to_dict(), "rows": rows, "slopes": slopes,
-               "host": {"cpus": os.cpu_count(), "platform": platform.platform()}}, f, indent=2)
+               "host": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        **hugepages.status()}}, f, indent=2)
   print(f"wrote {args.out}", file=sys.stderr)
   return 0 if len(ok) == len(rows) else 1
 
@@ -499,4 +502,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
+  from deepseek_v4 import hugepages
+
+  hugepages.reexec()  # huge pages for XLA:CPU's buffers (deepseek_v4/hugepages.py)
   sys.exit(main())

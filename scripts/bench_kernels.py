@@ -181,4 +181,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  from deepseek_v4 import hugepages
+
+  hugepages.reexec()  # huge pages for XLA:CPU's buffers (deepseek_v4/hugepages.py)
   main()

@@ -308,9 +308,12 @@ def main(argv=None) -> int:
       layers_out.append(bench_layer(E, k, T, D, F, args.repeats))
       print(f"layer E={E}: {json.dumps(layers_out[-1]['results'])}", flush=True)
   print_tables(ops_out, layers_out)
+  from deepseek_v4 import hugepages
+
   result = dict(
     machine=dict(cpus=os.cpu_count(), jax=jax.__version__, torch=torch.__version__,
-                 torch_threads=torch.get_num_threads(), backend=jax.default_backend()),
+                 torch_threads=torch.get_num_threads(), backend=jax.default_backend(),
+                 **hugepages.status()),
     settings=vars(args), op=ops_out, layer=layers_out)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
@@ -320,4 +323,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from deepseek_v4 import hugepages
+
+  hugepages.reexec()  # huge pages for XLA:CPU's buffers (deepseek_v4/hugepages.py)
   raise SystemExit(main())

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
   from flax import nnx
   from transformers import DeepseekV4ForCausalLM
 
-  from deepseek_v4 import Transformer, train
+  from deepseek_v4 import Transformer, hugepages, train
   from deepseek_v4.checkpoint import save_hf_checkpoint
   from deepseek_v4.config import PRESETS, parse_overrides
 
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
     "ours_last_loss": loss_ours, "transformers_last_loss": loss_hf,
     "ours_step_s_all": ours_t, "transformers_step_s_all": hf_t,
     "ours_muon_tokens_per_s": tokens / t_muon if t_muon else None, "ours_muon_step_s_all": muon_t,
+    **hugepages.status(),
   }
   print(f"config {res['config']}  batch {args.batch} x seq {args.seq}  ({res['devices']})")
   print(f"  ours (JAX, jit, AdamW):              {res['ours_tokens_per_s']:10,.0f} tokens/s "
@@ -173,4 +174,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from deepseek_v4 import hugepages
+
+  hugepages.reexec()  # huge pages for XLA:CPU's buffers (deepseek_v4/hugepages.py)
   sys.exit(main())
