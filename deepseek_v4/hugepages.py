@@ -73,4 +73,4 @@ def reexec() -> None:
 def status() -> dict:
   """What a benchmark records about this: the tunables in effect and the kernel's THP mode."""
   return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "thp_mode": thp_mode(),
-          "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}
+          "huge_pages": TUNABLE in os.environ.get("GLIBC_TUNABLES", "")}
