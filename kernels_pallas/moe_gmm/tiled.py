@@ -117,15 +117,15 @@ def _tile_gmm(xp: Array, w: Array, tiles: Tiles, transpose_rhs: bool) -> Array:
 BWD_UNROLL = 4  # tiles per iteration of the fused FFN's backward loop (see the module doc)
 
 
-def _unrolled(tiles: Tiles, *padded: Array, unroll: int) -> tuple[Array, Array, tuple[Array, ...]]:
-  """(expert per tile, number of iterations, the padded tile arrays) extended by zero tiles to a
-  multiple of `unroll` tiles, so that iteration c can run tiles c*unroll .. c*unroll+unroll-1.
-  The extra tiles repeat the last tile's expert and hold zero rows: their products are zeros."""
-  nt = padded[0].shape[0]
-  extra = -nt % unroll
-  expert = jnp.pad(tiles.expert, (0, extra), mode="edge")
-  padded = tuple(jnp.pad(a, ((0, extra), (0, 0), (0, 0))) for a in padded)
-  return expert, (tiles.used + unroll - 1) // unroll, padded
+def _unrolled(tiles: Tiles, m: int, tile: int, unroll: int) -> tuple[Tiles, Array]:
+  """(`tiles` extended by empty tiles to a multiple of `unroll` tiles, number of iterations), so
+  that iteration c can run tiles c*unroll .. c*unroll+unroll-1. Only the index arrays grow: the
+  extra tiles repeat the last tile's expert and read row `m` (padding: zeros), so `pad_rows`
+  builds the longer layout in its one gather and their products are zeros."""
+  extra = -tiles.expert.shape[0] % unroll
+  grown = tiles._replace(expert=jnp.pad(tiles.expert, (0, extra), mode="edge"),
+                         src=jnp.pad(tiles.src, (0, extra * tile), constant_values=m))
+  return grown, (tiles.used + unroll - 1) // unroll
 
 
 def _tile_tgmm(xp: Array, dp: Array, tiles: Tiles, groups: int) -> Array:
@@ -237,10 +237,9 @@ def _ffn_fwd(x, w1, w2, w3, group_sizes, tile, limit):
 def _ffn_bwd(tile, limit, res, dy, unroll: int = BWD_UNROLL):
   x, w1, w2, w3, group_sizes = res
   tiles = tile_layout(group_sizes, x.shape[0], tile)
-  xp, dp = pad_rows(x, tiles, tile), pad_rows(dy.astype(x.dtype), tiles, tile)
-  nt, _, D = xp.shape
-  dt = x.dtype
-  expert, steps, (xq, dq) = _unrolled(tiles, xp, dp, unroll=unroll)
+  grown, steps = _unrolled(tiles, x.shape[0], tile, unroll)
+  xq, dq = pad_rows(x, grown, tile), pad_rows(dy.astype(x.dtype), grown, tile)
+  expert, dt = grown.expert, x.dtype
 
   def one_tile(t):
     """(dx [tile, D], dw1 [F, D], dw2 [D, F], dw3 [F, D]) of tile t, recomputing its SwiGLU."""
@@ -262,10 +261,12 @@ def _ffn_bwd(tile, limit, res, dy, unroll: int = BWD_UNROLL):
     dxq = jax.lax.dynamic_update_slice_in_dim(dxq, jnp.stack([o[0] for o in outs]), t0, 0)
     return dxq, dw1, dw2, dw3
 
-  init = (_zeros(xq.shape, dt, xp, dp, w1), _zeros(w1.shape, jnp.float32, xp, dp, w1),
-          _zeros(w2.shape, jnp.float32, xp, dp, w1), _zeros(w3.shape, jnp.float32, xp, dp, w1))
+  init = (_zeros(xq.shape, dt, xq, dq, w1), _zeros(w1.shape, jnp.float32, xq, dq, w1),
+          _zeros(w2.shape, jnp.float32, xq, dq, w1), _zeros(w3.shape, jnp.float32, xq, dq, w1))
   dxq, dw1, dw2, dw3 = jax.lax.fori_loop(0, steps, body, init)
-  return (unpad_rows(dxq[:nt], tiles), dw1.astype(w1.dtype), dw2.astype(w2.dtype),
+  # `tiles.dest` points into the first nt tiles, or at row nt * tile for rows past every group:
+  # a zero row of an extra tile (or past the end: filled with 0), so no slice is needed.
+  return (unpad_rows(dxq, tiles), dw1.astype(w1.dtype), dw2.astype(w2.dtype),
           dw3.astype(w3.dtype), None)
 
 
