@@ -45,6 +45,35 @@ def test_newton_schulz_hybrid_tail_tightens_the_spectrum():
   assert np.ptp(hybrid) < 1e-3
 
 
+@pytest.mark.parametrize("shape", [(12, 16, 48), (3, 4, 40, 24)], ids=["wide", "tall"])
+def test_newton_schulz_chunks_do_not_change_the_result(shape):
+  """Running a stack a few matrices per loop step (CPU's default) is the same per-matrix math as
+  one batched call, and each matrix equals Newton-Schulz on it alone."""
+  x = jnp.asarray(np.random.default_rng(2).standard_normal(shape), jnp.float32)
+  count = int(np.prod(shape[:-2]))
+  whole = np.asarray(optim.newton_schulz(x, chunk=count))
+  for chunk in (1, 2, 3, None):
+    got = np.asarray(optim.newton_schulz(x, chunk=chunk))
+    assert got.shape == x.shape
+    assert rel_err(got, whole) < F32_FUNCTION, chunk
+  flat = x.reshape(-1, *shape[-2:])
+  alone = np.stack([np.asarray(optim.newton_schulz(m)) for m in flat]).reshape(shape)
+  assert rel_err(whole, alone) < F32_FUNCTION
+  assert optim.ns_chunk(count, *shape[-2:]) in (count, 12)  # all fit in the CPU cache budget
+  with pytest.raises(ValueError, match="chunk=5 must be a positive divisor of the 12"):
+    optim.newton_schulz(x, chunk=5)
+
+
+def test_ns_chunk_fits_the_cpu_budget_and_divides_the_count():
+  if jax.default_backend() != "cpu":
+    assert optim.ns_chunk(768, 128, 256) == 768
+    return
+  assert optim.ns_chunk(768, 128, 256) == 8  # 8 x 128 KiB = 1 MiB
+  assert optim.ns_chunk(7, 512, 1024) == 1  # one 2 MiB matrix is over budget: one at a time
+  assert optim.ns_chunk(12, 128, 256) == 6  # the largest divisor of 12 that fits (<= 8)
+  assert optim.ns_chunk(1, 4, 4) == 1
+
+
 # ----- an independent NumPy (float64) implementation, written from spec §7.1 ----------------------
 def _np_ns(x):
   tall = x.shape[0] > x.shape[1]

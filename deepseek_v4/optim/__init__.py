@@ -13,6 +13,7 @@ from deepseek_v4.optim.muon import (
   format_groups,
   matrix_blocks,
   newton_schulz,
+  ns_chunk,
   orthogonalize,
   param_group,
   param_labels,
@@ -23,5 +24,5 @@ from deepseek_v4.optim.muon import (
 __all__ = [
   "ADAMW", "HYBRID_NS_COEFFS", "MUON", "DeepSeekMuonState", "MatrixBlocks", "adamw_optimizer",
   "deepseek_muon", "deepseek_optimizer", "describe", "format_groups", "matrix_blocks", "newton_schulz",
-  "orthogonalize", "param_group", "param_labels", "path_name", "scale_by_deepseek_muon",
+  "ns_chunk", "orthogonalize", "param_group", "param_labels", "path_name", "scale_by_deepseek_muon",
 ]

@@ -50,14 +50,44 @@ MUON, ADAMW = "muon", "adamw"
 
 
 # ----- Newton-Schulz ------------------------------------------------------------------------------
+# Bytes of matrices per Newton-Schulz loop step on CPU (see `ns_chunk`).
+_CPU_NS_BYTES = 1 << 20
+
+
+def ns_chunk(count: int, rows: int, cols: int, itemsize: int = 4) -> int:
+  """Matrices per step when Newton-Schulz iterates a stack of `count` [rows, cols] matrices.
+
+  Elsewhere the whole stack is one batched call. On CPU it runs `chunk` matrices at a time (the
+  largest divisor of `count` whose matrices fit in `_CPU_NS_BYTES`), so every iteration's matmuls
+  work in cache: at 768 x [128, 256] (the 64-expert training config's expert stack) one batched
+  call ran at 106-111 GFLOP/s and chunks of 1-16 matrices at 188-204 (2 cores, issue 10); at
+  256 x [256, 512], 201 -> 363-395. Each matrix is computed alone either way: the results were
+  bit-identical.
+  """
+  if jax.default_backend() != "cpu":
+    return count
+  fit = max(1, _CPU_NS_BYTES // max(1, rows * cols * itemsize))
+  return max(d for d in range(1, min(count, fit) + 1) if count % d == 0)
+
+
 def newton_schulz(x: jax.Array, coeffs: Sequence[tuple[float, float, float]] = HYBRID_NS_COEFFS,
-                  eps: float = 1e-7) -> jax.Array:
+                  eps: float = 1e-7, chunk: int | None = None) -> jax.Array:
   """Approximately orthogonalizes the last two axes of `x` (leading axes: independent matrices).
 
   `M_0 = X / ||X||_F`, then `M_k = a M + b (M M^T) M + c (M M^T)^2 M` per coefficient row. A tall
   matrix is iterated as its transpose so that `M M^T` is the smaller Gram matrix (same result).
+  `chunk`: matrices per loop step (a divisor of their count); None = `ns_chunk`'s choice.
   """
-  tall = x.shape[-2] > x.shape[-1]
+  lead, (rows, cols) = x.shape[:-2], x.shape[-2:]
+  count = math.prod(lead)
+  chunk = ns_chunk(count, rows, cols, x.dtype.itemsize) if chunk is None else chunk
+  if count and not (isinstance(chunk, int) and chunk >= 1 and count % chunk == 0):
+    raise ValueError(f"newton_schulz: chunk={chunk!r} must be a positive divisor of the "
+                     f"{count} matrices of a {x.shape} stack")
+  if count and chunk < count:
+    stack = x.reshape(count // chunk, chunk, rows, cols)
+    return jax.lax.map(lambda m: newton_schulz(m, coeffs, eps, chunk), stack).reshape(x.shape)
+  tall = rows > cols
   m = jnp.swapaxes(x, -1, -2) if tall else x
   norm = jnp.sqrt(jnp.sum(jnp.square(m.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
   m = m / (norm + eps).astype(m.dtype)
