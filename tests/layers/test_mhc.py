@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deepseek_v4.layers import mhc
-from tests.tolerances import F32_FUNCTION
+from tests.tolerances import BF16, F32_FUNCTION, rel_err
 
 EPS = 1e-6
 NORM_EPS = 1e-6
@@ -139,6 +139,53 @@ def test_hc_collapse_matches_numpy():
   np.testing.assert_allclose(np.asarray(out), ref, rtol=F32_FUNCTION, atol=F32_FUNCTION)
   xb = jnp.asarray(x, jnp.bfloat16)
   assert mhc.hc_collapse(xb, jnp.asarray(pre)).dtype == jnp.bfloat16
+
+
+def _np_collapse_expand_grads(x, y, pre, post, comb, g_u, g_out):
+  """NumPy (float64) cotangents of u = sum_i pre_i X_i and X'_j = post_j y + sum_i comb[i,j] X_i,
+  derived by hand: the oracle for mhc's hand-written backward."""
+  x, y, pre, post, comb, g_u, g_out = (np.asarray(a, np.float64)
+                                       for a in (x, y, pre, post, comb, g_u, g_out))
+  return dict(
+    collapse_x=pre[..., None] * g_u[:, :, None, :],
+    collapse_pre=np.einsum("btmd,btd->btm", x, g_u),
+    expand_x=np.einsum("btij,btjd->btid", comb, g_out),
+    expand_y=np.einsum("btj,btjd->btd", post, g_out),
+    expand_post=np.einsum("btd,btjd->btj", y, g_out),
+    expand_comb=np.einsum("btid,btjd->btij", x, g_out),
+  )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16_stream"])
+def test_hc_collapse_and_expand_gradients_match_numpy(dtype):
+  """The custom VJPs of hc_collapse / hc_expand give the exact cotangents, in each input's dtype."""
+  import jax
+
+  rng = np.random.default_rng(7)
+  B, T, M, D = 2, 5, 4, 16
+  x = rng.normal(size=(B, T, M, D)).astype(np.float32)
+  y = rng.normal(size=(B, T, D)).astype(np.float32)
+  pre = rng.uniform(size=(B, T, M)).astype(np.float32)
+  post = rng.uniform(0, 2, size=(B, T, M)).astype(np.float32)
+  comb = rng.uniform(size=(B, T, M, M)).astype(np.float32)
+  g_u = rng.normal(size=(B, T, D)).astype(np.float32)
+  g_out = rng.normal(size=(B, T, M, D)).astype(np.float32)
+  xs, ys = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+  _, vjp_c = jax.vjp(mhc.hc_collapse, xs, jnp.asarray(pre))
+  dx_c, dpre = vjp_c(jnp.asarray(g_u, dtype))
+  _, vjp_e = jax.vjp(mhc.hc_expand, xs, ys, jnp.asarray(post), jnp.asarray(comb))
+  dx_e, dy, dpost, dcomb = vjp_e(jnp.asarray(g_out, dtype))
+  # The oracle sees the same (rounded) inputs the bf16 case computes from.
+  ref = _np_collapse_expand_grads(np.asarray(xs, np.float32), np.asarray(ys, np.float32), pre,
+                                  post, comb, np.asarray(jnp.asarray(g_u, dtype), np.float32),
+                                  np.asarray(jnp.asarray(g_out, dtype), np.float32))
+  tol = F32_FUNCTION if dtype == jnp.float32 else BF16
+  got = dict(collapse_x=dx_c, collapse_pre=dpre, expand_x=dx_e, expand_y=dy, expand_post=dpost,
+             expand_comb=dcomb)
+  for name, value in got.items():
+    assert rel_err(value, ref[name]) < tol, name
+  assert dx_c.dtype == dx_e.dtype == dy.dtype == dtype
+  assert dpre.dtype == dpost.dtype == dcomb.dtype == jnp.float32
 
 
 def test_hc_expand_uses_comb_transposed():
