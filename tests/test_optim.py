@@ -72,6 +72,8 @@ def test_ns_chunk_fits_the_cpu_budget_and_divides_the_count():
   assert optim.ns_chunk(7, 512, 1024) == 1  # one 2 MiB matrix is over budget: one at a time
   assert optim.ns_chunk(12, 128, 256) == 6  # the largest divisor of 12 that fits (<= 8)
   assert optim.ns_chunk(1, 4, 4) == 1
+  assert optim.ns_chunk(0, 4, 4) == 1  # an empty stack
+  assert optim.newton_schulz(jnp.zeros((0, 4, 8))).shape == (0, 4, 8)
 
 
 # ----- an independent NumPy (float64) implementation, written from spec §7.1 ----------------------
