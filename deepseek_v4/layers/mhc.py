@@ -30,10 +30,11 @@ def sinkhorn(logits: Float[Array, "... M M"], iters: int, eps: float) -> Array:
   (up to eps) and rows approximately.
 
   The matrices are iterated with their M x M entries as the leading axes and the tokens last, so
-  every row or column sum is M vector adds over the tokens, and the backward is written out
-  (`_sinkhorn_bwd`). Measured (issue 10, 2 cores): at [8, 128, 4, 4], forward 1.01 -> 0.18 ms,
-  forward+backward 1.96 -> 0.63 ms (token-minor autodiff); the hand-written backward keeps the
-  long-sequence case fast, where token-minor autodiff was slower than the plain layout.
+  every row or column sum is M vector adds over the tokens (`_sum`), and the backward is written
+  out (`_sinkhorn_bwd`; autodiff of this layout was slower than the plain one at long lengths).
+  Measured against the plain [..., M, M] loop under autodiff (issue 10, 2 cores): at
+  [8, 128, 4, 4] forward 1.07 -> 0.11 ms, forward+backward 3.4 -> 0.68 ms; at [1, 8192, 4, 4]
+  9.0 -> 0.96 ms and 79 -> 8.2 ms.
   """
   if iters < 1:
     raise ValueError(f"sinkhorn: iters={iters} must be >= 1")
