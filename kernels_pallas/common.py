@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
@@ -33,6 +36,38 @@ def from_blocks(x: jax.Array) -> jax.Array:
   return jnp.moveaxis(x, 0, 1).reshape(B, nb * block, *x.shape[3:])
 
 
+# ----- the platform code paths are chosen for ---------------------------------------------------
+_target_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kernels_pallas_target_platform", default=None)
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def platform() -> str:
+  """The platform the traced program will run on: "cpu", "gpu" or "tpu".
+
+  `jax.default_backend()` unless a `target_platform(...)` block says otherwise: compiling ahead of
+  time for an H100 or a TPU on a CPU host (deepseek_v4.aot) traces the GPU/TPU code paths although
+  the host's backend is "cpu". Every platform-dependent choice in the project reads this function.
+  """
+  override = _target_platform.get()
+  if override is not None:
+    return override
+  backend = jax.default_backend()
+  return "gpu" if backend in ("cuda", "rocm", "gpu") else backend
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+  """Within the block, `platform()` answers `name` (one of PLATFORMS) instead of the host's."""
+  if name not in PLATFORMS:
+    raise ValueError(f"target_platform: platform must be one of {PLATFORMS}, got {name!r}")
+  token = _target_platform.set(name)
+  try:
+    yield
+  finally:
+    _target_platform.reset(token)
+
+
 # ----- impl= dispatch (STYLE.md §6) ---------------------------------------------------------------
 IMPLS = ("auto", "reference", "pallas")
 _logged: set[tuple[str, str]] = set()
@@ -48,11 +83,11 @@ def resolve_impl(op: str, impl: str) -> str:
     raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
-  platform = jax.default_backend()
+  target = platform()
   choice = "reference"
-  if platform in ("gpu", "cuda", "rocm", "tpu"):
+  if target in ("gpu", "tpu"):
     try:
-      if platform == "tpu":
+      if target == "tpu":
         from jax.experimental.pallas import tpu  # noqa: F401
       else:
         from jax.experimental.pallas import triton  # noqa: F401
@@ -64,7 +99,7 @@ def resolve_impl(op: str, impl: str) -> str:
     import logging
 
     logging.getLogger("kernels_pallas").warning("%s: impl='auto' runs %s on %s", op, choice,
-                                                platform)
+                                                target)
   return choice
 
 
@@ -74,7 +109,7 @@ def pallas_backend(interpret: bool) -> tuple[str, bool]:
   On CPU the GPU body can only be interpreted, so impl="pallas" there always interprets (the model
   can then select the kernels on the tiny preset in tests without an `interpret` flag of its own).
   """
-  platform = jax.default_backend()
-  if platform == "tpu":
+  target = platform()
+  if target == "tpu":
     return "tpu", interpret
-  return "gpu", interpret or platform == "cpu"
+  return "gpu", interpret or target == "cpu"

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import kernels_pallas.common as kernel_common
 from deepseek_v4 import layout
 from deepseek_v4.config import ModelConfig
 
@@ -64,7 +65,7 @@ def ns_chunk(count: int, rows: int, cols: int, itemsize: int = 4) -> int:
   256 x [256, 512], 201 -> 363-395. Each matrix is computed alone either way: the results were
   bit-identical.
   """
-  if jax.default_backend() != "cpu" or count <= 1:
+  if kernel_common.platform() != "cpu" or count <= 1:
     return max(count, 1)
   fit = max(1, _CPU_NS_BYTES // max(1, rows * cols * itemsize))
   return max(d for d in range(1, min(count, fit) + 1) if count % d == 0)

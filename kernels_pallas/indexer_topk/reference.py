@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import common
 from kernels_pallas.common import PAD_POSITION, from_blocks, pad_to_blocks, to_blocks
 
 
@@ -46,7 +47,7 @@ def top_indices(scores: jax.Array, P: int, method: str = "auto") -> jax.Array:
   if not 0 <= P <= C:
     raise ValueError(f"top_indices: P={P} must be in [0, C={C}]")
   if method == "auto":
-    method = "bisect" if jax.default_backend() == "cpu" else "top_k"
+    method = "bisect" if common.platform() == "cpu" else "top_k"
   if method == "top_k":
     val, idx = jax.lax.top_k(scores, P)
     idx = jnp.sort(jnp.where(val > -jnp.inf, idx, C), axis=-1)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from kernels_pallas import common
 from kernels_pallas.moe_gmm import reference, tiled
 
 IMPLS = ("auto", "tiled", "ragged_dot", "reference")
@@ -42,7 +43,7 @@ def resolve_impl(impl: str) -> str:
     raise ValueError(f"grouped_matmul: impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
-  platform = jax.default_backend()
+  platform = common.platform()
   choice = "tiled" if platform == "cpu" else "ragged_dot"
   _log_choice(choice, platform)
   return choice

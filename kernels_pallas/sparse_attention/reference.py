@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from kernels_pallas import common
 from kernels_pallas.common import PAD_POSITION, from_blocks, pad_to_blocks, to_blocks
 
 
@@ -26,7 +27,7 @@ _CPU_STEP = {"gathered": 16, "shared": 32}
 
 def scan_step(block: int, gathered: bool) -> int:
   """Queries per scan step: `block`, capped on CPU (results do not depend on it)."""
-  if jax.default_backend() != "cpu":
+  if common.platform() != "cpu":
     return block
   return min(block, _CPU_STEP["gathered" if gathered else "shared"])
 
