@@ -72,7 +72,7 @@ def write(path: str, cfg, quantize: str, max_shard_bytes: int) -> None:
   from deepseek_v4.checkpoint import files
   from deepseek_v4.checkpoint.convert import expected_tensors
   from deepseek_v4.checkpoint.safetensors_io import Pending
-  from deepseek_v4.config import fields_to_hf
+  from deepseek_v4.config_hf import fields_to_hf
   from deepseek_v4.model import Transformer
 
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

@@ -118,7 +118,7 @@ def hf_layer(cfg, layer, backend: str | None):
   from transformers import DeepseekV4Config
   from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
 
-  from deepseek_v4.config import fields_to_hf
+  from deepseek_v4.config_hf import fields_to_hf
 
   hc = DeepseekV4Config(**fields_to_hf(cfg))
   hc._experts_implementation = backend

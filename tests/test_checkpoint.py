@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 import deepseek_v4
 from deepseek_v4.checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from deepseek_v4.checkpoint.convert import to_hub_tensors
+from deepseek_v4.config_hf import fields_to_hf
 from tests.tolerances import F32_MODEL_REL, rel_err
 
 
@@ -82,7 +83,7 @@ def test_error_lists_every_problem(model, tmp_path):
   tensors["head.weight"] = tensors["head.weight"][:-1]
   save_file(tensors, os.path.join(tmp_path, "model.safetensors"))
   with open(os.path.join(tmp_path, "config.json"), "w") as f:
-    json.dump(deepseek_v4.config.fields_to_hf(model.cfg), f)
+    json.dump(fields_to_hf(model.cfg), f)
   with pytest.raises(CheckpointError) as err:
     load_hf_checkpoint(tmp_path)
   msg = str(err.value)
@@ -96,7 +97,7 @@ def test_missing_folder_and_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="config"):
     load_hf_checkpoint(tmp_path / "nope")
   with open(tmp_path / "config.json", "w") as f:
-    json.dump(deepseek_v4.config.fields_to_hf(deepseek_v4.tiny()), f)
+    json.dump(fields_to_hf(deepseek_v4.tiny()), f)
   with pytest.raises(FileNotFoundError, match="safetensors"):
     load_hf_checkpoint(tmp_path)
 
@@ -106,7 +107,7 @@ def test_quantized_checkpoint_is_refused_clearly(model, tmp_path):
   tensors["layers.0.attn.wq_a.scale"] = np.ones((1, 1), np.float32)
   save_file(tensors, os.path.join(tmp_path, "model.safetensors"))
   with open(os.path.join(tmp_path, "config.json"), "w") as f:
-    json.dump(deepseek_v4.config.fields_to_hf(model.cfg), f)
+    json.dump(fields_to_hf(model.cfg), f)
   with pytest.raises(CheckpointError, match="layers.0.attn.wq_a.scale"):
     load_hf_checkpoint(tmp_path)
 
@@ -114,7 +115,7 @@ def test_quantized_checkpoint_is_refused_clearly(model, tmp_path):
 def test_hub_style_config_json(model, forward, tmp_path):
   """A hub config.json (legacy keys of spec §1.5) gives the same model."""
   save_hf_checkpoint(model, tmp_path)
-  hub = {k: v for k, v in deepseek_v4.config.fields_to_hf(model.cfg).items()
+  hub = {k: v for k, v in fields_to_hf(model.cfg).items()
          if k not in ("mlp_layer_types", "partial_rotary_factor", "rope_parameters")}
   hub.update(num_hash_layers=3, qk_rope_head_dim=32, rope_scaling={
     "type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "beta_fast": 32,
@@ -152,7 +153,7 @@ def test_transformers_internal_names_load(model, forward, tmp_path):
         for k, v in ref.state_dict().items()}
   save_file(sd, os.path.join(tmp_path, "model.safetensors"))
   with open(os.path.join(tmp_path, "config.json"), "w") as f:
-    json.dump(deepseek_v4.config.fields_to_hf(model.cfg), f)
+    json.dump(fields_to_hf(model.cfg), f)
   loaded = load_hf_checkpoint(tmp_path)
   ids = _ids(model.cfg)
   # The trunk logits do not depend on the (dropped) MTP module.

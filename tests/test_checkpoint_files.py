@@ -20,7 +20,7 @@ import deepseek_v4
 from deepseek_v4.checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from deepseek_v4.checkpoint import files as ckpt_files
 from deepseek_v4.checkpoint.convert import from_hub_tensors, to_hub_tensors
-from deepseek_v4.config import fields_to_hf
+from deepseek_v4.config_hf import fields_to_hf
 from tests.test_quant import np_decode_fp4, np_decode_fp8, ref_quantize_fp4, ref_quantize_fp8
 
 torch = pytest.importorskip("torch")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import deepseek_v4
-from deepseek_v4 import cli, config, plan, train_cli
+from deepseek_v4 import cli, config, config_hf, plan, train_cli
 
 
 def _one_error_line(err: str, *needles: str) -> None:
@@ -138,7 +138,7 @@ def init_dir(tmp_path):
   cfg = deepseek_v4.tiny(rope_theta=5000.0, window=4)
   path = tmp_path / "ckpt"
   path.mkdir()
-  (path / "config.json").write_text(json.dumps(config.fields_to_hf(cfg)))
+  (path / "config.json").write_text(json.dumps(config_hf.fields_to_hf(cfg)))
   return cfg, str(path)
 
 

@@ -44,11 +44,9 @@ from flax import nnx  # noqa: E402
 import deepseek_v4  # noqa: E402
 from deepseek_v4.checkpoint import load_hf_checkpoint, save_hf_checkpoint, to_hub_tensors  # noqa: E402
 from deepseek_v4.checkpoint import files as ckpt_files  # noqa: E402
-from deepseek_v4.checkpoint.convert import (  # noqa: E402
-  _canonical,
-  _unstack_hf_experts,
-  from_hub_tensors,
-)
+from deepseek_v4.checkpoint.convert import from_hub_tensors  # noqa: E402
+from deepseek_v4.checkpoint.names import hub_name as _canonical  # noqa: E402
+from deepseek_v4.checkpoint.names import unstack_hf_experts as _unstack_hf_experts  # noqa: E402
 from tests.hf_oracle import hf_logits, randomize_params  # noqa: E402
 from tests.tolerances import F32_MODEL_REL, rel_err  # noqa: E402
 

@@ -11,7 +11,8 @@ from flax import nnx
 
 import deepseek_v4
 from deepseek_v4 import layout
-from deepseek_v4.config import ModelConfig, fields_to_hf
+from deepseek_v4.config import ModelConfig
+from deepseek_v4.config_hf import fields_to_hf
 from tests.tolerances import F32_MODEL_REL, rel_err
 
 T = 40

@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from deepseek_v4.checkpoint import quant
+from deepseek_v4 import quant_codecs as quant
 from deepseek_v4.checkpoint.safetensors_io import read_array, read_header, write_file
 
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float64)

@@ -15,7 +15,8 @@ from flax import nnx
 from deepseek_v4 import cache as cache_lib
 from deepseek_v4 import decoding, layout, summary, train
 from deepseek_v4.checkpoint import load_hf_checkpoint, save_hf_checkpoint
-from deepseek_v4.config import ModelConfig, fields_to_hf, tiny
+from deepseek_v4.config import ModelConfig, tiny
+from deepseek_v4.config_hf import fields_to_hf
 from deepseek_v4.layers import mhc, moe
 from deepseek_v4.model import Transformer
 from tests.tolerances import F32_DECODE_REL, F32_FUNCTION, rel_err

@@ -16,7 +16,8 @@ from typing import Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_v4.checkpoint import quant, reader
+from deepseek_v4 import quant_codecs as quant
+from deepseek_v4.checkpoint import names, reader
 from deepseek_v4.checkpoint.safetensors_io import (
   CheckpointError,
   Pending,
@@ -126,9 +127,7 @@ def hub_tensors(path: str, *, dtype=jnp.float32, keep: Callable[[str], bool] = l
                 keep_quantized: str | None = None) -> dict[str, reader.LazyTensor]:
   """`{hub name: LazyTensor}` of a checkpoint folder (validated; nothing read yet); with
   `keep_quantized` the weights it names come as stored (codes + `.scale`, see `reader`)."""
-  from deepseek_v4.checkpoint.convert import _canonical  # the hub <-> transformers name table
-
-  return reader.hub_tensors(list_checkpoint(path), _canonical, dtype=dtype, keep=keep,
+  return reader.hub_tensors(list_checkpoint(path), names.hub_name, dtype=dtype, keep=keep,
                             kept=kept_names(keep_quantized))
 
 
@@ -194,10 +193,10 @@ def save_hub_tensors(tensors: Mapping[str, np.ndarray], hf_config: dict, path: s
     config["quantization_config"] = quantization_config(quantize)
 
   def write(tmp: str) -> list[str]:
-    names = write_checkpoint_files(tmp, stored, max_shard_bytes=max_shard_bytes,
+    written = write_checkpoint_files(tmp, stored, max_shard_bytes=max_shard_bytes,
                                    metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    return names + ["config.json"]
+    return written + ["config.json"]
 
   replace_checkpoint(path, write)

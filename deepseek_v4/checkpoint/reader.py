@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_v4.checkpoint import quant
+from deepseek_v4 import quant_codecs as quant
+from deepseek_v4.checkpoint import names
 from deepseek_v4.checkpoint.safetensors_io import DTYPES, CheckpointError, TensorInfo, read_array
 
-_HF_STACKED = re.compile(r"^(?P<pre>.+\.ffn\.experts)\.(?P<w>gate_up_proj|down_proj)(?P<s>_scale_inv)?$")
 _INT_OK = re.compile(r"(^|\.)tid2eid$")
 _FP8_CODES = {"F8_E4M3"}
 _FP4_CODES = {"I8", "U8"}
@@ -206,7 +206,7 @@ def hub_tensors(listing: Mapping[str, TensorInfo], canonical: Callable[[str], st
       name = canonical(key)  # first, so transformers' `attn_hc.scale` is not taken for a scale
       scale = name.endswith(".scale")
       name = name[: -len(".scale")] + ".weight" if scale else name
-    m = _HF_STACKED.match(name)
+    m = names.HF_STACKED.match(name)
     if m is not None:
       for n, view in _unstack(m, info):
         add(scales if m["s"] else weights, n, view)

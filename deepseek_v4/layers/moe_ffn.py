@@ -7,9 +7,9 @@ one code path forward and backward; `gmm` names the grouped-matmul implementatio
 
 Routed experts may also be kept as released (`ModelConfig.keep_quantized="experts"`, spec §6.2):
 each weight is an `Fp4Weight` (packed E2M1 codes + 1x32 E8M0 scales) and the FFN decodes it with
-`checkpoint/quant.py` inside the computation, one tile's expert at a time on the tiled path. This
-is the one place a layer dequantizes (STYLE.md §7 keeps dequantization in the loader): the point
-is that a decoded copy of every expert never exists. Kept experts are inference-only:
+`deepseek_v4/quant_codecs.py` inside the computation, one tile's expert at a time on the tiled
+path. This is the one place a layer dequantizes (STYLE.md §7 keeps dequantization in the loader):
+the point is that a decoded copy of every expert never exists. Kept experts are inference-only:
 differentiating through them raises (`InferenceOnlyError`).
 """
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from deepseek_v4 import quant_codecs
 from kernels_pallas.moe_gmm import ops as gmm_ops
 
 
@@ -62,10 +63,8 @@ class Fp4Weight(NamedTuple):
 
 
 def decode_fp4(w: Fp4Weight, dtype) -> Array:
-  """One expert's weight [R, C] in `dtype` (exact for float32 and bfloat16; quant.py)."""
-  from deepseek_v4.checkpoint import quant  # deferred: checkpoint imports the model
-
-  return quant.dequantize_fp4(w.codes, w.scale, dtype=jnp.dtype(dtype))
+  """One expert's weight [R, C] in `dtype` (exact for float32 and bfloat16; quant_codecs.py)."""
+  return quant_codecs.dequantize_fp4(w.codes, w.scale, dtype=jnp.dtype(dtype))
 
 
 class InferenceOnlyError(TypeError):
