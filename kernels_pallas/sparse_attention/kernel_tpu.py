@@ -1,15 +1,29 @@
-"""TPU body of the sparse attention forward (spec §3.10): scalar-prefetched top-k indices.
+"""TPU body of the sparse attention forward (spec §3.10), Pallas TPU (Mosaic) API.
 
-One program per (batch, token). The token's CSA indices and the band's key positions arrive as
-scalar prefetch (SMEM), K=V rows stay in HBM (`pl.ANY`) and are copied into VMEM scratch with
-`make_async_copy`: the window band as one contiguous copy of W rows (the band is left-padded by
-W rows so the copy never starts before row 0), each picked entry as a one-row copy. Then a single
-softmax over the W + P keys, seeded with the sink, gives the output and the lse. Runs under
-`interpret=True` on CPU.
+One program per (batch row, block of `BLOCK_Q` query tokens); inside it, a static loop over the
+block's tokens, each token's `N` heads being the rows of its matmuls ([N, H] x [H, keys]). Key
+sources, each with its own logits and mask, joined in one softmax seeded with the sink:
+  band  the block's window keys, one aligned DMA of `Lp + BLOCK_Q` rows from a copy of `kv`
+        left-padded by `Lp` (a multiple of 16, >= W - 1) rows, so block i reads rows
+        [i * BLOCK_Q, i * BLOCK_Q + Lp + BLOCK_Q): the copy starts on a tile boundary;
+  CSA   the token's own top-k entries, gathered row by row by DMA from a float32 copy of the
+        entries in HBM (Mosaic cannot DMA one row of a bf16 tile), the addresses read from the
+        block's `[BLOCK_Q, P]` slice of `comp_idx`, which the pipeline copies into SMEM per grid
+        step (never the whole index array: Flash at T=1024 would already fill the 1 MiB SMEM);
+        the next token's rows are fetched while the current token computes (two buffers);
+  HCA   every entry of the row (C = T / 128, small) in VMEM, masked by visibility.
+The window mask uses what the model guarantees (kernel.py's GPU body does the same): along a row
+the positions are `q_pos[:, :1] + arange(T)`, so distances are index differences; only the row's
+start position is read (scalar prefetch, [B]) for HCA visibility.
 
-Scope: window + CSA (the layers with a gather). HCA, the decode ring and packed segments take the
-reference here (logged); the backward is `jax.vjp` of the reference (STYLE.md §6) until a TPU
-backward kernel exists.
+Outputs: o [B, T, N, H] and lse [B, T, N] (float32). Each token's lse is a column [N, 1] after the
+lane reductions; it becomes the row of the `[BLOCK_Q, N]` lse block through a masked diagonal
+sum instead of a transpose (cheap at N <= 128, and every TPU generation lowers it).
+
+Backward: the reference's VJP (`jax.vjp` of `reference.sparse_attention`) under this forward
+(STYLE.md §6), through `jax.custom_vjp`: the residuals are the inputs, so nothing of the forward is
+saved. The decode ring (`prefix_kv`) and packed documents (`segments`) are not covered here;
+`why_unsupported` says so, and such calls run the reference (logged).
 """
 
 from __future__ import annotations
@@ -22,99 +36,289 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.common import PAD_POSITION
 from kernels_pallas.sparse_attention import reference
 
 NEG_INF = float("-inf")
+# Query tokens per program: a multiple of 16, so that the band copy starts on a bf16 tile row.
+BLOCK_Q = 16
+KINDS = ("sliding", "csa", "hca")
+# VMEM the body may ask Mosaic for (vmem_limit_bytes); every current TPU generation has >= 64 MiB
+# of VMEM per core (v5e, v6e 128 MiB; v5p 95 MiB), and XLA's default scoped limit is lower.
+VMEM_LIMIT = 48 * 2**20
 
 
-def sparse_fwd_tpu_kernel(idx_sref, kpos_sref, q_ref, sink_ref, kv_hbm, comp_hbm, o_ref, lse_ref,
-                          kbuf, cbuf, sem, *, scale: float, window: int, T: int, P: int):
-  """out [N, H], lse [N] of token t of row b; kbuf [W, H] and cbuf [P, H] are VMEM scratch."""
-  b, t = pl.program_id(0), pl.program_id(1)
-  # Band: padded rows t + 1 .. t + W hold keys t - W + 1 .. t.
-  band = pltpu.make_async_copy(kv_hbm.at[b, pl.ds(t + 1, window)], kbuf, sem.at[0])
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _band_pad(window: int) -> int:
+  """Lp: rows of left padding before the band, >= W - 1 and a multiple of 16 (tile aligned)."""
+  return _round_up(max(window - 1, 0), 16)
+
+
+def vmem_bytes(q_shape: tuple[int, ...], dtype, *, window: int, kind: str, num_picks: int = 0,
+               num_entries: int = 0) -> int:
+  """Upper estimate of the VMEM one program holds (double-buffered blocks, scratch, logits)."""
+  _, _, N, H = q_shape
+  isz = jnp.dtype(dtype).itemsize
+  kb = _band_pad(window) + BLOCK_Q
+  keys = kb + (num_picks if kind == "csa" else 0) + (num_entries if kind == "hca" else 0)
+  total = 4 * BLOCK_Q * N * H * isz  # q and o blocks, two buffers each
+  total += kb * H * isz + 2 * BLOCK_Q * N * 4  # band scratch, lse blocks
+  if kind == "csa":
+    total += 2 * num_picks * H * 4 + num_picks * H * isz + 2 * BLOCK_Q * num_picks * 4
+  if kind == "hca":
+    total += 2 * num_entries * H * isz
+  total += 4 * N * keys * 4 + 4 * N * H * 4  # a token's logits/probabilities, p.v partials
+  return total
+
+
+def why_unsupported(q_shape: tuple[int, ...], dtype, *, window: int, kind: str,
+                    num_picks: int = 0, num_entries: int = 0, prefix: bool = False,
+                    segments: bool = False) -> str | None:
+  """Why the TPU body cannot run (compile) this call, or None when it can.
+
+  Signature for dispatchers (ops.py's impl="auto"):
+    why_unsupported(q_shape, dtype, *, window, kind, num_picks=0, num_entries=0, prefix=False,
+                    segments=False) -> str | None
+
+  Args:
+    q_shape: (B, T, N, H) of the queries.
+    dtype: the queries' (and K=V's) dtype.
+    window: W.
+    kind: "sliding" (no entries), "csa" (comp + comp_idx) or "hca" (comp, no comp_idx).
+    num_picks: P, comp_idx.shape[-1] (CSA).
+    num_entries: C, comp.shape[1] (CSA, HCA).
+    prefix: a decode ring (`prefix_kv`) is given.
+    segments: packed documents (`segments`) are given.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"kernel_tpu: kind must be one of {KINDS}, got {kind!r}")
+  if len(q_shape) != 4:
+    raise ValueError(f"kernel_tpu: q_shape must be (B, T, N, H), got {q_shape}")
+  if prefix:
+    return "the decode ring (prefix_kv) is not covered by the TPU body"
+  if segments:
+    return "packed documents (segments) are not covered by the TPU body"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    return f"dtype {jnp.dtype(dtype)} (the TPU body takes float32 or bfloat16)"
+  need = vmem_bytes(q_shape, dtype, window=window, kind=kind, num_picks=num_picks,
+                    num_entries=num_entries)
+  if need > VMEM_LIMIT:
+    return (f"needs about {need / 2**20:.1f} MiB of VMEM per program (window={window}, "
+            f"P={num_picks}, C={num_entries}, q {q_shape}); the body asks for at most "
+            f"{VMEM_LIMIT // 2**20} MiB")
+  return None
+
+
+def supported(q_shape: tuple[int, ...], dtype, *, window: int, kind: str, num_picks: int = 0,
+              num_entries: int = 0, prefix: bool = False, segments: bool = False) -> bool:
+  """`why_unsupported(...) is None` (same arguments)."""
+  return why_unsupported(q_shape, dtype, window=window, kind=kind, num_picks=num_picks,
+                         num_entries=num_entries, prefix=prefix, segments=segments) is None
+
+
+def _nt(a, b):
+  """a [M, H] . b [K, H]^T -> [M, K] in float32 on the MXU."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _nn(a, b):
+  """a [M, K] . b [K, H] -> [M, H] in float32."""
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _as_row(col):
+  """[N, 1] -> [1, N]: the diagonal of the broadcast column, summed over rows (no transpose)."""
+  n = col.shape[0]
+  r = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  c = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  return jnp.sum(jnp.where(r == c, jnp.broadcast_to(col, (n, n)), 0.0), axis=0, keepdims=True)
+
+
+def _gather(idx_sref, comp_hbm, cbuf, sem, b, j: int, slot: int, picks: int):
+  """Starts the DMAs of token j's picked entry rows into cbuf[slot] (invalid -1 reads row 0)."""
+  def start(p, carry):
+    row = jnp.maximum(idx_sref[j, p], 0)
+    pltpu.make_async_copy(comp_hbm.at[b, pl.ds(row, 1)], cbuf.at[slot, pl.ds(p, 1)],
+                          sem.at[slot]).start()
+    return carry
+
+  jax.lax.fori_loop(0, picks, start, 0)
+
+
+def _wait_gather(comp_hbm, cbuf, sem, b, slot: int, picks: int):
+  """Waits for the `picks` one-row copies into cbuf[slot] (one same-sized wait per copy)."""
+  def wait(p, carry):
+    pltpu.make_async_copy(comp_hbm.at[b, pl.ds(0, 1)], cbuf.at[slot, pl.ds(0, 1)],
+                          sem.at[slot]).wait()
+    return carry
+
+  jax.lax.fori_loop(0, picks, wait, 0)
+
+
+def sparse_fwd_tpu_kernel(start_sref, *refs, scale: float, window: int, kind: str, T: int,
+                          picks: int, ratio: int):
+  """o [BLOCK_Q, N, H] and lse [BLOCK_Q, N] of query block i of row b (see the module doc)."""
+  if kind == "csa":
+    (idx_sref, q_ref, sink_ref, idx_ref, kv_hbm, comp_hbm, o_ref, lse_ref, kbuf, cbuf, sem,
+     bsem) = refs
+  elif kind == "hca":
+    q_ref, sink_ref, comp_ref, kv_hbm, o_ref, lse_ref, kbuf, bsem = refs
+  else:
+    q_ref, sink_ref, kv_hbm, o_ref, lse_ref, kbuf, bsem = refs
+  b, i = pl.program_id(0), pl.program_id(1)
+  lp = _band_pad(window)
+  kb = kbuf.shape[0]
+  band = pltpu.make_async_copy(kv_hbm.at[b, pl.ds(pl.multiple_of(i * BLOCK_Q, BLOCK_Q), kb)],
+                               kbuf, bsem.at[0])
   band.start()
-  copies = []
-  for j in range(P):  # static unroll: P one-row gathers in flight together
-    row = jnp.maximum(idx_sref[b, t, j], 0)
-    cp = pltpu.make_async_copy(comp_hbm.at[b, pl.ds(row, 1)], cbuf.at[pl.ds(j, 1)], sem.at[1])
-    cp.start()
-    copies.append(cp)
+  if kind == "csa":
+    _gather(idx_sref, comp_hbm, cbuf, sem, b, 0, 0, picks)
   band.wait()
-  for cp in copies:
-    cp.wait()
-  qp = kpos_sref[b, t + window]
-  kp = jnp.stack([kpos_sref[b, t + 1 + i] for i in range(window)])  # [W]
-  d = qp - kp
-  wvalid = (d >= 0) & (d < window) & (kp >= 0)
-  cvalid = jnp.stack([idx_sref[b, t, j] >= 0 for j in range(P)])  # [P]
-  q = q_ref[...].astype(jnp.float32) * scale  # [N, H]
-  kw, kc = kbuf[...].astype(jnp.float32), cbuf[...].astype(jnp.float32)
-  sw = jnp.where(wvalid[None, :], jnp.dot(q, kw.T, preferred_element_type=jnp.float32), NEG_INF)
-  sc = jnp.where(cvalid[None, :], jnp.dot(q, kc.T, preferred_element_type=jnp.float32), NEG_INF)
-  sink = sink_ref[...].astype(jnp.float32)  # [N]
-  m = jnp.maximum(jnp.maximum(jnp.max(sw, axis=1), jnp.max(sc, axis=1)), sink)
-  pw, pc = jnp.exp(sw - m[:, None]), jnp.exp(sc - m[:, None])
-  l = jnp.sum(pw, axis=1) + jnp.sum(pc, axis=1) + jnp.exp(sink - m)
-  out = (jnp.dot(pw, kw, preferred_element_type=jnp.float32)
-         + jnp.dot(pc, kc, preferred_element_type=jnp.float32)) / l[:, None]
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log(l)
+  kw = kbuf[...]  # [Kb, H]: key of slot s is token i * BLOCK_Q - Lp + s
+  slot = jax.lax.broadcasted_iota(jnp.int32, (1, kb), 1)
+  first_real = lp - i * BLOCK_Q  # slots below it are left padding
+  sink = sink_ref[...]  # [N, 1] float32
+  for j in range(BLOCK_Q):  # static: every slice below has a static offset
+    q = q_ref[j]  # [N, H]
+    d = lp + j - slot  # distance from the query, in tokens
+    parts = [(_nt(q, kw) * scale, (d >= 0) & (d < window) & (slot >= first_real), kw)]
+    if kind == "csa":
+      cur = j % 2
+      if j + 1 < BLOCK_Q:
+        _gather(idx_sref, comp_hbm, cbuf, sem, b, j + 1, 1 - cur, picks)
+      _wait_gather(comp_hbm, cbuf, sem, b, cur, picks)
+      kc = cbuf[cur].astype(kw.dtype)  # [P, H]; float32 in HBM only for the row DMAs
+      parts.append((_nt(q, kc) * scale, idx_ref[j:j + 1, :] >= 0, kc))
+    elif kind == "hca":
+      kc = comp_ref[...]  # [C, H]
+      t = start_sref[b] + i * BLOCK_Q + j  # this query's position
+      entry = jax.lax.broadcasted_iota(jnp.int32, (1, kc.shape[0]), 1)
+      parts.append((_nt(q, kc) * scale, entry < (t + 1) // ratio, kc))
+    logits = [jnp.where(mask, s, NEG_INF) for s, mask, _ in parts]
+    m = sink
+    for s in logits:
+      m = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [N, 1]
+    denom = jnp.exp(sink - m)
+    out = None
+    for s, (_, _, v) in zip(logits, parts):
+      e = jnp.exp(s - m)
+      denom = denom + jnp.sum(e, axis=1, keepdims=True)
+      pv = _nn(e.astype(v.dtype), v)
+      out = pv if out is None else out + pv
+    o_ref[j] = (out / denom).astype(o_ref.dtype)
+    lse_ref[j:j + 1, :] = _as_row(m + jnp.log(denom))
 
 
-def _forward(q, q_pos, kv, sink, comp, comp_idx, *, scale, window, interpret):
+def _forward(q, q_pos, kv, sink, comp, comp_idx, *, kind, scale, window, ratio, interpret):
+  """The pallas_call: o [B, T, N, H] (q's dtype), lse [B, T, N] float32."""
   B, T, N, H = q.shape
-  P = comp_idx.shape[-1]
-  kv_pad = jnp.pad(kv, ((0, 0), (window, 0), (0, 0)))
-  kpos_pad = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (window, 0)),
-                     constant_values=PAD_POSITION)
-  kern = functools.partial(sparse_fwd_tpu_kernel, scale=float(scale), window=window, T=T, P=P)
+  tp = _round_up(T, BLOCK_Q)
+  nb = tp // BLOCK_Q
+  lp = _band_pad(window)
+  kb = lp + BLOCK_Q
+  qx = jnp.pad(q, ((0, 0), (0, tp - T), (0, 0), (0, 0)))
+  kv_pad = jnp.pad(kv, ((0, 0), (lp, tp - T), (0, 0)))  # [B, Lp + Tp, H]
+  start = q_pos[:, 0].astype(jnp.int32)  # [B]: positions are start + arange(T) along a row
+  blk = lambda shape: pl.BlockSpec(shape, lambda b, i, *_: (b, i) + (0,) * (len(shape) - 2))
+  in_specs = [blk((None, BLOCK_Q, N, H)), pl.BlockSpec((N, 1), lambda b, i, *_: (0, 0))]
+  args = [qx, sink.astype(jnp.float32).reshape(N, 1)]
+  scratch = [pltpu.VMEM((kb, H), kv.dtype)]
+  picks = 0
+  if kind == "csa":
+    picks = comp_idx.shape[-1]
+    idx = jnp.pad(comp_idx.astype(jnp.int32), ((0, 0), (0, tp - T), (0, 0)), constant_values=-1)
+    # The block's indices twice: in SMEM (pipelined per grid step) for the DMA addresses, in VMEM
+    # for the validity mask.
+    idx_smem = pl.BlockSpec((None, BLOCK_Q, picks), lambda b, i, *_: (b, i, 0),
+                            memory_space=pltpu.SMEM)
+    in_specs = [idx_smem, *in_specs, blk((None, BLOCK_Q, picks)),
+                pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)]
+    args = [idx, *args, idx, kv_pad, comp.astype(jnp.float32)]
+    scratch += [pltpu.VMEM((2, picks, H), jnp.float32), pltpu.SemaphoreType.DMA((2,))]
+  elif kind == "hca":
+    C = comp.shape[1]
+    in_specs += [pl.BlockSpec((None, C, H), lambda b, i, *_: (b, 0, 0)),
+                 pl.BlockSpec(memory_space=pl.ANY)]
+    args += [comp, kv_pad]
+  else:
+    in_specs += [pl.BlockSpec(memory_space=pl.ANY)]
+    args += [kv_pad]
+  scratch += [pltpu.SemaphoreType.DMA((1,))]
+  kern = functools.partial(sparse_fwd_tpu_kernel, scale=float(scale), window=int(window),
+                           kind=kind, T=T, picks=picks, ratio=int(ratio))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=2, grid=(B, T),
-    in_specs=[pl.BlockSpec((None, None, N, H), lambda b, t, *_: (b, t, 0, 0)),
-              pl.BlockSpec((N,), lambda b, t, *_: (0,)),
-              pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
-    out_specs=[pl.BlockSpec((None, None, N, H), lambda b, t, *_: (b, t, 0, 0)),
-               pl.BlockSpec((None, None, N), lambda b, t, *_: (b, t, 0))],
-    scratch_shapes=[pltpu.VMEM((window, H), kv.dtype), pltpu.VMEM((P, H), comp.dtype),
-                    pltpu.SemaphoreType.DMA((2,))])
-  return pl.pallas_call(
+    num_scalar_prefetch=1, grid=(B, nb), in_specs=in_specs,
+    out_specs=[blk((None, BLOCK_Q, N, H)), blk((None, BLOCK_Q, N))], scratch_shapes=scratch)
+  o, lse = pl.pallas_call(
     kern, grid_spec=grid_spec,
-    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((B, T, N), jnp.float32)],
+    out_shape=[jax.ShapeDtypeStruct((B, tp, N, H), q.dtype),
+               jax.ShapeDtypeStruct((B, tp, N), jnp.float32)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                         vmem_limit_bytes=VMEM_LIMIT),
     interpret=interpret, name="v4_sparse_attention_fwd_tpu",
-  )(comp_idx.astype(jnp.int32), kpos_pad, q, sink.astype(jnp.float32), kv_pad, comp)
+  )(start, *args)
+  return o[:, :T], lse[:, :T]
+
+
+def layer_kind(comp, comp_idx) -> str:
+  """"sliding", "csa" or "hca" for the arguments of a call (no entries or picks = sliding)."""
+  if comp is None or comp.shape[1] == 0:
+    return "sliding"
+  if comp_idx is None:
+    return "hca"
+  return "csa" if comp_idx.shape[-1] > 0 else "sliding"
 
 
 def sparse_attention(q, q_pos, kv, sink, *, scale, window, prefix_kv=None, prefix_pos=None,
                      comp=None, comp_idx=None, comp_ratio=0, segments=None, comp_seg=None,
-                     return_lse=False, interpret=False):
-  """The TPU path of `ops.sparse_attention` (window + CSA; other layouts run the reference)."""
-  supported = (comp is not None and comp_idx is not None and comp_idx.shape[-1] > 0
-               and comp.shape[1] > 0 and prefix_kv is None and segments is None)
-  kw = dict(scale=scale, window=window, block=min(256, q.shape[1]), prefix_kv=prefix_kv,
-            prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=comp_ratio,
-            segments=segments, comp_seg=comp_seg, return_lse=True)
-  if not supported:
+                     return_lse=False, interpret=False, block=None):
+  """The TPU path of `ops.sparse_attention` (same arguments; `block` is the reference's scan step,
+  used only where the reference runs: the backward, and calls `why_unsupported` refuses, which run
+  the reference whole and log it). Differentiable: the reference's VJP under the Pallas forward.
+
+  The positions of each row must be `q_pos[:, :1] + arange(T)` (what the model passes).
+  """
+  B, T, N, H = q.shape
+  kind = layer_kind(comp, comp_idx)
+  ref_kw = dict(scale=scale, window=window, block=block or min(256, T), prefix_kv=prefix_kv,
+                prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=comp_ratio,
+                segments=segments, comp_seg=comp_seg, return_lse=True)
+  why = why_unsupported(q.shape, q.dtype, window=window, kind=kind,
+                        num_picks=0 if comp_idx is None else comp_idx.shape[-1],
+                        num_entries=0 if comp is None else comp.shape[1],
+                        prefix=prefix_kv is not None, segments=segments is not None)
+  if why is not None:
     logging.getLogger("kernels_pallas").warning(
-      "sparse_attention TPU body covers window + CSA only; this call runs the reference")
-    out = reference.sparse_attention(q, q_pos, kv, sink, **kw)
+      "sparse_attention: the TPU body does not cover this call (%s); it runs the reference", why)
+    out = reference.sparse_attention(q, q_pos, kv, sink, **ref_kw)
     return out if return_lse else out[0]
+  if kind == "sliding":  # entries no query can use (T < ratio, or zero picks) drop out
+    comp = comp_idx = None
+    ref_kw.update(comp=None, comp_idx=None)
+  comp_dummy = comp if comp is not None else jnp.zeros((B, 0, H), kv.dtype)
 
   @jax.custom_vjp
-  def attn(q, kv, sink, comp):
-    return _forward(q, q_pos, kv, sink, comp, comp_idx, scale=scale, window=window,
-                    interpret=interpret)
+  def attn(q, q_pos, kv, sink, comp, comp_idx):
+    return _forward(q, q_pos, kv, sink, None if kind == "sliding" else comp, comp_idx,
+                    kind=kind, scale=scale, window=window, ratio=comp_ratio, interpret=interpret)
 
-  def fwd(q, kv, sink, comp):
-    return attn(q, kv, sink, comp), (q, kv, sink, comp)
+  def fwd(q, q_pos, kv, sink, comp, comp_idx):
+    return attn(q, q_pos, kv, sink, comp, comp_idx), (q, q_pos, kv, sink, comp, comp_idx)
 
-  def bwd(res, cts):  # reference backward until a TPU backward kernel exists (STYLE.md §6)
-    _, vjp = jax.vjp(lambda *a: reference.sparse_attention(a[0], q_pos, a[1], a[2], **{
-      **kw, "comp": a[3]}), *res)
-    return vjp(cts)
+  def bwd(res, cts):  # the reference's VJP (STYLE.md §6); the residuals are the inputs
+    q, q_pos, kv, sink, comp, comp_idx = res
+
+    def ref(q, kv, sink, comp):
+      return reference.sparse_attention(
+        q, q_pos, kv, sink, **{**ref_kw, "comp": None if kind == "sliding" else comp,
+                               "comp_idx": comp_idx})
+
+    _, vjp = jax.vjp(ref, q, kv, sink, comp)
+    dq, dkv, dsink, dcomp = vjp(cts)
+    return dq, None, dkv, dsink, dcomp, None
 
   attn.defvjp(fwd, bwd)
-  out, lse = attn(q, kv, sink, comp)
+  out, lse = attn(q, q_pos, kv, sink, comp_dummy, comp_idx)
   return (out, lse) if return_lse else out
