@@ -236,6 +236,8 @@ class Transformer(nnx.Module):
     """Embedding rows; an id outside [0, vocab) gives a NaN row (never a clamped real row), so a
     tokenizer / model mismatch inside jit shows up as NaN logits instead of plausible ones."""
     w = self.embed.weight[...]
+    # A negative id is moved past the table first: `take` wraps negatives before `fill` applies.
+    ids = jnp.where(ids < 0, w.shape[0], ids)
     e = jnp.take(w, ids, axis=0, mode="fill", fill_value=jnp.nan)
     return e.astype(jnp.dtype(self.cfg.dtype))
 
