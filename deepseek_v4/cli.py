@@ -32,6 +32,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
             "train or fine-tune (Muon, V4 losses, Orbax checkpoints); --demo runs on CPU"),
   "ablate": ("deepseek_v4.ablate", "a grid of model variants x seeds, resumable, with a report"),
   "convert": ("deepseek_v4.convert_cli", "hub safetensors (FP8/FP4 or not) <-> Orbax checkpoints"),
+  "compile": ("deepseek_v4.compile_cli", "compile a program for H100/H200/TPU on this CPU: XLA's "
+              "bytes vs plan, GPU kernel resources"),
 }
 
 USAGE_ERROR = 2

@@ -94,22 +94,32 @@ def resolve_impl(op: str, impl: str) -> str:
       choice = "pallas"
     except ImportError:
       choice = "reference"
-  if (op, choice) not in _logged:
-    _logged.add((op, choice))
-    import logging
-
-    logging.getLogger("kernels_pallas").warning("%s: impl='auto' runs %s on %s", op, choice,
-                                                target)
+  _log_once(op, f"impl='auto' runs {choice} on {target}")
   return choice
 
 
-def pallas_backend(interpret: bool) -> tuple[str, bool]:
+def _log_once(op: str, message: str) -> None:
+  """Logs `op: message` at INFO, once per (op, message): which path runs is information, not a
+  problem (issue 20); `logging.getLogger("kernels_pallas").setLevel(logging.INFO)` shows it."""
+  if (op, message) in _logged:
+    return
+  _logged.add((op, message))
+  import logging
+
+  logging.getLogger("kernels_pallas").info("%s: %s", op, message)
+
+
+def pallas_backend(interpret: bool, op: str = "pallas") -> tuple[str, bool]:
   """(body, interpret) for impl="pallas": the TPU body on TPU, else the Triton-style GPU body.
 
   On CPU the GPU body can only be interpreted, so impl="pallas" there always interprets (the model
-  can then select the kernels on the tiny preset in tests without an `interpret` flag of its own).
+  can then select the kernels on the tiny preset in tests without an `interpret` flag of its own),
+  and says so once per `op` (INFO on the "kernels_pallas" logger), so a CPU timing of "pallas" is
+  never mistaken for a compiled kernel's.
   """
   target = platform()
   if target == "tpu":
     return "tpu", interpret
+  if target == "cpu" and not interpret:
+    _log_once(op, "impl='pallas' on cpu interprets the GPU kernel body (no compiled kernel)")
   return "gpu", interpret or target == "cpu"

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import jax
 
+from kernels_pallas import common as kernel_common
+
 # ----- GPU kernel resources ------------------------------------------------------------------------
 # A Triton call in the lowered StableHLO: `custom_call @__gpu$xla.gpu.triton(...) {... name = "k"}`.
 _TRITON_CALL = re.compile(r"@__gpu\$xla\.gpu\.triton\(.*?\bname = \"([^\"]+)\"")
@@ -201,3 +203,324 @@ def gpu_kernel_resources(lowered, *, pallas_only: bool = True,
     RuntimeError: ptxas is missing or fails, or XLA wrote no PTX.
   """
   return compile_with_kernel_resources(lowered, pallas_only=pallas_only, dump_dir=dump_dir)[1]
+
+
+# ----- the project's programs, compiled for a target -----------------------------------------------
+PROGRAMS = ("forward", "prefill", "decode", "train")
+
+
+@dataclasses.dataclass
+class CompileReport:
+  """One program compiled for one target: XLA's per-device bytes beside plan's estimate.
+
+  Attributes:
+    target, devices, mesh, rules: where it was compiled for (mesh: axis sizes).
+    program: "forward" (logits of [batch, seq]), "prefill" (one chunk of `chunk` tokens into a
+      cache of capacity `seq`), "decode" (one token per row into that cache) or "train" (one
+      optimizer step on [batch, seq]).
+    argument_bytes, temp_bytes, output_bytes, alias_bytes: XLA's per-device memory analysis
+      (`compiled.memory_analysis()`); aliased bytes are outputs written into donated arguments.
+    compile_seconds, lower_seconds: wall time of XLA's compile, and of tracing plus lowering.
+    device_memory: the target's memory per device.
+    plan_bytes: `deepseek_v4.plan.make_plan`'s total for the same run; plan_lines its lines.
+    kernels: GPU targets: each Pallas kernel's resources (empty on TPU or without kernels).
+    error: the compiler's message when it refused the program (bytes are then 0).
+  """
+
+  target: str
+  devices: int
+  mesh: dict[str, int]
+  rules: str
+  program: str
+  batch: int
+  seq: int
+  chunk: int | None
+  kernel_impl: str
+  argument_bytes: int
+  temp_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  compile_seconds: float
+  lower_seconds: float
+  device_memory: int
+  headroom: float
+  plan_bytes: float
+  plan_lines: list[tuple[str, float, str]]
+  plan_notes: list[str]
+  kernels: list[KernelResources]
+  error: str | None = None
+
+  @property
+  def total_bytes(self) -> int:
+    """Per-device bytes the program holds at its peak: arguments + temporaries + outputs, less
+    the outputs that alias donated arguments (counted once)."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+  @property
+  def usable(self) -> float:
+    return self.device_memory * (1 - self.headroom)
+
+  @property
+  def verdict(self) -> str:
+    """FITS (within the memory left after headroom), TIGHT (within the device memory but not the
+    headroom), DOES NOT FIT, or COMPILE FAILED."""
+    if self.error is not None:
+      return "COMPILE FAILED"
+    if self.total_bytes <= self.usable:
+      return "FITS"
+    return "TIGHT" if self.total_bytes <= self.device_memory else "DOES NOT FIT"
+
+  @property
+  def plan_ratio(self) -> float | None:
+    """XLA's total over plan's (1.0 = plan exact)."""
+    return self.total_bytes / self.plan_bytes if self.plan_bytes and self.error is None else None
+
+  def to_dict(self) -> dict:
+    out = dataclasses.asdict(self)
+    out.update(total_bytes=self.total_bytes, verdict=self.verdict, plan_ratio=self.plan_ratio,
+               kernels=[{**dataclasses.asdict(k), "spill_bytes": k.spill_bytes}
+                        for k in self.kernels])
+    return out
+
+
+def _plan(cfg, sizes: dict[str, int], rules: str, program: str, batch: int, seq: int,
+          chunk: int | None, tcfg, capacity_factor: float | None, platform: str, t, headroom):
+  """plan's estimate of the same run (deepseek_v4.plan.make_plan)."""
+  from deepseek_v4 import plan as plan_lib
+  from deepseek_v4.layers.moe_ep import default_all_to_all
+
+  common = dict(batch=batch, seq=seq, capacity_factor=capacity_factor,
+                all_to_all=default_all_to_all(platform))
+  notes = []
+  if program == "train":
+    freeze = tuple(tcfg.freeze)
+    if tcfg.lora_rank:  # plan has no adapters: the base is frozen, the adapters are left out
+      freeze, notes = ("",), [f"plan: LoRA rank {tcfg.lora_rank} adapters not counted"]
+    remat = "none" if tcfg.remat == "none" else "full"
+    if tcfg.remat not in ("none", "full"):
+      notes.append(f"plan models remat {tcfg.remat!r} as 'full'")
+    settings = plan_lib.Settings(
+      train=True, grad_accum=tcfg.grad_accum, remat=remat, ce_chunk=tcfg.ce_chunk,
+      optimizer="adamw" if tcfg.optimizer == "adamw" else "muon", freeze=freeze, **common)
+  else:
+    step = {"forward": seq, "prefill": chunk or seq, "decode": 1}[program]
+    settings = plan_lib.Settings(prefill_chunk=step, **common)
+  p = plan_lib.make_plan(cfg, sizes, rules, settings, device_memory=t.memory_bytes,
+                         headroom=headroom)
+  lines = list(p.lines)
+  if program == "forward":  # a forward without a cache: plan's cache line does not apply
+    lines = [line for line in lines if not line[0].startswith("KV cache")]
+    notes.append("plan: inference plan without its KV-cache line (the forward holds no cache)")
+  return sum(b for _, b, _ in lines), lines, p.notes + notes
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
+def _build(cfg, mesh, rules, program: str, batch: int, seq: int, chunk: int | None, tcfg,
+           capacity_factor: float | None):
+  """(jitted function, abstract arguments) of `program`, sharded as parallel.py shards it.
+
+  Unused arguments are kept (`keep_unused`): a run holds every parameter on its devices (the MTP
+  block, which inference never calls, included), so XLA's argument bytes must count them."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from deepseek_v4 import cache as cache_lib
+  from deepseek_v4 import decoding, parallel, sharding, train
+  from deepseek_v4.model import Options
+
+  rules = sharding.get_rules(rules)
+  moe = parallel.moe_impl(mesh, rules, capacity_factor=capacity_factor)
+  i32 = jnp.int32
+  if program == "train":
+    model, optimizer = nnx.eval_shape(lambda: train.build(cfg, tcfg))
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = sharding.state_shardings(state, mesh, rules)
+    in_batch = sharding.batch_sharding(mesh, rules, (batch, seq))
+    batch_abs = {k: jax.ShapeDtypeStruct((batch, seq), i32, sharding=in_batch)
+                 for k in ("inputs", "targets")}
+
+    def step(state, batch, mtp_weight):  # as parallel.jit_train_step runs train._train_step
+      model, optimizer = nnx.merge(graphdef, state)
+      metrics = train._train_step(model, optimizer, batch, mtp_weight, tcfg=tcfg, moe=moe)
+      return nnx.state((model, optimizer)), metrics
+
+    rep = sharding.replicated(mesh)
+    fn = jax.jit(step, in_shardings=(shardings, {k: in_batch for k in batch_abs}, rep),
+                 out_shardings=(shardings, rep), donate_argnums=(0,), keep_unused=True)
+    mtp = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    return fn, (_abstract(state, shardings), batch_abs, mtp)
+
+  graphdef, state = parallel.abstract_model(cfg, mesh, rules)
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+  if program == "forward":  # as parallel.jit_forward
+    in_ids = sharding.batch_sharding(mesh, rules, (batch, seq))
+    out = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+      ("batch", "seq", "vocab"), (batch, seq, cfg.vocab_size), mesh, rules.activations,
+      strict=False))
+
+    def forward(state, ids):
+      return nnx.merge(graphdef, state)(ids, opts=Options(moe=moe))
+
+    fn = jax.jit(forward, in_shardings=(shardings, in_ids), out_shardings=out, keep_unused=True)
+    return fn, (state, jax.ShapeDtypeStruct((batch, seq), i32, sharding=in_ids))
+
+  # prefill / decode: decoding's one chunk step (`_extend_jit`) on a cache of capacity seq.
+  T = 1 if program == "decode" else (chunk or seq)
+  cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, seq))
+  cache_sh = sharding.cache_shardings(cache, mesh, rules)
+  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+    ("batch", None), (batch, T), mesh, rules.activations, strict=False))
+  n_sh = jax.sharding.NamedSharding(mesh, rows.spec[:1])
+
+  def extend(state, cache, ids, n_valid):
+    model = nnx.merge(graphdef, state)
+    h, cache = decoding.forward_chunk(model, cache, ids, n_valid, moe)
+    if program == "prefill":  # the last real token's logits only, as prefill(logits="last")
+      return model.logits(decoding._last_valid(h, n_valid)[:, None])[:, 0], cache
+    return model.logits(h)[:, 0], cache
+
+  fn = jax.jit(extend, in_shardings=(shardings, cache_sh, rows, n_sh),
+               out_shardings=(None, cache_sh), donate_argnums=(1,), keep_unused=True)
+  return fn, (state, _abstract(cache, cache_sh), jax.ShapeDtypeStruct((batch, T), i32, sharding=rows),
+              jax.ShapeDtypeStruct((batch,), i32, sharding=n_sh))
+
+
+def make_mesh(target: str, devices: int, mesh: str | dict[str, int] | None, cfg=None,
+              train: bool = False) -> jax.sharding.Mesh:
+  """A mesh of `devices` compile-only devices of `target`: `mesh` axis sizes ("expert=8" or a
+  dict; -1 = the rest), or plan's recommended mesh when None."""
+  from deepseek_v4 import plan as plan_lib
+  from deepseek_v4 import sharding
+
+  from deepseek_v4.aot import targets
+
+  if mesh is None:
+    sizes = plan_lib.default_mesh(cfg, devices, train=train)
+  else:
+    sizes = sharding.parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
+    unknown = sorted(set(sizes) - set(sharding.MESH_AXES))
+    if unknown:
+      raise ValueError(f"mesh {mesh!r}: unknown axes {unknown}; expected {sharding.MESH_AXES}")
+  sizes = sharding.mesh_shape(**sizes, num_devices=devices)
+  return sharding.make_mesh(**sizes, devices=targets.devices(target, devices))
+
+
+def compile_program(cfg, *, target: str, program: str = "forward", devices: int = 1,
+                    mesh: str | dict[str, int] | None = None, rules: str | None = None,
+                    batch: int = 1, seq: int = 4096, chunk: int | None = None, tcfg=None,
+                    capacity_factor: float | None = None, kernels: bool = True,
+                    headroom: float = 0.1, dump_dir: str | None = None) -> CompileReport:
+  """Builds `program` for `cfg` abstractly (no weights), compiles it for `devices` compile-only
+  devices of `target` and reports XLA's per-device memory beside plan's.
+
+  Args:
+    cfg: the ModelConfig (e.g. `deepseek_v4.flash(...)`, with `kernel_impl="pallas"` to compile
+      the Pallas kernels).
+    target: "h100", "h200", "tpu-v5e", "tpu-v5p" or "tpu-v6e" (deepseek_v4.aot.targets).
+    program: one of PROGRAMS (see CompileReport.program).
+    devices: the device count; mesh: axis sizes over them (default: plan's recommended mesh).
+    rules: rule table name (default: plan's choice for the mesh).
+    batch, seq: global rows and tokens per row (train, forward) or cache capacity (prefill,
+      decode); chunk: prefill chunk length (default seq).
+    tcfg: train.TrainConfig of the train program (optimizer, LoRA, freezing, remat, ...).
+    capacity_factor: expert-parallel capacity factor (None: dropless).
+    kernels: GPU targets: read each Pallas kernel's resources (ptxas; adds a few seconds).
+    headroom: the share of device memory the verdict keeps free (as plan's --headroom).
+    dump_dir: keep XLA's dump (GPU kernels) there.
+
+  Raises:
+    ValueError: an unknown target or program, a bad mesh, rules or sizes (named).
+    RuntimeError: the aot extra is missing or JAX_PLATFORMS is not "cpu".
+  """
+  import time
+
+  from deepseek_v4 import plan as plan_lib
+  from deepseek_v4 import sharding, train
+  from deepseek_v4.aot import targets
+
+  t = targets.target(target)
+  if program not in PROGRAMS:
+    raise ValueError(f"unknown program {program!r}; expected one of {PROGRAMS}")
+  if chunk is not None and program != "prefill":
+    raise ValueError(f"chunk={chunk} applies to the prefill program only, not {program!r}")
+  if chunk is not None and not 1 <= chunk <= seq:
+    raise ValueError(f"chunk={chunk} must be in [1, seq={seq}]")
+  why = targets.missing_backend(t)
+  if why:
+    raise RuntimeError(why)
+  if program == "train":
+    tcfg = tcfg or train.TrainConfig(seq_len=seq, batch_size=batch)
+    cfg = train.training_model_config(cfg, tcfg)
+  elif tcfg is not None:
+    raise ValueError(f"a TrainConfig applies to the train program only, not {program!r}")
+  m = make_mesh(target, devices, mesh, cfg, train=program == "train")
+  sizes = dict(m.shape)
+  rules = rules or plan_lib.default_rules(sizes)
+  sharding.get_rules(rules)  # an unknown name is refused here, by name
+  plan_bytes, plan_lines, plan_notes = _plan(cfg, sizes, rules, program, batch, seq, chunk, tcfg,
+                                             capacity_factor, t.platform, t, headroom)
+  kern: list[KernelResources] = []
+  error = None
+  stats = None
+  start = time.perf_counter()
+  # The abstract model is built outside the mesh context (under a mesh, nnx.eval_shape would
+  # read the parameters' logical axis names as mesh axes); tracing happens inside it.
+  with kernel_common.target_platform(t.platform):
+    fn, args = _build(cfg, m, rules, program, batch, seq, chunk, tcfg, capacity_factor)
+  with targets.compiling_for(target, m), sharding.use(m, rules):
+    lowered = fn.lower(*args)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+      if t.platform == "gpu" and kernels:
+        compiled, kern = compile_with_kernel_resources(lowered, dump_dir=dump_dir)
+      else:
+        compiled = lowered.compile()
+      stats = compiled.memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+      error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    compile_s = time.perf_counter() - start
+  get = lambda name: int(getattr(stats, name, 0) or 0)
+  return CompileReport(
+    target=target, devices=devices, mesh=sizes, rules=rules, program=program, batch=batch,
+    seq=seq, chunk=chunk if program == "prefill" else None, kernel_impl=cfg.kernel_impl,
+    argument_bytes=get("argument_size_in_bytes"), temp_bytes=get("temp_size_in_bytes"),
+    output_bytes=get("output_size_in_bytes"), alias_bytes=get("alias_size_in_bytes"),
+    compile_seconds=compile_s, lower_seconds=lower_s, device_memory=t.memory_bytes,
+    headroom=headroom, plan_bytes=plan_bytes, plan_lines=plan_lines, plan_notes=plan_notes,
+    kernels=kern, error=error)
+
+
+def format_report(r: CompileReport) -> str:
+  """The report as a table: XLA's bytes beside plan's, the verdict, and the GPU kernels."""
+  gb = lambda n: f"{n / 1e9:.2f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
+  mesh = ",".join(f"{k}={v}" for k, v in r.mesh.items())
+  what = f"{r.program} batch {r.batch} x seq {r.seq}" + (f" (chunk {r.chunk})" if r.chunk else "")
+  out = [f"compile: {what} for {r.devices} x {r.target}, mesh {mesh}, rules {r.rules}, "
+         f"kernel_impl {r.kernel_impl}",
+         f"  traced+lowered in {r.lower_seconds:.1f} s, compiled in {r.compile_seconds:.1f} s"]
+  if r.error:
+    out += [f"  COMPILE FAILED: {r.error}"]
+  out += ["", f"{'per device':<34}{'XLA':>12}", "-" * 46]
+  for label, n in (("arguments", r.argument_bytes), ("temporaries", r.temp_bytes),
+                   ("outputs", r.output_bytes), ("aliased (donated, counted once)", -r.alias_bytes)):
+    out.append(f"{label:<34}{gb(n):>12}")
+  out += ["-" * 46, f"{'total':<34}{gb(r.total_bytes):>12}", "",
+          f"plan's estimate of the same run: {gb(r.plan_bytes)}"
+          + (f" (XLA / plan = {r.plan_ratio:.2f})" if r.plan_ratio is not None else "")]
+  out += [f"  {label:<58}{gb(b):>12}  {kind}" for label, b, kind in r.plan_lines]
+  out += [f"  {n}" for n in r.plan_notes]
+  out += ["", f"device memory {gb(r.device_memory)}, usable {gb(r.usable)} after "
+          f"{r.headroom:.0%} headroom: {r.verdict}"]
+  if r.kernels:
+    out += ["", f"{'Pallas kernel':<36}{'shared':>10}{'regs':>6}{'spill st/ld':>13}"
+            f"{'stack':>7}  grid x threads", "-" * 90]
+    for k in r.kernels:
+      out.append(f"{k.name:<36}{k.shared_memory_bytes:>10}{k.registers:>6}"
+                 f"{f'{k.spill_store_bytes}/{k.spill_load_bytes}':>13}{k.stack_bytes:>7}  "
+                 f"{list(k.grid)} x {list(k.threads)}")
+  return "\n".join(out)

@@ -9,6 +9,9 @@ TPU's memory limits), so a kernel that would fail on the hardware fails here. In
 
 The GPU descriptions in gpu_targets/ are XLA's own target specs for the H100 SXM and H200 (the
 fields jaxlib 0.10's parser knows), in GpuTargetConfigProto text format.
+
+On a host with real GPUs, `DSV4_AOT_NATIVE=1` makes the GPU targets' `devices(...)` the host's own
+GPUs (the same checks, compiled by the GPU's own XLA; scripts/device_check.sh uses it).
 """
 
 from __future__ import annotations
@@ -50,8 +53,19 @@ def target(name: str) -> Target:
   return TARGETS[name]
 
 
+def native() -> bool:
+  """DSV4_AOT_NATIVE=1: GPU targets compile for this host's own GPUs instead of compile-only ones
+  (scripts/device_check.sh runs the compile checks this way on a real GPU)."""
+  return os.environ.get("DSV4_AOT_NATIVE", "") == "1"
+
+
 def missing_backend(t: Target) -> str | None:
   """Why `t` cannot be compiled for on this install, or None when it can."""
+  if t.platform == "gpu" and native():
+    if jax.default_backend() != "gpu":
+      return (f"DSV4_AOT_NATIVE=1 compiles {t.name} programs for this host's GPUs, but JAX's "
+              f"backend here is {jax.default_backend()!r}")
+    return None
   if t.platform == "gpu":
     need = [("jax_cuda12_plugin", "jax-cuda12-plugin"), ("nvidia.cuda_nvcc", "nvidia-cuda-nvcc-cu12")]
   else:
@@ -93,6 +107,11 @@ def devices(name: str, count: int = 1) -> tuple[jax.Device, ...]:
     raise ValueError(f"device count must be >= 1, got {count}")
   from jax.experimental import topologies
 
+  if t.platform == "gpu" and native():
+    local = [d for d in jax.devices() if d.platform == "gpu"]
+    if count > len(local):
+      raise ValueError(f"{name}: {count} devices asked for, this host has {len(local)} GPUs")
+    return tuple(local[:count])
   if t.platform == "gpu":
     text = (Path(__file__).parent / "gpu_targets" / t.spec).read_text()
     per_host = min(count, 8)
@@ -101,6 +120,10 @@ def devices(name: str, count: int = 1) -> tuple[jax.Device, ...]:
     topo = topologies.get_topology_desc(platform="cuda", target_config=text,
                                         topology=f"{count // per_host}x1x{per_host}")
   else:
+    # libtpu takes a host-wide lock meant for processes that drive real chips; compile-only
+    # topologies drive none, and several compiling processes (pytest's subprocesses, parallel
+    # runs) would otherwise refuse each other with "multi-process lockfile".
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if t.spec in ("v5e", "v6e"):   # 2-D tori
       if count < 1 or count & (count - 1) or count > 256:
         raise ValueError(f"{name}: a power-of-two chip count in [1, 256] expected, got {count}")

@@ -1,0 +1,189 @@
+"""The tiny model's programs compile for real for an H100 and a TPU v5p on this CPU host, with the
+Pallas kernels selected (`kernel_impl="pallas"`), through `deepseek_v4.aot.compile` (issue 24).
+
+What is checked against an independent figure: XLA's per-device argument bytes equal the bytes of
+each argument's shard, summed from the shapes and the rule table's shardings (parameters,
+optimizer state, cache, inputs): the compiled program holds every parameter (also the ones it
+never reads) in the layout a real run uses. On the GPU, the Pallas kernels the program calls are
+the ones compiled (their names in the PTX), each within the H100's shared memory per block.
+"""
+
+import math
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import deepseek_v4
+from deepseek_v4 import cache as cache_lib
+from deepseek_v4 import parallel, sharding, train
+from deepseek_v4.aot import targets
+
+pytestmark = pytest.mark.aot
+
+for _t in ("h100", "tpu-v5p"):
+  _why = targets.missing_backend(targets.target(_t))
+  if _why:
+    pytest.skip(_why, allow_module_level=True)
+
+from deepseek_v4.aot import compile as aot  # noqa: E402
+
+# Every layer kind (window + hash routing, CSA + indexer, HCA), three layers: compile time on two
+# cores grows with depth, the checks do not.
+CFG = deepseek_v4.tiny(compress_ratios=(0, 4, 16), num_hash_layers=1, hc_sinkhorn_iters=3,
+                       num_mtp_layers=1, kernel_impl="pallas")
+B, T = 4, 32
+FWD, IDX = "v4_sparse_attention_fwd", "v4_indexer_scores"
+
+
+def _h100_shared_limit() -> int:
+  spec = Path(targets.__file__).parent / "gpu_targets" / targets.TARGETS["h100"].spec
+  return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", spec.read_text())[1])
+
+
+def _shard_bytes(tree) -> int:
+  """Per-device bytes of a tree of ShapeDtypeStructs with shardings (device 0's shard)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _mesh(target: str, sizes: dict[str, int]):
+  return sharding.make_mesh(**sizes, devices=targets.devices(target, math.prod(sizes.values())))
+
+
+def _with(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
+def _expected_forward_args(target, sizes, rules, *, cache_len: int | None = None) -> int:
+  mesh = _mesh(target, sizes)
+  _, state = parallel.abstract_model(CFG, mesh, rules)
+  ids = jax.ShapeDtypeStruct((B, 1 if cache_len else T), np.int32,
+                             sharding=sharding.batch_sharding(mesh, rules, (B, T)))
+  total = _shard_bytes(state) + _shard_bytes(ids)
+  if cache_len:
+    cache = jax.eval_shape(lambda: cache_lib.init_cache(CFG, B, cache_len))
+    total += _shard_bytes(_with(cache, sharding.cache_shardings(cache, mesh, rules)))
+    total += _shard_bytes(jax.ShapeDtypeStruct((B,), np.int32, sharding=ids.sharding))
+  return total
+
+
+def _expected_train_args(target, sizes, rules, tcfg) -> int:
+  mesh = _mesh(target, sizes)
+  cfg = train.training_model_config(CFG, tcfg)
+  model, optimizer = nnx.eval_shape(lambda: train.build(cfg, tcfg))
+  state = nnx.state((model, optimizer))
+  state = _with(state, sharding.state_shardings(state, mesh, rules))
+  batch = jax.ShapeDtypeStruct((B, T), np.int32,
+                               sharding=sharding.batch_sharding(mesh, rules, (B, T)))
+  return _shard_bytes(state) + 2 * _shard_bytes(batch) + 4  # inputs, targets, the MTP weight
+
+
+def _check_gpu_kernels(r, must_include):
+  names = {k.name for k in r.kernels}
+  assert must_include <= names, names
+  for k in r.kernels:
+    assert 0 < k.shared_memory_bytes <= _h100_shared_limit(), k
+    assert k.registers > 0 and k.arch.startswith("sm_90"), k
+    assert k.launches >= 1, k
+
+
+def test_forward_compiles_for_h100_with_the_pallas_kernels():
+  r = aot.compile_program(CFG, target="h100", program="forward", batch=B, seq=T)
+  assert r.error is None
+  assert r.argument_bytes == _expected_forward_args("h100", {}, "fsdp")
+  assert r.temp_bytes > 0 and r.output_bytes == B * T * CFG.vocab_size * 4  # float32 logits
+  assert r.total_bytes == r.argument_bytes + r.temp_bytes + r.output_bytes - r.alias_bytes
+  assert r.verdict == "FITS" and r.plan_bytes > 0
+  _check_gpu_kernels(r, {FWD, IDX})
+
+
+def test_train_step_compiles_for_h100_with_the_pallas_kernels():
+  tcfg = train.TrainConfig(seq_len=T, batch_size=B, optimizer="muon_v4", remat="full")
+  r = aot.compile_program(CFG, target="h100", program="train", batch=B, seq=T, tcfg=tcfg)
+  assert r.error is None, r.error
+  assert r.argument_bytes == _expected_train_args("h100", {}, "fsdp", tcfg)
+  assert r.alias_bytes > 0  # parameters and optimizer state are donated and updated in place
+  # The backward runs the forward kernel again plus the dQ and dKV kernels.
+  _check_gpu_kernels(r, {FWD})
+  assert any("dq" in k.name for k in r.kernels) and any("dkv" in k.name for k in r.kernels)
+
+
+def test_decode_step_compiles_sharded_over_8_h100s():
+  sizes = dict(expert=8)
+  r = aot.compile_program(CFG, target="h100", program="decode", devices=8, mesh="expert=8",
+                          rules="fsdp_ep", batch=B * 2, seq=64, kernels=False)
+  assert r.error is None, r.error
+  assert r.mesh == sharding.mesh_shape(**sizes, num_devices=8)
+  mesh = _mesh("h100", sizes)
+  _, state = parallel.abstract_model(CFG, mesh, "fsdp_ep")
+  cache = jax.eval_shape(lambda: cache_lib.init_cache(CFG, B * 2, 64))
+  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+    ("batch", None), (B * 2, 1), mesh, sharding.get_rules("fsdp_ep").activations, strict=False))
+  ids = jax.ShapeDtypeStruct((B * 2, 1), np.int32, sharding=rows)
+  n = jax.ShapeDtypeStruct((B * 2,), np.int32, sharding=jax.sharding.NamedSharding(mesh,
+                                                                                rows.spec[:1]))
+  expected = (_shard_bytes(state) + _shard_bytes(ids) + _shard_bytes(n)
+              + _shard_bytes(_with(cache, sharding.cache_shardings(cache, mesh, "fsdp_ep"))))
+  assert r.argument_bytes == expected
+  # Each device holds an eighth of the experts: far less than the whole parameter set.
+  whole = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+  assert _shard_bytes(state) < whole / 2
+  assert r.alias_bytes > 0  # the cache is donated
+
+
+def test_forward_compiles_for_tpu_v5p_with_the_pallas_kernels():
+  r = aot.compile_program(CFG, target="tpu-v5p", program="forward", batch=B, seq=T)
+  assert r.error is None, r.error
+  assert r.argument_bytes == _expected_forward_args("tpu-v5p", {}, "fsdp")
+  assert r.kernels == [] and r.verdict == "FITS"
+
+
+def test_train_step_compiles_for_tpu_v5p_with_the_pallas_kernels():
+  tcfg = train.TrainConfig(seq_len=T, batch_size=B, optimizer="adamw", lora_rank=4)
+  r = aot.compile_program(CFG, target="tpu-v5p", program="train", batch=B, seq=T, tcfg=tcfg)
+  assert r.error is None, r.error
+  assert r.argument_bytes == _expected_train_args("tpu-v5p", {}, "fsdp", tcfg)
+
+
+def test_bad_requests_are_named():
+  with pytest.raises(ValueError, match="unknown compile target 'h300'"):
+    aot.compile_program(CFG, target="h300")
+  with pytest.raises(ValueError, match="unknown program 'backward'"):
+    aot.compile_program(CFG, target="h100", program="backward")
+  with pytest.raises(ValueError, match="expected AXIS=SIZE"):
+    aot.compile_program(CFG, target="h100", devices=8, mesh="experts=8")
+  with pytest.raises(ValueError, match="has 4 devices, but 8 devices"):
+    aot.compile_program(CFG, target="h100", devices=8, mesh="expert=4")
+  with pytest.raises(ValueError, match="chunk=64 must be in"):
+    aot.compile_program(CFG, target="h100", program="prefill", seq=32, chunk=64)
+
+
+def test_impl_choice_follows_the_target_and_is_logged_at_info(caplog):
+  """Under `compiling_for`, impl="auto" picks what the target runs, logged once at INFO (not a
+  warning: issue 20); impl="pallas" on the CPU says once that it interprets."""
+  import logging
+
+  from kernels_pallas import common
+
+  common._logged.clear()
+  with caplog.at_level(logging.INFO, logger="kernels_pallas"):
+    with targets.compiling_for("h100"):
+      assert common.resolve_impl("aot_test_op", "auto") == "pallas"
+      assert common.pallas_backend(False, "aot_test_op") == ("gpu", False)
+    with targets.compiling_for("tpu-v5p"):
+      assert common.resolve_impl("aot_test_op", "auto") == "pallas"
+      assert common.pallas_backend(False, "aot_test_op") == ("tpu", False)
+    assert common.resolve_impl("aot_test_op", "auto") == "reference"  # the CPU host again
+    for _ in range(2):
+      assert common.pallas_backend(False, "aot_test_op") == ("gpu", True)
+  got = [(r.levelno, r.getMessage()) for r in caplog.records if "aot_test_op" in r.getMessage()]
+  assert got == [(logging.INFO, "aot_test_op: impl='auto' runs pallas on gpu"),
+                 (logging.INFO, "aot_test_op: impl='auto' runs pallas on tpu"),
+                 (logging.INFO, "aot_test_op: impl='auto' runs reference on cpu"),
+                 (logging.INFO, "aot_test_op: impl='pallas' on cpu interprets the GPU kernel "
+                                "body (no compiled kernel)")]
