@@ -19,21 +19,41 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.common import PAD_POSITION, from_blocks, pad_to_blocks, to_blocks
 from kernels_pallas.indexer_topk import reference
+from kernels_pallas.sparse_attention import blocks
 
 NEG_INF = float("-inf")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """`block_c` entries per step (a power of two)."""
+  """`block_c` entries per step (a power of two), Triton warps and pipeline stages."""
 
   block_c: int = 64
   num_warps: int = 4
   num_stages: int = 2
 
+  def __post_init__(self):
+    for name in ("block_c", "num_warps"):
+      value = getattr(self, name)
+      if value < 1 or value & (value - 1):
+        raise ValueError(f"BlockSizes: {name}={value} must be a power of two >= 1")
+    if self.num_stages < 1:
+      raise ValueError(f"BlockSizes: num_stages={self.num_stages} must be >= 1")
+
   @classmethod
-  def default(cls) -> "BlockSizes":
-    return cls()
+  def default(cls, target: str | None = None) -> "BlockSizes":
+    """The tiles of `target` ("h100", "h200", "interpret"); None: the platform traced for."""
+    target = target or blocks.default_target()
+    if target not in DEFAULTS:
+      raise ValueError(f"BlockSizes.default: target must be one of {sorted(DEFAULTS)}, "
+                       f"got {target!r}")
+    return DEFAULTS[target]
+
+
+# scripts/tune_kernel_blocks.py: the largest entry block that compiles for H100 and H200 at V4's
+# indexer widths (64 x 128) within shared memory and without spills (146 KB, 168 registers).
+_SM90 = BlockSizes(block_c=256, num_warps=4, num_stages=3)
+DEFAULTS = {"interpret": BlockSizes(), "h100": _SM90, "h200": _SM90}
 
 
 def _pow2(n: int) -> int:
@@ -79,7 +99,8 @@ def indexer_scores(q, w, k, positions, *, ratio: int, q_seg=None, k_seg=None,
   B, T, I, J = q.shape
   C = k.shape[1]
   bc = bs.block_c
-  Cp, Ip, Jp = pl.cdiv(C, bc) * bc, _pow2(I), _pow2(J)
+  least = 1 if interpret else 16  # compiled Triton dots take operands of >= 16 rows and columns
+  Cp, Ip, Jp = pl.cdiv(C, bc) * bc, max(_pow2(I), least), max(_pow2(J), least)
   i32 = jnp.int32
   qx = jnp.pad(q, ((0, 0), (0, 0), (0, Ip - I), (0, Jp - J)))
   wx = jnp.pad(w, ((0, 0), (0, 0), (0, Ip - I)))  # padded heads weigh 0

@@ -1,8 +1,10 @@
 """Public entry of the lightning indexer (spec §3.8): scores and top-k, `impl=` picks the path.
 
 `impl="reference"` runs `reference.py`; `"pallas"` scores with the blocked kernel in `kernel.py`
-and keeps `jax.lax.top_k` for the selection; `"auto"` picks Pallas on GPU/TPU and the reference
-elsewhere and logs once which ran (STYLE.md §6).
+and keeps `jax.lax.top_k` for the selection; `"auto"` picks Pallas on GPU and the reference
+elsewhere and logs once which ran (STYLE.md §6). "auto" never picks a body that would not compile
+the call: there is no TPU body, and on GPU `kernel.why_unsupported_gpu` bounds the indexer widths
+and dtypes the scoring kernel was compiled at (scripts/tune_kernel_blocks.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,48 @@ from typing import Literal
 
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas.common import pallas_backend, resolve_impl
+import logging
+
+from kernels_pallas.common import pallas_backend, platform, resolve_impl
 from kernels_pallas.indexer_topk import reference
+
+# What the scoring kernel's tiles were compiled at (V4's indexer: 64 heads x 128): a program holds
+# the token's [I, J] queries whole, so only these widths and dtypes are known to compile.
+MAX_INDEX_HEADS, MAX_INDEX_HEAD_DIM = 64, 128
+GPU_DTYPES = ("bfloat16", "float16", "float32")
+_refused: set[tuple[str, str]] = set()
+
+
+def why_not_pallas(target: str, q) -> str | None:
+  """Why the Pallas scoring body would not compile or run on `target` for queries q, or None."""
+  if target == "tpu":
+    return "no TPU body for the indexer's scoring kernel"
+  if target != "gpu":
+    return f"no Pallas body for platform {target!r}"
+  import numpy as np
+
+  _, _, I, J = q.shape
+  pow2 = lambda n: 1 << max(0, (int(n) - 1).bit_length())
+  if np.dtype(q.dtype).name not in GPU_DTYPES:
+    return f"dtype {np.dtype(q.dtype).name} (the GPU body takes {', '.join(GPU_DTYPES)})"
+  if pow2(I) > MAX_INDEX_HEADS or pow2(J) > MAX_INDEX_HEAD_DIM:
+    return (f"indexer heads x dim {I} x {J} exceed the {MAX_INDEX_HEADS} x {MAX_INDEX_HEAD_DIM} "
+            "the GPU kernel was compiled for")
+  return None
+
+
+def auto_impl(q) -> str:
+  """What impl="auto" runs for queries q on the platform traced for: "pallas" or "reference"."""
+  target = platform()
+  if target in ("gpu", "tpu"):
+    why = why_not_pallas(target, q)
+    if why is not None:
+      if (target, why) not in _refused:
+        _refused.add((target, why))
+        logging.getLogger("kernels_pallas").info("indexer_topk: impl='auto' runs reference on %s:"
+                                                 " %s", target, why)
+      return "reference"
+  return resolve_impl("indexer_topk", "auto")
 
 
 def _check(q, w, k, positions, *, ratio, topk, block, q_seg, k_seg) -> None:
@@ -53,11 +95,14 @@ def indexer_topk(
   """Selected entry indices [B, T, min(topk, C)] (int32, -1 = none); see reference.indexer_topk.
 
   Args:
-    impl: "reference", "pallas" or "auto" (Pallas on GPU/TPU, reference elsewhere; logged once).
+    impl: "reference", "pallas" or "auto" (Pallas on GPU where the kernel compiles the call, the
+      reference elsewhere; logged once, see `auto_impl`).
     interpret: run the Pallas body in the interpreter (always so on CPU).
   """
   _check(q, w, k, positions, ratio=ratio, topk=topk, block=block, q_seg=q_seg, k_seg=k_seg)
   kw = dict(ratio=ratio, topk=topk, block=block, q_seg=q_seg, k_seg=k_seg)
+  if impl == "auto":
+    impl = auto_impl(q)
   if resolve_impl("indexer_topk", impl) == "reference":
     return reference.indexer_topk(q, w, k, positions, **kw)
   from kernels_pallas.indexer_topk import kernel

@@ -20,6 +20,10 @@ Backward (recompute from the saved lse; `delta = sum(dO * O)`):
   dKV     transposed programs over `block_k` keys (band, prefix) or entries (HCA), looping over
           exactly the tokens that can see them, so every output row has one writer;
   dsink   `-sum p_sink * (delta - dlse)`, from lse alone (plain jnp).
+
+Every kernel launches with its own `blocks.Tile` (heads per program, keys per step, warps,
+stages), tuned per target by compiling (blocks.py); key-side lengths are padded to a multiple of
+every kernel's key block, so the tiles change the launch, never the result beyond rounding.
 """
 
 from __future__ import annotations
@@ -33,33 +37,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.common import PAD_POSITION
+from kernels_pallas.sparse_attention.blocks import BlockSizes, Tile
 
 NEG_INF = float("-inf")
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tile sizes (powers of two). `block_h` query heads per program, `block_k` keys per step,
-  `block_kv` keys per dKV program, `bwd_chunk` tokens per CSA scatter chunk."""
-
-  block_h: int = 64
-  block_k: int = 64
-  block_kv: int = 32
-  num_warps: int = 8
-  num_stages: int = 2
-  bwd_chunk: int = 1024
-
-  @classmethod
-  def default(cls) -> "BlockSizes":
-    return cls()
 
 
 def _pow2(n: int) -> int:
   return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _params(bs: BlockSizes):
-  return pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+def _params(tile: Tile):
+  return pltriton.CompilerParams(num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
 # ----- the math, shared by every body --------------------------------------------------------------
@@ -295,9 +283,10 @@ def _key_inputs(meta: _Meta, kv, kpos, kseg, pkv, ppos, comp, cseg, idx):
   return args, specs
 
 
-def _fwd_call(meta, bs, interpret, q, sink, kv, kpos, kseg, pkv, ppos, comp, cseg, idx):
+def _fwd_call(meta, tile, interpret, q, sink, kv, kpos, kseg, pkv, ppos, comp, cseg, idx):
   B, T, Np, Hp = q.shape
-  bh = min(bs.block_h, Np)
+  bh = min(tile.block_q, Np)
+  meta = dataclasses.replace(meta, bk=tile.block_k)
   args, specs = _key_inputs(meta, kv, kpos, kseg, pkv, ppos, comp, cseg, idx)
   tok = pl.BlockSpec((None, 1), lambda b, t, h: (b, t))
   heads = pl.BlockSpec((None, None, bh, Hp), lambda b, t, h: (b, t, h, 0))
@@ -308,17 +297,18 @@ def _fwd_call(meta, bs, interpret, q, sink, kv, kpos, kseg, pkv, ppos, comp, cse
     out_specs=[heads, pl.BlockSpec((None, None, bh), lambda b, t, h: (b, t, h))],
     out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((B, T, Np), jnp.float32)],
-    compiler_params=_params(bs), interpret=interpret, name="v4_sparse_attention_fwd",
+    compiler_params=_params(tile), interpret=interpret, name="v4_sparse_attention_fwd",
   )(q, kpos, kseg, sink, *args)
 
 
-def _dq_call(meta, bs, interpret, t0, q, do, lse, dd, qpos, qseg, kv, kpos, kseg, pkv, ppos, comp,
+def _dq_call(meta, tile, interpret, t0, q, do, lse, dd, qpos, qseg, kv, kpos, kseg, pkv, ppos, comp,
              cseg, idx):
   """dq [B, Tc, Np, Hp] f32 of the chunk of Tc tokens from row t0 ([1] int32) and, with CSA, the
   per-slot dKV g [B, Tc, nhb, P, Hp] f32."""
   B, T, Np, Hp = q.shape
-  bh = min(bs.block_h, Np)
+  bh = min(tile.block_q, Np)
   nhb = Np // bh
+  meta = dataclasses.replace(meta, bk=tile.block_k)
   args, specs = _key_inputs(meta, kv, kpos, kseg, pkv, ppos, comp, cseg, idx)
   tok = pl.BlockSpec((None, 1), lambda b, t, h: (b, t))
   heads = pl.BlockSpec((None, None, bh, Hp), lambda b, t, h: (b, t, h, 0))
@@ -333,16 +323,17 @@ def _dq_call(meta, bs, interpret, t0, q, do, lse, dd, qpos, qseg, kv, kpos, kseg
     grid=(B, T, nhb),
     in_specs=[pl.BlockSpec((1,), lambda b, t, h: (0,)), heads, heads, hrow, hrow, tok, tok, *specs],
     out_specs=out_specs, out_shape=out_shape,
-    compiler_params=_params(bs), interpret=interpret, name="v4_sparse_attention_dq",
+    compiler_params=_params(tile), interpret=interpret, name="v4_sparse_attention_dq",
   )(t0, q, do, lse, dd, qpos, qseg, *args)
 
 
-def _dkv_call(meta, bs, interpret, kind, keys, kpos, kseg, t_lo, t_hi, q, do, lse, dd, qpos, qseg):
-  """dK=V [B, nk, Hp] f32 of `keys` [B, nk, Hp] (nk a multiple of bs.block_kv)."""
+def _dkv_call(meta, tile, interpret, kind, keys, kpos, kseg, t_lo, t_hi, q, do, lse, dd, qpos,
+              qseg):
+  """dK=V [B, nk, Hp] f32 of `keys` [B, nk, Hp] (nk a multiple of tile.block_k)."""
   B, nk, Hp = keys.shape
   _, T, Np, _ = q.shape
-  bkv = bs.block_kv
-  bh = min(bs.block_h, Np)
+  bkv = tile.block_k
+  bh = min(tile.block_q, Np)
   kblk = lambda *s: pl.BlockSpec((None, bkv, *s), lambda b, i: (b, i) + (0,) * len(s))
   one = pl.BlockSpec((None, 1), lambda b, i: (b, i))
   whole = lambda x: pl.BlockSpec((None, *x.shape[1:]), lambda b, i, n=x.ndim - 1: (b,) + (0,) * n)
@@ -353,14 +344,15 @@ def _dkv_call(meta, bs, interpret, kind, keys, kpos, kseg, t_lo, t_hi, q, do, ls
     in_specs=[kblk(Hp), kblk(), kblk(), one, one, whole(q), whole(do), whole(lse), whole(dd),
               whole(qpos), whole(qseg)],
     out_specs=kblk(Hp), out_shape=jax.ShapeDtypeStruct((B, nk, Hp), jnp.float32),
-    compiler_params=_params(bs), interpret=interpret, name=f"v4_sparse_attention_dkv_{kind}",
+    compiler_params=_params(tile), interpret=interpret, name=f"v4_sparse_attention_dkv_{kind}",
   )(keys, kpos, kseg, t_lo, t_hi, q, do, lse, dd, qpos, qseg)
 
 
 # ----- custom_vjp: forward kernel, backward kernels ------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _core(meta, bs, interpret, q, sink, kv, pkv, comp, ints):
-  return _fwd_call(meta, bs, interpret, q, sink, kv, ints["kpos"], ints["kseg"], pkv, ints["ppos"],
+  tile = bs.decode if meta.S else bs.fwd  # a decode ring: the decode step's tile
+  return _fwd_call(meta, tile, interpret, q, sink, kv, ints["kpos"], ints["kseg"], pkv, ints["ppos"],
                    comp, ints["cseg"], ints["idx"])
 
 
@@ -380,7 +372,7 @@ def _core_bwd(meta, bs, interpret, res, cts):
   dout = dout.astype(q.dtype)
   kpos, kseg = ints["kpos"], ints["kseg"]
   dq, dcomp_csa = _dq_chunks(meta, bs, interpret, q, dout, lse, dd, kv, pkv, comp, ints)
-  bkv = bs.block_kv
+  bkv = bs.dkv.block_k
   # Band keys: key block [k0, k0 + bkv) is seen by tokens [k0, k0 + bkv + W - 1).
   Tk = pl.cdiv(T, bkv) * bkv
   k0 = jnp.arange(Tk // bkv, dtype=jnp.int32) * bkv
@@ -389,13 +381,13 @@ def _core_bwd(meta, bs, interpret, res, cts):
   pad = lambda x, n, v: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
                                 constant_values=v)
   qargs = (q, dout, lse, dd, kpos, kseg)
-  dkv = _dkv_call(meta, bs, interpret, "band", pad(kv, Tk, 0), pad(kpos, Tk, PAD_POSITION),
+  dkv = _dkv_call(meta, bs.dkv, interpret, "band", pad(kv, Tk, 0), pad(kpos, Tk, PAD_POSITION),
                   pad(kseg, Tk, -1), t_lo, t_hi, *qargs)[:, :T]
   dpkv = None
   if meta.S:
     nb = meta.S // bkv
     lo, hi = jnp.zeros((B, nb), jnp.int32), jnp.full((B, nb), T, jnp.int32)
-    dpkv = _dkv_call(meta, bs, interpret, "prefix", pkv, ints["ppos"], jnp.zeros_like(ints["ppos"]),
+    dpkv = _dkv_call(meta, bs.dkv, interpret, "prefix", pkv, ints["ppos"], jnp.zeros_like(ints["ppos"]),
                      lo, hi, q, dout, lse, dd, kpos, jnp.zeros_like(kseg)).astype(pkv.dtype)
   dcomp = None
   if meta.C and meta.hca:
@@ -405,7 +397,7 @@ def _core_bwd(meta, bs, interpret, res, cts):
     c0 = jnp.arange(nb, dtype=jnp.int32) * bkv
     lo = jax.vmap(lambda v: jnp.searchsorted(v, c0, side="right"))(nvis).astype(jnp.int32)
     hi = jnp.full((B, nb), T, jnp.int32)
-    dcomp = _dkv_call(meta, bs, interpret, "hca", comp, jnp.zeros((B, meta.C), jnp.int32),
+    dcomp = _dkv_call(meta, bs.dkv, interpret, "hca", comp, jnp.zeros((B, meta.C), jnp.int32),
                       ints["cseg"], lo, hi, *qargs).astype(comp.dtype)
   elif meta.C:
     dcomp = dcomp_csa.astype(comp.dtype)
@@ -434,7 +426,7 @@ def _dq_chunks(meta, bs, interpret, q, dout, lse, dd, kv, pkv, comp, ints):
   def one(dcomp, c):
     t0 = c * chunk
     x = {k: jax.lax.dynamic_slice_in_dim(v, t0, chunk, axis=1) for k, v in xs.items()}
-    outs = _dq_call(meta, bs, interpret, jnp.reshape(t0, (1,)).astype(jnp.int32), x["q"],
+    outs = _dq_call(meta, bs.dq, interpret, jnp.reshape(t0, (1,)).astype(jnp.int32), x["q"],
                     x["do"], x["lse"], x["dd"], x["qpos"], x["qseg"], *keys, x.get("idx"))
     if csa:
       g = jnp.sum(outs[1], axis=2)  # [B, chunk, P, Hp]: the head blocks' shares
@@ -477,10 +469,11 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None
   bs = block_sizes or BlockSizes.default()
   B, T, N, H = q.shape
   i32 = jnp.int32
-  bk = bs.block_k
-  kpad = max(bk, bs.block_kv)
-  bh = min(bs.block_h, _pow2(N))
-  Np, Hp = pl.cdiv(N, bh) * bh, _pow2(H)
+  kpad = bs.key_multiple  # every kernel's key block divides the padded key-side lengths
+  # Compiled Triton dots take operands of at least 16 rows and columns: pad heads and width so.
+  least = 1 if interpret else 16
+  bh = bs.head_multiple(max(_pow2(N), least))
+  Np, Hp = pl.cdiv(N, bh) * bh, max(_pow2(H), least)
   ints = dict(kpos=q_pos.astype(i32),
               kseg=jnp.zeros((B, T), i32) if segments is None else segments.astype(i32),
               ppos=None, cseg=None, idx=None)
@@ -502,10 +495,10 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None
     cseg = jnp.zeros(comp.shape[:2], i32) if comp_seg is None else comp_seg.astype(i32)
     ints["cseg"] = _pad_axis(cseg, 1, C, -(2**31) + 1)  # padding matches no document
     if comp_idx is not None:
-      P = pl.cdiv(comp_idx.shape[-1], bk) * bk
+      P = pl.cdiv(comp_idx.shape[-1], kpad) * kpad
       ints["idx"] = _pad_axis(comp_idx.astype(i32), 2, P, -1)
   meta = _Meta(scale=float(scale), window=int(window), T=T, S=S, C=C, P=P, ratio=int(comp_ratio),
-               hca=comp_idx is None, bk=bk)
+               hca=comp_idx is None, bk=kpad)  # each kernel sets its own bk
   out, lse = _core(meta, bs, interpret, qx, sinkx, kvx, pkv, compx, ints)
   out, lse = out[:, :, :N, :H], lse[:, :, :N]
   return (out, lse) if return_lse else out

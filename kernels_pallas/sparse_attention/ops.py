@@ -2,7 +2,10 @@
 
 `impl="reference"` runs `reference.py` (the definition); `"pallas"` runs `kernel.py` (Triton-style
 GPU body, or the TPU body on TPU; on CPU always interpreted); `"auto"` picks Pallas on
-GPU/TPU and the reference elsewhere and logs once which ran (STYLE.md §6).
+GPU/TPU and the reference elsewhere and logs once which ran (STYLE.md §6). "auto" never picks a
+body that would not compile the call on the platform traced for: `auto_impl` asks the body's own
+predicate (GPU: the widths and dtypes its tuned tiles were compiled at, blocks.py; TPU:
+`kernel_tpu.why_unsupported`) and takes the reference, logged with the reason, where it refuses.
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from typing import Literal
 
 from jaxtyping import Array, Float, Int
 
-from kernels_pallas.common import pallas_backend, resolve_impl
-from kernels_pallas.sparse_attention import reference
+import logging
+
+from kernels_pallas.common import pallas_backend, platform, resolve_impl
+from kernels_pallas.sparse_attention import blocks, reference
+
+_refused: set[tuple[str, str]] = set()
 
 
 def _check(q, q_pos, kv, sink, *, scale, window, block, prefix_kv, prefix_pos, comp, comp_idx,
@@ -57,6 +64,38 @@ def _check(q, q_pos, kv, sink, *, scale, window, block, prefix_kv, prefix_pos, c
     raise ValueError(f"sparse_attention: segments must be [B, T], got {segments.shape}")
 
 
+def why_not_pallas(target: str, q, *, window: int, prefix_kv=None, comp=None, comp_idx=None,
+                   segments=None) -> str | None:
+  """Why the Pallas body of `target` ("gpu", "tpu") would not compile or run this call, or None."""
+  if target == "gpu":
+    return blocks.why_unsupported_gpu(q.shape[-1], q.dtype)
+  if target == "tpu":
+    from kernels_pallas.sparse_attention import kernel_tpu
+
+    return kernel_tpu.why_unsupported(
+      q.shape, q.dtype, window=window, kind=kernel_tpu.layer_kind(comp, comp_idx),
+      num_picks=0 if comp_idx is None else comp_idx.shape[-1],
+      num_entries=0 if comp is None else comp.shape[1], prefix=prefix_kv is not None,
+      segments=segments is not None)
+  return f"no Pallas body for platform {target!r}"
+
+
+def auto_impl(q, *, window: int, prefix_kv=None, comp=None, comp_idx=None,
+              segments=None) -> str:
+  """What impl="auto" runs for this call on the platform traced for: "pallas" or "reference"."""
+  target = platform()
+  if target in ("gpu", "tpu"):
+    why = why_not_pallas(target, q, window=window, prefix_kv=prefix_kv, comp=comp,
+                         comp_idx=comp_idx, segments=segments)
+    if why is not None:
+      if (target, why) not in _refused:
+        _refused.add((target, why))
+        logging.getLogger("kernels_pallas").info(
+          "sparse_attention: impl='auto' runs reference on %s: %s", target, why)
+      return "reference"
+  return resolve_impl("sparse_attention", "auto")
+
+
 def sparse_attention(
   q: Float[Array, "B T N H"],
   q_pos: Int[Array, "B T"],
@@ -84,7 +123,8 @@ def sparse_attention(
   so `exp(scale * q.k - lse)` is the probability of key k.
 
   Args:
-    impl: "reference", "pallas" or "auto" (Pallas on GPU/TPU, reference elsewhere; logged once).
+    impl: "reference", "pallas" or "auto" (Pallas on GPU/TPU where that body compiles the call,
+      the reference elsewhere; logged once, see `auto_impl`).
     interpret: run the Pallas body in the interpreter (always so on CPU).
   """
   _check(q, q_pos, kv, sink, scale=scale, window=window, block=block, prefix_kv=prefix_kv,
@@ -93,6 +133,9 @@ def sparse_attention(
   kw = dict(scale=scale, window=window, block=block, prefix_kv=prefix_kv, prefix_pos=prefix_pos,
             comp=comp, comp_idx=comp_idx, comp_ratio=comp_ratio, segments=segments,
             comp_seg=comp_seg, return_lse=return_lse)
+  if impl == "auto":
+    impl = auto_impl(q, window=window, prefix_kv=prefix_kv, comp=comp, comp_idx=comp_idx,
+                     segments=segments)
   if resolve_impl("sparse_attention", impl) == "reference":
     return reference.sparse_attention(q, q_pos, kv, sink, **kw)
   from kernels_pallas.sparse_attention import kernel  # Pallas imports stay off the default path

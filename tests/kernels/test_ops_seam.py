@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.common import resolve_impl
+from kernels_pallas.common import resolve_impl, target_platform
 from kernels_pallas.indexer_topk import ops as idx_ops
 from kernels_pallas.indexer_topk import reference as idx_ref
 from kernels_pallas.sparse_attention import ops
@@ -108,3 +108,60 @@ def test_indexer_reference_impl_and_checks():
     idx_ops.indexer_topk(q, w[:, :, :2], k, pos, **kw, impl="reference")
   with pytest.raises(ValueError, match="go together"):
     idx_ops.indexer_topk(q, w, k, pos, **kw, q_seg=pos, impl="reference")
+
+
+# ----- impl="auto" never picks a body that would not compile the call (issue 24) -----------------
+def _q(H=512, N=64, dtype=jnp.bfloat16):
+  return jnp.zeros((1, 2, N, H), dtype)
+
+
+def test_auto_on_gpu_picks_pallas_only_within_the_compiled_widths():
+  """Flash/Pro widths in bf16 and f32 -> the kernels (tests/aot compiles them); a head dim past
+  512 or an integer dtype -> the reference, with the reason."""
+  with target_platform("gpu"):
+    assert ops.auto_impl(_q(), window=128) == "pallas"
+    assert ops.auto_impl(_q(96, 4, jnp.float32), window=128) == "pallas"  # tiny: padded to 128
+    assert ops.auto_impl(_q(1024), window=128) == "reference"
+    assert "head dim 1024" in ops.why_not_pallas("gpu", _q(1024), window=128)
+    assert ops.auto_impl(_q(dtype=jnp.int8), window=128) == "reference"
+    assert "int8" in ops.why_not_pallas("gpu", _q(dtype=jnp.int8), window=128)
+
+
+def test_auto_on_gpu_refusal_runs_the_reference():
+  """On a GPU target a call the kernels were not compiled for runs the reference (bit-equal): had
+  "auto" picked the GPU body, this CPU host could not have run it uninterpreted."""
+  q, pos, kv, sink, comp, idx = _inputs(9, T=5, N=2, H=1024, C=3, P=2)
+  kw = dict(scale=SCALE, window=3, block=4, comp=comp, comp_idx=idx)
+  with target_platform("gpu"):
+    auto = ops.sparse_attention(q, pos, kv, sink, **kw, impl="auto")
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(reference.sparse_attention(
+    q, pos, kv, sink, **kw)))
+
+
+def test_auto_on_tpu_follows_the_tpu_body():
+  """The TPU body's own predicate decides: the decode ring it does not cover -> the reference."""
+  from kernels_pallas.sparse_attention import kernel_tpu
+
+  q = _q()
+  ring = jnp.zeros((1, 128, 512), jnp.bfloat16)
+  with target_platform("tpu"):
+    assert ops.auto_impl(q, window=128, prefix_kv=ring) == "reference"
+    expect = kernel_tpu.why_unsupported(q.shape, q.dtype, window=128, kind="sliding")
+    assert ops.auto_impl(q, window=128) == ("pallas" if expect is None else "reference")
+  with target_platform("cpu"):
+    assert ops.auto_impl(q, window=128) == "reference"
+
+
+def test_indexer_auto_picks():
+  """GPU: the scoring kernel at V4's indexer widths (64 x 128), the reference past them; TPU (no
+  body) and CPU: the reference."""
+  q = jnp.zeros((1, 2, 64, 128), jnp.bfloat16)
+  wide = jnp.zeros((1, 2, 128, 128), jnp.bfloat16)
+  with target_platform("gpu"):
+    assert idx_ops.auto_impl(q) == "pallas"
+    assert idx_ops.auto_impl(wide) == "reference"
+    assert "128 x 128" in idx_ops.why_not_pallas("gpu", wide)
+  with target_platform("tpu"):
+    assert idx_ops.auto_impl(q) == "reference"
+  with target_platform("cpu"):
+    assert idx_ops.auto_impl(q) == "reference"

@@ -33,7 +33,7 @@ def _csa_indices(rng, B, T, C, P, m, dup=True):
 class _Cases:
   INTERPRET = True
   N, H = 3, 8  # heads not a power of two, padded by the wrapper
-  BS = kernel.BlockSizes(block_h=4, block_k=4, block_kv=4, bwd_chunk=8)
+  BS = kernel.BlockSizes.uniform(block_q=4, block_k=4, block_kv=4, bwd_chunk=8)
 
   def _inputs(self, seed, B=2, T=13, C=0, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
@@ -148,7 +148,7 @@ class TestSparseAttentionNative(_Cases):
 
   INTERPRET = False
   N, H = 24, 32
-  BS = kernel.BlockSizes(block_h=16, block_k=16, block_kv=16, num_warps=4, bwd_chunk=8)
+  BS = kernel.BlockSizes.uniform(block_q=16, block_k=16, block_kv=16, bwd_chunk=8)
 
   @pytest.fixture(autouse=True)
   def _needs_gpu(self):
@@ -183,7 +183,7 @@ def test_native_flash_shapes(dtype):
   sink = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
   pos = jnp.arange(T, dtype=jnp.int32)[None]
   idx = jnp.asarray(_csa_indices(rng, B, T, C, P, 4))
-  bs = kernel.BlockSizes(block_h=32, block_k=32) if dtype == jnp.float32 else None
+  bs = kernel.BlockSizes.uniform(block_q=16, block_k=16) if dtype == jnp.float32 else None
 
   def loss(fn, q, kv, sink, comp, **more):
     o = fn(q, pos, kv, sink, scale=H**-0.5, window=128, block=64, comp=comp, comp_idx=idx,

@@ -1,0 +1,154 @@
+"""Every GPU (Triton) Pallas kernel compiles for H100 and H200 at V4-Flash and V4-Pro shapes, each
+layer kind (CSA, HCA, sliding window), forward, backward and decode, within the target's
+shared-memory limit and with zero register spills (issue 24).
+
+The real compiler runs on this CPU host (deepseek_v4.aot.targets: compile-only devices; Triton,
+then ptxas for sm_90a); `aot.compile.gpu_kernel_resources` reads each kernel's shared memory from
+XLA's launch and its registers and spills from `ptxas -v`. The kernels run with their default
+tiles (kernels_pallas/sparse_attention/blocks.py), through the public ops with impl="pallas", and
+one case through impl="auto". A tile that overflows shared memory makes XLA refuse the program;
+one that spills fails the spill assertion.
+"""
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deepseek_v4.aot import targets
+
+pytestmark = pytest.mark.aot
+
+for _t in ("h100", "h200"):
+  _why = targets.missing_backend(targets.target(_t))
+  if _why:
+    pytest.skip(_why, allow_module_level=True)
+
+from deepseek_v4.aot import compile as aot_compile  # noqa: E402
+from kernels_pallas.indexer_topk import ops as idx_ops  # noqa: E402
+from kernels_pallas.sparse_attention import ops  # noqa: E402
+
+# config.flash() / config.pro(): query heads and indexer top-k; both: head dim 512, window 128,
+# indexer 64 heads x 128, CSA ratio 4, HCA ratio 128.
+PRESETS = {"flash": dict(N=64, P=512), "pro": dict(N=128, P=1024)}
+H, W, I, J = 512, 128, 64, 128
+T = 1024  # tokens of a training / prefill row
+DECODE_B, DECODE_C = 8, 32768 // 4  # decode: rows, CSA entries of a 32K context
+RATIOS = {"csa": 4, "hca": 128, "window": 0}
+bf16, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
+FWD, DQ = "v4_sparse_attention_fwd", "v4_sparse_attention_dq"
+BAND, HCA = "v4_sparse_attention_dkv_band", "v4_sparse_attention_dkv_hca"
+
+
+def _limit(target: str) -> int:
+  spec = Path(targets.__file__).parent / "gpu_targets" / targets.target(target).spec
+  return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", spec.read_text())[1])
+
+
+def _sd(target, shape, dtype):
+  mesh = Mesh(targets.devices(target, 1), ("d",))
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def _attention(target, kind, N, P, *, decode, impl="pallas", Hd=H, dtype=bf16):
+  """(fn, abstract args): the forward with lse (decode: one token against the ring), or for
+  training the gradient of a loss of both outputs (forward, dQ and dKV kernels)."""
+  B, Tq = (DECODE_B, 1) if decode else (1, T)
+  C = DECODE_C if decode else T // max(RATIOS[kind], 1)
+  sd = lambda *a: _sd(target, *a)
+  args = [sd((B, Tq, N, Hd), dtype), sd((B, Tq), i32), sd((B, Tq, Hd), dtype), sd((N,), f32)]
+  if decode:
+    args += [sd((B, W, Hd), dtype), sd((B, W), i32)]
+  if kind != "window":
+    args.append(sd((B, C, Hd), dtype))
+  if kind == "csa":
+    args.append(sd((B, Tq, P), i32))
+
+  def attend(q, pos, kv, sink, *rest):
+    kw = dict(prefix_kv=rest[0], prefix_pos=rest[1]) if decode else {}
+    rest = rest[2:] if decode else rest
+    if kind != "window":
+      kw.update(comp=rest[0], comp_ratio=RATIOS[kind])
+    if kind == "csa":
+      kw["comp_idx"] = rest[1]
+    return ops.sparse_attention(q, pos, kv, sink, scale=Hd**-0.5, window=W, block=64,
+                                return_lse=True, impl=impl, **kw)
+
+  if decode:
+    return attend, args
+
+  def grad(q, pos, kv, sink, *rest):
+    # Every float input gets a gradient (the entries' too: else XLA drops the HCA dKV kernel).
+    def loss(q, kv, sink, *rest):
+      out, lse = attend(q, pos, kv, sink, *rest)
+      return jnp.sum(out.astype(f32)) + jnp.sum(lse)
+
+    comp = rest[:1] if kind != "window" else ()
+    return jax.grad(lambda q, kv, sink, *c: loss(q, kv, sink, *c, *rest[len(c):]),
+                    argnums=tuple(range(3 + len(comp))))(q, kv, sink, *comp)
+
+  return grad, args
+
+
+def _resources(target, fn, args):
+  with targets.compiling_for(target):
+    lowered = jax.jit(fn).lower(*args)
+    return {k.name: k for k in aot_compile.gpu_kernel_resources(lowered)}
+
+
+def _assert_fits(target, kernels, expected):
+  assert set(kernels) == set(expected), f"kernels compiled: {sorted(kernels)}"
+  for k in kernels.values():
+    assert k.arch == "sm_90a", k
+    assert 0 < k.shared_memory_bytes <= _limit(target), k
+    assert k.spill_bytes == 0, k
+
+
+@pytest.mark.parametrize("target", ["h100", "h200"])
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+@pytest.mark.parametrize("kind", ["csa", "hca", "window"])
+def test_attention_forward_and_backward_fit(target, preset, kind):
+  fn, args = _attention(target, kind, **PRESETS[preset], decode=False)
+  kernels = _resources(target, fn, args)
+  _assert_fits(target, kernels, {FWD, DQ, BAND} | ({HCA} if kind == "hca" else set()))
+
+
+@pytest.mark.parametrize("target", ["h100", "h200"])
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+@pytest.mark.parametrize("kind", ["csa", "hca", "window"])
+def test_attention_decode_fits(target, preset, kind):
+  fn, args = _attention(target, kind, **PRESETS[preset], decode=True)
+  _assert_fits(target, _resources(target, fn, args), {FWD})
+
+
+@pytest.mark.parametrize("target", ["h100", "h200"])
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+def test_indexer_fits(target, preset):
+  P = PRESETS[preset]["P"]
+  C = T // 4
+  sd = lambda *a: _sd(target, *a)
+  args = [sd((1, T, I, J), bf16), sd((1, T, I), bf16), sd((1, C, J), bf16), sd((1, T), i32)]
+
+  def topk(q, w, k, pos):
+    return idx_ops.indexer_topk(q, w, k, pos, ratio=4, topk=P, block=128, impl="pallas")
+
+  _assert_fits(target, _resources(target, topk, args), {"v4_indexer_scores"})
+
+
+def test_auto_compiles_what_it_picks():
+  """impl="auto" at Flash's CSA shapes on an H100 picks the kernels, and they compile and fit."""
+  fn, args = _attention("h100", "csa", **PRESETS["flash"], decode=False, impl="auto")
+  with targets.compiling_for("h100"):
+    q = jnp.zeros((1, 1, 64, H), bf16)
+    assert ops.auto_impl(q, window=W, comp=q[0], comp_idx=jnp.zeros((1, 1, 8), i32)) == "pallas"
+  _assert_fits("h100", _resources("h100", fn, args), {FWD, DQ, BAND})
+
+
+def test_tiny_widths_fit():
+  """The tiny preset's widths (4 heads x 96): heads and width are padded to Triton's 16-row dot
+  minimum, and the gradient compiles within the limits."""
+  fn, args = _attention("h100", "csa", N=4, P=8, decode=False, Hd=96)
+  _assert_fits("h100", _resources("h100", fn, args), {FWD, DQ, BAND})
