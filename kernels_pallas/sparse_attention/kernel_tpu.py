@@ -180,35 +180,49 @@ def sparse_fwd_tpu_kernel(start_sref, *refs, scale: float, window: int, kind: st
   slot = jax.lax.broadcasted_iota(jnp.int32, (1, kb), 1)
   first_real = lp - i * BLOCK_Q  # slots below it are left padding
   sink = sink_ref[...]  # [N, 1] float32
-  for j in range(BLOCK_Q):  # static: every slice below has a static offset
+
+  def token(j, carry):  # query j of the block: every key source, one softmax
     q = q_ref[j]  # [N, H]
     d = lp + j - slot  # distance from the query, in tokens
     parts = [(_nt(q, kw) * scale, (d >= 0) & (d < window) & (slot >= first_real), kw)]
     if kind == "csa":
       cur = j % 2
-      if j + 1 < BLOCK_Q:
+
+      @pl.when(j + 1 < BLOCK_Q)
+      def _():  # the next token's rows arrive while this one computes
         _gather(idx_sref, comp_hbm, cbuf, sem, b, j + 1, 1 - cur, picks)
+
       _wait_gather(comp_hbm, cbuf, sem, b, cur, picks)
       kc = cbuf[cur].astype(kw.dtype)  # [P, H]; float32 in HBM only for the row DMAs
-      parts.append((_nt(q, kc) * scale, idx_ref[j:j + 1, :] >= 0, kc))
+      parts.append((_nt(q, kc) * scale, idx_ref[pl.ds(j, 1), :] >= 0, kc))
     elif kind == "hca":
       kc = comp_ref[...]  # [C, H]
       t = start_sref[b] + i * BLOCK_Q + j  # this query's position
       entry = jax.lax.broadcasted_iota(jnp.int32, (1, kc.shape[0]), 1)
       parts.append((_nt(q, kc) * scale, entry < (t + 1) // ratio, kc))
-    logits = [jnp.where(mask, s, NEG_INF) for s, mask, _ in parts]
-    m = sink
-    for s in logits:
-      m = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [N, 1]
-    denom = jnp.exp(sink - m)
-    out = None
-    for s, (_, _, v) in zip(logits, parts):
-      e = jnp.exp(s - m)
-      denom = denom + jnp.sum(e, axis=1, keepdims=True)
-      pv = _nn(e.astype(v.dtype), v)
-      out = pv if out is None else out + pv
-    o_ref[j] = (out / denom).astype(o_ref.dtype)
-    lse_ref[j:j + 1, :] = _as_row(m + jnp.log(denom))
+    out, lse = _softmax_pv(parts, sink)
+    o_ref[j] = out.astype(o_ref.dtype)
+    lse_ref[pl.ds(j, 1), :] = _as_row(lse)
+    return carry
+
+  jax.lax.fori_loop(0, BLOCK_Q, token, 0)
+
+
+def _softmax_pv(parts, sink):
+  """One softmax over the key sources [(logits [N, K], mask, values [K, H])], seeded with the sink
+  [N, 1] (max and denominator, never the numerator): (out [N, H] float32, lse [N, 1])."""
+  logits = [jnp.where(mask, s, NEG_INF) for s, mask, _ in parts]
+  m = sink
+  for s in logits:
+    m = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [N, 1]
+  denom = jnp.exp(sink - m)
+  out = None
+  for s, (_, _, v) in zip(logits, parts):
+    e = jnp.exp(s - m)
+    denom = denom + jnp.sum(e, axis=1, keepdims=True)
+    pv = _nn(e.astype(v.dtype), v)
+    out = pv if out is None else out + pv
+  return out / denom, m + jnp.log(denom)
 
 
 def _forward(q, q_pos, kv, sink, comp, comp_idx, *, kind, scale, window, ratio, interpret):
