@@ -66,10 +66,50 @@ def parse_bytes(text: str) -> int:
     raise ValueError(f"device memory {text!r}: expected e.g. 141GB, 140GiB or 80e9")
   base = 1024 if m[3] else 1000
   value = int(number * base ** " KMGT".index(m[2] or " "))
+  if value <= 0:
+    raise ValueError(f"device memory {text!r} must be positive, e.g. 141GB (H200) or 80GB (H100)")
+  if value < 10**6 and m[2]:
+    raise ValueError(f"device memory {text!r} is {value} bytes, under 1 MB: no device is that "
+                     f"small; expected e.g. 141GB (H200) or 80GB (H100)")
   if value < 10**6:
     raise ValueError(f"device memory {text!r} is {value} bytes: a number without a unit counts "
                      f"bytes; write e.g. {m[1]}GB or {m[1]}GiB")
   return value
+
+
+def parse_capacity_factor(text: str) -> float:
+  """'1.25' -> 1.25: a positive finite capacity factor (the runtime refuses 0, NaN and inf)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise ValueError(f"capacity factor {text!r} is not a number; expected e.g. 1.25") from None
+  _check_capacity_factor(value)
+  return value
+
+
+def _check_capacity_factor(value: float | None) -> None:
+  if value is not None and not (math.isfinite(value) and value > 0):
+    raise ValueError(f"capacity factor {value} must be a positive finite number (e.g. 1.25), or "
+                     "None for dropless")
+
+
+def parse_regex(text: str) -> str:
+  """A `--freeze` pattern, checked to compile (returned as given)."""
+  try:
+    re.compile(text)
+  except re.error as e:
+    raise ValueError(f"{text!r} is not a regular expression: {e}") from None
+  return text
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`sharding.parse_mesh`, refusing an axis named twice ('expert=8,expert=4' is ambiguous)."""
+  names = [item.partition("=")[0].strip() for item in text.split(",") if item.strip()]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f"mesh {text!r} names the axis {', '.join(map(repr, twice))} more than "
+                     "once; give each axis one size")
+  return sharding.parse_mesh(text)
 
 
 def gb(n: float) -> str:
@@ -97,6 +137,12 @@ def default_mesh(cfg: ModelConfig, num_devices: int, *, devices_per_host: int = 
   """
   if num_devices < 1:
     raise ValueError(f"num_devices={num_devices} must be >= 1")
+  if devices_per_host < 1:
+    raise ValueError(f"devices_per_host={devices_per_host} must be >= 1")
+  if num_devices > devices_per_host and num_devices % devices_per_host:
+    raise ValueError(f"{num_devices} devices are not a whole number of hosts of "
+                     f"devices_per_host={devices_per_host} (--devices-per-host); expected a "
+                     f"multiple of {devices_per_host}")
   group = num_devices if train else math.gcd(num_devices, devices_per_host)
   expert = math.gcd(group, cfg.num_experts)
   return dict(data=num_devices // group, fsdp=group // expert, expert=expert, tensor=1)
@@ -178,7 +224,8 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
   from deepseek_v4.layers.params import HashTable, RouterBias
 
   table = sharding.get_rules(rules).params
-  frozen = [re.compile(p) for p in s.freeze]
+  frozen = [re.compile(parse_regex(p)) for p in s.freeze]
+  matched: set[str] = set()
   mdt = _itemsize(s.moment_dtype)
   tot = dict(params=0.0, buffers=0.0, grads=0.0, opt=0.0, n_params=0, n_trained=0)
   largest = (0.0, "")
@@ -198,12 +245,19 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
     tot["n_params"] += math.prod(shape) * (2 if isinstance(var, KeptWeight) else 1)  # FP4 pairs
     if local * item > largest[0]:
       largest = (local * item, name)
-    if not s.train or any(p.search(name) for p in frozen):
+    hits = [p.pattern for p in frozen if p.search(name)]
+    matched.update(hits)
+    if not s.train or hits:
       continue
     tot["n_trained"] += math.prod(shape)
     tot["grads"] += local * item
     moments = 2 if s.optimizer == "adamw" or _is_adamw(name, len(shape)) else 1
     tot["opt"] += local * moments * mdt
+  unmatched = [p.pattern for p in frozen if p.pattern not in matched]
+  if unmatched:
+    raise ValueError(f"freeze pattern(s) {', '.join(f'/{u}/' for u in unmatched)} match no parameter "
+                     f"(re.search on dotted names such as 'layers.3.ffn.experts.w1', "
+                     f"'embed.weight'); nothing would be frozen")
   kept = ", routed experts FP4" if cfg.keep_quantized == "experts" else ""
   lines = [(f"parameters ({tot['n_params'] / 1e9:.2f}B, matrices {cfg.param_dtype}{kept})",
             tot["params"], "exact"),
@@ -367,6 +421,7 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
   s = settings
   if s.remat not in ("full", "none") or s.optimizer not in ("muon", "adamw"):
     raise ValueError(f"remat={s.remat!r} (full|none), optimizer={s.optimizer!r} (muon|adamw)")
+  _check_capacity_factor(s.capacity_factor)
   cfg = cfg if s.param_dtype is None else cfg.replace(param_dtype=s.param_dtype)
   if s.train and cfg.keep_quantized:
     raise ValueError(f"keep_quantized={cfg.keep_quantized!r} is inference-only; a training plan "
@@ -426,8 +481,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
                       help="matrix storage dtype (default: the config's)")
   parser.add_argument("--freeze", action="append", default=[], metavar="REGEX",
+                      type=cli.arg_type(parse_regex),
                       help="parameters not trained (re.search on dotted paths; repeatable)")
-  parser.add_argument("--capacity-factor", type=float, default=None,
+  parser.add_argument("--capacity-factor", type=cli.arg_type(parse_capacity_factor), default=None,
                       help="expert-parallel MoE capacity factor (default: dropless)")
   parser.add_argument("--prefill-chunk", type=cli.positive_int, default=8192)
   parser.add_argument("--keep-quantized", choices=["experts"], default=None,
@@ -452,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
   if args.keep_quantized:
     cfg = cfg.replace(keep_quantized=args.keep_quantized)
   if args.mesh:
-    sizes = sharding.parse_mesh(args.mesh)
+    sizes = parse_mesh(args.mesh)
     n = math.prod(sizes.values())
     if args.devices is not None and args.devices != n:
       raise ValueError(f"--mesh {args.mesh} has {n} devices but --devices={args.devices}")

@@ -355,16 +355,58 @@ def attention_keys(cfg: ModelConfig, ratio: int, ctx: np.ndarray) -> tuple[np.nd
   return window + np.minimum(cfg.index_topk, visible), visible
 
 
-def attention_flops(cfg: ModelConfig, ctx: np.ndarray) -> dict[str, np.ndarray]:
-  """Per-token attention FLOPs by layer kind, plus the indexer scoring, at context `ctx`."""
+def _sum_min(cap: int, n: int) -> int:
+  """sum_{c=1..n} min(cap, c)."""
+  return n * (n + 1) // 2 if n <= cap else cap * (cap + 1) // 2 + (n - cap) * cap
+
+
+def _sum_floor(r: int, n: int) -> int:
+  """sum_{c=1..n} floor(c / r)."""
+  q = n // r
+  return r * q * (q - 1) // 2 + q * (n - q * r + 1) if n >= 1 else 0
+
+
+def _sum_min_floor(cap: int, r: int, n: int) -> int:
+  """sum_{c=1..n} min(cap, floor(c / r))."""
+  if n < cap * r:
+    return _sum_floor(r, n)
+  return _sum_floor(r, cap * r - 1) + (n - cap * r + 1) * cap
+
+
+def attention_key_sums(cfg: ModelConfig, ratio: int, context: int) -> tuple[int, int]:
+  """`attention_keys` summed over ctx = 1 .. context, in closed form (exact integers): a prefill's
+  totals without an array as long as the context."""
+  window = (context * (context + 1) // 2 if cfg.attention == "dense"
+            else _sum_min(cfg.window, context))
+  kind = layer_kind(ratio)
+  if kind == "sliding":
+    return window, 0
+  if kind == "hca":
+    return window + _sum_floor(ratio, context), 0
+  return window + _sum_min_floor(cfg.index_topk, ratio, context), _sum_floor(ratio, context)
+
+
+def _attention_flops(cfg: ModelConfig, keys_of) -> dict:
   per_key = 2 * 2 * cfg.num_heads * cfg.head_dim  # q.k and p.v, 2 FLOPs per MAC
   per_entry = 2 * cfg.index_heads * cfg.index_head_dim
   out = {"attn_core_sliding": 0, "attn_core_csa": 0, "attn_core_hca": 0, "indexer_scores": 0}
   for r in cfg.layer_ratios:
-    keys, scored = attention_keys(cfg, r, ctx)
+    keys, scored = keys_of(r)
     out["attn_core_" + layer_kind(r)] = out["attn_core_" + layer_kind(r)] + keys * per_key
     out["indexer_scores"] = out["indexer_scores"] + scored * per_entry
   return out
+
+
+def attention_flops(cfg: ModelConfig, ctx: np.ndarray) -> dict[str, np.ndarray]:
+  """Per-token attention FLOPs by layer kind, plus the indexer scoring, at context `ctx`."""
+  return _attention_flops(cfg, lambda r: attention_keys(cfg, r, ctx))
+
+
+def attention_flops_prefill_mean(cfg: ModelConfig, context: int) -> dict[str, float]:
+  """`attention_flops` averaged over the tokens of a `context`-token prefill (ctx = 1 ..
+  context), from closed-form sums: memory and time independent of the context."""
+  sums = _attention_flops(cfg, lambda r: attention_key_sums(cfg, r, context))
+  return {k: v / context for k, v in sums.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,8 +439,7 @@ def flops_per_token(cfg: ModelConfig, context: int, counts: ParamCounts | None =
   counts = counts or count_params(cfg)
   matmul = {c: 2.0 * v for c, v in counts.matmul_active.items() if v}
   at = {k: float(v) for k, v in attention_flops(cfg, np.int64(context)).items()}
-  mean = {k: float(np.mean(v)) for k, v in
-          attention_flops(cfg, np.arange(1, context + 1, dtype=np.int64)).items()}
+  mean = {k: float(v) for k, v in attention_flops_prefill_mean(cfg, context).items()}
   return Flops(context=context, matmul=matmul, attention=at, attention_prefill_mean=mean)
 
 

@@ -159,3 +159,71 @@ def test_ragged_capacity_bounds_the_receive_buffer():
   assert moe_ep.ragged_rows(10, 6, 2, 8, None) == 8 * 20  # at most E_l pairs per token
   assert moe_ep.ragged_rows(10, 6, 32, 8, 1.25) == 75  # ceil(1.25 * 60): mean load x factor
   assert moe_ep.ragged_rows(10, 6, 32, 8, 100.0) == 480  # never above dropless
+
+
+# ----- refused input (issue 20): each a clear error naming the bad value ---------------------------
+def _plan_cli_error(capsys, *args) -> str:
+  with pytest.raises(SystemExit) as e:  # argparse: usage error, exit code 2
+    cli.main(["plan", "--preset", "tiny", *args])
+  assert e.value.code == 2
+  return capsys.readouterr().err
+
+
+def test_duplicated_mesh_axis_is_refused(capsys):
+  with pytest.raises(ValueError, match="names the axis 'expert' more than once"):
+    plan.parse_mesh("expert=8,fsdp=2,expert=4")
+  assert plan.parse_mesh("fsdp=2,expert=4") == dict(data=1, fsdp=2, expert=4, tensor=1)
+  rc = cli.main(["plan", "--preset", "tiny", "--mesh", "expert=8,expert=4"])
+  assert rc == cli.USAGE_ERROR and "'expert' more than once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["0", "nan", "-1", "inf"])
+def test_capacity_factor_must_be_positive_and_finite(capsys, bad):
+  assert f"argument --capacity-factor: capacity factor {float(bad)}" in _plan_cli_error(
+    capsys, f"--capacity-factor={bad}")
+  with pytest.raises(ValueError, match="must be a positive finite number"):
+    plan.make_plan(deepseek_v4.tiny(), dict(expert=2), "fsdp_ep",
+                   plan.Settings(capacity_factor=float(bad)))
+  assert plan.parse_capacity_factor("1.25") == 1.25
+
+
+def test_device_count_must_fill_whole_hosts(capsys):
+  flash = deepseek_v4.flash()
+  with pytest.raises(ValueError, match=r"12 devices are not a whole number of hosts of "
+                                       r"devices_per_host=8"):
+    plan.default_mesh(flash, 12)
+  assert plan.default_mesh(flash, 4) == dict(data=1, fsdp=1, expert=4, tensor=1)  # part of a host
+  assert plan.default_mesh(flash, 12, devices_per_host=4) == dict(data=3, fsdp=1, expert=4,
+                                                                  tensor=1)
+  rc = cli.main(["plan", "--preset", "tiny", "--devices", "12"])
+  assert rc == cli.USAGE_ERROR and "--devices-per-host" in capsys.readouterr().err
+
+
+def test_freeze_pattern_matching_nothing_is_refused(capsys):
+  cfg = deepseek_v4.tiny()
+  with pytest.raises(ValueError, match=r"/layer\\.0\\./ match no parameter"):
+    plan.make_plan(cfg, dict(fsdp=2), "fsdp", plan.Settings(train=True, freeze=(r"layer\.0\.",)))
+  ok = plan.make_plan(cfg, dict(fsdp=2), "fsdp", plan.Settings(train=True,
+                                                               freeze=(r"layers\.0\.",)))
+  full = plan.make_plan(cfg, dict(fsdp=2), "fsdp", plan.Settings(train=True))
+  assert _line(ok, "gradients") < _line(full, "gradients")
+  rc = cli.main(["plan", "--preset", "tiny", "--train", "--freeze", r"layer\.0\."])
+  assert rc == cli.USAGE_ERROR and "match no parameter" in capsys.readouterr().err
+
+
+def test_invalid_freeze_regex_names_the_flag(capsys):
+  err = _plan_cli_error(capsys, "--train", "--freeze", "[")
+  assert "argument --freeze: '[' is not a regular expression" in err
+  with pytest.raises(ValueError, match=r"'\[' is not a regular expression"):
+    plan.make_plan(deepseek_v4.tiny(), dict(fsdp=2), "fsdp", plan.Settings(train=True,
+                                                                          freeze=("[",)))
+
+
+@pytest.mark.parametrize("text, says", [("0GB", "must be positive"), ("0", "must be positive"),
+                                        ("-5GB", "expected e.g. 141GB"),
+                                        ("0.5KB", "under 1 MB")])
+def test_device_memory_zero_or_tiny_gets_a_sensible_error(capsys, text, says):
+  with pytest.raises(ValueError, match=says):
+    plan.parse_bytes(text)
+  err = _plan_cli_error(capsys, f"--device-memory={text}")
+  assert "argument --device-memory" in err and says in err and "write e.g. 0GB" not in err

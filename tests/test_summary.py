@@ -26,7 +26,7 @@ from deepseek_v4 import cli, summary
 from deepseek_v4.model import Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC_TINY_PARAMS = 829_345  # spec §1.5: the tiny model without MTP
+SPEC_TINY_PARAMS = 829_345  # docs/architecture.md#tiny: the tiny model without MTP
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,35 @@ def test_cli_bad_flags_subprocess(args, named):
   proc = _run_cli("summary", *args)
   assert proc.returncode != 0
   assert named in proc.stderr
+
+
+# ----- summary --context works from shapes (issue 20) ----------------------------------------------
+@pytest.mark.parametrize("preset", ["tiny", "flash", "dense"])
+def test_prefill_mean_closed_form_equals_the_sum_over_positions(preset):
+  cfg = deepseek_v4.tiny().replace(attention="dense") if preset == "dense" else (
+    getattr(deepseek_v4, preset)())
+  for context in (1, 2, 3, 7, 8, 127, 128, 129, 1000, 4095, 4096, 5000):
+    brute = summary.attention_flops(cfg, np.arange(1, context + 1, dtype=np.int64))
+    got = summary.attention_flops_prefill_mean(cfg, context)
+    for k, v in brute.items():
+      assert got[k] == pytest.approx(float(np.mean(v)), rel=1e-12, abs=0), (context, k)
+
+
+def test_summary_context_memory_does_not_grow_with_the_context():
+  import tracemalloc
+
+  cfg = deepseek_v4.flash()
+  counts = summary.count_params(cfg)
+  tracemalloc.start()
+  try:
+    summary.flops_per_token(cfg, 10**7, counts)  # an array over the context: 80 MB per kind
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert peak < 2 * 10**6
+  f = summary.flops_per_token(cfg, 10**12, counts)  # 8 TB as an array: MemoryError
+  # at a huge context the mean of the HCA entries is ~ context / (2 * 128) per layer
+  per_key = 4 * cfg.num_heads * cfg.head_dim
+  hca_layers = sum(1 for r in cfg.layer_ratios if r > 4)
+  assert f.attention_prefill_mean["attn_core_hca"] == pytest.approx(
+    hca_layers * per_key * (10**12 / 256), rel=1e-6)
