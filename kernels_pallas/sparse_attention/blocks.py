@@ -125,8 +125,9 @@ DEFAULTS: dict[str, BlockSizes] = {
 
 
 # The widths the tiles above were compiled and checked at (scripts/tune_kernel_blocks.py,
-# tests/aot/test_gpu_kernels.py): V4's head dim, 512. Wider heads were never compiled.
-MAX_HEAD_DIM = 512
+# tests/aot/test_gpu_kernels.py): V4's head dim, 512, in 2-byte dtypes; float32 doubles every
+# operand's shared memory, so it is checked at 256. Wider heads were never compiled.
+MAX_HEAD_DIM = {2: 512, 4: 256}  # by the dtype's bytes
 GPU_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -138,11 +139,12 @@ def why_unsupported_gpu(head_dim: int, dtype) -> str | None:
   """
   import numpy as np
 
-  name = np.dtype(dtype).name
-  if name not in GPU_DTYPES:
-    return f"dtype {name} (the GPU body takes {', '.join(GPU_DTYPES)})"
+  dt = np.dtype(dtype)
+  if dt.name not in GPU_DTYPES:
+    return f"dtype {dt.name} (the GPU body takes {', '.join(GPU_DTYPES)})"
   padded = 1 << max(0, (int(head_dim) - 1).bit_length())
-  if padded > MAX_HEAD_DIM:
-    return (f"head dim {head_dim} (padded {padded}) is wider than the {MAX_HEAD_DIM} the GPU "
-            f"tiles were compiled for")
+  widest = MAX_HEAD_DIM[dt.itemsize]
+  if padded > widest:
+    return (f"head dim {head_dim} (padded {padded}) in {dt.name} is wider than the {widest} the "
+            "GPU tiles were compiled for")
   return None

@@ -116,11 +116,13 @@ def _q(H=512, N=64, dtype=jnp.bfloat16):
 
 
 def test_auto_on_gpu_picks_pallas_only_within_the_compiled_widths():
-  """Flash/Pro widths in bf16 and f32 -> the kernels (tests/aot compiles them); a head dim past
-  512 or an integer dtype -> the reference, with the reason."""
+  """Flash/Pro widths in bf16, and f32 up to 256 wide -> the kernels (tests/aot compiles them);
+  wider heads or an integer dtype -> the reference, with the reason."""
   with target_platform("gpu"):
     assert ops.auto_impl(_q(), window=128) == "pallas"
     assert ops.auto_impl(_q(96, 4, jnp.float32), window=128) == "pallas"  # tiny: padded to 128
+    assert ops.auto_impl(_q(256, dtype=jnp.float32), window=128) == "pallas"
+    assert ops.auto_impl(_q(512, dtype=jnp.float32), window=128) == "reference"
     assert ops.auto_impl(_q(1024), window=128) == "reference"
     assert "head dim 1024" in ops.why_not_pallas("gpu", _q(1024), window=128)
     assert ops.auto_impl(_q(dtype=jnp.int8), window=128) == "reference"

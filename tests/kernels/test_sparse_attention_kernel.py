@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from kernels_pallas.common import PAD_POSITION
+from kernels_pallas.indexer_topk import kernel as idx_kernel
 from kernels_pallas.sparse_attention import kernel, ops, reference
+from kernels_pallas.sparse_attention.blocks import BlockSizes, Tile
 from tests.tolerances import BF16, F32_FUNCTION, F32_KERNEL_GRAD_REL, rel_err
 
 SCALE = 0.37
@@ -200,3 +202,52 @@ def test_native_flash_shapes(dtype):
   if dtype == jnp.float32:
     for name, a, b in zip(["q", "kv", "sink", "comp"], g, g_ref):
       assert rel_err(a, b) < F32_KERNEL_GRAD_REL, name
+
+
+def test_mixed_tiles_match_the_reference():
+  """Each kernel on its own tile (the GPU defaults differ per kernel): heads and key-side lengths
+  padded to every tile's multiple, so forward, decode and gradients still equal the reference."""
+  bs = BlockSizes(fwd=Tile(2, 8), dq=Tile(4, 2), dkv=Tile(1, 4), decode=Tile(4, 4), bwd_chunk=5)
+  rng = np.random.default_rng(11)
+  B, T, N, H, C = 2, 13, 3, 8, 3
+  q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+  kv = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
+  comp = jnp.asarray(rng.normal(size=(B, C, H)), jnp.float32)
+  sink = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  idx = jnp.asarray(_csa_indices(rng, B, T, C, 5, 4))
+  for extra in (dict(comp_idx=idx), {}):  # CSA, HCA
+    def loss(fn, q, kv, sink, comp, **more):
+      o, lse = fn(q, pos, kv, sink, scale=SCALE, window=5, block=4, comp=comp, comp_ratio=4,
+                  return_lse=True, **extra, **more)
+      return jnp.sum(jnp.sin(o)) + 0.3 * jnp.sum(jnp.cos(lse))
+
+    ref = jax.grad(functools.partial(loss, reference.sparse_attention), argnums=range(4))(
+      q, kv, sink, comp)
+    ours = jax.grad(functools.partial(loss, kernel.sparse_attention, interpret=True,
+                                      block_sizes=bs), argnums=range(4))(q, kv, sink, comp)
+    for name, a, b in zip(["q", "kv", "sink", "comp"], ours, ref):
+      assert rel_err(a, b) < F32_KERNEL_GRAD_REL, name
+  # Decode: one token against a ring (the decode tile).
+  ring = jnp.asarray(rng.normal(size=(B, 6, H)), jnp.float32)
+  ring_pos = jnp.asarray([[3, 4, 5, 0, 1, 2], [2, PAD_POSITION, 0, 1, PAD_POSITION, 3]], jnp.int32)
+  kw = dict(scale=SCALE, window=6, block=1, prefix_kv=ring, prefix_pos=ring_pos, comp=comp,
+            comp_idx=idx[:, :1], comp_ratio=4, return_lse=True)
+  ref = reference.sparse_attention(q[:, :1], pos[:, :1] + 6, kv[:, :1], sink, **kw)
+  ours = kernel.sparse_attention(q[:, :1], pos[:, :1] + 6, kv[:, :1], sink, **kw, interpret=True,
+                                 block_sizes=bs)
+  assert rel_err(ours[0], ref[0]) < F32_FUNCTION and rel_err(ours[1], ref[1]) < F32_FUNCTION
+
+
+def test_block_sizes_refuse_bad_values():
+  with pytest.raises(ValueError, match="block_q=24"):
+    Tile(24, 16)
+  with pytest.raises(ValueError, match="num_stages=0"):
+    Tile(16, 16, num_stages=0)
+  with pytest.raises(ValueError, match="a100"):
+    BlockSizes.default("a100")
+  with pytest.raises(ValueError, match="block_c=48"):
+    idx_kernel.BlockSizes(block_c=48)
+  for target in ("h100", "h200"):  # compiled Triton dots: every tile at least 16 wide
+    bs = BlockSizes.default(target)
+    assert min(min(t.block_q, t.block_k) for t in (bs.fwd, bs.dq, bs.dkv, bs.decode)) >= 16
