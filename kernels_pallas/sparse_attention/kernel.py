@@ -1,7 +1,7 @@
 """Pallas bodies of V4's core attention (spec §3.10): forward and backward, Triton-style GPU API.
 
-Layout (MQA, one shared K=V head): a program owns one query token and `block_h` of its heads, so
-the heads are the rows of every matmul ([block_h, H] x [H, block_k], as in FlashMLA's sparse
+Layout (MQA, one shared K=V head): a program owns one query token and `block_q` of its heads, so
+the heads are the rows of every matmul ([block_q, H] x [H, block_k], as in FlashMLA's sparse
 prefill) and the token's own key set is walked in `block_k` chunks with an online softmax that is
 seeded with the sink (m = sink, l = 1): the sink joins max and denominator, never the numerator.
 Key sources, in order, each a loop of masked loads:
@@ -40,6 +40,8 @@ from kernels_pallas.common import PAD_POSITION
 from kernels_pallas.sparse_attention.blocks import BlockSizes, Tile
 
 NEG_INF = float("-inf")
+# Bound on the backward's per-slot CSA gradient buffer: tokens per chunk shrink to stay within it.
+CSA_BUFFER_BYTES = 1 << 30
 
 
 def _pow2(n: int) -> int:
@@ -409,10 +411,14 @@ def _dq_chunks(meta, bs, interpret, q, dout, lse, dd, kv, pkv, comp, ints):
 
   CSA: every (token, slot) writes its own gradient row; XLA's scatter-add then sums rows that
   pick the same entry (within a token too), in f32, so no update is lost. Chunking bounds the
-  [B, chunk, P, H] buffer.
+  [B, chunk, P, H] buffer (one per head block: [B, chunk, Np / block_q, P, H] f32), within
+  `CSA_BUFFER_BYTES` (at Pro's 128 heads, top-k 1024 and 32-head blocks, 8 MiB a token).
   """
   B, T, Np, Hp = q.shape
   chunk = min(bs.bwd_chunk, T)
+  if meta.C and meta.P:
+    per_token = B * (Np // min(bs.dq.block_q, Np)) * meta.P * Hp * 4
+    chunk = max(1, min(chunk, CSA_BUFFER_BYTES // per_token))
   n = pl.cdiv(T, chunk)
   pad = lambda x, v: jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2),
                              constant_values=v)
