@@ -64,12 +64,15 @@ def vmem_bytes(q_shape: tuple[int, ...], dtype, *, window: int, kind: str, num_p
   kb = _band_pad(window) + BLOCK_Q
   keys = kb + (num_picks if kind == "csa" else 0) + (num_entries if kind == "hca" else 0)
   total = 4 * BLOCK_Q * N * H * isz  # q and o blocks, two buffers each
-  total += kb * H * isz + 2 * BLOCK_Q * N * 4  # band scratch, lse blocks
+  total += 2 * kb * H * isz + 2 * BLOCK_Q * N * 4  # band scratch and its loaded copy, lse blocks
   if kind == "csa":
     total += 2 * num_picks * H * 4 + num_picks * H * isz + 2 * BLOCK_Q * num_picks * 4
   if kind == "hca":
     total += 2 * num_entries * H * isz
-  total += 4 * N * keys * 4 + 4 * N * H * 4  # a token's logits/probabilities, p.v partials
+  # A token's logits, masks, exponentials and their casts, p.v partials: 10 [N, keys] float32
+  # arrays, calibrated against Mosaic's scoped allocations (Flash sliding at W=12288: 55.4 MiB,
+  # at W=24576: 76.8 MiB; Pro at W=6144: compiles), conservative by design.
+  total += 10 * N * keys * 4 + 4 * N * H * 4
   return total
 
 
