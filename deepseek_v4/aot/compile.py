@@ -25,7 +25,7 @@ import jax
 
 from kernels_pallas import common as kernel_common
 
-# ----- GPU kernel resources ------------------------------------------------------------------------
+# ----- GPU kernel resources -----------------------------------------------------------------------
 # A Triton call in the lowered StableHLO: `custom_call @__gpu$xla.gpu.triton(...) {... name = "k"}`.
 _TRITON_CALL = re.compile(r"@__gpu\$xla\.gpu\.triton\(.*?\bname = \"([^\"]+)\"")
 # One kernel launch in XLA's dumped thunk sequence.
@@ -205,7 +205,7 @@ def gpu_kernel_resources(lowered, *, pallas_only: bool = True,
   return compile_with_kernel_resources(lowered, pallas_only=pallas_only, dump_dir=dump_dir)[1]
 
 
-# ----- the project's programs, compiled for a target -----------------------------------------------
+# ----- the project's programs, compiled for a target ----------------------------------------------
 PROGRAMS = ("forward", "prefill", "decode", "train")
 
 
@@ -374,7 +374,7 @@ def _build(cfg, mesh, rules, program: str, batch: int, seq: int, chunk: int | No
   cache_sh = sharding.cache_shardings(cache, mesh, rules)
   rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
     ("batch", None), (batch, T), mesh, rules.activations, strict=False))
-  n_sh = jax.sharding.NamedSharding(mesh, rows.spec[:1])
+  n_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rows.spec[:1]))
 
   def extend(state, cache, ids, n_valid):
     model = nnx.merge(graphdef, state)
@@ -385,7 +385,8 @@ def _build(cfg, mesh, rules, program: str, batch: int, seq: int, chunk: int | No
 
   fn = jax.jit(extend, in_shardings=(shardings, cache_sh, rows, n_sh),
                out_shardings=(None, cache_sh), donate_argnums=(1,), keep_unused=True)
-  return fn, (state, _abstract(cache, cache_sh), jax.ShapeDtypeStruct((batch, T), i32, sharding=rows),
+  ids = jax.ShapeDtypeStruct((batch, T), i32, sharding=rows)
+  return fn, (state, _abstract(cache, cache_sh), ids,
               jax.ShapeDtypeStruct((batch,), i32, sharding=n_sh))
 
 
@@ -506,8 +507,9 @@ def format_report(r: CompileReport) -> str:
   if r.error:
     out += [f"  COMPILE FAILED: {r.error}"]
   out += ["", f"{'per device':<34}{'XLA':>12}", "-" * 46]
-  for label, n in (("arguments", r.argument_bytes), ("temporaries", r.temp_bytes),
-                   ("outputs", r.output_bytes), ("aliased (donated, counted once)", -r.alias_bytes)):
+  rows = (("arguments", r.argument_bytes), ("temporaries", r.temp_bytes),
+          ("outputs", r.output_bytes), ("aliased (donated, counted once)", -r.alias_bytes))
+  for label, n in rows:
     out.append(f"{label:<34}{gb(n):>12}")
   out += ["-" * 46, f"{'total':<34}{gb(r.total_bytes):>12}", "",
           f"plan's estimate of the same run: {gb(r.plan_bytes)}"

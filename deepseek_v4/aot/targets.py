@@ -67,7 +67,8 @@ def missing_backend(t: Target) -> str | None:
               f"backend here is {jax.default_backend()!r}")
     return None
   if t.platform == "gpu":
-    need = [("jax_cuda12_plugin", "jax-cuda12-plugin"), ("nvidia.cuda_nvcc", "nvidia-cuda-nvcc-cu12")]
+    need = [("jax_cuda12_plugin", "jax-cuda12-plugin"),
+            ("nvidia.cuda_nvcc", "nvidia-cuda-nvcc-cu12")]
   else:
     need = [("libtpu", "libtpu (jax[tpu])")]
   absent = [pip for mod, pip in need if importlib.util.find_spec(mod) is None]
