@@ -27,247 +27,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
+import hashlib
 import json
 import os
-import re
 import sys
-import tomllib
 from typing import Any, Callable
 
-from deepseek_v4 import config as config_lib
+from deepseek_v4 import ablate_report, evaluate, trainer
 from deepseek_v4 import data as data_lib
-from deepseek_v4 import evaluate, train, trainer
+from deepseek_v4.ablate_spec import (  # noqa: F401 - re-exported: ablate.load_spec etc.
+  LOCKED_TRAIN_FIELDS,
+  MODEL_FIELDS,
+  SPEC_KEYS,
+  TRAIN_FIELDS,
+  Spec,
+  SpecError,
+  base_configs,
+  check_spec,
+  load_spec,
+  one_line,
+  parse_spec,
+  variant_configs,
+)
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.train import TrainConfig
-
-MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
-TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-# Run settings every variant shares: equal tokens, data, batches and held-out set for all.
-LOCKED_TRAIN_FIELDS = ("steps", "seq_len", "batch_size", "packing", "seed", "val_fraction",
-                       "val_documents", "eval_every", "eval_rows")
-SPEC_KEYS = ("name", "description", "preset", "data", "max_bytes", "tokenizer", "seeds",
-             "baseline", "model", "train", "variants")
-
-
-class SpecError(ValueError):
-  """A spec that cannot run; the message names the variant and field."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """A parsed ablation spec.
-
-  Attributes:
-    name / description: shown in results.md.
-    preset: the base ModelConfig preset; `model` / `train`: base field overrides.
-    data: a .txt / .jsonl / folder path (relative to the spec's folder), None = the demo corpus,
-      of which `max_bytes` are used.
-    tokenizer: "bytes" or a tokenizer.json path.
-    seeds: the seeds each variant runs with (TrainConfig.seed: init and batch order).
-    baseline: the variant the others are compared with.
-    variants: (name, {field: value}) pairs in spec order.
-  """
-
-  name: str
-  description: str
-  preset: str
-  model: dict[str, Any]
-  train: dict[str, Any]
-  data: str | None
-  max_bytes: int
-  tokenizer: str
-  seeds: tuple[int, ...]
-  baseline: str
-  variants: tuple[tuple[str, dict[str, Any]], ...]
-
-  def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    d["variants"] = {name: dict(fields) for name, fields in self.variants}
-    d["seeds"] = list(self.seeds)
-    return d
-
-
-# ----- reading ------------------------------------------------------------------------------------
-def load_spec(path: str) -> Spec:
-  """Reads and parses a .toml / .json / .yaml spec (not yet checked against the configs).
-
-  Raises:
-    SpecError: unreadable or malformed spec (missing / unknown keys, bad seeds, no baseline).
-  """
-  with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    if path.endswith(".toml"):
-      doc = tomllib.loads(raw.decode("utf-8"))
-    elif path.endswith(".json"):
-      doc = json.loads(raw)
-    elif path.endswith((".yaml", ".yml")):
-      try:
-        import yaml
-      except ImportError:
-        raise SpecError(f"{path}: a .yaml spec needs PyYAML (pip install pyyaml); or use .toml "
-                        "/ .json") from None
-      doc = yaml.safe_load(raw)
-    else:
-      raise SpecError(f"{path}: expected a .toml, .json or .yaml spec")
-  except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise SpecError(f"{path}: not a valid spec file ({e})") from None
-  spec = parse_spec(doc, source=path)
-  if spec.data not in (None, "demo") and not os.path.isabs(spec.data):
-    spec = dataclasses.replace(spec, data=os.path.join(os.path.dirname(path) or ".", spec.data))
-  return spec
-
-
-def parse_spec(doc: Any, source: str = "spec") -> Spec:
-  """A Spec from the parsed document (a dict); the structure is checked, the fields are not."""
-  if not isinstance(doc, dict):
-    raise SpecError(f"{source}: expected a table of settings, got {type(doc).__name__}")
-  unknown = sorted(set(doc) - set(SPEC_KEYS))
-  if unknown:
-    raise SpecError(f"{source}: unknown key(s) {unknown}; known: {list(SPEC_KEYS)}")
-  variants = doc.get("variants")
-  if not isinstance(variants, dict) or not variants:
-    raise SpecError(f"{source}: 'variants' must be a table of name = {{field = value, ...}}")
-  for name, fields in variants.items():
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-      raise SpecError(f"{source}: variant name {name!r} must be letters, digits, _ . + - only "
-                      "(it names a folder)")
-    if not isinstance(fields, dict):
-      raise SpecError(f"{source}: variant {name!r} must be a table of field = value, got "
-                      f"{fields!r}")
-  seeds = doc.get("seeds", [0])
-  if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-    raise SpecError(f"{source}: seeds={seeds!r} must be a non-empty list of distinct integers "
-                    ">= 0")
-  baseline = doc.get("baseline", next(iter(variants)))
-  if baseline not in variants:
-    raise SpecError(f"{source}: baseline={baseline!r} is not a variant; variants: "
-                    f"{list(variants)}")
-  preset = doc.get("preset", "tiny")
-  if preset not in config_lib.PRESETS:
-    raise SpecError(f"{source}: preset={preset!r}; known: {sorted(config_lib.PRESETS)}")
-  for key in ("model", "train"):
-    if not isinstance(doc.get(key, {}), dict):
-      raise SpecError(f"{source}: [{key}] must be a table of field = value")
-  data = doc.get("data")
-  return Spec(name=str(doc.get("name", os.path.splitext(os.path.basename(source))[0])),
-              description=str(doc.get("description", "")), preset=preset,
-              model=dict(doc.get("model", {})), train=dict(doc.get("train", {})),
-              data=None if data in (None, "demo") else str(data),
-              max_bytes=int(doc.get("max_bytes", 300_000)),
-              tokenizer=str(doc.get("tokenizer", "bytes")), seeds=tuple(seeds),
-              baseline=baseline, variants=tuple((k, dict(v)) for k, v in variants.items()))
-
-
-# ----- checking -----------------------------------------------------------------------------------
-def _coerce(current: Any, value: Any) -> Any:
-  """A spec value in the field's own type: lists become tuples, integers become floats."""
-  if isinstance(value, list):
-    return tuple(value)
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  return value
-
-
-def _unknown(where: str, name: str) -> SpecError:
-  close = difflib.get_close_matches(name, sorted(MODEL_FIELDS | TRAIN_FIELDS), n=3)
-  hint = f"; did you mean {', '.join(close)}?" if close else ""
-  return SpecError(f"{where}: unknown field {name!r} (not a ModelConfig or TrainConfig field)"
-                   f"{hint}")
-
-
-def _apply(cfg: Any, fields: dict[str, Any], where: str) -> Any:
-  """`cfg` with `fields` set; on failure each field is tried alone to name the bad one."""
-  try:
-    return dataclasses.replace(cfg, **{k: _coerce(getattr(cfg, k), v) for k, v in fields.items()})
-  except (ValueError, TypeError) as e:
-    together = e
-  for name, value in fields.items():
-    try:
-      dataclasses.replace(cfg, **{name: _coerce(getattr(cfg, name), value)})
-    except (ValueError, TypeError) as e:
-      raise SpecError(f"{where}, field {name!r} = {value!r}: {e}") from None
-  raise SpecError(f"{where}, fields {sorted(fields)} together: {together}") from None
-
-
-def base_configs(spec: Spec) -> tuple[ModelConfig, TrainConfig]:
-  """The base ModelConfig (preset + [model]) and TrainConfig ([train])."""
-  for table, known in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
-    for name in getattr(spec, table):
-      if name not in known:
-        raise SpecError(f"[{table}]: unknown {'ModelConfig' if table == 'model' else 'TrainConfig'}"
-                        f" field {name!r}; known: {sorted(known)}")
-  cfg = _apply(config_lib.PRESETS[spec.preset](), spec.model, "[model]")
-  return cfg, _apply(TrainConfig(), spec.train, "[train]")
-
-
-def variant_configs(spec: Spec, name: str) -> tuple[ModelConfig, TrainConfig]:
-  """The configs of one variant: the base with the variant's fields (each found by name)."""
-  cfg, tcfg = base_configs(spec)
-  fields = dict(spec.variants)[name]
-  where = f"variant {name!r}"
-  model, run = {}, {}
-  for field, value in fields.items():
-    if field in MODEL_FIELDS:
-      model[field] = value
-    elif field in TRAIN_FIELDS:
-      if field in LOCKED_TRAIN_FIELDS:
-        raise SpecError(f"{where}, field {field!r}: every variant shares it (equal tokens, data "
-                        f"and held-out set); set it in [train] for all, not per variant")
-      run[field] = value
-    else:
-      raise _unknown(where, field)
-  return _apply(cfg, model, where), _apply(tcfg, run, where)
-
-
-def _trace_step(cfg: ModelConfig, tcfg: TrainConfig) -> None:
-  """One training loss traced with abstract values (`jax.eval_shape`): shapes only, no compute."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from deepseek_v4.model import Transformer
-
-  B, T = tcfg.batch_size // tcfg.grad_accum, tcfg.seq_len
-
-  def loss():
-    model = Transformer(train.training_model_config(cfg, tcfg), rngs=nnx.Rngs(0))
-    ids = jnp.zeros((B, T), jnp.int32)
-    return train.loss_fn(model, {"inputs": ids, "targets": ids}, tcfg)[0]
-
-  jax.eval_shape(loss)
-
-
-def check_spec(spec: Spec, trace: bool = True) -> dict[str, tuple[ModelConfig, TrainConfig]]:
-  """Every variant's configs, or a SpecError naming the variant and field that cannot run."""
-  base_cfg, base_tcfg = base_configs(spec)
-  if not (base_tcfg.val_fraction or base_tcfg.val_documents):
-    raise SpecError("[train]: set val_fraction (or val_documents): the results are validation "
-                    "losses on held-out documents")
-  out = {}
-  for name, fields in spec.variants:
-    cfg, tcfg = variant_configs(spec, name)
-    where = f"variant {name!r}" + (f" (fields {sorted(fields)})" if fields else "")
-    entries = tcfg.seq_len // config_lib.CSA_RATIO
-    if "csa" in cfg.layer_kinds() and cfg.index_topk > entries:
-      raise SpecError(f"{where}, field 'index_topk' = {cfg.index_topk}: larger than the {entries} "
-                      f"compressed entries a CSA layer holds at seq_len={tcfg.seq_len} (seq_len / "
-                      f"{config_lib.CSA_RATIO}), so the top-k selects nothing; lower it")
-    try:
-      trainer.check_settings(cfg, tcfg)
-      if trace:
-        _trace_step(cfg, tcfg)
-    except Exception as e:  # noqa: BLE001 - any failure to build or trace means it cannot run
-      raise SpecError(f"{where} cannot run: {type(e).__name__}: {trainer_one_line(e)}") from None
-    out[name] = (cfg, tcfg)
-  return out
-
-
-def trainer_one_line(e: Exception) -> str:
-  text = " ".join(str(e).split())
-  return text if len(text) < 400 else text[:397] + "..."
 
 
 # ----- running ------------------------------------------------------------------------------------
@@ -290,9 +73,44 @@ def plan(spec: Spec, configs: dict[str, tuple[ModelConfig, TrainConfig]]) -> lis
           for s in spec.seeds for v, _ in spec.variants]
 
 
-def _run_identity(run: Run) -> dict:
+def _read_json(path: str, what: str) -> Any:
+  """A JSON file of the grid, or a SpecError naming it (a truncated or foreign file)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise SpecError(f"{path}: not a valid {what} ({e}); delete it (and its run folder "
+                    f"{os.path.dirname(path)!r}) to run that cell again") from None
+
+
+def data_identity(spec: Spec, data: dict) -> dict[int, dict]:
+  """{packing align: what the runs of that packing train and are scored on}: a SHA-256 of the
+  packed training and validation rows, and max_bytes when the data is the demo corpus (the only
+  source it cuts). So the data's contents, max_bytes and the tokenizer all enter a run's
+  identity, while moving the files elsewhere does not."""
+  out = {}
+  for align, (rows, val) in data.items():
+    h = hashlib.sha256()
+    for part in (rows, val.rows):
+      for f in dataclasses.fields(part):
+        a = getattr(part, f.name)
+        if a is not None:
+          h.update(f"{f.name}{a.shape}{a.dtype}".encode())
+          h.update(a.tobytes())
+    h.update(f"{val.bytes_per_token!r} {val.documents}".encode())
+    out[align] = {**({"max_bytes": spec.max_bytes} if spec.data is None else {}),
+                  "rows_sha256": h.hexdigest()}
+  return out
+
+
+def _align(run: Run) -> int:
+  return data_lib.packing_align(run.cfg) if run.tcfg.packing == "aligned" else 16
+
+
+def _run_identity(run: Run, data_id: dict) -> dict:
   return {"variant": run.variant, "seed": run.seed, "model": run.cfg.to_dict(),
-          "train": json.loads(json.dumps(dataclasses.asdict(run.tcfg)))}
+          "train": json.loads(json.dumps(dataclasses.asdict(run.tcfg))),
+          "data": data_id[_align(run)]}
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -302,30 +120,52 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)  # atomic: a kill never leaves a half-written result
 
 
-def _claim(run: Run, out_dir: str) -> str:
-  """'done', 'resume' or 'new'; refuses a folder made by a different configuration."""
+def _check_checkpoints(folder: str) -> bool:
+  """True when `folder/checkpoints` holds checkpoints to resume from; a step folder this trainer
+  did not write (no `meta` item) is refused by name instead of failing inside Orbax."""
+  ck = os.path.join(folder, "checkpoints")
+  if not os.path.isdir(ck):
+    return False
+  steps = [e for e in sorted(os.listdir(ck)) if e.isdigit()]
+  for step in steps:
+    if not os.path.isdir(os.path.join(ck, step, "meta")):
+      raise SpecError(f"{os.path.join(ck, step)} is not a checkpoint of this trainer (it has no "
+                      f"'meta' item); remove it, or delete the run folder {folder!r} to run that "
+                      "cell from the start")
+  return bool(steps)
+
+
+def _claim(run: Run, out_dir: str, data_id: dict) -> str:
+  """'done', 'resume' or 'new'; refuses a folder made by a different configuration or data."""
   folder = run.folder(out_dir)
   ident_path = os.path.join(folder, "run.json")
-  ident = _run_identity(run)
-  if os.path.exists(ident_path):
-    with open(ident_path) as f:
-      old = json.load(f)
-    if old != ident:
-      diff = sorted(k for part in ("model", "train") for k in ident[part]
-                    if old.get(part, {}).get(k) != ident[part][k])
-      raise SpecError(f"{folder} holds a run of variant {run.variant!r} with other settings "
-                      f"(differing: {diff}); use another output folder or delete it")
+  ident = _run_identity(run, data_id)
+  old = _read_json(ident_path, "run.json") if os.path.exists(ident_path) else None
+  if old is not None and old != ident:
+    diff = []
+    for part in ("model", "train", "data"):
+      was = old.get(part) if isinstance(old.get(part), dict) else {}
+      diff += sorted(f"{part}.{k}" if part == "data" else k for k in {*ident[part], *was}
+                     if was.get(k, "-") != ident[part].get(k, "-"))
+    raise SpecError(f"{folder} holds a run of variant {run.variant!r} with other settings or "
+                    f"data (differing: {diff}); use another output folder or delete it")
   if os.path.exists(os.path.join(folder, "result.json")):
+    if old is None:
+      raise SpecError(f"{folder} holds a result.json but no run.json saying what produced it; "
+                      "delete the folder to run that cell again")
     return "done"
-  os.makedirs(folder, exist_ok=True)
-  _write_json(ident_path, ident)
-  ck = os.path.join(folder, "checkpoints")
-  return "resume" if os.path.isdir(ck) and os.listdir(ck) else "new"
+  if old is None:
+    os.makedirs(folder, exist_ok=True)
+    _write_json(ident_path, ident)
+  return "resume" if _check_checkpoints(folder) else "new"
 
 
 def load_data(spec: Spec, configs: dict[str, tuple[ModelConfig, TrainConfig]]):
   """{packing align: (training rows, validation set)}: one load shared by all variants."""
-  tok = data_lib.get_tokenizer(spec.tokenizer)
+  try:
+    tok = data_lib.get_tokenizer(spec.tokenizer)
+  except (OSError, ValueError) as e:
+    raise SpecError(f"{spec.source}: tokenizer={spec.tokenizer!r}: {one_line(e)}") from None
   out = {}
   for name, (cfg, tcfg) in configs.items():
     align = data_lib.packing_align(cfg) if tcfg.packing == "aligned" else 16
@@ -334,14 +174,12 @@ def load_data(spec: Spec, configs: dict[str, tuple[ModelConfig, TrainConfig]]):
     try:
       trainer.check_vocab(cfg, out[align][0])
     except ValueError as e:
-      raise SpecError(f"variant {name!r}, field 'vocab_size': {e}") from None
+      raise SpecError(f"{spec.source}: variant {name!r}, field 'vocab_size': {e}") from None
   return out
 
 
 def _finish(run: Run, folder: str, result: trainer.RunResult) -> dict:
-  from deepseek_v4 import ablate_report
-
-  record = {"variant": run.variant, "seed": run.seed, "steps": result.steps,
+  record = {"variant": run.variant, "seed": run.seed, "status": "done", "steps": result.steps,
             "tokens": result.steps * run.tcfg.batch_size * run.tcfg.seq_len,
             "val_loss": result.last_val_loss, "val_bpb": result.last_val_bpb,
             "train_loss": result.last_lm_loss, "tokens_per_s": result.tokens_per_s,
@@ -351,10 +189,36 @@ def _finish(run: Run, folder: str, result: trainer.RunResult) -> dict:
   return record
 
 
+def _diverged(run: Run, folder: str, e: trainer.TrainingDiverged, wall_s: float) -> dict:
+  """The record of a run that diverged: kept as a result (rerunning the same settings diverges
+  the same way), listed in results.md and left out of the statistics."""
+  record = {"variant": run.variant, "seed": run.seed, "status": "diverged", "steps": e.step,
+            "tokens": e.step * run.tcfg.batch_size * run.tcfg.seq_len, "val_loss": None,
+            "val_bpb": None, "train_loss": None, "tokens_per_s": None, "wall_s": wall_s,
+            "error": one_line(e), **ablate_report.model_costs(run.cfg, run.tcfg)}
+  record["train_flops"] = 3.0 * record["flops_per_token"] * record["tokens"]
+  _write_json(os.path.join(folder, "result.json"), record)
+  return record
+
+
+def check_out_dir(out_dir: str) -> None:
+  """Refuses an output path that is a file (or under one)."""
+  path = out_dir
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path)
+  if path and not os.path.isdir(path):
+    raise SpecError(f"--out {out_dir!r}: {path!r} is a file, not a folder; name a folder for "
+                    "the grid's results")
+
+
 def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
              log: Callable[[str], None] | None = None,
              fit: Callable[..., trainer.RunResult] | None = None) -> list[dict]:
   """Checks the spec, then runs every (variant, seed) not yet finished and writes the report.
+
+  A run that diverges (`trainer.TrainingDiverged`) is recorded as diverged (its variant and seed
+  named in the log and in results.md) and the grid goes on. A finished grid in a folder that is
+  not writable is only read (its report is returned by `ablate_report.markdown`, not rewritten).
 
   Args:
     spec: the ablation (see `load_spec`).
@@ -365,27 +229,34 @@ def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
   Returns:
     The result record of every run, in grid order.
   """
-  from deepseek_v4 import ablate_report
+  import time
 
   log = log or (lambda s: print(s, file=sys.stderr, flush=True))
   fit = fit or trainer.fit
+  check_out_dir(out_dir)
   configs = check_spec(spec)
   data = load_data(spec, configs)
+  data_id = data_identity(spec, data)
   runs = plan(spec, configs)
   os.makedirs(out_dir, exist_ok=True)
-  states = [_claim(r, out_dir) for r in runs]
-  _write_json(os.path.join(out_dir, "spec.json"), spec.to_dict())
+  states = [_claim(r, out_dir, data_id) for r in runs]
+  writable = os.access(out_dir, os.W_OK)
+  if not writable and states.count("done") < len(runs):
+    raise SpecError(f"{out_dir}: the folder is not writable and {len(runs) - states.count('done')}"
+                    " run(s) of the grid are not finished; use another --out")
+  spec_path = os.path.join(out_dir, "spec.json")
+  spec_doc = json.loads(json.dumps(spec.to_dict()))
+  if writable and (not os.path.exists(spec_path) or _read_json(spec_path, "spec.json") != spec_doc):
+    _write_json(spec_path, spec_doc)
   bar = _grid_bar(len(runs), states.count("done"), progress)
   records = []
   try:
     for run, state in zip(runs, states):
       folder = run.folder(out_dir)
       if state == "done":
-        with open(os.path.join(folder, "result.json")) as f:
-          records.append(json.load(f))
+        records.append(_read_json(os.path.join(folder, "result.json"), "result.json"))
         continue
-      align = data_lib.packing_align(run.cfg) if run.tcfg.packing == "aligned" else 16
-      rows, val = data[align]
+      rows, val = data[_align(run)]
       label = f"{run.variant} seed {run.seed}"
 
       def show(step, _model, label=label, total=run.tcfg.steps):
@@ -394,15 +265,26 @@ def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
 
       if state == "resume":
         log(f"{label}: resuming from its last checkpoint")
-      result = fit(run.cfg, run.tcfg, rows, folder, resume=state == "resume", progress=False,
-                   log=log, callback=show, val=val)
-      records.append(_finish(run, folder, result))
+      t0 = time.time()
+      try:
+        result = fit(run.cfg, run.tcfg, rows, folder, resume=state == "resume", progress=False,
+                     log=log, callback=show, val=val)
+      except trainer.TrainingDiverged as e:
+        records.append(_diverged(run, folder, e, time.time() - t0))
+        log(f"variant {run.variant!r} seed {run.seed} diverged at step {e.step}; recorded as "
+            f"diverged in {os.path.join(folder, 'result.json')} (delete that folder to run it "
+            f"again), going on with the grid. {one_line(e)}")
+      else:
+        records.append(_finish(run, folder, result))
       if bar is not None:
         bar.update(1)
   finally:
     if bar is not None:
       bar.close()
-  ablate_report.write_report(out_dir, spec, records)
+  if writable:
+    ablate_report.write_report(out_dir, spec, records)
+  else:
+    log(f"{out_dir} is read-only: the finished grid's report was not rewritten")
   return records
 
 
@@ -430,6 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   spec = load_spec(args.spec)
   out = args.out or os.path.join("runs", "ablations", spec.name)
+  check_out_dir(out)
   if args.check:
     configs = check_spec(spec)
     load_data(spec, configs)
@@ -438,21 +321,55 @@ def run(args: argparse.Namespace) -> int:
           f"{len(spec.variants) * len(spec.seeds)} runs of {tcfg.steps} steps x "
           f"{tcfg.batch_size * tcfg.seq_len} tokens; all variants trace. Output: {out}")
     return 0
-  with _compile_cache(out):
-    run_grid(spec, out, progress=not args.no_progress)
+  with compile_cache():
+    records = run_grid(spec, out, progress=not args.no_progress)
   print(f"results: {os.path.join(out, 'results.md')}  curves: {os.path.join(out, 'curves.png')}")
-  with open(os.path.join(out, "results.md")) as f:
-    print(f.read())
+  print(ablate_report.markdown(spec, records))
   return 0
 
 
+def user_cache_dir() -> str:
+  """The per-user compilation cache: $XDG_CACHE_HOME (else ~/.cache) /deepseek_v4/jax."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "deepseek_v4", "jax")
+
+
+def _private_dir(path: str) -> bool:
+  """Creates `path` (mode 0700) and says whether only this user can write into it: a cache
+  that someone else can write to could hand this process their compiled code."""
+  try:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+  except OSError:
+    return False
+  if not hasattr(os, "getuid"):  # no POSIX owners (Windows): the user's profile folder
+    return True
+  return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 @contextlib.contextmanager
-def _compile_cache(out: str):
-  """A persistent XLA cache in the output folder while the grid runs: the seeds of a variant
-  share their programs (the seed changes no shapes), so only the first seed of each variant
-  compiles. The previous settings come back afterwards (the folder may be deleted later, and a
-  process-wide cache pointing at a deleted folder aborts later compilations)."""
+def compile_cache(log: Callable[[str], None] | None = None):
+  """A persistent XLA cache while the grid runs: the seeds of a variant share their programs
+  (the seed changes no shapes), so only the first seed of each variant compiles, and a rerun
+  compiles nothing.
+
+  The cache is the user's own (`user_cache_dir`, only used when it belongs to this user and no
+  one else can write to it), never the results folder: jax loads compiled executables from it
+  without checking who wrote them, and a results folder is shared and copied. A cache the user
+  already set (`JAX_COMPILATION_CACHE_DIR` / `jax_compilation_cache_dir`) is kept as it is.
+  The previous settings come back afterwards."""
   import jax
+
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  if jax.config.jax_compilation_cache_dir:
+    yield
+    return
+  path = user_cache_dir()
+  if not _private_dir(path):
+    log(f"note: {path} is not a folder only you can write to; compiling without a persistent "
+        "cache")
+    yield
+    return
 
   def reset():  # jax keeps the opened cache object until told to drop it (private API: guarded)
     try:
@@ -464,7 +381,7 @@ def _compile_cache(out: str):
   keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   old = {k: getattr(jax.config, k) for k in keys}
   reset()
-  jax.config.update(keys[0], os.path.join(out, ".jax_cache"))
+  jax.config.update(keys[0], path)
   jax.config.update(keys[1], 1.0)
   try:
     yield

@@ -6,6 +6,9 @@ both runs saw the same batches in the same order and the same held-out documents
 confidence interval is mean(d) ± t(0.975, n-1) · sd(d) / sqrt(n) over the n paired seeds (Student
 t); with one seed there is no interval.
 
+Runs that diverged (`status` "diverged" in their result.json) are listed under the table and left
+out of every statistic; a seed whose baseline run diverged has no paired difference.
+
 Compute: forward FLOPs per token at the training length (`summary.flops_per_token`, mean over the
 positions of a row, plus the MTP block's matmuls), and training compute ~ 3 x forward x tokens.
 """
@@ -19,13 +22,13 @@ import os
 import statistics
 from typing import Any
 
-from deepseek_v4 import summary
+from deepseek_v4 import ablate_spec, summary
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.train import TrainConfig
 
-CSV_FIELDS = ("variant", "seed", "steps", "tokens", "val_loss", "val_bpb", "train_loss",
-              "tokens_per_s", "wall_s", "params_total", "params_active", "flops_per_token",
-              "train_flops")
+CSV_FIELDS = ("variant", "seed", "status", "steps", "tokens", "val_loss", "val_bpb",
+              "train_loss", "tokens_per_s", "wall_s", "params_total", "params_active",
+              "flops_per_token", "train_flops")
 
 
 def model_costs(cfg: ModelConfig, tcfg: TrainConfig) -> dict[str, float]:
@@ -48,8 +51,9 @@ def t_quantile(df: int, q: float = 0.975) -> float:
 
 def variant_rows(records: list[dict], variants: list[str], baseline: str) -> list[dict[str, Any]]:
   """Per variant: n, mean/std of the final validation loss, paired difference to the baseline
-  with its 95% CI, mean bpb, costs and throughput."""
-  by = {v: {r["seed"]: r for r in records if r["variant"] == v} for v in variants}
+  with its 95% CI, mean bpb, costs and throughput (diverged runs left out)."""
+  finished = [r for r in records if r.get("status", "done") == "done"]
+  by = {v: {r["seed"]: r for r in finished if r["variant"] == v} for v in variants}
   base = by[baseline]
   out = []
   for v in variants:
@@ -82,7 +86,7 @@ def format_markdown(spec, rows: list[dict], records: list[dict]) -> str:
   """results.md: the setting, the table, the method."""
   variants = dict(spec.variants)
   seeds = sorted({r["seed"] for r in records})
-  tokens = rows[0]["tokens"] if rows else 0
+  tokens = rows[0]["tokens"] if rows else 0  # every finished run trains on the same tokens
   lines = [f"# Ablation: {spec.name}", ""]
   if spec.description:
     lines += [spec.description.strip(), ""]
@@ -90,7 +94,7 @@ def format_markdown(spec, rows: list[dict], records: list[dict]) -> str:
   lines += [f"Base: preset `{spec.preset}`" +
             (f" with {', '.join(f'{k}={v}' for k, v in base_fields.items())}" if base_fields
              else "") +
-            f"; data: {spec.data or 'the embedded demo corpus'} ({spec.max_bytes:,} bytes max)"
+            f"; data: {spec.data or f'the embedded demo corpus ({spec.max_bytes:,} bytes max)'}"
             f"; run settings: {', '.join(f'{k}={v}' for k, v in spec.train.items())}.",
             f"Every run: {_h(tokens)} training tokens; seeds {seeds}. Validation loss: "
             "next-token nats per token on held-out documents, at the last step.", "",
@@ -110,6 +114,10 @@ def format_markdown(spec, rows: list[dict], records: list[dict]) -> str:
                  f"{_h(r['params_active'])} | {_h(r['flops_per_token'])} | "
                  f"{r['tokens_per_s']:,.0f} | {r['mean']:.4f}{std} (n={r['n']}) | {diff} | "
                  f"{r['bpb']:.4f} | {_h(r['train_flops'])}FLOP, {r['wall_s']:.0f} s |")
+  diverged = [r for r in records if r.get("status") == "diverged"]
+  if diverged:
+    lines += ["", "Diverged (left out of the table and the statistics): " + "; ".join(
+      f"{r['variant']} seed {r['seed']} at step {r['steps']}" for r in diverged) + "."]
   lines += ["", "Method: Δ is the mean over seeds of the paired difference (variant − baseline, "
             "same seed: same batches and held-out documents); its 95% confidence interval is "
             "mean ± t(0.975, n−1)·sd/√n over the n paired seeds (Student t). Negative Δ: lower "
@@ -126,6 +134,8 @@ def _curves(out_dir: str, records: list[dict]) -> dict[str, dict[int, list[tuple
   """variant -> seed -> [(tokens, val_loss)] from each run's metrics.jsonl."""
   curves: dict[str, dict[int, list]] = {}
   for r in records:
+    if r.get("status", "done") != "done":
+      continue
     path = os.path.join(out_dir, r["variant"], f"seed{r['seed']}", "metrics.jsonl")
     if not os.path.exists(path):
       continue
@@ -176,6 +186,12 @@ def plot_curves(out_dir: str, records: list[dict], variants: list[str], png: str
   return True
 
 
+def markdown(spec, records: list[dict]) -> str:
+  """The text of results.md for these records (nothing written)."""
+  rows = variant_rows(records, [v for v, _ in spec.variants], spec.baseline)
+  return format_markdown(spec, rows, records)
+
+
 def write_report(out_dir: str, spec, records: list[dict]) -> list[dict]:
   """Writes results.csv, results.md and curves.png into `out_dir`; returns the variant rows."""
   variants = [v for v, _ in spec.variants]
@@ -192,16 +208,25 @@ def write_report(out_dir: str, spec, records: list[dict]) -> list[dict]:
 
 
 def read_results(out_dir: str) -> tuple[Any, list[dict]]:
-  """(spec, run records) of a finished or partial results folder (for notebooks)."""
-  from deepseek_v4 import ablate
+  """(spec, run records) of a finished or partial results folder (for notebooks).
 
-  with open(os.path.join(out_dir, "spec.json")) as f:
-    spec = ablate.parse_spec(json.load(f), source=os.path.join(out_dir, "spec.json"))
+  Raises:
+    ablate_spec.SpecError: spec.json or a result.json is not valid JSON (the file named).
+  """
+
+  def read(path: str) -> Any:
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ablate_spec.SpecError(f"{path}: not valid JSON ({e})") from None
+
+  path = os.path.join(out_dir, "spec.json")
+  spec = ablate_spec.parse_spec(read(path), source=path)
   records = []
   for v, _ in spec.variants:
     for s in spec.seeds:
       path = os.path.join(out_dir, v, f"seed{s}", "result.json")
       if os.path.exists(path):
-        with open(path) as f:
-          records.append(json.load(f))
+        records.append(read(path))
   return spec, records

@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p("--bf16", action="store_true", help="bfloat16 compute with float32 master weights")
   p("--freeze", action="append", default=[], metavar="REGEX",
     help="do not train parameters whose name matches (repeatable)")
-  p("--lora-rank", type=int, help="LoRA fine-tuning with this rank (only adapters train)")
+  p("--lora-rank", type=cli.positive_int,
+    help="LoRA fine-tuning with this rank >= 1 (only adapters train; omit it for full training)")
   p("--lora-alpha", type=float)
   p("--lora-targets", help="comma-separated projection names (default wq_a,wq_b,wkv,wo_b)")
   p("--packing", choices=["aligned", "concat", "pad"],
@@ -77,10 +78,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help="stop when the gradient norm exceeds F x its running level (default 100)")
   p("--train-set", dest="train_overrides", action="append", default=[],
     metavar="FIELD=VALUE", help="override any TrainConfig field (repeatable)")
-  p("--sample", type=int, default=200, metavar="N", help="tokens to sample at the end (0 = none)")
+  p("--sample", type=_non_negative_int, default=200, metavar="N",
+    help="tokens to sample at the end (0 = none)")
   p("--no-progress", action="store_true", help="no progress bar")
   p("--print-groups", action="store_true",
     help="print which optimizer (Muon / AdamW) each trained parameter gets, then exit")
+
+
+def _non_negative_int(text: str) -> int:
+  """argparse type: an integer >= 0."""
+  try:
+    value = int(text.replace("_", ""))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+  return value
 
 
 def _parse_train_overrides(tcfg: train.TrainConfig, items: list[str]) -> train.TrainConfig:
@@ -214,6 +227,21 @@ def _keep_tokenizer(spec: str, out: str) -> None:
     shutil.copyfile(src, dst)
 
 
+def _abstract_model(cfg, tcfg: train.TrainConfig):
+  """The model the run trains (LoRA-wrapped if asked), shapes only: nothing is computed."""
+  from flax import nnx
+
+  from deepseek_v4.model import Transformer
+
+  model = nnx.eval_shape(lambda: Transformer(train.training_model_config(cfg, tcfg),
+                                             rngs=nnx.Rngs(0)))
+  if tcfg.lora_rank:
+    from deepseek_v4 import lora
+    lora.apply_lora(model, tcfg.lora_targets, rank=tcfg.lora_rank, alpha=tcfg.lora_alpha,
+                    rngs=nnx.Rngs(0))
+  return model
+
+
 def run(args: argparse.Namespace) -> int:
   tok = data_lib.get_tokenizer(args.tokenizer)
   if args.demo:
@@ -231,20 +259,17 @@ def run(args: argparse.Namespace) -> int:
   tcfg = train_config_from_args(args, base)
   divergence = _divergence(args)
   trainer.check_settings(cfg, tcfg)
+  model = _abstract_model(cfg, tcfg)
+  trainer.check_freeze(model, tcfg)  # before any data is read or anything compiles
   if args.print_groups:
     from flax import nnx
 
     from deepseek_v4 import optim
-    from deepseek_v4.model import Transformer
 
-    model = nnx.eval_shape(lambda: Transformer(train.training_model_config(cfg, tcfg),
-                                               rngs=nnx.Rngs(0)))
-    if tcfg.lora_rank:
-      from deepseek_v4 import lora
-      lora.apply_lora(model, tcfg.lora_targets, rank=tcfg.lora_rank, alpha=tcfg.lora_alpha,
-                      rngs=nnx.Rngs(0))
-    print(optim.format_groups(optim.describe(nnx.state(model, train.trainable_filter(tcfg)),
-                                             cfg)))
+    rows = optim.describe(nnx.state(model, train.trainable_filter(tcfg, model.cfg)), cfg)
+    # A stack of scanned layers trains as one tensor; the slices of its frozen layers do not.
+    frozen = trainer.frozen_name(tcfg)
+    print(optim.format_groups([r for r in rows if not frozen(r["name"])]))
     return 0
   out = args.out or ("runs/demo" if args.demo else "runs/train")
   # The demo continues (or just re-reports) its own earlier run instead of refusing to start.

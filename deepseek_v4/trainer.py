@@ -15,8 +15,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import difflib
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -28,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_v4 import data as data_lib
-from deepseek_v4 import evaluate, train
+from deepseek_v4 import evaluate, layout, train
 from deepseek_v4.checkpoint.io import Checkpointer
 from deepseek_v4.config import ModelConfig
 
@@ -138,6 +140,7 @@ class RunResult:
   model: object = None
   last_val_loss: float | None = None
   last_val_bpb: float | None = None
+  throughput_includes_compile: bool = False
 
 
 class _Progress:
@@ -264,6 +267,7 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
   if len(rows) < tcfg.batch_size:
     log(f"note: {len(rows)} rows < batch_size {tcfg.batch_size}; rows repeat within a batch")
   model, optimizer = train.build(cfg, tcfg)
+  check_freeze(model, tcfg)
   if init_model is not None:
     init_model(model)
     optimizer = train.make_optimizer(model, tcfg)
@@ -313,7 +317,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
                    wall_s=time.time() - run.t_start, tokens_per_s=speed.value, out_dir=out_dir,
                    losses=losses, model=model,
                    last_val_loss=evals[-1]["val_loss"] if evals else None,
-                   last_val_bpb=evals[-1]["val_bpb"] if evals else None)
+                   last_val_bpb=evals[-1]["val_bpb"] if evals else None,
+                   throughput_includes_compile=speed.includes_compile)
 
 
 def check_settings(cfg: ModelConfig, tcfg: train.TrainConfig) -> None:
@@ -331,6 +336,42 @@ def check_resume(out_dir: str | None, resume: bool) -> None:
                      "run to continue; drop --resume to begin a new run there")
 
 
+def parameter_names(model) -> list[str]:
+  """The official per-layer names of the model's parameters (`layers.7.attn.wq_a.weight`; a
+  stacked parameter of scanned layers gives one name per layer), as freeze patterns see them."""
+  names = []
+  for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names += [n for n, _ in layout.official_names(model.cfg, ".".join(map(str, path)))]
+  return names
+
+
+def check_freeze(model, tcfg: train.TrainConfig) -> None:
+  """Refuses a freeze pattern that matches no parameter name (a typo would train everything).
+
+  Raises:
+    ValueError: naming the pattern, with the closest parameter names.
+  """
+  if not tcfg.freeze:
+    return
+  names = parameter_names(model)
+  for pattern in tcfg.freeze:
+    if not any(re.search(pattern, n) for n in names):
+      close = difflib.get_close_matches(pattern.replace("\\", ""), names, n=3, cutoff=0.3)
+      raise ValueError(f"--freeze '{pattern}' matches no parameter (patterns are searched in "
+                       f"names such as {', '.join(close or names[:3])}); fix the pattern")
+
+
+def frozen_name(tcfg: train.TrainConfig):
+  """`fn(official name) -> bool`: whether a trainable parameter's slice of that name is held
+  fixed. A stacked parameter of scanned layers trains when any of its layers does, and the
+  frozen layers' slices are then zeroed (`train.freeze_mask`); this says which. With LoRA or the
+  dense indexer stage nothing inside the trained tensors is held."""
+  if tcfg.lora_rank or tcfg.indexer_stage == "dense":
+    return lambda name: False
+  patterns = train._freeze_patterns(tcfg)  # noqa: SLF001 - the one definition of the patterns
+  return lambda name: any(p.search(name) for p in patterns)
+
+
 def _probe(model, optimizer, batches: data_lib.Batches, tcfg: train.TrainConfig,
            step: int) -> dict[str, float]:
   """{loss, grad_norm} of the current parameters (after `step` steps) on the next batch, without
@@ -346,17 +387,24 @@ def _probe(model, optimizer, batches: data_lib.Batches, tcfg: train.TrainConfig,
 
 
 class _Throughput:
-  """Tokens per second, timed from the end of the first step (which includes compilation)."""
+  """Tokens per second, timed from the end of the first step (which includes compilation). With
+  a single step there is nothing after it, so that step's own rate is reported, compilation
+  included (`includes_compile`), rather than 0."""
 
   def __init__(self):
+    self.t_start = time.time()
     self.t0, self.tokens, self.value = None, 0.0, 0.0
+    self.includes_compile = False
 
   def update(self, tokens: float) -> float:
     if self.t0 is None:
       self.t0 = time.time()
+      self.value = tokens / max(self.t0 - self.t_start, 1e-9)
+      self.includes_compile = True
     else:
       self.tokens += tokens
       self.value = self.tokens / max(time.time() - self.t0, 1e-9)
+      self.includes_compile = False
     return self.value
 
 
@@ -464,13 +512,15 @@ def summary(result: RunResult) -> str:
   throughput."""
   if result.first_loss is None:
     return "no step was logged"
+  rate = f"{result.tokens_per_s:,.0f} tokens/s" + (
+    " (a single step: compilation included)" if result.throughput_includes_compile else "")
   if result.last_val_loss is not None:
     return (f"validation loss {result.last_val_loss:.4f} nats/token ({result.last_val_bpb:.4f} "
             f"bits/byte) after {result.steps} steps (training loss {result.last_loss:.4f}); "
-            f"{result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s")
+            f"{result.wall_s:.0f} s, {rate}")
   return (f"loss {result.first_loss:.4f} -> {result.last_loss:.4f} (next-token "
           f"{result.first_lm_loss:.4f} -> {result.last_lm_loss:.4f}) after {result.steps} steps; "
-          f"{result.wall_s:.0f} s, {result.tokens_per_s:,.0f} tokens/s")
+          f"{result.wall_s:.0f} s, {rate}")
 
 
 def sample_text(model, tok, prompt: str, max_new_tokens: int = 200, temperature: float = 0.7,

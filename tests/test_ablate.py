@@ -145,3 +145,210 @@ def test_killed_grid_resumes_without_redoing_finished_runs(tmp_path):
   # A changed variant in the same folder is refused, naming the differing field.
   with pytest.raises(ablate.SpecError, match="learning_rate"):
     ablate.run_grid(_spec({"a": {"learning_rate": 1e-3}}), out, progress=False, fit=spy)
+
+
+# ----- issue 20: spec files, run identity, divergence, foreign folders ----------------------------
+def _fake_fit(diverge=()):
+  """A stand-in for trainer.fit (these tests are about the grid, not training): a run's result is
+  a fixed function of its variant and seed; (variant, seed) pairs in `diverge` raise."""
+  calls = []
+
+  def fit(cfg, tcfg, rows, folder, **kw):
+    variant, seed = os.path.basename(os.path.dirname(folder)), tcfg.seed
+    calls.append((variant, seed))
+    if (variant, seed) in diverge:
+      raise trainer.TrainingDiverged("training diverged at step 2: loss=nan", 2, None)
+    loss = 2.0 + 0.1 * len(variant) + 0.01 * seed
+    return trainer.RunResult(steps=tcfg.steps, first_loss=5.0, last_loss=loss, first_lm_loss=5.0,
+                             last_lm_loss=loss, wall_s=1.0, tokens_per_s=100.0, out_dir=folder,
+                             losses=[loss], last_val_loss=loss, last_val_bpb=loss / 2)
+
+  fit.calls = calls
+  return fit
+
+
+def _write_spec(tmp_path, name="s.json", **changes):
+  doc = {**BASE, "variants": {"a": {}, "bb": {"learning_rate": 1e-3}}, **changes}
+  path = tmp_path / name
+  path.write_text(json.dumps(doc))
+  return str(path)
+
+
+@pytest.mark.parametrize("ext, text, key", [
+  (".json", '{"name": "t", "variants": {"a": {}, "b": {}, "a": {"d_model": 32}}}', "'a'"),
+  (".json", '{"name": "t", "name": "u", "variants": {"a": {}}}', "'name'"),
+  (".yaml", "name: t\nvariants:\n  a: {}\n  b: {}\n  a: {d_model: 32}\n", "'a'"),
+], ids=["json-variant", "json-top-level", "yaml-variant"])
+def test_duplicate_keys_refused(tmp_path, ext, text, key):
+  if ext == ".yaml":
+    pytest.importorskip("yaml")
+  path = tmp_path / f"dup{ext}"
+  path.write_text(text)
+  with pytest.raises(ablate.SpecError, match=f"{key} is given twice") as info:
+    ablate.load_spec(str(path))
+  assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("doc, match", [
+  ({"variants": {"..": {}}}, r"variant name '\.\.'"),
+  ({"variants": {".": {}}}, r"variant name '\.'"),
+  ({"variants": {".hidden": {}}}, r"variant name '\.hidden'"),
+  ({"name": "../../../tmp/x", "variants": {"a": {}}}, r"name '\.\./\.\./\.\./tmp/x'"),
+  ({"name": "..", "variants": {"a": {}}}, r"name '\.\.'"),
+  ({"name": 7, "variants": {"a": {}}}, "name 7"),
+], ids=["dotdot", "dot", "hidden", "spec-name-path", "spec-name-dotdot", "spec-name-number"])
+def test_names_that_would_leave_the_output_folder_refused(doc, match):
+  with pytest.raises(ablate.SpecError, match=match):
+    ablate.parse_spec({**{k: v for k, v in BASE.items() if k != "name"}, **doc}, source="x.toml")
+
+
+@pytest.mark.parametrize("value", [0, -5, "lots", True, 1.5, None], ids=str)
+def test_max_bytes_must_be_a_positive_whole_number(tmp_path, value):
+  path = _write_spec(tmp_path, max_bytes=value)
+  with pytest.raises(ablate.SpecError, match=r"max_bytes=.* must be a whole number of bytes > 0") \
+      as info:
+    ablate.load_spec(path)
+  assert path in str(info.value)
+  assert ablate.load_spec(_write_spec(tmp_path, "ok.json", max_bytes=5e4)).max_bytes == 50_000
+
+
+def test_batch_size_grad_accum_mismatch_quotes_the_specs_values_and_file(tmp_path):
+  path = _write_spec(tmp_path, train={**BASE["train"], "batch_size": 10, "grad_accum": 3})
+  with pytest.raises(ablate.SpecError) as info:
+    ablate.check_spec(ablate.load_spec(path), trace=False)
+  msg = str(info.value)
+  assert path in msg and "[train]" in msg and "batch_size=10" in msg and "grad_accum=3" in msg
+  assert "batch_size=8" not in msg  # not the TrainConfig default
+
+
+def test_data_and_tokenizer_resolve_against_the_spec_folder(tmp_path, monkeypatch):
+  folder = tmp_path / "specs"
+  folder.mkdir()
+  path = _write_spec(folder, data="corpus.jsonl", tokenizer="tok/tokenizer.json")
+  monkeypatch.chdir(tmp_path)
+  spec = ablate.load_spec(os.path.relpath(path))
+  assert spec.data == os.path.join("specs", "corpus.jsonl")
+  assert spec.tokenizer == os.path.join("specs", "tok/tokenizer.json")
+  assert ablate.load_spec(_write_spec(folder, "b.json")).tokenizer == "bytes"
+
+
+def test_changed_data_is_a_different_run(tmp_path):
+  out = str(tmp_path / "demo")
+  fit = _fake_fit()
+  ablate.run_grid(ablate.load_spec(_write_spec(tmp_path)), out, progress=False, fit=fit)
+  assert len(fit.calls) == 2
+  ablate.run_grid(ablate.load_spec(_write_spec(tmp_path)), out, progress=False, fit=fit)
+  assert len(fit.calls) == 2  # same spec, same data: nothing reruns
+  # The demo corpus cut at another max_bytes: other rows, another run.
+  with pytest.raises(ablate.SpecError, match=r"differing: \['data.max_bytes', "
+                                             r"'data.rows_sha256'\]"):
+    ablate.run_grid(ablate.load_spec(_write_spec(tmp_path, max_bytes=50_000)), out,
+                    progress=False, fit=fit)
+  # A data file whose contents changed under the same name.
+  corpus, out = tmp_path / "corpus.jsonl", str(tmp_path / "file")
+  corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n  return x + {i}\n"}) + "\n"
+                            for i in range(600)))
+  spec = _write_spec(tmp_path, data="corpus.jsonl")
+  ablate.run_grid(ablate.load_spec(spec), out, progress=False, fit=fit)
+  assert len(fit.calls) == 4
+  corpus.write_text("".join(json.dumps({"text": f"def g{i}(y):\n  return y * {i}\n"}) + "\n"
+                            for i in range(600)))
+  with pytest.raises(ablate.SpecError, match=r"differing: \['data.rows_sha256'\]"):
+    ablate.run_grid(ablate.load_spec(spec), out, progress=False, fit=fit)
+  assert len(fit.calls) == 4
+
+
+def test_diverging_variant_is_recorded_and_the_grid_goes_on(tmp_path):
+  spec = _spec({"a": {}, "bb": {"learning_rate": 1e-3}, "c": {"learning_rate": 2e-3}},
+               seeds=[0, 1])
+  out, lines = str(tmp_path / "out"), []
+  fit = _fake_fit(diverge={("bb", 0)})
+  records = ablate.run_grid(spec, out, progress=False, fit=fit, log=lines.append)
+  assert len(fit.calls) == 6  # every cell ran
+  assert any("variant 'bb' seed 0 diverged at step 2" in line for line in lines), lines
+  status = {(r["variant"], r["seed"]): r["status"] for r in records}
+  assert status.pop(("bb", 0)) == "diverged" and set(status.values()) == {"done"}
+  rows = {r["variant"]: r for r in ablate_report.variant_rows(records, ["a", "bb", "c"], "a")}
+  assert rows["bb"]["n"] == 1 and rows["bb"]["mean"] == pytest.approx(2.2 + 0.01)
+  md = open(os.path.join(out, "results.md")).read()
+  assert "Diverged (left out of the table and the statistics): bb seed 0 at step 2." in md
+  ablate.run_grid(spec, out, progress=False, fit=fit)  # recorded: not rerun
+  assert len(fit.calls) == 6
+
+
+def test_corrupt_result_json_named(tmp_path):
+  spec, out = _spec({"a": {}}), str(tmp_path / "out")
+  ablate.run_grid(spec, out, progress=False, fit=_fake_fit())
+  bad = os.path.join(out, "a", "seed0", "result.json")
+  with open(bad, "w") as f:
+    f.write('{"variant": "a", "val_')
+  with pytest.raises(ablate.SpecError, match="result.json: not a valid result.json") as info:
+    ablate.run_grid(spec, out, progress=False, fit=_fake_fit())
+  assert bad in str(info.value)
+  with pytest.raises(ablate.SpecError, match="not valid JSON") as info:
+    ablate_report.read_results(out)
+  assert bad in str(info.value)
+
+
+def test_foreign_checkpoint_folder_named(tmp_path):
+  spec, out = _spec({"a": {}}), str(tmp_path / "out")
+  step = os.path.join(out, "a", "seed0", "checkpoints", "3")
+  os.makedirs(step)
+  open(os.path.join(step, "weights.bin"), "wb").close()
+  fit = _fake_fit()
+  with pytest.raises(ablate.SpecError, match="is not a checkpoint of this trainer") as info:
+    ablate.run_grid(spec, out, progress=False, fit=fit)
+  assert step in str(info.value) and not fit.calls
+
+
+def test_out_naming_a_file_refused(tmp_path, capsys):
+  path = _write_spec(tmp_path)
+  (tmp_path / "taken").write_text("x")
+  assert cli.main(["ablate", path, "--out", str(tmp_path / "taken"), "--no-progress"]) == 2
+  err = capsys.readouterr().err
+  assert "is a file, not a folder" in err and str(tmp_path / "taken") in err
+
+
+def test_finished_read_only_grid_prints_its_report(tmp_path, capsys, monkeypatch):
+  path, out = _write_spec(tmp_path), str(tmp_path / "out")
+  ablate.run_grid(ablate.load_spec(path), out, progress=False, fit=_fake_fit())
+  assert not os.path.exists(os.path.join(out, ".jax_cache"))
+  # Read-only: every write into the folder fails (chmod alone does not stop root).
+  real_open, real_access = open, os.access
+
+  def guarded_open(file, mode="r", *a, **k):
+    if str(file).startswith(out) and any(c in mode for c in "wax+"):
+      raise PermissionError(13, "Permission denied", str(file))
+    return real_open(file, mode, *a, **k)
+
+  def refuse(*a, **k):
+    raise PermissionError(13, "Permission denied", str(a[0]))
+
+  monkeypatch.setattr("builtins.open", guarded_open)
+  monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p).startswith(out)
+                      else real_access(p, m, **k))
+  monkeypatch.setattr(os, "replace", refuse)
+  assert cli.main(["ablate", path, "--out", out, "--no-progress"]) == 0
+  printed = capsys.readouterr().out
+  assert "# Ablation: t" in printed and "| bb | learning_rate=0.001 |" in printed
+
+
+def test_compile_cache_is_the_users_own_never_the_results_folder(tmp_path, monkeypatch):
+  import jax
+
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    with ablate.compile_cache(log=lambda s: None):
+      used = jax.config.jax_compilation_cache_dir
+    assert used == str(tmp_path / "cache" / "deepseek_v4" / "jax")
+    assert os.stat(used).st_mode & 0o777 == 0o700
+    assert jax.config.jax_compilation_cache_dir is None  # restored
+    os.chmod(used, 0o777)  # writable by others: not used
+    notes = []
+    with ablate.compile_cache(log=notes.append):
+      assert jax.config.jax_compilation_cache_dir is None
+    assert "not a folder only you can write to" in notes[0]
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

@@ -168,3 +168,40 @@ def test_init_refuses_contradicting_flags(init_dir, corpus, capsys):
   rc = cli.main(["train", "--init", path, "--set", "rope_theta=10000", "--data", corpus])
   assert rc == cli.USAGE_ERROR
   _one_error_line(capsys.readouterr().err, "--set rope_theta=10000.0 (checkpoint 5000.0)")
+
+
+# ----- issue 20: train's rough edges --------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, needle", [
+  ("--lora-rank", "0", "must be >= 1"),
+  ("--lora-rank", "-2", "must be >= 1"),
+  ("--sample", "-1", "must be >= 0"),
+], ids=["lora-rank-0", "lora-rank-negative", "sample-negative"])
+def test_train_flag_values_refused(tmp_path, corpus, capsys, flag, value, needle):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["train", flag, value, "--data", corpus, "--out", str(tmp_path / "o")])
+  assert e.value.code == cli.USAGE_ERROR
+  err = capsys.readouterr().err
+  assert flag in err and needle in err
+  assert not (tmp_path / "o").exists()
+
+
+def test_train_freeze_matching_nothing_refused(tmp_path, corpus, capsys):
+  out = tmp_path / "o"
+  rc = cli.main(["train", "--freeze", r"layer\.0\.", "--data", corpus, "--out", str(out)])
+  assert rc == cli.USAGE_ERROR
+  _one_error_line(capsys.readouterr().err, r"--freeze 'layer\.0\.'", "matches no parameter",
+                  "layers.0.")
+  assert not out.exists()  # refused before anything was written
+  # A pattern that matches is accepted (here it stops at --print-groups).
+  assert cli.main(["train", "--freeze", r"layers\.0\.", "--print-groups"]) == 0
+
+
+def test_print_groups_leaves_out_frozen_slices_of_scanned_layers(capsys):
+  assert cli.main(["train", "--print-groups"]) == 0
+  every = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+  assert cli.main(["train", "--print-groups", "--freeze", r"layers\.3\.", "--freeze", r"^mtp\."]) \
+      == 0
+  trained = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+  assert trained == [n for n in every if not n.startswith(("layers.3.", "mtp."))]
+  assert any(n.startswith("layers.3.") for n in every) and any(
+    n.startswith("layers.4.") for n in trained)
