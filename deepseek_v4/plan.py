@@ -173,7 +173,7 @@ class Settings:
   all_to_all: str = "ragged"  # expert-parallel path (layers/moe_ep.py): ragged on GPU/TPU
   prefill_chunk: int = 8192
   ce_chunk: int = 1024
-  gmm: str = "ragged_dot"  # grouped-matmul path (kernels_pallas/moe_gmm): ragged_dot on GPU/TPU
+  gmm: str = "tiled"  # grouped-matmul path (kernels_pallas/moe_gmm): what "auto" runs on GPU
 
 
 @dataclasses.dataclass
@@ -229,6 +229,8 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
   mdt = _itemsize(s.moment_dtype)
   tot = dict(params=0.0, buffers=0.0, grads=0.0, opt=0.0, n_params=0, n_trained=0)
   largest = (0.0, "")
+  per_layer = [0.0] * cfg.num_layers  # local parameter bytes of each trunk layer
+  per_layer_trained = [0.0] * cfg.num_layers
   for path, var in summary.abstract_state(cfg):
     name = ".".join(map(str, path))
     shape = tuple(var.shape)
@@ -242,6 +244,8 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
       continue
     item = _itemsize(var.dtype)  # matrices in param_dtype; norms, mHC, sinks, ape in float32
     tot["params"] += local * item
+    if path[0] == "layers":
+      per_layer[path[1]] += local * item
     tot["n_params"] += math.prod(shape) * (2 if isinstance(var, KeptWeight) else 1)  # FP4 pairs
     if local * item > largest[0]:
       largest = (local * item, name)
@@ -251,6 +255,8 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
       continue
     tot["n_trained"] += math.prod(shape)
     tot["grads"] += local * item
+    if path[0] == "layers":
+      per_layer_trained[path[1]] += local * item
     moments = 2 if s.optimizer == "adamw" or _is_adamw(name, len(shape)) else 1
     tot["opt"] += local * moments * mdt
   unmatched = [p.pattern for p in frozen if p.pattern not in matched]
@@ -266,7 +272,18 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
     lines += [(f"gradients ({tot['n_trained'] / 1e9:.2f}B trained)", tot["grads"], "exact"),
               (f"optimizer state ({s.optimizer}, {s.moment_dtype} moments)", tot["opt"], "exact")]
   notes = [f"largest parameter shard: {largest[1]} ({gb(largest[0])})"]
-  return lines, notes
+  return lines, notes, (per_layer, per_layer_trained)
+
+
+def scan_step_bytes(cfg: ModelConfig, per_layer: list[float]) -> float:
+  """Parameters of one step of the layer scan, which XLA copies out of the stacked [count, ...]
+  parameters (a dynamic slice per leaf): the largest period of a scanned group. 0 when no group
+  is scanned (every layer has its own parameters)."""
+  from deepseek_v4 import layout
+
+  steps = [sum(per_layer[g.start:g.start + g.period]) for g in layout.layer_groups(cfg)
+           if g.scanned]
+  return max(steps) if steps else 0.0
 
 
 def _batch_shards(sizes: dict[str, int], rules: str, batch: int, strict: bool) -> int:
@@ -313,13 +330,17 @@ def attention_block_bytes(cfg: ModelConfig, rows: int, seq: int, tp_heads: int) 
 
 
 def ep_buffer_bytes(cfg: ModelConfig, tokens: int, shards: int, cf: float | None,
-                    tp_mlp: int, all_to_all: str = "ragged") -> float:
+                    tp_mlp: int, all_to_all: str = "ragged", gmm: str = "ragged_dot") -> float:
   """The expert-parallel dispatch/compute/combine buffers of one MoE (layers/moe_ep.py).
 
   `tokens` is T_l, the tokens of one device inside the MoE's shard_map. Received rows hold the
   input, its expert-sorted copy, the float32 SwiGLU inputs and output, and the expert output;
   the "ragged" path's send side holds only the T_l * k pairs (sorted rows, returned rows, and
-  the rows back in token order), the "buffer" path sends and receives P * C rows.
+  the rows back in token order), the "buffer" path sends and receives P * C rows. With the tiled
+  grouped matmul (`gmm="tiled"`, what "auto" runs on GPU) the SwiGLU runs one tile at a time:
+  a received row holds only [D] buffers (the rows, their expert-sorted copy, the tile-aligned
+  layout and the expert output; XLA's buffer assignment for Flash on 8 H200s shows these at the
+  MoE's peak), not the float32 SwiGLU activations.
   """
   if all_to_all not in ALL_TO_ALL:
     raise ValueError(f"all_to_all={all_to_all!r} must be one of {ALL_TO_ALL}")
@@ -331,6 +352,8 @@ def ep_buffer_bytes(cfg: ModelConfig, tokens: int, shards: int, cf: float | None
     rows = shards * capacity(tokens, X, E_l, shards, cf)
     return rows * (per_row + 3 * 4)
   rows = ragged_rows(tokens, X, E_l, shards, cf)
+  if gmm == "tiled":
+    per_row = 4 * D * act
   return tokens * X * (3 * D * act + 2 * 4) + rows * (per_row + 2 * 4)
 
 
@@ -347,7 +370,12 @@ def decoded_experts_line(cfg: ModelConfig, expert_shards: int, gmm: str):
           "estimate")
 
 
-def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
+def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings,
+                     step_params: float = 0.0, step_trained: float = 0.0):
+  """Activation lines. A block's attention and its MoE run one after the other, so the block's
+  peak is the larger of the two working sets (XLA reuses one's buffers for the other); the
+  block-boundary streams, the parameters of one step of the layer scan (`scan_step_bytes`) and,
+  in training, the float32 weight gradients of that step are alive across both."""
   r = sharding.get_rules(rules)
   ep = r.expert_parallel
   tp_h = _act_shards(sizes, rules, "heads", cfg.num_heads)
@@ -359,43 +387,48 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
   ep_shards = sizes[dict(r.params)["expert"]] if ep else 1
   token_shards = _act_shards(sizes, rules, "batch", math.prod(sizes.values()))  # MoE shard_map
   act = _itemsize(cfg.dtype)
+  stream = cfg.hc_mult * cfg.d_model * act
   L = cfg.num_layers + cfg.num_mtp_layers
+  cf = "dropless" if s.capacity_factor is None else f"capacity factor {s.capacity_factor}"
   if s.train:
     if rows % s.grad_accum:
       raise ValueError(f"{rows} rows per device not divisible by grad_accum={s.grad_accum}")
     rows //= s.grad_accum
     n = rows * s.seq
-    stream = cfg.hc_mult * cfg.d_model * act
     saved = L * n * (stream if s.remat == "full" else per_block)
     work = n * per_block * (2 if s.remat == "full" else 1)
-    attn = attention_block_bytes(cfg, rows, s.seq, tp_h) * 3
+    work += attention_block_bytes(cfg, rows, s.seq, tp_h) * 3
     t_l = -(-s.batch // s.grad_accum * s.seq // token_shards)
-    moe = ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all) * 2 \
-      if ep else 0.0
+    moe = 2 * ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
+                              s.gmm) if ep else 0.0
     logits = min(s.ce_chunk, n) * cfg.vocab_size * 4 * 3 / tp_v
+    grads32 = step_trained * 4 / _itemsize(cfg.param_dtype)
     lines = [(f"saved activations ({L} blocks, remat {s.remat})", saved, "estimate"),
-             ("one block's recompute + backward", work, "estimate"),
-             ("attention/indexer query block", attn, "estimate")]
+             ("one block's backward (max of attention, MoE)", max(work, moe), "estimate"),
+             ("one scan step: parameters + float32 weight gradients", step_params + grads32,
+              "estimate")]
     head = f"rows/device per micro-batch {rows} x {s.seq} tokens"
+    what = "recompute + backward"
   else:
     chunk = min(s.prefill_chunk, s.seq)
     n = rows * chunk
-    work = n * (per_block + 2 * cfg.hc_mult * cfg.d_model * act)
-    attn = attention_block_bytes(cfg, rows, s.seq, tp_h)
+    work = n * per_block + attention_block_bytes(cfg, rows, s.seq, tp_h)
     t_l = -(-s.batch * chunk // token_shards)  # a replicated batch is split inside the MoE
-    moe = ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all) \
-      if ep else 0.0
+    moe = ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
+                          s.gmm) if ep else 0.0
     logits = rows * cfg.vocab_size * 4 * 2 / tp_v
-    lines = [(f"prefill chunk of {chunk} tokens: one block", work, "estimate"),
-             ("attention/indexer query block", attn, "estimate")]
+    lines = [(f"prefill chunk of {chunk} tokens: streams in and out", 2 * n * stream,
+              "estimate"),
+             ("one block (max of attention, MoE)", max(work, moe), "estimate"),
+             ("one scan step's parameters", step_params, "estimate")]
     head = f"rows/device {rows}, cache capacity {s.seq} tokens"
-  if ep:
-    cf = "dropless" if s.capacity_factor is None else f"capacity factor {s.capacity_factor}"
-    lines.append((f"MoE all-to-all buffers ({s.all_to_all}, {cf})", moe, "estimate"))
+    what = "forward"
   if cfg.keep_quantized == "experts":
     lines.append(decoded_experts_line(cfg, ep_shards, s.gmm))
   lines.append(("logits (float32)", logits, "estimate"))
-  return lines, [head]
+  block = (f"one block's {what}: attention, block intermediates {gb(work)}; MoE all-to-all "
+           f"buffers ({s.all_to_all}, {s.gmm} grouped matmul, {cf}) {gb(moe)}")
+  return lines, [head, block]
 
 
 def cache_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
@@ -426,8 +459,9 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
   if s.train and cfg.keep_quantized:
     raise ValueError(f"keep_quantized={cfg.keep_quantized!r} is inference-only; a training plan "
                      "needs the experts in param_dtype (keep_quantized=None)")
-  lines, notes = state_lines(cfg, sizes, rules, s)
-  act, act_notes = activation_lines(cfg, sizes, rules, s)
+  lines, notes, (per_layer, trained) = state_lines(cfg, sizes, rules, s)
+  act, act_notes = activation_lines(cfg, sizes, rules, s, scan_step_bytes(cfg, per_layer),
+                                    scan_step_bytes(cfg, trained))
   lines += act
   if not s.train:
     lines += cache_lines(cfg, sizes, rules, s)
@@ -489,9 +523,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--keep-quantized", choices=["experts"], default=None,
                       help="inference with the routed experts kept in FP4 (load_hf_checkpoint("
                       "keep_quantized='experts')); same as --set keep_quantized=experts")
-  parser.add_argument("--gmm", choices=GMM_PATHS, default="ragged_dot",
-                      help="grouped-matmul path, for the decoded kept experts (default "
-                      "ragged_dot, what 'auto' runs on GPU)")
+  parser.add_argument("--gmm", choices=GMM_PATHS, default="tiled",
+                      help="grouped-matmul path of the routed experts (default tiled, what "
+                      "'auto' runs on GPU; ragged_dot is TPU's)")
   parser.add_argument("--device-memory", type=cli.arg_type(parse_bytes), default=None,
                       help="e.g. 141GB (H200), 80GB or 140GiB (a bare number counts bytes); "
                       "prints whether the plan fits")

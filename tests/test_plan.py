@@ -125,9 +125,15 @@ def test_flash_inference_on_64_h200_fits():
   flash = deepseek_v4.flash()
   p = plan.make_plan(flash, dict(fsdp=8, expert=8), device_memory=plan.parse_bytes("141GB"))
   assert p.rules == "fsdp_ep" and p.fits
-  (label,) = [a for a, _, _ in p.lines if a.startswith("MoE all-to-all")]
-  assert label == "MoE all-to-all buffers (ragged, dropless)"
-  assert _line(p, "MoE all-to-all") < 2e9
+  assert "MoE all-to-all buffers (ragged, tiled grouped matmul, dropless)" in "\n".join(p.notes)
+  from deepseek_v4.layers import moe_ep
+
+  T_l = 8 * 4096 // 64  # the chunk's tokens over all 64 devices
+  moe = plan.ep_buffer_bytes(flash, T_l, 8, None, 1, "ragged", "tiled")
+  assert moe < 2e9
+  D, act = flash.d_model, 2
+  assert moe == T_l * 6 * (3 * D * act + 8) + moe_ep.ragged_rows(T_l, 6, 32, 8, None) * (
+    4 * D * act + 8)
 
 
 @pytest.mark.parametrize("path", ["ragged", "buffer"])
@@ -137,8 +143,9 @@ def test_ep_buffers_follow_the_path_that_runs(path, train):
 
   cfg = deepseek_v4.tiny()
   sizes = dict(fsdp=4, expert=2)  # 8 token shards, 2 expert shards
-  s = plan.Settings(train=train, batch=8, seq=256, all_to_all=path, prefill_chunk=128)
-  got = _line(plan.make_plan(cfg, sizes, "fsdp_ep", s), "MoE all-to-all")
+  s = plan.Settings(train=train, batch=8, seq=256, all_to_all=path, prefill_chunk=128,
+                    gmm="ragged_dot")
+  p = plan.make_plan(cfg, sizes, "fsdp_ep", s)
   T_l = 8 * (256 if train else 128) // 8  # the step's (or chunk's) tokens over 8 token shards
   P, X, El = 2, cfg.experts_per_token, cfg.num_experts // 2
   D, F, act = cfg.d_model, cfg.moe_inter_dim, np.dtype(cfg.dtype).itemsize
@@ -147,7 +154,11 @@ def test_ep_buffers_follow_the_path_that_runs(path, train):
     want = P * moe_ep.capacity(T_l, X, El, P, None) * (per_row + 12)
   else:
     want = T_l * X * (3 * D * act + 8) + moe_ep.ragged_rows(T_l, X, El, P, None) * (per_row + 8)
-  assert got == want * (2 if train else 1)
+  got = plan.ep_buffer_bytes(cfg, T_l, P, None, 1, path, "ragged_dot")
+  assert got == want
+  want *= 2 if train else 1  # forward and backward buffers
+  assert f"({path}, ragged_dot grouped matmul, dropless) {plan.gb(want)}" in p.notes[1]
+  assert _line(p, "one block") >= want  # the larger of the attention and the MoE
   with pytest.raises(ValueError, match="all_to_all='nccl'"):
     plan.make_plan(cfg, sizes, "fsdp_ep", plan.Settings(all_to_all="nccl"))
 

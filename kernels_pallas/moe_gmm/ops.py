@@ -1,11 +1,13 @@
 """Public entry of the grouped matmul used by the routed experts; `impl=` picks the path.
 
-  "ragged_dot": `jax.lax.ragged_dot_general`, XLA's grouped matmul (cuBLAS grouped GEMM on GPU,
-                the megablox-style kernel on TPU). On CPU XLA runs it as a masked dense product
-                over every group, 10-30x slower than the tiled path (issue 10).
+  "ragged_dot": `jax.lax.ragged_dot_general`, XLA's grouped matmul (the megablox-style kernel on
+                TPU). On CPU XLA runs it as a masked dense product over every group, 10-30x
+                slower than the tiled path (issue 10); XLA:GPU (jax 0.10) expands it the same
+                way, an [rows, groups, K] operand: 51.5 GB per MoE layer at Flash's 8 x 4096
+                tokens over 8 H200s (compiled, docs/plan.md).
   "tiled":      `tiled.py`: rows padded to tile-aligned groups, one matmul per tile, custom VJP.
   "reference":  `reference.py` (O(M K N) memory; tests only).
-  "auto":       "tiled" on CPU, "ragged_dot" on GPU/TPU; logs once which path runs.
+  "auto":       "tiled" on CPU and GPU, "ragged_dot" on TPU; logs once which path runs.
 
 `grouped_swiglu_ffn_decoded` is the expert FFN over weights kept in a stored form (packed FP4
 experts, layers/moe_ffn.py), decoded inside the tile loop on the tiled path.
@@ -38,13 +40,13 @@ def _log_choice(choice: str, platform: str) -> None:
 
 
 def resolve_impl(impl: str) -> str:
-  """The concrete path for `impl`; "auto" is "tiled" on CPU and "ragged_dot" elsewhere."""
+  """The concrete path for `impl`; "auto" is "ragged_dot" on TPU and "tiled" elsewhere."""
   if impl not in IMPLS:
     raise ValueError(f"grouped_matmul: impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
   platform = common.platform()
-  choice = "tiled" if platform == "cpu" else "ragged_dot"
+  choice = "ragged_dot" if platform == "tpu" else "tiled"
   _log_choice(choice, platform)
   return choice
 

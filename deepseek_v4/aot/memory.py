@@ -1,0 +1,222 @@
+"""What XLA allocates per device for a `plan` row, beside what `plan` says (docs/plan.md).
+
+`measure(cfg, mesh, settings, target)` compiles, on compile-only devices of `target`
+(`deepseek_v4.aot.targets`), the program a plan row describes, with every argument placed by the
+same rule table a real run uses:
+
+* inference (`settings.train` False): one prefill step, `settings.prefill_chunk` tokens of
+  `settings.batch` rows into a cache of `settings.seq` tokens, returning the logits of each row's
+  last token and the new cache (the cache donated): `decoding._extend_jit` as `prefill` and
+  `generate` run it. A decode step is the same program with one token, so this is the peak.
+* training: `train._train_step` (loss, gradients, the DeepSeek optimizer's update, the
+  router-bias update), with the parameters and optimizer state donated, as
+  `parallel.jit_train_step` runs it.
+
+Unused arguments are kept (`keep_unused=True`): a real run holds every parameter on the device
+(the MTP block, which inference does not call, included), so they count.
+
+XLA's `memory_analysis()` splits a device's bytes into arguments, outputs, temporaries and the
+output bytes that alias a donated argument; the peak is arguments + outputs - aliased +
+temporaries. `Measurement.total` is that figure, the one `plan`'s total estimates.
+
+Requires `JAX_PLATFORMS=cpu` set before jax is imported, and the `aot` extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from deepseek_v4 import plan as plan_lib
+from deepseek_v4 import sharding
+from deepseek_v4.aot import targets
+from deepseek_v4.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  """Per-device bytes of one compiled program, and plan's figure for the same run."""
+
+  arguments: int
+  temporaries: int
+  output: int
+  aliased: int
+  plan: float
+  compile_s: float
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.output - self.aliased + self.temporaries
+
+  @property
+  def ratio(self) -> float:
+    """XLA's total over plan's."""
+    return self.total / self.plan
+
+  def to_dict(self) -> dict[str, Any]:
+    return dict(arguments=self.arguments, temporaries=self.temporaries, output=self.output,
+                aliased=self.aliased, total=self.total, plan=self.plan, ratio=self.ratio,
+                compile_s=self.compile_s)
+
+
+def truncated(cfg: ModelConfig, num_layers: int) -> ModelConfig:
+  """`cfg` with its first `num_layers` layers (the MTP block kept): per-layer kinds as in `cfg`."""
+  if not 1 <= num_layers <= cfg.num_layers:
+    raise ValueError(f"num_layers={num_layers} must be in [1, {cfg.num_layers}]")
+  return cfg.replace(compress_ratios=cfg.compress_ratios[:num_layers],
+                     num_hash_layers=min(cfg.num_hash_layers, num_layers))
+
+
+def _mesh(sizes: dict[str, int], target: str):
+  n = math.prod(sizes.values())
+  return sharding.make_mesh(**sizes, devices=targets.devices(target, n))
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _inference_lowered(cfg: ModelConfig, mesh, rules: str, s: plan_lib.Settings):
+  from deepseek_v4 import cache as cache_lib
+  from deepseek_v4 import decoding, parallel
+  from deepseek_v4.model import Transformer
+
+  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  state = _abstract(abs_state, sharding.state_shardings(abs_state, mesh, rules))
+  abs_cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, s.batch, s.seq))
+  cache = _abstract(abs_cache, sharding.cache_shardings(abs_cache, mesh, rules))
+  chunk = min(s.prefill_chunk, s.seq)
+  ids = jax.ShapeDtypeStruct((s.batch, chunk), jnp.int32,
+                             sharding=_batch_or_replicated(mesh, rules, (s.batch, chunk)))
+  n_valid = jax.ShapeDtypeStruct((s.batch,), jnp.int32,
+                                 sharding=_batch_or_replicated(mesh, rules, (s.batch,)))
+  moe = parallel.moe_impl(mesh, rules, capacity_factor=s.capacity_factor, gmm=s.gmm)
+  fn = functools.partial(decoding._extend_jit.__wrapped__, graphdef, last_only=True, moe=moe)
+  jitted = jax.jit(lambda st, c, i, n: fn(st, c, i, n), donate_argnums=(1,), keep_unused=True)
+  with sharding.use(mesh, rules):
+    return jitted.lower(state, cache, ids, n_valid)
+
+
+def _batch_or_replicated(mesh, rules, shape):
+  spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh,
+                                  sharding.get_rules(rules).activations, strict=False)
+  return NamedSharding(mesh, spec)
+
+
+def _train_config(s: plan_lib.Settings):
+  from deepseek_v4 import train
+
+  return train.TrainConfig(seq_len=s.seq, batch_size=s.batch, grad_accum=s.grad_accum,
+                           remat=s.remat, ce_chunk=s.ce_chunk, freeze=tuple(s.freeze),
+                           optimizer="muon_v4" if s.optimizer == "muon" else "adamw",
+                           **({"moment_dtype": s.moment_dtype}
+                              if "moment_dtype" in train.TrainConfig.__dataclass_fields__
+                              else {}))
+
+
+def _train_lowered(cfg: ModelConfig, mesh, rules: str, s: plan_lib.Settings):
+  from deepseek_v4 import parallel, train
+
+  if s.moment_dtype != "float32" and "moment_dtype" not in train.TrainConfig.__dataclass_fields__:
+    raise ValueError(f"moment_dtype={s.moment_dtype!r}: train.py builds float32 moments only; "
+                     "such a row cannot be compiled")
+  tcfg = _train_config(s)
+  model, optimizer = nnx.eval_shape(lambda: train.build(cfg, tcfg))
+  graphdef, abs_state = nnx.split((model, optimizer))
+  shardings = sharding.state_shardings(abs_state, mesh, rules)
+  state = _abstract(abs_state, shardings)
+  B, T = s.batch, s.seq
+  batch = dict(inputs=jax.ShapeDtypeStruct((B, T), jnp.int32),
+               targets=jax.ShapeDtypeStruct((B, T), jnp.int32))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                   sharding=sharding.batch_sharding(mesh, rules, v.shape))
+           for k, v in batch.items()}
+  moe = parallel.moe_impl(mesh, rules, capacity_factor=s.capacity_factor, gmm=s.gmm)
+
+  def fn(state, batch, mtp_weight):
+    model, optimizer = nnx.merge(graphdef, state)
+    metrics = train._train_step(model, optimizer, batch, mtp_weight, tcfg=tcfg, moe=moe)
+    return nnx.state((model, optimizer)), metrics
+
+  jitted = jax.jit(fn, out_shardings=(shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,), keep_unused=True)
+  weight = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  with sharding.use(mesh, rules):
+    return jitted.lower(state, batch, weight)
+
+
+def lower(cfg: ModelConfig, mesh_sizes: dict[str, int], settings: plan_lib.Settings,
+          target: str = "h200", rules: str | None = None):
+  """The lowered program of a plan row on compile-only devices of `target` (see module doc)."""
+  sizes = {**dict.fromkeys(sharding.MESH_AXES, 1), **mesh_sizes}
+  rules = rules or plan_lib.default_rules(sizes)
+  mesh = _mesh(sizes, target)
+  build = _train_lowered if settings.train else _inference_lowered
+  with targets.compiling_for(target, mesh):
+    return build(cfg, mesh, rules, settings)
+
+
+def measure(cfg: ModelConfig, mesh_sizes: dict[str, int], settings: plan_lib.Settings,
+            target: str = "h200", rules: str | None = None, *,
+            compiler_options: dict | None = None) -> Measurement:
+  """Compile a plan row for `target` and return XLA's per-device bytes beside plan's total.
+
+  `settings.all_to_all` and `settings.gmm` must be what the target runs (plan's defaults are the
+  GPU/TPU paths).
+  """
+  t0 = time.perf_counter()
+  lowered = lower(cfg, mesh_sizes, settings, target, rules)
+  with targets.compiling_for(target):
+    compiled = lowered.compile(compiler_options or {})
+  elapsed = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  p = plan_lib.make_plan(cfg, mesh_sizes, rules, settings)
+  return Measurement(arguments=int(m.argument_size_in_bytes),
+                     temporaries=int(m.temp_size_in_bytes),
+                     output=int(m.output_size_in_bytes),
+                     aliased=int(m.alias_size_in_bytes), plan=p.total, compile_s=elapsed)
+
+
+def extrapolate(a: tuple[int, Measurement], b: tuple[int, Measurement], layers: int,
+                plan: float) -> Measurement:
+  """The measurement at `layers` layers, linear in the layer count through two compiled
+  truncations (a = (layers_a, measurement_a), b likewise, with the same periodic tail)."""
+  (la, ma), (lb, mb) = a, b
+  if la == lb:
+    raise ValueError(f"two different layer counts needed, got {la} twice")
+
+  def line(field):
+    va, vb = getattr(ma, field), getattr(mb, field)
+    return int(round(va + (vb - va) * (layers - la) / (lb - la)))
+
+  return Measurement(arguments=line("arguments"), temporaries=line("temporaries"),
+                     output=line("output"), aliased=line("aliased"), plan=plan,
+                     compile_s=ma.compile_s + mb.compile_s)
+
+
+def largest_temporaries(dump_dir: str, top: int = 12) -> list[tuple[int, str]]:
+  """(bytes, description) of the largest buffers in XLA's buffer-assignment dump (compile with
+  compiler_options={"xla_dump_to": dump_dir})."""
+  import glob
+  import re
+
+  files = sorted(glob.glob(f"{dump_dir}/*buffer-assignment.txt"),
+                 key=lambda f: -np.int64(len(open(f).read())))
+  if not files:
+    raise FileNotFoundError(f"no *buffer-assignment.txt under {dump_dir}")
+  out = []
+  for line in open(files[0]):
+    m = re.match(r"allocation \d+: size (\d+), (.*)", line)
+    if m:
+      out.append((int(m[1]), m[2].strip()))
+  return sorted(out, reverse=True)[:top]
