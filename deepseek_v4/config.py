@@ -4,8 +4,9 @@ The hub / transformers `config.json` reader and writer live in `config_hf.py`, w
 module (never the reverse at import time); `ModelConfig.from_hf` / `to_hf` are thin entry points
 into it.
 
-Values follow the DeepSeek-V4 hub `config.json` files (spec §1.1, §1.2). Every per-layer choice is a
-tuple field; derived sizes are properties, so there is one source of truth.
+Values follow the DeepSeek-V4 hub `config.json` files (docs/architecture.md#hyperparameters,
+#layer-schedule). Every per-layer choice is a tuple field; derived sizes are properties, so there
+is one source of truth.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import os
 import typing
 from typing import Any, Callable, Literal
 
-# compress_ratios values with a meaning of their own (spec §1.2): 0 = sliding window only; 4 = CSA
-# (overlapping windows + lightning indexer). Every other positive ratio is an HCA-style layer.
+# compress_ratios values with a meaning of their own (docs/architecture.md#layer-schedule): 0 =
+# sliding window only; 4 = CSA (overlapping windows + lightning indexer). Every other positive
+# ratio is an HCA-style layer.
 SWA_RATIO = 0
 CSA_RATIO = 4
 
@@ -35,7 +37,8 @@ def layer_kind(ratio: int) -> LayerKind:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """DeepSeek-V4 architecture. Field names follow the spec's symbols (see ARCHITECTURE.md §0.1).
+  """DeepSeek-V4 architecture. Field names follow the spec's symbols (see
+  docs/architecture.md#notation).
 
   Attributes:
     vocab_size: V, rows of the embedding and the LM head.
@@ -94,7 +97,8 @@ class ModelConfig:
       independent of depth); False unrolls every layer (same numbers, easier to debug).
     kernel_impl: attention/indexer implementation behind `kernels_pallas/*/ops.py`: "reference"
       (pure JAX, the oracle), "pallas" or "auto" (Pallas on GPU/TPU, the reference elsewhere).
-    keep_quantized: inference-only storage of released low-precision weights (spec §6.2): None
+    keep_quantized: inference-only storage of released low-precision weights
+    (docs/architecture.md#fp8-fp4): None
       (every matrix in param_dtype) or "experts" (routed experts held as their packed FP4 codes
       and E8M0 scales, dequantized one expert at a time inside the MoE; layers/moe.py). A load
       option, not part of the architecture: never written to config.json.
@@ -354,7 +358,7 @@ def pro(**overrides) -> ModelConfig:
 
 
 def tiny(**overrides) -> ModelConfig:
-  """Every layer kind in seconds on a CPU: the spec's §1.5 test model (6 layers).
+  """Every layer kind in seconds on a CPU: docs/architecture.md#tiny test model (6 layers).
 
   SWA+hash, SWA+hash, CSA+hash, HCA(16)+learned, CSA+learned, HCA(16)+learned; YaRN on; MTP on.
   """

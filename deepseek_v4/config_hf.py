@@ -167,7 +167,7 @@ def _hf_compress_ratios(hf: dict, num_layers: int) -> tuple[int, ...]:
     csa = rates.get("compressed_sparse_attention", CSA_RATIO)
     if csa != CSA_RATIO:
       raise ValueError(f"compress_rates['compressed_sparse_attention']={csa!r}; CSA layers are "
-                       f"defined by ratio {CSA_RATIO} (spec §1.2)")
+                       f"defined by ratio {CSA_RATIO} (docs/architecture.md#layer-schedule)")
   elif hf.get("compress_ratios") is not None:
     raw = _as_list("compress_ratios", hf["compress_ratios"])
     ratios = [_as_int(f"compress_ratios[{i}]", r) for i, r in enumerate(raw)]

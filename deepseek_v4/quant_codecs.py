@@ -1,4 +1,5 @@
-"""FP8 / FP4 weight formats of the official checkpoints (spec §6.2): dequantize (JAX), quantize.
+"""FP8 / FP4 weight formats of the official checkpoints (docs/architecture.md#fp8-fp4): dequantize
+(JAX), quantize.
 
 * FP8: `W[a, b] = e4m3fn(Wq[a, b]) * 2^(u[a // 128, b // 128] - 127)`, edge blocks partial
   (the scale grid is the ceil division of the weight shape).
@@ -145,7 +146,7 @@ def quantize(fmt: Format, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return quantize_fp8(w) if fmt == "fp8" else quantize_fp4(w)
 
 
-# ----- FP4 experts -> FP8 without loss (spec §6.2) ------------------------------------------------
+# ----- FP4 experts -> FP8 without loss (docs/architecture.md#fp8-fp4) -----------------------------
 def fp4_to_fp8(packed: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """An FP4 expert weight as an exactly equal FP8 128x128-block weight.
 

@@ -71,7 +71,8 @@ def test_bfloat16_load(model, tmp_path):
   save_hf_checkpoint(model, tmp_path)
   loaded = load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
   assert loaded.layer(0).attn.wq_a.weight.dtype == jnp.bfloat16
-  assert loaded.layer(0).hc_attn_fn.dtype == jnp.float32  # mHC stays float32 (spec §1.4)
+  # mHC stays float32 (docs/architecture.md#dtypes)
+  assert loaded.layer(0).hc_attn_fn.dtype == jnp.float32
   assert loaded.cfg.dtype == "bfloat16"
 
 
@@ -113,7 +114,7 @@ def test_quantized_checkpoint_is_refused_clearly(model, tmp_path):
 
 
 def test_hub_style_config_json(model, forward, tmp_path):
-  """A hub config.json (legacy keys of spec §1.5) gives the same model."""
+  """A hub config.json (legacy keys of docs/architecture.md#tiny) gives the same model."""
   save_hf_checkpoint(model, tmp_path)
   hub = {k: v for k, v in fields_to_hf(model.cfg).items()
          if k not in ("mlp_layer_types", "partial_rotary_factor", "rope_parameters")}

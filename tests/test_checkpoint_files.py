@@ -25,14 +25,15 @@ from tests.test_quant import np_decode_fp4, np_decode_fp8, ref_quantize_fp4, ref
 
 torch = pytest.importorskip("torch")
 
-# Which hub tensors the official checkpoints quantize (spec §6.1), written out independently.
+# Which hub tensors the official checkpoints quantize (docs/architecture.md#hub-names), written out
+# independently.
 _FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123]|"
                   r"mtp\.\d+\.[eh]_proj)\.weight$")
 _FP4 = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
 _QCFG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
          "weight_block_size": [128, 128]}
 
-# hub -> transformers' in-memory names (spec §6.3), applied in order.
+# hub -> transformers' in-memory names (docs/architecture.md#hf-names), applied in order.
 _HUB_TO_HF = [(re.compile(a), b) for a, b in [
   (r"^embed\.weight$", "model.embed_tokens.weight"), (r"^head\.weight$", "lm_head.weight"),
   (r"^norm\.weight$", "model.norm.weight"), (r"^hc_head_(fn|base|scale)$", r"model.hc_head.hc_\1"),

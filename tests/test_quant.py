@@ -1,6 +1,6 @@
-"""FP8 / FP4 formats of spec §6.2 against an independent NumPy decoder: every dequantized value
-bit for bit (edge blocks included), the quantizers' round trip, FP4 -> FP8 without loss, and the
-raw-bytes safetensors path for F8_E4M3 / F8_E8M0."""
+"""FP8 / FP4 formats of docs/architecture.md#fp8-fp4 against an independent NumPy decoder: every
+dequantized value bit for bit (edge blocks included), the quantizers' round trip, FP4 -> FP8
+without loss, and the raw-bytes safetensors path for F8_E4M3 / F8_E8M0."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from deepseek_v4.checkpoint.safetensors_io import read_array, read_header, write
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float64)
 
 
-# ----- the independent NumPy decoder and quantizer (bit formulas of spec §6.2) ---------------------
+# ----- the independent NumPy decoder and quantizer (bit formulas of docs/architecture.md#fp8-fp4) -
 def np_e4m3(u8: np.ndarray) -> np.ndarray:
   u = u8.astype(np.int64)
   sign = np.where(u & 0x80, -1.0, 1.0)
@@ -150,7 +150,8 @@ def test_quantize_is_decodable_close_and_idempotent(fmt, shape):
 
 
 def test_fp4_experts_to_fp8_is_exact_or_refused():
-  rng = np.random.default_rng(2)  # sub-scales within a 128x128 block span <= 2^6 (spec §6.2)
+  # sub-scales within a 128x128 block span <= 2^6 (docs/architecture.md#fp8-fp4)
+  rng = np.random.default_rng(2)
   w = (rng.standard_normal((256, 320)) * rng.uniform(0.5, 4, (256, 1))).astype(np.float32)
   packed, s = quant.quantize_fp4(w)
   f8, s8 = quant.fp4_to_fp8(packed, s)

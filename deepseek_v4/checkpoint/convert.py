@@ -1,10 +1,11 @@
-"""Official / transformers safetensors <-> our parameter tree (spec §6.1, §6.3).
+"""Official / transformers safetensors <-> our parameter tree (docs/architecture.md#hub-names,
+#hf-names).
 
 Our parameter paths ARE the official hub names (`layers.3.attn.wq_a.weight`, `hc_head_fn`,
-`mtp.0.e_proj.weight`), so the table below has only two kinds of rule:
-  * stacked experts: our `layers.N.ffn.experts.w1` [E, F, D] <-> hub `layers.N.ffn.experts.E.w1.weight`;
-  * prefixes: transformers' `save_pretrained` writes the hub names under an optional `model.`
-    prefix (it reverts its own renaming on save); both are read.
+`mtp.0.e_proj.weight`), so this module maps only stacked leaves: our scanned layers and stacked
+experts `layers.N.ffn.experts.w1` [E, F, D] <-> hub `layers.N.ffn.experts.E.w1.weight`.
+transformers' names (under an optional `model.` prefix) are mapped to hub names by `names.py`
+when the files are listed (`files.hub_tensors`).
 Every loaded tensor must be consumed and every expected tensor found with the right shape; all
 problems are reported together in one `CheckpointError`.
 """
@@ -107,25 +108,50 @@ def read_safetensors(path: str, dtype=jnp.float32) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in ckpt_files.hub_tensors(path, dtype=dtype).items()}
 
 
+def _where(tensors: dict, name: str) -> str:
+  """`file: tensor 'name'` for a tensor read from a file (a `LazyTensor`), else the name."""
+  where = getattr(tensors[name], "where", None)
+  return where() if callable(where) else repr(name)
+
+
+def _in_file(tensors: dict, name: str) -> str:
+  """` in <file>` for a tensor read from a file (a `LazyTensor`), else nothing."""
+  weight = getattr(tensors[name], "weight", None)
+  info = getattr(weight, "info", None)
+  return f" in {info.file}" if info is not None else ""
+
+
 def _check(tensors: dict, expected: dict) -> None:
   quantized = sorted(k for k in tensors if k.endswith(".scale") and k[: -6] + ".weight" in tensors
                      and k not in expected)
   if quantized:
     raise CheckpointError(
-      f"checkpoint holds {len(quantized)} FP8/FP4 quantization scales (e.g. {quantized[0]!r}); "
-      "quantized checkpoints are not supported yet: dequantize them first (spec §6.2)")
+      f"{_where(tensors, quantized[0])}: {len(quantized)} FP8/FP4 quantization scales come as "
+      "tensors of their own, but this model keeps no quantized weights: load the folder with "
+      "load_hf_checkpoint (it dequantizes them, or keeps the routed experts with "
+      "keep_quantized='experts'), or pass dequantized tensors (docs/architecture.md#fp8-fp4)")
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
   misshaped = sorted(
-    f"{k}: checkpoint {tuple(tensors[k].shape)}, expected {expected[k][0]}"
+    f"{k}: checkpoint {tuple(tensors[k].shape)}, expected {expected[k][0]}{_in_file(tensors, k)}"
     for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k][0])
   if missing or unexpected or misshaped:
     lines = [f"checkpoint does not match the model ({len(missing)} missing, {len(unexpected)} "
              f"unexpected, {len(misshaped)} mis-shaped tensors)"]
     lines += [f"  missing: {k} {expected[k][0]}" for k in missing]
-    lines += [f"  unexpected: {k} {tuple(tensors[k].shape)}" for k in unexpected]
+    lines += [f"  unexpected: {k} {tuple(tensors[k].shape)}{_in_file(tensors, k)}"
+              for k in unexpected]
     lines += [f"  mis-shaped: {s}" for s in misshaped]
     raise CheckpointError("\n".join(lines))
+
+
+def _check_expert_ids(tensors: dict, names: np.ndarray, num_experts: int) -> None:
+  """Every hub `tid2eid` a HashTable leaf holds maps tokens to experts in [0, num_experts)."""
+  for hub in names.ravel() if names.ndim else [names.item()]:
+    v = np.asarray(tensors[hub])
+    if v.size and (v.min() < 0 or v.max() >= num_experts):
+      raise CheckpointError(f"{_where(tensors, hub)}: expert ids in [{v.min()}, {v.max()}] "
+                            f"outside [0, {num_experts}) (n_routed_experts)")
 
 
 def _abstract(cfg: ModelConfig) -> Transformer:
@@ -141,7 +167,7 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=N
   """
   tensors = {k: v for k, v in tensors.items() if not _MTP_SHARED.match(k)}
   if cfg.num_mtp_layers and not any(k.startswith("mtp.") for k in tensors):
-    # transformers has no MTP module, so its save_pretrained writes none (spec §2.6).
+    # transformers has no MTP module, so its save_pretrained writes none (docs/architecture.md#mtp).
     log.warning("checkpoint has no mtp.* tensors: loading without the MTP module")
     cfg = dataclasses.replace(cfg, num_mtp_layers=0)
   abstract = _abstract(cfg)
@@ -155,16 +181,13 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=N
     name = _path_name(path)
     if name not in table:
       continue
+    if isinstance(var, HashTable):
+      _check_expert_ids(tensors, table[name], cfg.num_experts)
     block = functools.partial(_host_block, tensors, table[name])
     if placements is not None:
       value = sharding.put_host_array(block, var.shape, var.dtype, placements[path])
     else:
       value = jnp.asarray(block(tuple(slice(None) for _ in var.shape)))
-    if isinstance(var, HashTable):
-      v = np.asarray(value)
-      if v.min() < 0 or v.max() >= cfg.num_experts:
-        raise CheckpointError(f"{name}: expert ids in [{v.min()}, {v.max()}] outside "
-                              f"[0, {cfg.num_experts})")
     var.set_value(value.astype(var.dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -188,7 +211,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
                        num_layers: int | None = None, mtp: bool = True,
                        keep_quantized: str | None = None) -> Transformer:
   """Loads a folder with `config.json` and `*.safetensors` (hub or transformers naming, plain or
-  FP8/FP4-quantized as published, spec §6.2), reading tensor by tensor.
+  FP8/FP4-quantized as published, docs/architecture.md#fp8-fp4), reading tensor by tensor.
 
   Args:
     path: the checkpoint folder.
@@ -223,8 +246,8 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,
   Args:
     quantize: None (weights as the model holds them), "fp8" (every linear the official
       checkpoints quantize, experts included, in FP8 128x128 blocks) or "fp4-experts" (routed
-      experts in FP4 1x32 blocks, the other linears FP8): the official format (spec §6.2), with
-      `quantization_config` in config.json.
+      experts in FP4 1x32 blocks, the other linears FP8): the official format
+      (docs/architecture.md#fp8-fp4), with `quantization_config` in config.json.
     max_shard_bytes: files above this are split into `model-0000i-of-0000n.safetensors` shards
       with a `model.safetensors.index.json`.
 

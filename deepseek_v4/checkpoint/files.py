@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_v4 import config_hf
 from deepseek_v4 import quant_codecs as quant
 from deepseek_v4.checkpoint import names, reader
 from deepseek_v4.checkpoint.safetensors_io import (
@@ -29,8 +30,9 @@ from deepseek_v4.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# The linears the official checkpoints store in FP8 (spec §6.1, §6.2); routed experts are FP4
-# ("fp4-experts") or FP8 ("fp8"). Everything else is stored as the model holds it.
+# The linears the official checkpoints store in FP8 (docs/architecture.md#hub-names, #fp8-fp4);
+# routed experts are FP4 ("fp4-experts") or FP8 ("fp8"). Everything else is stored as the model
+# holds it.
 _FP8_LINEARS = re.compile(r"(^|\.)(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|"
                           r"ffn\.shared_experts\.w[123]|e_proj|h_proj)\.weight$")
 _EXPERTS = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
@@ -65,7 +67,7 @@ def read_config(path: str) -> ModelConfig:
   _check_quantization_config(file, hf.get("quantization_config"))
   hf = {k: v for k, v in hf.items() if k != "quantization_config"}  # read here, not by from_hf
   try:
-    return ModelConfig.from_hf(hf)
+    return ModelConfig(**config_hf.hf_to_fields(hf))
   except (ValueError, TypeError, KeyError) as e:
     raise CheckpointError(f"{file}: {e}") from e
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -100,8 +101,23 @@ class Checkpointer:
              "meta": ocp.args.JsonSave(meta)}
     if optimizer is not None:
       items["optimizer"] = ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer)))
-    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+      self.manager.wait_until_finished()
+    except OSError as e:  # a full disk, a vanished folder: no partial step folder is left behind
+      removed = self._remove_partial(int(step))
+      raise OSError(e.errno, f"checkpoint step {step} was not saved in {self.directory!r}: "
+                    f"{e.strerror or e}" + (f" (removed the partial {removed})" if removed else
+                                            "")) from e
+
+  def _remove_partial(self, step: int) -> list[str]:
+    """Removes the temporary folders Orbax leaves for `step` when a save fails."""
+    removed = []
+    for name in os.listdir(self.directory):
+      if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        removed.append(name)
+    return removed
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self._step(step)

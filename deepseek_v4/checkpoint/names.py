@@ -13,11 +13,12 @@ import re
 
 import numpy as np
 
-# transformers' names -> hub names (spec §6.3, reversed). Applied in order after stripping a
-# leading "model.". Besides transformers' in-memory names this covers what its save_pretrained
-# actually writes (5.23.0): it reverts most renames but leaves `model.embed_tokens.weight` and
-# `model.hc_head.hc_*` (its anchored patterns miss the prefix) and turns the attention's
-# `kv_norm` into `attn.norm` (its bidirectional `.norm.` <-> `.kv_norm.` rule).
+# transformers' names -> hub names (docs/architecture.md#hf-names, reversed). Applied in order
+# after stripping a leading "model.". Besides transformers' in-memory names this covers what its
+# save_pretrained actually writes (5.23.0): it reverts most renames but leaves
+# `model.embed_tokens.weight` and `model.hc_head.hc_*` (its anchored patterns miss the prefix) and
+# turns the attention's `kv_norm` into `attn.norm` (its bidirectional `.norm.` <-> `.kv_norm.`
+# rule).
 _HF_TO_HUB = [(re.compile(a), b) for a, b in [
   (r"^embed_tokens\.weight$", "embed.weight"),
   (r"^lm_head\.weight$", "head.weight"),

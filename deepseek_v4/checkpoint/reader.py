@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from deepseek_v4 import quant_codecs as quant
@@ -61,9 +62,13 @@ class LazyTensor:
   """
 
   def __init__(self, name: str, weight: _Rows, scale: _Rows | None = None,
-               spec: quant.QuantSpec | None = None, dtype=None, stored=None):
+               spec: quant.QuantSpec | None = None, dtype=None, stored=None,
+               codes: _Rows | None = None):
     self.name, self.weight, self.scale, self.spec = name, weight, scale, spec
     self.stored = None if stored is None else np.dtype(stored)
+    # Kept FP4 scales (`stored` E8M0): the codes they scale and the compute dtype, so a read
+    # refuses the scales the dequantizing load would refuse (`_check_kept_scales`).
+    self.codes, self.compute = codes, None if dtype is None else np.dtype(dtype)
     self.shape = spec.shape if spec else weight.shape
     self.dtype = np.dtype(dtype) if spec else self.stored or DTYPES[weight.info.dtype]
     self.ndim = len(self.shape)
@@ -82,6 +87,12 @@ class LazyTensor:
     w = self.weight.read(r0, r1)
     s = self.scale.read(r0 // b0, -(-r1 // b0))
     exact = self.scale.info.dtype != "F32"
+    if not exact and not (s > 0).all():  # a NaN, zero or negative multiplier
+      bad = np.argwhere(~(s > 0))[0]
+      raise CheckpointError(
+        f"{self.where()}: float32 scale {self.scale.info.key!r} holds {s[tuple(bad)]!r} at block "
+        f"{tuple(int(i) for i in bad)} ({int(np.sum(~(s > 0)))} such); a scale must be a positive "
+        "power of two: the file is corrupt")
     try:
       out = quant.dequantize(self.spec, w, s.view(np.dtype("float8_e8m0fnu")) if s.dtype == np.uint8 else s,
                              self.dtype if exact else jnp.float32, offset=(r0 - (r0 // b0) * b0, 0))
@@ -105,7 +116,14 @@ class LazyTensor:
       out = np.asarray(self.weight.read(r0, r1) if self.shape else self.weight.read())
     except OSError as e:
       raise CheckpointError(f"{self.where()}: cannot read: {e}") from e
-    return out if self.stored is None else _as_stored(out, self.stored, self.where())
+    if self.stored is not None:
+      out = _as_stored(out, self.stored, self.where())
+      if self.codes is not None:
+        _check_kept_scales(out, self.codes, r0, self.compute, self.where())
+      return out
+    if out.dtype.kind == "f" or out.dtype.name == "bfloat16":
+      _check_finite(out, self.where())
+    return out
 
   def __array__(self, dtype=None, copy=None):
     out = np.asarray(self.read())
@@ -136,7 +154,43 @@ def _as_stored(raw: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
   return out
 
 
-def _kept_pair(name: str, w: _Rows, s: _Rows | None) -> dict[str, LazyTensor]:
+def _check_finite(values: np.ndarray, where: str) -> None:
+  """A float weight as read holds no NaN or inf (one pass over what was just read)."""
+  finite = np.isfinite(values)
+  if not finite.all():
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    raise CheckpointError(f"{where}: {int(finite.size - finite.sum())} NaN/inf values (first at "
+                          f"{first}: {values[first]!r}); the file is corrupt")
+
+
+E2M1_MAX = 6.0  # the largest E2M1 magnitude
+
+
+def _check_kept_scales(scale: np.ndarray, codes: _Rows, r0: int, dtype: np.dtype | None,
+                       where: str) -> None:
+  """Kept FP4 scales (E8M0, rows r0.. of the weight) that the MoE could decode: none is NaN (byte
+  255), and no block's values times its scale overflow `dtype` (the dequantizing load refuses
+  both). Only blocks whose scale could overflow with the largest code read their codes."""
+  u = scale.view(np.uint8).astype(np.int64)
+  nan = np.argwhere(u == 255)
+  if len(nan):
+    raise CheckpointError(f"{where}: {len(nan)} E8M0 scales are NaN (byte 255), first at row "
+                          f"{int(nan[0][0]) + r0}, block {int(nan[0][1])}; the file is corrupt")
+  limit = float(ml_dtypes.finfo(dtype if dtype is not None else np.float32).max)
+  risky = np.unique(np.argwhere(np.ldexp(E2M1_MAX, u - 127) > limit)[:, 0])
+  for row in risky:
+    values = np.abs(np.asarray(quant.unpack_fp4(codes.read(r0 + row, r0 + row + 1)), np.float64))
+    mag = np.pad(values[0], (0, -values.shape[1] % 32)).reshape(-1, 32).max(axis=1)
+    over = np.argwhere(np.ldexp(mag, u[row, :len(mag)] - 127) > limit)
+    if len(over):
+      b = int(over[0][0])
+      raise CheckpointError(
+        f"{where}: the E8M0 scale 2^{u[row, b] - 127} of row {r0 + row}, block {b} makes its FP4 "
+        f"values overflow {np.dtype(dtype or np.float32).name} (|value| up to {mag[b]:g} x "
+        f"2^{u[row, b] - 127}); the file is corrupt")
+
+
+def _kept_pair(name: str, w: _Rows, s: _Rows | None, dtype) -> dict[str, LazyTensor]:
   """An FP4 weight and its scale as stored, under `name` and its `.scale` name."""
   fmt = None if s is None else _quant_spec(name, w, s).fmt
   if fmt != "fp4":
@@ -146,7 +200,8 @@ def _kept_pair(name: str, w: _Rows, s: _Rows | None) -> dict[str, LazyTensor]:
       "load with keep_quantized=None to dequantize it")
   scale_name = name[: -len(".weight")] + ".scale"
   return {name: LazyTensor(name, w, stored=np.uint8),
-          scale_name: LazyTensor(scale_name, s, stored=np.dtype("float8_e8m0fnu"))}
+          scale_name: LazyTensor(scale_name, s, stored=np.dtype("float8_e8m0fnu"), dtype=dtype,
+                                 codes=w)}
 
 
 def _quant_spec(name: str, w: _Rows, s: _Rows) -> quant.QuantSpec:
@@ -226,7 +281,7 @@ def hub_tensors(listing: Mapping[str, TensorInfo], canonical: Callable[[str], st
     if not keep(name):
       continue
     if kept(name):
-      out.update(_kept_pair(name, w, scales.get(name)))
+      out.update(_kept_pair(name, w, scales.get(name), dtype))
     elif name in scales:
       out[name] = LazyTensor(name, w, scales[name], _quant_spec(name, w, scales[name]), dtype)
     else:

@@ -339,6 +339,16 @@ def replace_checkpoint(folder: str, write: Callable[[str], Iterable[str]]) -> No
   the folder is untouched; a crash during the swap leaves a folder the loader refuses, never a
   mix it would load."""
   os.makedirs(folder, exist_ok=True)
+  old = set(_old_checkpoint_files(folder))
+  foreign = sorted(os.path.basename(f) for f in glob.glob(os.path.join(folder, "*.safetensors"))
+                   if os.path.basename(f) not in old)
+  if foreign:
+    # The loader reads every *.safetensors of a folder without an index (and refuses stray ones
+    # beside an index), so these would make the saved checkpoint fail to load. They are not ours
+    # to delete (e.g. a LoRA adapter_model.safetensors).
+    raise CheckpointError(f"{folder}: holds {foreign}, which are not part of a checkpoint this "
+                          "save replaces; the loader would read them with it. Save into another "
+                          "folder, or move them out first")
   tmp = tempfile.mkdtemp(prefix=".dsv4-save-", dir=folder)
   try:
     written = list(write(tmp))

@@ -1,13 +1,14 @@
-"""The routed experts' clamped SwiGLU (spec §4.4) over expert-sorted rows, as grouped matmuls, and
-the sort (dispatch) and weighted sum (combine) around it.
+"""The routed experts' clamped SwiGLU (docs/architecture.md#swiglu) over expert-sorted rows, as
+grouped matmuls, and the sort (dispatch) and weighted sum (combine) around it.
 
 Shared by the local MoE (layers/moe.py) and the expert-parallel MoE (layers/moe_ep.py), so both run
 one code path forward and backward; `gmm` names the grouped-matmul implementation
 (kernels_pallas/moe_gmm/ops.py: "auto", "tiled", "ragged_dot", "reference").
 
-Routed experts may also be kept as released (`ModelConfig.keep_quantized="experts"`, spec §6.2):
-each weight is an `Fp4Weight` (packed E2M1 codes + 1x32 E8M0 scales) and the FFN decodes it with
-`deepseek_v4/quant_codecs.py` inside the computation, one tile's expert at a time on the tiled
+Routed experts may also be kept as released (`ModelConfig.keep_quantized="experts"`,
+docs/architecture.md#fp8-fp4): each weight is an `Fp4Weight` (packed E2M1 codes + 1x32 E8M0 scales)
+and the FFN decodes it with `deepseek_v4/quant_codecs.py` inside the computation, one tile's expert
+at a time on the tiled
 path. This is the one place a layer dequantizes (STYLE.md §7 keeps dequantization in the loader):
 the point is that a decoded copy of every expert never exists. Kept experts are inference-only:
 differentiating through them raises (`InferenceOnlyError`).
@@ -44,14 +45,14 @@ def combine(y: Float[Array, "N D"], w: Float[Array, "T X"]) -> Float[Array, "T D
 
 
 def swiglu(g: Array, v: Array, limit: float) -> Array:
-  """`silu(min(g, limit)) * clip(v, -limit, limit)` (spec §4.4)."""
+  """`silu(min(g, limit)) * clip(v, -limit, limit)` (docs/architecture.md#swiglu)."""
   return jax.nn.silu(jnp.minimum(g, limit)) * jnp.clip(v, -limit, limit)
 
 
 class Fp4Weight(NamedTuple):
-  """Stacked expert weights as the official checkpoints store them (spec §6.2): `codes`
-  [E, R, C/2] uint8, two E2M1 values per byte (low nibble first), and `scale` [E, R, ceil(C/32)]
-  float8_e8m0fnu, one power of two per 1x32 block. `shape` is the logical [E, R, C]."""
+  """Stacked expert weights as the official checkpoints store them (docs/architecture.md#fp8-fp4):
+  `codes` [E, R, C/2] uint8, two E2M1 values per byte (low nibble first), and `scale` [E, R,
+  ceil(C/32)] float8_e8m0fnu, one power of two per 1x32 block. `shape` is the logical [E, R, C]."""
 
   codes: Array
   scale: Array
