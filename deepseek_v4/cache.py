@@ -1,5 +1,5 @@
-"""Decode-time KV cache (spec §5.1): fixed-capacity pytrees, so one compiled step serves every
-position.
+"""Decode-time KV cache (docs/architecture.md#cache-kinds): fixed-capacity pytrees, so one compiled
+step serves every position.
 
 Per layer:
   * every kind: the sliding-window ring of the last W roped K=V vectors, slot `p mod W`, with the
@@ -41,7 +41,7 @@ class WindowCache:
 
 @struct.dataclass
 class CompressorState:
-  """The not-yet-compressed tail of one compressor (spec §5.1), all float32.
+  """The not-yet-compressed tail of one compressor (docs/architecture.md#cache-kinds), all float32.
 
   pending_c / pending_z: values and biased gate logits of the current window, slot `p mod m`;
     empty slots hold (0, -inf) so they get zero weight.
@@ -135,7 +135,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
     batch: B.
     max_len: capacity in tokens (prompt + generated); positions 0 .. max_len - 1.
     dtype: storage dtype of window K=V, entries and indexer keys (default `cfg.dtype`); the
-      compressor tails are always float32 (spec §5.1).
+      compressor tails are always float32 (docs/architecture.md#cache-kinds).
   """
   if not (isinstance(batch, (int, np.integer)) and batch >= 1):
     raise ValueError(f"batch={batch!r} must be a positive integer")
@@ -161,9 +161,9 @@ def cache_bytes(cache: Cache) -> int:
 
 
 def bytes_per_token(cfg: ModelConfig, dtype=None) -> float:
-  """Cache bytes one more token of context costs per sequence (spec §5.3, amortized): CSA
-  entries + indexer keys (1 per 4 tokens) and HCA entries (1 per m' tokens); the window ring and
-  the compressor tails have a fixed size that does not grow with the context."""
+  """Cache bytes one more token of context costs per sequence (docs/architecture.md#cache-bytes,
+  amortized): CSA entries + indexer keys (1 per 4 tokens) and HCA entries (1 per m' tokens); the
+  window ring and the compressor tails have a fixed size that does not grow with the context."""
   item = jnp.dtype(dtype or cfg.dtype).itemsize
   if cfg.attention == "dense":  # every K=V vector is kept (and its position)
     return cfg.num_layers * (cfg.head_dim * item + 4)
@@ -178,7 +178,8 @@ def bytes_per_token(cfg: ModelConfig, dtype=None) -> float:
 
 
 def compressor_state_bytes(ratio: int, width: int) -> int:
-  """float32 pending values + gate logits of one window, plus the CSA overlap halves (§5.1)."""
+  """float32 pending values + gate logits of one window, plus the CSA overlap halves
+  (docs/architecture.md#cache-kinds)."""
   f32 = 4
   if layer_kind(ratio) == "csa":
     return ratio * 2 * width * 2 * f32 + ratio * width * 2 * f32

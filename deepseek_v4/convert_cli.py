@@ -1,4 +1,5 @@
-"""`python -m deepseek_v4 convert`: hub safetensors <-> Orbax checkpoints (spec §6).
+"""`python -m deepseek_v4 convert`: hub safetensors <-> Orbax checkpoints
+(docs/architecture.md#checkpoints).
 
   python -m deepseek_v4 convert HUB_FOLDER OUT_DIR --to orbax [--dtype bfloat16] [--layers K]
                                                               [--no-mtp] [--mesh fsdp=8]

@@ -2,15 +2,16 @@
 deterministic, resumable batch iterator. Plus the embedded demo corpus (the Python standard
 library's own sources, present on every machine with Python).
 
-Packing (spec §7.2): "concat" joins documents with an EOS token between them and cuts the stream
-into rows of `seq_len + 1` tokens (inputs = row[:-1], targets = row[1:]), so no token is wasted;
-"pad" puts one document per row (a long one continues in further rows; padding not scored),
-which isolates documents exactly but wastes the padding; "aligned" (recommended) is DeepSeek's
-packing with sample-level attention masking (spec §7.2): documents share rows, each starts at a
-row offset that is a multiple of `align` (the largest compression ratio, so no compression window
-straddles two documents), and the rows carry `segments` (document id per token) and `positions`
-(position inside the document) for the model's document mask. "concat" has no segments, so a
-document attends to the previous one in its row (as GPT-style pre-training does).
+Packing (docs/architecture.md#schedule): "concat" joins documents with an EOS token between them
+and cuts the stream into rows of `seq_len + 1` tokens (inputs = row[:-1], targets = row[1:]), so no
+token is wasted; "pad" puts one document per row (a long one continues in further rows; padding not
+scored), which isolates documents exactly but wastes the padding; "aligned" (recommended) is
+DeepSeek's packing with sample-level attention masking (docs/architecture.md#schedule): documents
+share rows, each starts at a row offset that is a multiple of `align` (the largest compression
+ratio, so no compression window straddles two documents), and the rows carry `segments` (document
+id per token) and `positions` (position inside the document) for the model's document mask.
+"concat" has no segments, so a document attends to the previous one in its row (as GPT-style
+pre-training does).
 
 JSONL rows are {"text": ...} (every token scored) or {"prompt": ..., "completion": ...} (only
 the completion and its EOS are scored).

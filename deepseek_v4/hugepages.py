@@ -2,7 +2,7 @@
 
 XLA:CPU allocates an executable's buffers afresh on every call. glibc serves large blocks with
 `mmap` and unmaps them on free, so each call page-faults its whole working set again, 4 KiB at a
-time. Measured on 2 CPU cores (issue 10), per train step of `bench_train.py --moe64`: 180,000
+time. Measured on 2 CPU cores, per train step of `bench_train.py --moe64`: 180,000
 faults, 366 ms of kernel time, 721 ms wall. With glibc's `glibc.malloc.hugetlb=1` tunable, malloc
 advises transparent huge pages for those blocks (when the kernel's THP mode is `madvise` or
 `always`): 719 faults, 64 ms, 554 ms wall. The tiny preset's step: 147 -> 131 ms.

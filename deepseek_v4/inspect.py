@@ -1,7 +1,8 @@
 """Data for the architecture tour (notebooks/02_architecture_tour): router load per expert across
 layers, KV-cache bytes vs context for V4 against dense attention, Sinkhorn-normalized mixing
-matrices (mHC, spec §2), the lightning indexer's selections (spec §3.8) and the compressors' gate
-weights (spec §3.6). The notebook only plots what these return."""
+matrices (mHC, docs/architecture.md#forward), the lightning indexer's selections
+(docs/architecture.md#indexer) and the compressors' gate weights (docs/architecture.md#compressor).
+The notebook only plots what these return."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def attention_input(model, ids: np.ndarray, layer: int) -> tuple[jax.Array, jax.
 def indexer_selections(model, ids: np.ndarray, layer: int) -> np.ndarray:
   """[B, T, min(k_I, T // 4)] compressed entries the lightning indexer of CSA layer `layer`
   selects for each query of `ids` [B, T] (-1 = none), through the layer's own `Indexer.encode`
-  and `Indexer.select` as its attention calls them (spec §3.8)."""
+  and `Indexer.select` as its attention calls them (docs/architecture.md#indexer)."""
   attn = model.layer(layer).attn
   if attn.indexer is None:
     raise ValueError(f"layer {layer} is {attn.kind}, not CSA: it has no indexer")
@@ -76,7 +77,8 @@ def indexer_selections(model, ids: np.ndarray, layer: int) -> np.ndarray:
 
 def selection_map(selected: np.ndarray, ratio: int = 4) -> np.ndarray:
   """[T, T // ratio] image of one row's selections [T, k]: SELECTED, VISIBLE (not selected) or
-  INVISIBLE (entry s is visible to query t iff s < floor((t + 1) / ratio), spec §3.7)."""
+  INVISIBLE (entry s is visible to query t iff s < floor((t + 1) / ratio),
+  docs/architecture.md#causality)."""
   T = selected.shape[0]
   t, s = np.arange(T)[:, None], np.arange(T // ratio)[None, :]
   out = np.where(s < (t + 1) // ratio, VISIBLE, INVISIBLE)
@@ -89,7 +91,7 @@ def compressor_weights(model, ids: np.ndarray, layer: int, which: str = "main") 
   """[B, n, slots, width] softmax gate weights with which the compressor of CSA/HCA layer
   `layer` ("main", or "indexer" in a CSA layer) pools each of its n = T // m windows on `ids`
   [B, T]: slots = m tokens (HCA) or 2m (CSA: the previous window's m, then its own m). They sum
-  to 1 over the slots of each entry and channel (spec §3.6)."""
+  to 1 over the slots of each entry and channel (docs/architecture.md#compressor)."""
   attn = model.layer(layer).attn
   if which not in ("main", "indexer"):
     raise ValueError(f"which={which!r}; expected main or indexer")

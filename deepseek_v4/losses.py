@@ -1,6 +1,7 @@
-"""Training objectives of DeepSeek-V4 (spec §7.3-§7.5): next-token and MTP cross-entropy, the
-sequence-wise balance loss, expert loads for the aux-loss-free bias, and the lightning-indexer
-KL loss (V3.2 recipe, spec §7.4).
+"""Training objectives of DeepSeek-V4 (docs/architecture.md#load-balancing, #indexer-training,
+#mtp-loss): next-token and MTP cross-entropy, the sequence-wise balance loss, expert loads for the
+aux-loss-free bias, and the lightning-indexer KL loss (V3.2 recipe,
+docs/architecture.md#indexer-training).
 
 Every function here is pure JAX; `train.py` wires them to the model.
 """
@@ -21,7 +22,7 @@ def chunked_cross_entropy(h: Float[Array, "B T D"], head: Float[Array, "V D"],
 
   The float32 logits exist for `chunk` tokens at a time, never as [B, T, V]: the chunk function
   is rematerialized, so the backward pass recomputes each chunk's logits instead of storing them.
-  The head matmul runs in float32, as the model's `logits` does (spec §2.5).
+  The head matmul runs in float32, as the model's `logits` does (docs/architecture.md#lm-head).
   """
   B, T, D = h.shape
   n = B * T
@@ -58,7 +59,8 @@ def expert_loads(experts: Int[Array, "B T X"], mask: Array, num_experts: int) ->
 
 def balance_loss(scores: Float[Array, "B T E"], experts: Int[Array, "B T X"], mask: Array,
                  alpha: float) -> Array:
-  """Sequence-wise balance loss (DeepSeek-V3 form, spec §7.3), averaged over sequences.
+  """Sequence-wise balance loss (DeepSeek-V3 form, docs/architecture.md#load-balancing), averaged
+  over sequences.
 
   Per sequence of T tokens: `f_e = E / (K T) sum_t 1[e in TopK(t)]` (a constant),
   `P_e = 1/T sum_t s_{e,t} / sum_e' s_{e',t}`, `L = alpha sum_e f_e P_e`. Padding is excluded
@@ -76,7 +78,8 @@ def balance_loss(scores: Float[Array, "B T E"], experts: Int[Array, "B T X"], ma
 
 
 def router_bias_update(bias: Float[Array, "E"], load: Float[Array, "E"], speed: float) -> Array:
-  """Aux-loss-free balancing (spec §7.3): `b_e += speed * sign(mean_load - load_e)`."""
+  """Aux-loss-free balancing (docs/architecture.md#load-balancing):
+  `b_e += speed * sign(mean_load - load_e)`."""
   return bias + speed * jnp.sign(jnp.mean(load) - load).astype(bias.dtype)
 
 
@@ -109,14 +112,14 @@ def indexer_kl_from_attention(
   idx: Int[Array, "B T P"] | None, positions: Int[Array, "B T"], *, scale: float, ratio: int,
   block: int, segments: Int[Array, "B T"] | None = None, comp_seg: Int[Array, "B C"] | None = None,
 ) -> Array:
-  """KL of the indexer toward the main attention of one CSA layer (spec §7.4): [sum over
-  queries, number of queries with an entry].
+  """KL of the indexer toward the main attention of one CSA layer
+  (docs/architecture.md#indexer-training): [sum over queries, number of queries with an entry].
 
   The target for query t is the main attention's probability mass on each compressed entry, from
-  the ONE joint softmax over window keys + entries + sink (spec §3.10): `exp(scale q.c - lse)`
-  with the attention's own log-normalizer `lse` (so nothing of the window side is recomputed),
-  summed over heads and L1-normalized over the entries. The indexer distribution is
-  `softmax_s(I_{t,s})` with `I = sum_h w_h ReLU(q^I_h . k^I_s)`.
+  the ONE joint softmax over window keys + entries + sink (docs/architecture.md#core-attention):
+  `exp(scale q.c - lse)` with the attention's own log-normalizer `lse` (so nothing of the window
+  side is recomputed), summed over heads and L1-normalized over the entries. The indexer
+  distribution is `softmax_s(I_{t,s})` with `I = sum_h w_h ReLU(q^I_h . k^I_s)`.
 
   Args:
     q, lse, comp: the attention's roped queries, log-normalizer and compressed entries (the

@@ -1,4 +1,4 @@
-"""Tokenizers and DeepSeek-V4's chat encoding (spec §8).
+"""Tokenizers and DeepSeek-V4's chat encoding (docs/architecture.md#tokenizer).
 
 * `HFTokenizer`: a Hugging Face `tokenizer.json` (the released V4 BPE tokenizer) through the
   `tokenizers` library. Text is encoded WITHOUT adding special tokens (the chat encoding writes
@@ -127,7 +127,8 @@ class HFTokenizer:
     return self.token_to_id(EOS)
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; no special tokens are added (spec §8), those in the text are kept."""
+    """Token ids of `text`; no special tokens are added (docs/architecture.md#tokenizer), those in
+    the text are kept."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -191,7 +192,7 @@ class StreamDecoder:
     return new
 
 
-# ----- chat encoding (spec §8) --------------------------------------------------------------------
+# ----- chat encoding (docs/architecture.md#tokenizer) ---------------------------------------------
 def _to_json(value: Any) -> str:
   return json.dumps(value, ensure_ascii=False)
 
@@ -213,7 +214,7 @@ def render_tools(tools: Sequence[dict]) -> str:
 
 
 def render_tool_calls(tool_calls: Sequence[dict]) -> str:
-  """`\\n\\n<｜DSML｜tool_calls>...` with one invoke per call (spec §8)."""
+  """`\\n\\n<｜DSML｜tool_calls>...` with one invoke per call (docs/architecture.md#tokenizer)."""
   invokes = []
   for tc in tool_calls:
     fn = tc.get("function", tc)

@@ -41,7 +41,7 @@ def _cpu_seconds() -> float:
 
 def cache_bytes_check(cfg, contexts: list[int]) -> dict:
   """Bytes per token of context of our cache (BF16 storage, from the arrays' shapes) vs the
-  summary's prediction (spec §5.3, all-BF16 column)."""
+  summary's prediction (docs/architecture.md#cache-bytes, all-BF16 column)."""
   import jax
   import jax.numpy as jnp
 

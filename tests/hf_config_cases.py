@@ -11,7 +11,7 @@ import tempfile
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "data", "hf_configs")
 
-# The transformers kwargs of the spec's §1.5 test model (YaRN on, HCA ratio 16).
+# The transformers kwargs of docs/architecture.md#tiny test model (YaRN on, HCA ratio 16).
 TINY_KWARGS = dict(
   vocab_size=512, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
   num_key_value_heads=1, head_dim=96, partial_rotary_factor=32 / 96, q_lora_rank=32, o_groups=2,

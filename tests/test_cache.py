@@ -1,4 +1,5 @@
-"""Cache pytrees (spec §5.1): shapes per layer kind, and bytes per token = the summary's §5.3."""
+"""Cache pytrees (docs/architecture.md#cache-kinds): shapes per layer kind, and bytes per token =
+the summary's cache bytes (docs/architecture.md#cache-bytes)."""
 
 import math
 

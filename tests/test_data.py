@@ -135,7 +135,7 @@ def test_pad_packing_splits_long_documents_without_truncation():
   assert not (doc_a & doc_b).any()  # no row mixes documents
 
 
-# ----- aligned packing (sample-level masking, spec §7.2) ------------------------------------------
+# ----- aligned packing (sample-level masking, docs/architecture.md#schedule) ----------------------
 def _docs(*lengths, start=10):
   out = []
   for i, n in enumerate(lengths):

@@ -1,6 +1,6 @@
-"""Prefill + decode with the KV cache equals the full forward (spec §5.2), batches of prompts of
-different lengths equal each prompt alone, greedy generation equals transformers', and bad input
-gets clear errors.
+"""Prefill + decode with the KV cache equals the full forward (docs/architecture.md#decode-update),
+batches of prompts of different lengths equal each prompt alone, greedy generation equals
+transformers', and bad input gets clear errors.
 
 Compilation dominates the time on CPU, so the tests share compiled shapes: one batch of 16 rows
 (lengths covering every residue mod 4 and mod the HCA ratio 16) for prefill / decode / chunked

@@ -1,8 +1,8 @@
 """Parity with transformers' own FP8-dequantizing load (issue 12).
 
 A tiny random model is saved FP8-quantized in the official hub format (`.weight` E4M3 + `.scale`
-E8M0 128x128 blocks, spec §6.2; our writer has no transformers-naming option, and transformers
-renames hub `.scale` to `.weight_scale_inv` itself). The same folder is then loaded twice:
+E8M0 128x128 blocks, docs/architecture.md#fp8-fp4; our writer has no transformers-naming option,
+and transformers renames hub `.scale` to `.weight_scale_inv` itself). The same folder is then loaded twice:
 
 * by transformers: `DeepseekV4ForCausalLM.from_pretrained(..., quantization_config=
   FineGrainedFP8Config(dequantize=True))` on CPU, i.e. its `Fp8Dequantize` load op;
@@ -13,10 +13,11 @@ logits within F32_MODEL_REL. A second test applies transformers' `Fp8Dequantize`
 to every FP8 (weight, scale) pair of the file and compares it bit for bit with our dequantization.
 
 Shapes: transformers derives its block size as rows // scale_rows (and cols // scale_cols), which
-mis-scales partial edge blocks (spec §6.2 has the ceil grid right). So every quantized matrix here
-has each dimension a multiple of 128 or below 128 (num_heads=8, head_dim=64: wq_b [512, 32], wo_a
-[32, 256], indexer wq_b [1024, 32], the rest below 128); several matrices span more than one block
-in rows or columns, and each block is given its own power-of-two magnitude so its scale differs.
+mis-scales partial edge blocks (docs/architecture.md#fp8-fp4 has the ceil grid right). So every
+quantized matrix here has each dimension a multiple of 128 or below 128 (num_heads=8, head_dim=64:
+wq_b [512, 32], wo_a [32, 256], indexer wq_b [1024, 32], the rest below 128); several matrices span
+more than one block in rows or columns, and each block is given its own power-of-two magnitude so
+its scale differs.
 
 Environment note: transformers 5.23.0's `FineGrainedFP8HfQuantizer.validate_environment`
 (quantizers/quantizer_finegrained_fp8.py:32-33) raises `ImportError: Loading an FP8 quantized
@@ -53,8 +54,8 @@ from tests.tolerances import F32_MODEL_REL, rel_err  # noqa: E402
 # ~50 s on a 2-core CPU (model build + FP8 save ~25 s, transformers load + forward ~25 s).
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 
-# The hub tensors the official checkpoints quantize with quantize="fp8" (spec §6.1), written out
-# independently of the writer's own table.
+# The hub tensors the official checkpoints quantize with quantize="fp8"
+# (docs/architecture.md#hub-names), written out independently of the writer's own table.
 _FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123]|"
                   r"experts\.\d+\.w[123])\.weight$")
 

@@ -1,6 +1,7 @@
 """deepseek_v4.inspect's indexer and compressor pictures (notebooks/02_architecture_tour): the
-selections are the ones the forward makes and respect causality (spec §3.7, §3.8); the pooling
-weights are a softmax over each window's slots (spec §3.6)."""
+selections are the ones the forward makes and respect causality (docs/architecture.md#causality,
+#indexer); the pooling weights are a softmax over each window's slots
+(docs/architecture.md#compressor)."""
 
 import numpy as np
 import pytest

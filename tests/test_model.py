@@ -1,5 +1,6 @@
 """Whole-model tests on the tiny preset: shapes, causality, MTP, input errors, config validation,
-the hub / transformers config readers, the Flash / Pro schedules (spec §1.2) and preset builds."""
+the hub / transformers config readers, the Flash / Pro schedules
+(docs/architecture.md#layer-schedule) and preset builds."""
 
 import dataclasses
 
@@ -117,7 +118,7 @@ def test_config_is_frozen_and_hashable():
   assert deepseek_v4.tiny(compress_ratios=[0, 4, 16]).compress_ratios == (0, 4, 16)
 
 
-# ----- config readers (spec §1.1, §1.5) ---------------------------------------------------------
+# ----- config readers (docs/architecture.md#hyperparameters, #tiny) -------------------------------
 def _transformers_style(cfg: ModelConfig) -> dict:
   """transformers' form: layer_types + compress_rates + mlp_layer_types, partial_rotary_factor
   (no qk_rope_head_dim) and nested rope_parameters {"main", "compress"}."""
@@ -167,7 +168,7 @@ def test_from_hf_both_styles_give_the_same_config(preset):
 
 
 def test_from_hf_tiny_spec_kwargs():
-  # The exact transformers kwargs of spec §1.5 (max_position_embeddings 64 there).
+  # The exact transformers kwargs of docs/architecture.md#tiny (max_position_embeddings 64 there).
   kw = dict(
     vocab_size=512, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
     num_key_value_heads=1, head_dim=96, partial_rotary_factor=32 / 96, q_lora_rank=32, o_groups=2,
@@ -257,7 +258,7 @@ def test_preset_layer_kinds_build_at_full_width(preset):
   cfg = cfg.replace(compress_ratios=cfg.compress_ratios[:4])
   shapes = _shapes(nnx.eval_shape(lambda: deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0))))
   D = cfg.d_model
-  # Spec §6.1 shapes (experts stacked over E).
+  # docs/architecture.md#hub-names shapes (experts stacked over E).
   assert shapes["embed.weight"] == (129280, D) and shapes["head.weight"] == (129280, D)
   assert shapes["hc_head_fn"] == (4, 4 * D)
   assert shapes["layers.3.hc_attn_fn"] == (24, 4 * D)

@@ -1,5 +1,5 @@
-"""DeepSeek's Muon (spec §7.1): Newton-Schulz, the update vs an independent NumPy version and vs
-optax.contrib.muon, the parameter groups, and convergence on a quadratic."""
+"""DeepSeek's Muon (docs/architecture.md#optimizer): Newton-Schulz, the update vs an independent
+NumPy version and vs optax.contrib.muon, the parameter groups, and convergence on a quadratic."""
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,7 @@ def test_ns_chunk_fits_the_cpu_budget_and_divides_the_count():
   assert optim.newton_schulz(jnp.zeros((0, 4, 8))).shape == (0, 4, 8)
 
 
-# ----- an independent NumPy (float64) implementation, written from spec §7.1 ----------------------
+# ----- an independent NumPy (float64) implementation (docs/architecture.md#optimizer) ------------
 def _np_ns(x):
   tall = x.shape[0] > x.shape[1]
   m = x.T if tall else x
@@ -194,7 +194,7 @@ def test_nesterov_differs_from_optax_after_step_one():
   assert diffs[0] < 1e-4 and diffs[1] > 1e-3
 
 
-# ----- parameter groups (spec §7.1) ---------------------------------------------------------------
+# ----- parameter groups (docs/architecture.md#optimizer) ------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model():
   return nnx.eval_shape(lambda: deepseek_v4.Transformer(deepseek_v4.tiny(), rngs=nnx.Rngs(0)))

@@ -1,6 +1,6 @@
-"""Packed documents (spec §7.2, sample-level masking): with `segments`, each document in a packed
-row gets exactly the logits it gets alone, for every layer kind (sliding, CSA with the indexer,
-HCA) and for the MTP module."""
+"""Packed documents (docs/architecture.md#schedule, sample-level masking): with `segments`, each
+document in a packed row gets exactly the logits it gets alone, for every layer kind (sliding, CSA
+with the indexer, HCA) and for the MTP module."""
 
 from __future__ import annotations
 

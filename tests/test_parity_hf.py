@@ -147,7 +147,8 @@ def test_pro_like_layout_matches_transformers():
 # index_topk 512 of 1024 CSA entries, window 128, CSA 4, HCA 128. 16 indexer heads: with 2, a
 # quarter of the entries score exactly 0 (every head's ReLU off), and at the top-k cut such ties are
 # broken differently by jax.lax.top_k (lowest index first) and torch.topk (unspecified), which made
-# logits differ from position 2056 on (the first query with more visible entries than k; spec §0.3).
+# logits differ from position 2056 on (the first query with more visible entries than k;
+# docs/architecture.md#verification).
 REAL_SCALE = dict(d_model=64, num_heads=4, head_dim=64, rope_dim=16, q_lora_rank=32, o_groups=2,
                   o_lora_rank=16, window=128, compress_ratios=(0, 4, 128, 4), index_heads=16,
                   index_head_dim=32, index_topk=512, num_experts=8, experts_per_token=2,

@@ -1,4 +1,5 @@
-"""Byte tokenizer, Hugging Face tokenizer.json loading, and the V4 chat encoding (spec §8)."""
+"""Byte tokenizer, Hugging Face tokenizer.json loading, and the V4 chat encoding
+(docs/architecture.md#tokenizer)."""
 
 import json
 

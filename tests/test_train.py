@@ -1,6 +1,6 @@
-"""Losses and the train step (spec §7.3-§7.5): chunked cross-entropy, balance loss, router-bias
-update, indexer KL, gradient accumulation, remat, overfitting one batch, NaN handling and exact
-resume."""
+"""Losses and the train step (docs/architecture.md#load-balancing, #indexer-training, #mtp-loss):
+chunked cross-entropy, balance loss, router-bias update, indexer KL, gradient accumulation, remat,
+overfitting one batch, NaN handling and exact resume."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def test_indexer_kl_is_zero_when_distributions_match():
 
 
 def _np_indexer_loss(q, pos, kv, sink, comp, iq, iw, ik, idx, scale, window, ratio):
-  """Independent NumPy version of spec §7.4 with the joint softmax of §3.10."""
+  """Independent NumPy version of docs/architecture.md#indexer-training with the joint softmax of
+  docs/architecture.md#core-attention."""
   B, T, N, _ = q.shape
   total, count = 0.0, 0
   for b in range(B):
@@ -150,7 +151,8 @@ def test_indexer_loss_matches_numpy(sparse):
       for t in range(T):
         vis = rng.permutation((t + 1) // 4)[:2]
         idx[b, t, :len(vis)] = vis
-  # The attention's own log-normalizer (window + entries + sink) feeds the loss (spec §7.4).
+  # The attention's own log-normalizer (window + entries + sink) feeds the loss
+  # (docs/architecture.md#indexer-training).
   jq, jpos, jcomp = jnp.asarray(q), jnp.asarray(pos), jnp.asarray(comp)
   jidx = None if idx is None else jnp.asarray(idx)
   _, lse = sparse_attention(jq, jpos, jnp.asarray(kv), jnp.asarray(sink), scale=0.3, window=W,
@@ -255,8 +257,9 @@ def test_dense_warmup_trains_only_the_indexer():
 
 
 def test_sparse_stage_separates_the_gradients():
-  """Spec §7.4 sparse stage: the indexer learns only from its KL (its inputs are detached), the
-  rest of the model only from the LM loss (the KL target is a constant)."""
+  """docs/architecture.md#indexer-training sparse stage: the indexer learns only from its KL (its
+  inputs are detached), the rest of the model only from the LM loss (the KL target is a
+  constant)."""
   cfg = ONE_LAYER
   tcfg = train.TrainConfig(seq_len=64, batch_size=2, indexer_stage="sparse")
   model = deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0))

@@ -130,7 +130,8 @@ def test_freezing_one_layer_of_a_stack_holds_only_its_slice():
 # (test_aligned_packed_loss_equals_documents_alone) and the sparse stage's gradient split
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_indexer_stages_on_aligned_packed_rows_equal_each_document(stage):
-  """The indexer KL of a packed row is the sum of its documents' KLs, each alone (spec §7.4)."""
+  """The indexer KL of a packed row is the sum of its documents' KLs, each alone
+  (docs/architecture.md#indexer-training)."""
   cfg = deepseek_v4.tiny(compress_ratios=(4,), num_hash_layers=0, num_mtp_layers=0,
                          index_topk=2)
   model = deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(3))

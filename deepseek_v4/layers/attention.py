@@ -1,9 +1,11 @@
-"""V4 hybrid attention (spec §3): low-rank queries, one shared K=V head, sliding window, sink,
-compressed entries (CSA with the lightning indexer, or HCA), grouped low-rank output projection.
+"""V4 hybrid attention (docs/architecture.md#attention): low-rank queries, one shared K=V head,
+sliding window, sink, compressed entries (CSA with the lightning indexer, or HCA), grouped low-rank
+output projection.
 
 The core softmax is `kernels_pallas/sparse_attention/ops.py` (`impl=` picks the pure-JAX reference
 or the Pallas kernel). This module owns the parameters and the projections around it, and, in the
-indexer training stages, returns the indexer's KL toward this attention (spec §7.4).
+indexer training stages, returns the indexer's KL toward this attention
+(docs/architecture.md#indexer-training).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ _BTGI = ("batch", "seq", None, None)  # activation layout of the grouped output 
 
 
 class Attention(nnx.Module):
-  """One attention layer of kind sliding / CSA / HCA, chosen by `ratio` (spec §1.2)."""
+  """One attention layer of kind sliding / CSA / HCA, chosen by `ratio`
+  (docs/architecture.md#layer-schedule)."""
 
   def __init__(self, cfg: ModelConfig, ratio: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -59,7 +62,8 @@ class Attention(nnx.Module):
     return inv_freq(self.cfg, compressed=self.kind != "sliding")
 
   def project_qkv(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
-    """c^Q [B,T,L], roped q [B,T,N,H] and roped K=V [B,T,H] (spec §3.2, §3.4)."""
+    """c^Q [B,T,L], roped q [B,T,N,H] and roped K=V [B,T,H] (docs/architecture.md#queries,
+    #kv-head)."""
     B, T, _ = x.shape
     cq = self.q_norm(self.wq_a(x))
     q = self.wq_b(cq).reshape(B, T, self.cfg.num_heads, self.cfg.head_dim)  # [B, T, N, H]
@@ -68,7 +72,8 @@ class Attention(nnx.Module):
     return cq, q, kv
 
   def output(self, o: Float[Array, "B T N H"], cos: Array, sin: Array) -> Array:
-    """De-rotate at the query position, then the grouped low-rank projection (spec §3.11)."""
+    """De-rotate at the query position, then the grouped low-rank projection
+    (docs/architecture.md#output-projection)."""
     B, T, N, H = o.shape
     G, dg = self.cfg.o_groups, self.cfg.o_lora_rank
     o = apply_rope(o, cos, sin, inverse=True).reshape(B, T, G, N * H // G)  # [B, T, G, I]
@@ -114,11 +119,12 @@ class Attention(nnx.Module):
       segments: packed documents (full sequence only): each token's document id; every document
         starts at a row offset that is a multiple of the largest compression ratio, and tokens
         see only their own document.
-      cache: this layer's `deepseek_v4.cache.LayerCache` (decode / chunked prefill, spec §5.2);
+      cache: this layer's `deepseek_v4.cache.LayerCache` (decode / chunked prefill,
+      docs/architecture.md#decode-update);
         row b's tokens sit at `positions[b] = start[b] + arange(T)`, its first `n_valid[b]` real.
       indexer_stage: "off" (inference / ordinary training), "dense" (warm-up: every visible
         entry, the indexer learns the attention's entry distribution) or "sparse" (top-k; the
-        indexer learns on its own picks), spec §7.4. Full sequence only.
+        indexer learns on its own picks), docs/architecture.md#indexer-training. Full sequence only.
       impl: kernel implementation (default `cfg.kernel_impl`).
     Returns:
       (output [B, T, D], new LayerCache or None, indexer KL (sum over queries, query count) [2]).
@@ -148,7 +154,8 @@ class Attention(nnx.Module):
         comp_seg = segments[:, : comp.shape[1] * self.ratio: self.ratio]
     train_indexer = stage != "off" and self.indexer is not None
     if self.indexer is not None:
-      # The indexer reads detached inputs: it learns only from its own loss (spec §7.4).
+      # The indexer reads detached inputs: it learns only from its own loss
+      # (docs/architecture.md#indexer-training).
       sg = jax.lax.stop_gradient
       ikeys, iq, iw = self.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
       if stage != "dense":  # dense warm-up: every visible entry, no selection
@@ -166,7 +173,7 @@ class Attention(nnx.Module):
     return self.output(o, cos, sin), None, kl
 
   def _extend(self, x, positions, n_valid, cache, impl: str):
-    """Cached attention of a chunk (decode step: T = 1), spec §5.2.
+    """Cached attention of a chunk (decode step: T = 1), docs/architecture.md#decode-update.
 
     Order: compressors first, so an entry closed by token t is visible to t; then attention over
     the chunk's own band, the ring (keys written before the chunk), and the entries; the ring is

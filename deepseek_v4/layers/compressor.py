@@ -1,4 +1,5 @@
-"""KV compressor (spec §3.6): gated softmax pooling of every window of `m` tokens into one entry.
+"""KV compressor (docs/architecture.md#compressor): gated softmax pooling of every window of `m`
+tokens into one entry.
 
 HCA (ratio != 4): non-overlapping windows, one projection series. CSA (ratio 4): each token's
 projection has two halves; entry i pools the previous window through the first half (A) and the
@@ -112,8 +113,8 @@ class Compressor(nnx.Module):
 
   def extend(self, x: Float[Array, "B T D"], start: Int[Array, "B"], n_valid: Int[Array, "B"],
              state, entries: Float[Array, "B C W"], freqs: np.ndarray):
-    """Decode / chunked-prefill step (spec §5.2): feeds the chunk x (row b at positions
-    start[b] ..., its first n_valid[b] tokens real) to the tail `state` (a cache
+    """Decode / chunked-prefill step (docs/architecture.md#decode-update): feeds the chunk x (row b
+    at positions start[b] ..., its first n_valid[b] tokens real) to the tail `state` (a cache
     CompressorState); returns (entries with every newly closed window stored, new state)."""
     c, z = self.project(x, start[:, None])
     pooled, entry, closed, state = extend_windows(c, z, start, n_valid, state, self.ratio,
@@ -145,7 +146,7 @@ class Compressor(nnx.Module):
     return apply_rope(self.norm(pooled.astype(x.dtype)), cos, sin)
 
 
-# ----- incremental compression (decode / chunked prefill, spec §5.2) ------------------------------
+# ----- incremental compression (decode / chunked prefill, docs/architecture.md#decode-update) -----
 def _align(pending: Array, new: Array, offset: Array, fill: float, length: int) -> Array:
   """Per row: the pending slots, then the chunk written from slot `offset`: [length, K]."""
   m, K = pending.shape

@@ -1,4 +1,5 @@
-"""Lightning indexer of CSA layers (spec §3.8): picks each query's top-k compressed entries.
+"""Lightning indexer of CSA layers (docs/architecture.md#indexer): picks each query's top-k
+compressed entries.
 
 Keys are the indexer compressor's own entries (width c_I, overlapping CSA windows); queries come
 from the normalized query latent c^Q; head weights from the attention input. Selection is not
@@ -69,8 +70,9 @@ class Indexer(nnx.Module):
 
   def extend(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
              freqs: np.ndarray, n_valid: Array, state, keys: Array, impl: str | None = None):
-    """Decode / chunked-prefill step (spec §5.2 step 3): stores the keys of every indexer window
-    the chunk closes, then selects among all stored keys (visibility from `positions`).
+    """Decode / chunked-prefill step (docs/architecture.md#decode-update step 3): stores the keys
+    of every indexer window the chunk closes, then selects among all stored keys (visibility from
+    `positions`).
 
     Returns (selected indices [B, T, min(k_I, capacity)], keys, new compressor state).
     """

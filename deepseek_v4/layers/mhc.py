@@ -1,4 +1,5 @@
-"""Manifold-constrained hyper-connections (mHC), spec §2.2-§2.4 (report §2.2, eqs. 1-8).
+"""Manifold-constrained hyper-connections (mHC), docs/architecture.md#mhc, #mhc-head (report §2.2,
+eqs. 1-8).
 
 The residual stream is M parallel streams `X: [B, T, M, D]`. Each sub-layer reads a collapse of
 the streams (`pre`), writes its output back through `post`, and mixes the old streams through
@@ -23,7 +24,7 @@ from deepseek_v4.layers.params import normal, param
 
 
 def sinkhorn(logits: Float[Array, "... M M"], iters: int, eps: float) -> Array:
-  """Sinkhorn-Knopp as in the reference code (spec §2.2 step 4).
+  """Sinkhorn-Knopp as in the reference code (docs/architecture.md#mhc step 4).
 
   Row softmax, + eps, column normalization, then `iters - 1` rounds of (row, column)
   normalization, each denominator + eps. The last step normalizes columns, so columns sum to 1
@@ -32,7 +33,7 @@ def sinkhorn(logits: Float[Array, "... M M"], iters: int, eps: float) -> Array:
   The matrices are iterated with their M x M entries as the leading axes and the tokens last, so
   every row or column sum is M vector adds over the tokens (`_sum`), and the backward is written
   out (`_sinkhorn_bwd`; autodiff of this layout was slower than the plain one at long lengths).
-  Measured against the plain [..., M, M] loop under autodiff (issue 10, 2 cores): at
+  Measured against the plain [..., M, M] loop under autodiff (2 CPU cores): at
   [8, 128, 4, 4] forward 1.07 -> 0.11 ms, forward+backward 3.4 -> 0.68 ms; at [1, 8192, 4, 4]
   9.0 -> 0.96 ms and 79 -> 8.2 ms.
   """
@@ -112,7 +113,8 @@ def _mixing_logits(x: Float[Array, "B T M D"], fn: Array, norm_eps: float) -> Ar
 def hc_weights(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array, *, iters: int,
                eps: float, norm_eps: float, constrained: bool = True
                ) -> tuple[Array, Array, Array]:
-  """pre [B,T,M], post [B,T,M] and comb [B,T,M,M] of one mHC site (spec §2.2 steps 1-4).
+  """pre [B,T,M], post [B,T,M] and comb [B,T,M,M] of one mHC site (docs/architecture.md#mhc steps
+  1-4).
 
   constrained=False is residual="hc": hyper-connections (Zhu et al. 2024) in the form the mHC
   paper gives them (its eq. 5), `H = scale * tanh(mu) + base` for pre, post and res alike, with
@@ -137,8 +139,8 @@ def hc_weights(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array,
 
 
 def hc_collapse(x: Float[Array, "B T M D"], pre: Float[Array, "B T M"] | None) -> Array:
-  """`u = sum_i pre_i X_i` in float32, cast to the stream dtype (spec §2.2 step 5); the one
-  stream itself when `pre` is None (residual="plain", M = 1)."""
+  """`u = sum_i pre_i X_i` in float32, cast to the stream dtype (docs/architecture.md#mhc step 5);
+  the one stream itself when `pre` is None (residual="plain", M = 1)."""
   if pre is None:
     return x[:, :, 0]
   return _collapse(x, pre)
@@ -156,7 +158,7 @@ def hc_expand(x: Float[Array, "B T M D"], y: Float[Array, "B T D"], post: Array 
 # Both maps carry a hand-written backward. Autodiff's weight cotangents (d pre, d post, d comb: a
 # sum over D per token) became XLA:CPU reductions that slow down sharply with the token count;
 # here they are one contraction per map, with the stream and the sub-layer output stacked.
-# Measured against autodiff (issue 10, 2 cores), hc_expand forward+backward with the forward as
+# Measured against autodiff (2 CPU cores), hc_expand forward+backward with the forward as
 # multiply-adds (`_mix`): at [1, 8192, 4, 256] 186 -> 21 ms, at [8, 128, 4, 256] 3.0 -> 1.6 ms.
 @jax.custom_vjp
 def _collapse(x: Array, pre: Array) -> Array:
@@ -181,7 +183,7 @@ _collapse.defvjp(_collapse_fwd, _collapse_bwd)
 def _mix(w: Array, rows: list[Array]) -> Array:
   """sum_i w[..., i, None] * rows[i]: M multiply-adds over [B, T, D] rows. XLA fuses them into one
   loop, where the einsum over M ran as B*T tiny matmuls (hc_expand's forward at [8, 128, 4, 256]
-  1.97 -> 0.39 ms, at [1, 8192, 4, 256] 15.9 -> 11.4 ms; issue 10, 2 cores)."""
+  1.97 -> 0.39 ms, at [1, 8192, 4, 256] 15.9 -> 11.4 ms; 2 CPU cores)."""
   out = w[..., 0, None] * rows[0]
   for i in range(1, len(rows)):
     out = out + w[..., i, None] * rows[i]
@@ -221,7 +223,8 @@ _expand.defvjp(_expand_fwd, _expand_bwd)
 
 def hc_head(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array, *, eps: float,
             norm_eps: float) -> Array:
-  """Final collapse of the streams (spec §2.4): sigmoid gates + eps, no Sinkhorn."""
+  """Final collapse of the streams (docs/architecture.md#mhc-head): sigmoid gates + eps, no
+  Sinkhorn."""
   mu = _mixing_logits(x, fn, norm_eps)
   a = jax.nn.sigmoid(mu * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + eps
   return hc_collapse(x, a)
@@ -229,7 +232,8 @@ def hc_head(x: Float[Array, "B T M D"], fn: Array, base: Array, scale: Array, *,
 
 def init_site(rngs: nnx.Rngs, rows: int, hc_mult: int, d_model: int, n_scales: int,
               std: float, constrained: bool = True) -> tuple[nnx.Param, nnx.Param, nnx.Param]:
-  """(fn, base, scale) of one mHC site, initialized as transformers does (spec §7.9).
+  """(fn, base, scale) of one mHC site, initialized as transformers does
+  (docs/architecture.md#init).
 
   constrained=False (residual="hc", a sub-layer site: rows = (2 + M) M) starts from HC's static
   connections: base = (pre 1/M each, post 1 each, res the identity) and dynamic scales 0.01, so

@@ -1,5 +1,5 @@
-"""Mixture of experts (spec §4): sqrt-softplus router with the aux-loss-free selection bias, hash
-routing for the first layers, clamped SwiGLU experts and one shared expert.
+"""Mixture of experts (docs/architecture.md#moe): sqrt-softplus router with the aux-loss-free
+selection bias, hash routing for the first layers, clamped SwiGLU experts and one shared expert.
 
 Routed experts run as grouped matmuls over the token-expert pairs sorted by expert: dispatch is a
 stable sort and a gather, combine a scatter back and a weighted sum over each token's k pairs, so
@@ -42,7 +42,7 @@ class MoEImpl:
 
 
 SCORE_FUNCS = {
-  "sqrtsoftplus": lambda z: jnp.sqrt(jax.nn.softplus(z)),  # V4 (spec §4.1)
+  "sqrtsoftplus": lambda z: jnp.sqrt(jax.nn.softplus(z)),  # V4 (docs/architecture.md#router-scores)
   "sigmoid": jax.nn.sigmoid,  # V3
   "softmax": lambda z: jax.nn.softmax(z, axis=-1),  # classic top-k MoE (over the experts)
 }
@@ -51,14 +51,14 @@ SCORE_FUNCS = {
 def router_scores(x: Float[Array, "T D"], gate: Float[Array, "E D"],
                   func: str = "sqrtsoftplus") -> Array:
   """Affinities `f(x gate^T)` in float32, [T, E]; f = `ModelConfig.score_func` (V4:
-  sqrt(softplus), spec §4.1)."""
+  sqrt(softplus), docs/architecture.md#router-scores)."""
   logits = jnp.einsum("TD,ED->TE", x.astype(jnp.float32), gate.astype(jnp.float32))
   return SCORE_FUNCS[func](logits)
 
 
 def route_topk(scores: Float[Array, "T E"], bias: Float[Array, "E"] | None, k: int) -> Array:
-  """Learned selection: top-k of `scores + bias`; the bias only chooses (spec §4.2). No bias
-  (router_bias=False): top-k of the scores."""
+  """Learned selection: top-k of `scores + bias`; the bias only chooses
+  (docs/architecture.md#routing). No bias (router_bias=False): top-k of the scores."""
   return jax.lax.top_k(scores if bias is None else scores + bias.astype(jnp.float32), k)[1]
 
 
@@ -68,7 +68,8 @@ def route_hash(ids: Int[Array, "T"], table: Int[Array, "V X"]) -> Array:
 
 
 def combine_weights(scores: Array, idx: Array, scale: float, normalize: bool) -> Array:
-  """`w_k = s_{idx_k} / sum_k' s_{idx_k'} * scale` from the unbiased scores (spec §4.3)."""
+  """`w_k = s_{idx_k} / sum_k' s_{idx_k'} * scale` from the unbiased scores
+  (docs/architecture.md#combine-weights)."""
   w = jnp.take_along_axis(scores, idx, axis=-1)
   if normalize:
     w = w / jnp.sum(w, axis=-1, keepdims=True)
@@ -113,9 +114,9 @@ class Experts(nnx.Module):
   """Stacked routed experts: w1, w3 [E, F, D] and w2 [E, D, F].
 
   With `cfg.keep_quantized == "experts"` each of them is held as stored in the official
-  checkpoints (spec §6.2): `w1` the packed FP4 codes [E, F, D/2] uint8 and `w1_scale` the E8M0
-  scales [E, F, D/32] (likewise w3; w2 [E, D, F/2] and [E, D, F/32]); the MoE decodes them one
-  expert at a time (layers/moe_ffn.py).
+  checkpoints (docs/architecture.md#fp8-fp4): `w1` the packed FP4 codes [E, F, D/2] uint8 and
+  `w1_scale` the E8M0 scales [E, F, D/32] (likewise w3; w2 [E, D, F/2] and [E, D, F/32]); the MoE
+  decodes them one expert at a time (layers/moe_ffn.py).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -158,8 +159,8 @@ class SharedExpert(nnx.Module):
 def default_hash_table(key: jax.Array, vocab: int, experts: int, k: int) -> jax.Array:
   """k distinct pseudo-random experts per token id, [V, k] int32.
 
-  DeepSeek's hash function is unpublished (spec §4.2); checkpoints ship the real table, which
-  replaces this one on load. Written in jax so `nnx.eval_shape` never computes it.
+  DeepSeek's hash function is unpublished (docs/architecture.md#routing); checkpoints ship the real
+  table, which replaces this one on load. Written in jax so `nnx.eval_shape` never computes it.
   """
   u = jax.random.uniform(key, (vocab, experts))
   return jnp.argsort(u, axis=1)[:, :k].astype(jnp.int32)
@@ -184,7 +185,7 @@ class Gate(nnx.Module):
 
 
 class MoE(nnx.Module):
-  """y = sum_k w_k Expert_{idx_k}(x) + Shared(x) (spec §4.5)."""
+  """y = sum_k w_k Expert_{idx_k}(x) + Shared(x) (docs/architecture.md#moe-output)."""
 
   def __init__(self, cfg: ModelConfig, hashed: bool, *, rngs: nnx.Rngs):
     self.cfg = cfg

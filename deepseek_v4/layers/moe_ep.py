@@ -1,4 +1,5 @@
-"""Expert-parallel routed experts (spec §4.5 computed across devices): dispatch, compute, combine.
+"""Expert-parallel routed experts (docs/architecture.md#moe-output computed across devices):
+dispatch, compute, combine.
 
 Each device holds T_l tokens (tokens are split over every batch axis, the expert axis included)
 and E_l = E / P routed experts (P = size of the expert axis). Inside `jax.shard_map`:

@@ -1,4 +1,5 @@
-"""RMSNorm (spec §0.1): float32 inside, weight applied in float32, cast back once."""
+"""RMSNorm (docs/architecture.md#notation): float32 inside, weight applied in float32, cast back
+once."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"] | None, eps: fl
 
 
 class RMSNorm(nnx.Module):
-  """Weighted RMSNorm; the weight is kept in float32 (spec §1.4)."""
+  """Weighted RMSNorm; the weight is kept in float32 (docs/architecture.md#dtypes)."""
 
   def __init__(self, dim: int, eps: float, *, axis_name: str | None = "embed"):
     self.eps = eps

@@ -1,4 +1,4 @@
-"""Partial interleaved rotary embedding with the two thetas and YaRN (spec §3.3).
+"""Partial interleaved rotary embedding with the two thetas and YaRN (docs/architecture.md#rope).
 
 Only the LAST `rope_dim` channels of a head rotate; inside them, channels (2k, 2k+1) form one complex
 number rotated by `p * w_k`. Compressed (CSA/HCA) layers use `compress_rope_theta` with YaRN on the
@@ -57,7 +57,8 @@ def apply_rope(x: Float[Array, "B T *heads H"], cos: Float[Array, "B T R2"],
   """Rotates the last 2*R2 channels of `x` (interleaved pairs) at the given angles.
 
   `cos`/`sin` have the leading [B, T] of `x` (B may be 1); head axes in between are broadcast.
-  `inverse=True` rotates by the negative angle (the output de-rotation of spec §3.11).
+  `inverse=True` rotates by the negative angle (the output de-rotation of
+  docs/architecture.md#output-projection).
 
   Written as one elementwise pass over all H channels, `x * c + swap(x) * s` with `swap` exchanging
   the two channels of each pair, kept only on the rotated channels: slicing the rotated part off and

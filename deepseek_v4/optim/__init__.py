@@ -1,4 +1,4 @@
-"""Optimizers: DeepSeek-V4's Muon + AdamW hybrid (spec §7.1)."""
+"""Optimizers: DeepSeek-V4's Muon + AdamW hybrid (docs/architecture.md#optimizer)."""
 
 from deepseek_v4.optim.muon import (
   ADAMW,

@@ -39,7 +39,8 @@ def tgmm(x: Float[Array, "M K"], dy: Float[Array, "M N"], group_sizes: Int[Array
 
 
 def swiglu(g: Array, v: Array, limit: float) -> Array:
-  """The experts' clamped SwiGLU, `silu(min(g, limit)) * clip(v, -limit, limit)` (spec §4.4)."""
+  """The experts' clamped SwiGLU, `silu(min(g, limit)) * clip(v, -limit, limit)`
+  (docs/architecture.md#swiglu)."""
   return jax.nn.silu(jnp.minimum(g, limit)) * jnp.clip(v, -limit, limit)
 
 

@@ -17,7 +17,7 @@ autodiff through a tile scan, whose weight cotangent is a full [E, K, N] add per
 
 The fused FFN's backward loop runs `BWD_UNROLL` tiles per iteration, written out one after another:
 XLA:CPU runs each small matmul on one core and the iterations of a loop one after another, but
-it overlaps independent matmuls inside one iteration. Measured on 2 cores (issue 10, E=64,
+it overlaps independent matmuls inside one iteration. Measured on 2 cores (E=64,
 12288 rows, tile 64): the fused FFN backward 63 -> 47-49 ms with 4 tiles per iteration; 2 gave
 no gain and 8 or 16 were slower again. The forward loop gained nothing from it and stays one tile
 per iteration. The extra tiles past `used` are padding (zero rows), so they add zeros.
@@ -54,7 +54,7 @@ def default_tile(m: int, groups: int) -> int:
   """The power of two nearest the mean group size (in log scale), clamped to [8, 128].
 
   Larger tiles make each matmul more efficient, smaller ones waste fewer padding rows. Measured on
-  2 CPU cores (issue 10, the fused FFN forward+backward, D=256, F=128, median ms):
+  2 CPU cores (the fused FFN forward+backward, D=256, F=128, median ms):
     mean 12 (768 rows, 64 groups):     tile 8 14.2, 16 12.1, 32 12.2, 64 14.0
     mean 24 (1536 rows, 64 groups):    16 14.2-16.9, 32 13.3-13.7, 64 14.7-19.8
     mean 48 (12288 rows, 256 groups):  16 108.5, 32 71.9-101.4, 64 54.3-62.8, 128 96.0

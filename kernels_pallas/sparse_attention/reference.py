@@ -1,4 +1,4 @@
-"""Core V4 attention (spec §3.10), gather-based and blocked over queries.
+"""Core V4 attention (docs/architecture.md#core-attention), gather-based and blocked over queries.
 
 One softmax per query and head over: its sliding window of uncompressed K=V vectors, its compressed
 entries (CSA: the indexer's selected indices, gathered; HCA: every visible entry), and a per-head
@@ -33,7 +33,8 @@ def scan_step(block: int, gathered: bool) -> int:
 
 
 def _window_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
-  """[B, Q, K]: key position in (p_t - W, p_t] and a real slot (spec §3.5)."""
+  """[B, Q, K]: key position in (p_t - W, p_t] and a real slot
+  (docs/architecture.md#sliding-window)."""
   d = q_pos[:, :, None] - k_pos[:, None, :]
   return (d >= 0) & (d < window) & (k_pos[:, None, :] >= 0)
 

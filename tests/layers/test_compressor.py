@@ -1,4 +1,4 @@
-"""KV compressor (spec §3.6) vs a direct NumPy loop over windows."""
+"""KV compressor (docs/architecture.md#compressor) vs a direct NumPy loop over windows."""
 
 import jax
 import jax.numpy as jnp

@@ -1,5 +1,6 @@
-"""Incremental compression (spec §5.2): feeding a sequence in chunks of any size, with every row
-at its own position, stores exactly the entries of the full-sequence pooling."""
+"""Incremental compression (docs/architecture.md#decode-update): feeding a sequence in chunks of
+any size, with every row at its own position, stores exactly the entries of the full-sequence
+pooling."""
 
 import jax.numpy as jnp
 import numpy as np

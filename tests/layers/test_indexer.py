@@ -1,4 +1,5 @@
-"""Lightning indexer scores and top-k (spec §3.8, kernels_pallas/indexer_topk/reference.py)."""
+"""Lightning indexer scores and top-k (docs/architecture.md#indexer,
+kernels_pallas/indexer_topk/reference.py)."""
 
 import jax
 import jax.numpy as jnp

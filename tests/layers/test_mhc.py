@@ -1,4 +1,5 @@
-"""mHC (spec §2.2-§2.4): Sinkhorn, mixing weights, collapse / expand / head vs NumPy."""
+"""mHC (docs/architecture.md#mhc, #mhc-head): Sinkhorn, mixing weights, collapse / expand / head vs
+NumPy."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,8 @@ def _sigmoid(x):
 
 
 def _np_sinkhorn(logits, iters, eps):
-  """Spec §2.2 step 4, one M x M matrix at a time, explicit loops over rows/columns."""
+  """docs/architecture.md#mhc step 4, one M x M matrix at a time, explicit loops over
+  rows/columns."""
   logits = np.asarray(logits, np.float64)
   out = np.empty_like(logits)
   M = logits.shape[-1]

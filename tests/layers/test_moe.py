@@ -1,4 +1,5 @@
-"""Mixture of experts (spec §4): router, selection, combine weights, clamped SwiGLU experts."""
+"""Mixture of experts (docs/architecture.md#moe): router, selection, combine weights, clamped
+SwiGLU experts."""
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +135,8 @@ def _cfg():
 
 
 def _np_moe(x, ids, mod, cfg):
-  """Spec §4: scores, selection (hash table or top-k of scores + bias), weights, experts."""
+  """docs/architecture.md#moe: scores, selection (hash table or top-k of scores + bias), weights,
+  experts."""
   x = np.asarray(x, np.float64)
   s = _np_scores(x, mod.gate.weight[...])
   if mod.gate.hashed:

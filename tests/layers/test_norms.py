@@ -1,4 +1,4 @@
-"""RMSNorm (spec §0.1) vs an independent NumPy re-derivation."""
+"""RMSNorm (docs/architecture.md#notation) vs an independent NumPy re-derivation."""
 
 import jax.numpy as jnp
 import numpy as np

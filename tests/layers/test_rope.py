@@ -1,4 +1,5 @@
-"""Partial interleaved RoPE with YaRN (spec §3.3) vs NumPy and its defining properties."""
+"""Partial interleaved RoPE with YaRN (docs/architecture.md#rope) vs NumPy and its defining
+properties."""
 
 import math
 
@@ -13,7 +14,7 @@ from tests.tolerances import F32_FUNCTION
 
 
 def _np_inv_freq(r, theta, factor=1.0, orig=1, beta_fast=32.0, beta_slow=1.0):
-  """Spec §3.3 in float64: base w_k = theta^(-2k/r), YaRN ramp between lo and hi."""
+  """docs/architecture.md#rope in float64: base w_k = theta^(-2k/r), YaRN ramp between lo and hi."""
   k = np.arange(r // 2, dtype=np.float64)
   w0 = theta ** (-2.0 * k / r)
   if factor == 1.0:

@@ -1,4 +1,5 @@
-"""Core attention (spec §3.5, §3.7, §3.10) vs a dense NumPy attention with an explicit mask."""
+"""Core attention (docs/architecture.md#sliding-window, #causality, #core-attention) vs a dense
+NumPy attention with an explicit mask."""
 
 import functools
 
