@@ -177,6 +177,15 @@ def test_no_import_cycles():
     _describe(graph, c) for c in found)
 
 
+def test_kernels_never_import_the_model():
+  """Dependencies go one way, deepseek_v4 -> kernels_pallas (STYLE.md §1): the kernels stay
+  reusable without the model package."""
+  graph = import_graph(project_modules())
+  back = sorted(f"{a} -> {b} (line {graph[a][b]})" for a in graph if a.startswith("kernels_pallas")
+                for b in graph[a] if b.startswith("deepseek_v4"))
+  assert not back, "kernels_pallas imports deepseek_v4:\n  " + "\n  ".join(back)
+
+
 @pytest.mark.parametrize("edge", sorted(ALLOWED_EDGES))
 def test_allowed_edges_are_function_level(edge):
   mods = project_modules()
