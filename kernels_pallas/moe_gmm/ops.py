@@ -2,7 +2,7 @@
 
   "ragged_dot": `jax.lax.ragged_dot_general`, XLA's grouped matmul (the megablox-style kernel on
                 TPU). On CPU XLA runs it as a masked dense product over every group, 10-30x
-                slower than the tiled path (issue 10); XLA:GPU (jax 0.10) expands it the same
+                slower than the tiled path (2 CPU cores); XLA:GPU (jax 0.10) expands it the same
                 way, an [rows, groups, K] operand: 51.5 GB per MoE layer at Flash's 8 x 4096
                 tokens over 8 H200s (compiled, docs/plan.md).
   "tiled":      `tiled.py`: rows padded to tile-aligned groups, one matmul per tile, custom VJP.
