@@ -100,7 +100,8 @@ def resolve_impl(op: str, impl: str) -> str:
 
 def _log_once(op: str, message: str) -> None:
   """Logs `op: message` at INFO, once per (op, message): which path runs is information, not a
-  problem (an INFO line, not a WARNING); `logging.getLogger("kernels_pallas").setLevel(logging.INFO)` shows it."""
+  problem, so not a WARNING; `logging.getLogger("kernels_pallas").setLevel(logging.INFO)` shows
+  it."""
   if (op, message) in _logged:
     return
   _logged.add((op, message))
