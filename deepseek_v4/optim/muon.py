@@ -163,13 +163,16 @@ def orthogonalize_many(mats: list[jax.Array], *, rms_scale: float, coeffs=HYBRID
     groups.setdefault((y.shape[-2:], y.dtype if together else i), []).append(i)
   out: list[jax.Array | None] = [None] * len(mats)
   for (shape, _), members in groups.items():
-    flat = [prepared[i][0].reshape(-1, *shape) for i in members]
-    stack = jnp.concatenate(flat, axis=0) if together else prepared[members[0]][0]
-    ortho = newton_schulz(stack, coeffs, eps) * (math.sqrt(max(shape)) * rms_scale)
-    offsets = itertools.accumulate([f.shape[0] for f in flat][:-1])
-    pieces = jnp.split(ortho, list(offsets), axis=0) if together else [ortho]
+    if together:
+      flat = [prepared[i][0].reshape(-1, *shape) for i in members]
+      ortho = newton_schulz(jnp.concatenate(flat, axis=0), coeffs, eps)
+      offsets = itertools.accumulate([f.shape[0] for f in flat][:-1])
+      pieces = [p.reshape(prepared[i][0].shape)
+                for i, p in zip(members, jnp.split(ortho, list(offsets), axis=0))]
+    else:
+      pieces = [newton_schulz(prepared[members[0]][0], coeffs, eps)]
     for i, piece in zip(members, pieces):
-      piece = piece.reshape(prepared[i][0].shape)
+      piece = piece * (math.sqrt(max(shape)) * rms_scale)
       y = jnp.swapaxes(piece, -1, -2) if prepared[i][1] else piece
       out[i] = y.astype(mats[i].dtype)
   return out
