@@ -237,3 +237,31 @@ def test_fixtures_match_what_transformers_writes(name):
   now = {k: v for k, v in transformers_config_json(name).items() if k not in drop}
   committed = {k: v for k, v in _fixture(name).items() if k not in drop}
   assert now == committed
+
+
+@pytest.mark.parametrize("preset", ["tiny", "flash", "pro"])
+def test_to_hf_reads_back_equal_and_matches_the_writer(preset):
+  """`ModelConfig.to_hf` / `from_hf` (thin entry points into config_hf) round-trip every preset,
+  through JSON, and the dict is the transformers form (`layer_types`, not `compress_ratios`)."""
+  import deepseek_v4
+  from deepseek_v4 import config_hf
+
+  cfg = deepseek_v4.PRESETS[preset]()
+  hf = json.loads(json.dumps(cfg.to_hf()))
+  assert hf == json.loads(json.dumps(config_hf.fields_to_hf(cfg)))
+  assert hf["model_type"] == "deepseek_v4" and "compress_ratios" not in hf
+  assert len(hf["layer_types"]) == cfg.num_layers
+  # dtypes are how to run, not what the model is: config.json does not carry them
+  assert ModelConfig.from_hf(hf, dtype=cfg.dtype, param_dtype=cfg.param_dtype) == cfg
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "llama", ""])
+def test_config_of_another_model_type_is_refused(tmp_path, model_type):
+  hf = _fixture("defaults")
+  assert ModelConfig.from_hf(hf).num_layers > 0  # model_type "deepseek_v4": read
+  path = _write(tmp_path, {**hf, "model_type": model_type})
+  with pytest.raises(ValueError, match=rf"config\.json: model_type='{model_type}' is not "
+                                       r"DeepSeek-V4's \(expected one of \['deepseek_v4'\]\)"):
+    ModelConfig.from_hf(path)
+  without = {k: v for k, v in hf.items() if k != "model_type"}  # a hub config may omit it
+  assert ModelConfig.from_hf(without) == ModelConfig.from_hf(hf)
