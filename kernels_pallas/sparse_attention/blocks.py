@@ -124,11 +124,12 @@ DEFAULTS: dict[str, BlockSizes] = {
 }
 
 
-# The widths the tiles above were compiled and checked at (scripts/tune_kernel_blocks.py,
-# tests/aot/test_gpu_kernels.py): V4's head dim, 512, in 2-byte dtypes; float32 doubles every
-# operand's shared memory, so it is checked at 256. Wider heads were never compiled.
-MAX_HEAD_DIM = {2: 512, 4: 256}  # by the dtype's bytes
-GPU_DTYPES = ("bfloat16", "float16", "float32")
+# What the tiles above were compiled and checked at (scripts/tune_kernel_blocks.py,
+# tests/aot/test_gpu_kernels.py): bfloat16 operands up to V4's head dim, 512. float32 operands take
+# Triton's full-precision dot path, which spilled thousands of bytes at every width tried (the
+# indexer kernel at 16 x 64: 13.8 KB); other dtypes and wider heads were never compiled.
+MAX_HEAD_DIM = 512
+GPU_DTYPES = ("bfloat16",)
 
 
 def why_unsupported_gpu(head_dim: int, dtype) -> str | None:
@@ -139,12 +140,11 @@ def why_unsupported_gpu(head_dim: int, dtype) -> str | None:
   """
   import numpy as np
 
-  dt = np.dtype(dtype)
-  if dt.name not in GPU_DTYPES:
-    return f"dtype {dt.name} (the GPU body takes {', '.join(GPU_DTYPES)})"
+  name = np.dtype(dtype).name
+  if name not in GPU_DTYPES:
+    return f"dtype {name} (the GPU tiles were compiled for {', '.join(GPU_DTYPES)})"
   padded = 1 << max(0, (int(head_dim) - 1).bit_length())
-  widest = MAX_HEAD_DIM[dt.itemsize]
-  if padded > widest:
-    return (f"head dim {head_dim} (padded {padded}) in {dt.name} is wider than the {widest} the "
-            "GPU tiles were compiled for")
+  if padded > MAX_HEAD_DIM:
+    return (f"head dim {head_dim} (padded {padded}) is wider than the {MAX_HEAD_DIM} the GPU "
+            "tiles were compiled for")
   return None
