@@ -185,7 +185,8 @@ def test_native_flash_shapes(dtype):
   sink = jnp.asarray(rng.normal(size=(N,)), jnp.float32)
   pos = jnp.arange(T, dtype=jnp.int32)[None]
   idx = jnp.asarray(_csa_indices(rng, B, T, C, P, 4))
-  bs = kernel.BlockSizes.uniform(block_q=16, block_k=16) if dtype == jnp.float32 else None
+  bs = (kernel.BlockSizes.uniform(block_q=32, block_k=32, num_warps=8) if dtype == jnp.float32
+        else None)
 
   def loss(fn, q, kv, sink, comp, **more):
     o = fn(q, pos, kv, sink, scale=H**-0.5, window=128, block=64, comp=comp, comp_idx=idx,
@@ -251,3 +252,21 @@ def test_block_sizes_refuse_bad_values():
   for target in ("h100", "h200"):  # compiled Triton dots: every tile at least 16 wide
     bs = BlockSizes.default(target)
     assert min(min(t.block_q, t.block_k) for t in (bs.fwd, bs.dq, bs.dkv, bs.decode)) >= 16
+
+
+def test_gpu_defaults_are_the_tuned_tiles():
+  """blocks.DEFAULTS and the indexer's are what scripts/tune_kernel_blocks.py last chose (its
+  JSON), so a re-tune that changes a pick cannot leave the defaults behind."""
+  import json
+  from pathlib import Path
+
+  from kernels_pallas.sparse_attention import blocks
+
+  path = Path(__file__).parents[2] / "benchmarks" / "results" / "tune_kernel_blocks.json"
+  results = json.loads(path.read_text())["results"]
+  for target in ("h100", "h200"):
+    bs = blocks.BlockSizes.default(target)
+    for name in ("fwd", "dq", "dkv", "decode"):
+      assert Tile(**results[target][name]["pick"]) == getattr(bs, name), (target, name)
+    assert idx_kernel.BlockSizes(**results[target]["indexer"]["pick"]) == \
+      idx_kernel.BlockSizes.default(target)
