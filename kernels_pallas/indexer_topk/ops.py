@@ -37,7 +37,8 @@ def why_not_pallas(target: str, q) -> str | None:
   _, _, I, J = q.shape
   pow2 = lambda n: 1 << max(0, (int(n) - 1).bit_length())
   if np.dtype(q.dtype).name not in GPU_DTYPES:
-    return f"dtype {np.dtype(q.dtype).name} (the GPU kernel was compiled for {', '.join(GPU_DTYPES)})"
+    name = np.dtype(q.dtype).name
+    return f"dtype {name} (the GPU kernel was compiled for {', '.join(GPU_DTYPES)})"
   if pow2(I) > MAX_INDEX_HEADS or pow2(J) > MAX_INDEX_HEAD_DIM:
     return (f"indexer heads x dim {I} x {J} exceed the {MAX_INDEX_HEADS} x {MAX_INDEX_HEAD_DIM} "
             "the GPU kernel was compiled for")

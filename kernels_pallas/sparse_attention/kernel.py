@@ -354,8 +354,8 @@ def _dkv_call(meta, tile, interpret, kind, keys, kpos, kseg, t_lo, t_hi, q, do, 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _core(meta, bs, interpret, q, sink, kv, pkv, comp, ints):
   tile = bs.decode if meta.S else bs.fwd  # a decode ring: the decode step's tile
-  return _fwd_call(meta, tile, interpret, q, sink, kv, ints["kpos"], ints["kseg"], pkv, ints["ppos"],
-                   comp, ints["cseg"], ints["idx"])
+  return _fwd_call(meta, tile, interpret, q, sink, kv, ints["kpos"], ints["kseg"], pkv,
+                   ints["ppos"], comp, ints["cseg"], ints["idx"])
 
 
 def _core_fwd(meta, bs, interpret, q, sink, kv, pkv, comp, ints):
@@ -389,7 +389,8 @@ def _core_bwd(meta, bs, interpret, res, cts):
   if meta.S:
     nb = meta.S // bkv
     lo, hi = jnp.zeros((B, nb), jnp.int32), jnp.full((B, nb), T, jnp.int32)
-    dpkv = _dkv_call(meta, bs.dkv, interpret, "prefix", pkv, ints["ppos"], jnp.zeros_like(ints["ppos"]),
+    dpkv = _dkv_call(meta, bs.dkv, interpret, "prefix", pkv, ints["ppos"],
+                     jnp.zeros_like(ints["ppos"]),
                      lo, hi, q, dout, lse, dd, kpos, jnp.zeros_like(kseg)).astype(pkv.dtype)
   dcomp = None
   if meta.C and meta.hca:
