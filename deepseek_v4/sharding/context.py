@@ -44,6 +44,11 @@ def use(mesh: Mesh, rules: str | Rules):
     _CONTEXT.reset(token)
 
 
+def current() -> _Context | None:
+  """The active `use(mesh, rules)` context (mesh and rules), or None: what a trace will read."""
+  return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Pins an activation's layout through the activation rules; a no-op without `use(...)`.
 
