@@ -338,9 +338,10 @@ def ep_buffer_bytes(cfg: ModelConfig, tokens: int, shards: int, cf: float | None
   the "ragged" path's send side holds only the T_l * k pairs (sorted rows, returned rows, and
   the rows back in token order), the "buffer" path sends and receives P * C rows. With the tiled
   grouped matmul (`gmm="tiled"`, what "auto" runs on GPU) the SwiGLU runs one tile at a time:
-  a received row holds only [D] buffers (the rows, their expert-sorted copy, the tile-aligned
-  layout and the expert output; XLA's buffer assignment for Flash on 8 H200s shows these at the
-  MoE's peak), not the float32 SwiGLU activations.
+  a received row holds three [D] buffers (the rows, their expert-sorted copy and the tile-aligned
+  layout; the expert output reuses one), not the float32 SwiGLU activations. XLA's buffer
+  assignment for Flash on 8 H200s shows exactly these at the MoE's peak of a scanned layer; with
+  two adjacent unscanned MoE layers (Flash cut to 4 layers) it overlapped six.
   """
   if all_to_all not in ALL_TO_ALL:
     raise ValueError(f"all_to_all={all_to_all!r} must be one of {ALL_TO_ALL}")
@@ -353,7 +354,7 @@ def ep_buffer_bytes(cfg: ModelConfig, tokens: int, shards: int, cf: float | None
     return rows * (per_row + 3 * 4)
   rows = ragged_rows(tokens, X, E_l, shards, cf)
   if gmm == "tiled":
-    per_row = 4 * D * act
+    per_row = 3 * D * act
   return tokens * X * (3 * D * act + 2 * 4) + rows * (per_row + 2 * 4)
 
 

@@ -99,6 +99,27 @@ def run_row(row: Row, depths: tuple[int, int], train_depth: int) -> dict:
           "plan_gb": full.total / 1e9, "ratio": m.ratio}
 
 
+def replan(result: dict, train_depth_default: int) -> dict:
+  """`result` with plan's figures recomputed by the current plan.py (XLA's numbers kept)."""
+  import deepseek_v4
+  from deepseek_v4 import plan
+  from deepseek_v4.aot import memory
+
+  row = {r.name: r for r in ROWS}[result["name"]]
+  flash = deepseek_v4.flash()
+  s = plan.Settings(**row.settings)
+  full = plan.make_plan(flash, row.mesh, None, s, device_memory=141 * 10**9)
+  out = {**result, "plan_full_gb": full.total / 1e9, "plan_fits": full.fits}
+  if not result.get("compiled"):
+    return out
+  depth = result["layers"] if s.train else flash.num_layers
+  at = plan.make_plan(memory.truncated(flash, depth), row.mesh, None, s).total
+  out["plan_gb"] = at / 1e9
+  out["xla"] = {**result["xla"], "plan": at, "ratio": result["xla"]["total"] / at}
+  out["ratio"] = out["xla"]["ratio"]
+  return out
+
+
 def table(results: list[dict]) -> str:
   head = ("| row | mesh | layers | plan GB | XLA args | XLA temp | XLA out | XLA total | "
           "XLA / plan |")
@@ -119,6 +140,13 @@ def table(results: list[dict]) -> str:
   return "\n".join(out)
 
 
+def _save(path: str, saved: dict) -> None:
+  results = [saved[r.name] for r in ROWS if r.name in saved]
+  with open(path, "w") as f:
+    json.dump(dict(target="h200 (compile-only, 141 GB)", host=platform.node(),
+                   python=sys.version.split()[0], rows=results), f, indent=2)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rows", default=",".join(r.name for r in ROWS),
@@ -127,6 +155,8 @@ def main(argv=None) -> int:
   parser.add_argument("--train-depth", type=int, default=2)
   parser.add_argument("--out", default=OUT)
   parser.add_argument("--print-only", action="store_true", help="print the saved table")
+  parser.add_argument("--replan", action="store_true", help="recompute plan's figures of the "
+                      "saved rows with the current plan.py (no compiling), save and print")
   args = parser.parse_args(argv)
   names = {r.name: r for r in ROWS}
   wanted = [n for n in args.rows.split(",") if n]
@@ -140,17 +170,17 @@ def main(argv=None) -> int:
   if os.path.exists(args.out):
     with open(args.out) as f:
       saved = {r["name"]: r for r in json.load(f)["rows"]}
-  if not args.print_only:
+  if args.replan:
+    saved = {n: replan(r, args.train_depth) for n, r in saved.items()}
+    _save(args.out, saved)
+  elif not args.print_only:
     for n in wanted:
       t0 = time.perf_counter()
       saved[n] = run_row(names[n], depths, args.train_depth)
       saved[n]["wall_s"] = time.perf_counter() - t0
       print(f"{n}: {json.dumps(saved[n].get('ratio'))} in {saved[n]['wall_s']:.0f} s",
             flush=True)
-      results = [saved[r.name] for r in ROWS if r.name in saved]
-      with open(args.out, "w") as f:
-        json.dump(dict(target="h200 (compile-only, 141 GB)", host=platform.node(),
-                       python=sys.version.split()[0], rows=results), f, indent=2)
+      _save(args.out, saved)
   print(table([saved[r.name] for r in ROWS if r.name in saved]))
   return 0
 

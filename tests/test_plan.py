@@ -133,7 +133,7 @@ def test_flash_inference_on_64_h200_fits():
   assert moe < 2e9
   D, act = flash.d_model, 2
   assert moe == T_l * 6 * (3 * D * act + 8) + moe_ep.ragged_rows(T_l, 6, 32, 8, None) * (
-    4 * D * act + 8)
+    3 * D * act + 8)
 
 
 @pytest.mark.parametrize("path", ["ragged", "buffer"])
