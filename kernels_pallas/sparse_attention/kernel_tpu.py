@@ -121,14 +121,24 @@ def supported(q_shape: tuple[int, ...], dtype, *, window: int, kind: str, num_pi
                          num_entries=num_entries, prefix=prefix, segments=segments) is None
 
 
+def _precision(a, b):
+  """float32 operands: full float32 products (as the reference); bf16: the MXU's native pass. Set
+  explicitly: a global `jax_default_matmul_precision="highest"` on bf16 operands makes Mosaic
+  reject the matmul ("Bad lhs type")."""
+  wide = a.dtype == jnp.float32 or b.dtype == jnp.float32
+  return jax.lax.Precision.HIGHEST if wide else jax.lax.Precision.DEFAULT
+
+
 def _nt(a, b):
   """a [M, H] . b [K, H]^T -> [M, K] in float32 on the MXU."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a, b),
+                             preferred_element_type=jnp.float32)
 
 
 def _nn(a, b):
   """a [M, K] . b [K, H] -> [M, H] in float32."""
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_precision(a, b),
+                             preferred_element_type=jnp.float32)
 
 
 def _as_row(col):
