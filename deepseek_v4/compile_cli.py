@@ -8,7 +8,8 @@ chunked prefill, decode step or training step), compiles it with XLA for compile
 the target, and prints XLA's per-device bytes beside `plan`'s estimate, the verdict against the
 device memory and, on GPU, each Pallas kernel's shared memory, registers and spills
 (deepseek_v4/aot/compile.py, docs/aot.md). Needs the `aot` extra; runs with JAX_PLATFORMS=cpu
-(set here when unset). Exit status 1 when the compiler refuses the program.
+(set here when unset). Exit status 1 when the compiler refuses the program (e.g. out of device
+memory, or a kernel's shared memory over the limit).
 """
 
 from __future__ import annotations

@@ -263,9 +263,10 @@ class CompileReport:
   @property
   def verdict(self) -> str:
     """FITS (within the memory left after headroom), TIGHT (within the device memory but not the
-    headroom), DOES NOT FIT, or COMPILE FAILED."""
+    headroom), DOES NOT FIT (also when the compiler ran out of device memory), or COMPILE FAILED
+    (any other refusal, e.g. a kernel's shared memory)."""
     if self.error is not None:
-      return "COMPILE FAILED"
+      return "DOES NOT FIT" if "Ran out of memory" in self.error else "COMPILE FAILED"
     if self.total_bytes <= self.usable:
       return "FITS"
     return "TIGHT" if self.total_bytes <= self.device_memory else "DOES NOT FIT"
@@ -505,7 +506,7 @@ def format_report(r: CompileReport) -> str:
          f"kernel_impl {r.kernel_impl}",
          f"  traced+lowered in {r.lower_seconds:.1f} s, compiled in {r.compile_seconds:.1f} s"]
   if r.error:
-    out += [f"  COMPILE FAILED: {r.error}"]
+    out += [f"  the compiler refused it (no bytes to report): {r.error}"]
   out += ["", f"{'per device':<34}{'XLA':>12}", "-" * 46]
   rows = (("arguments", r.argument_bytes), ("temporaries", r.temp_bytes),
           ("outputs", r.output_bytes), ("aliased (donated, counted once)", -r.alias_bytes))

@@ -81,3 +81,19 @@ def test_another_jax_platform_is_refused(capsys, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")
   rc, err = _error(capsys, ["--target", "h100", "--preset", "tiny"])
   assert rc == 2 and "got JAX_PLATFORMS='cuda'" in err, err
+
+
+def test_a_program_past_the_device_memory_is_refused_by_the_compiler(tmp_path, capsys):
+  """32768 rows x 512 tokens of a 1-layer tiny model need about 124 GB of temporaries: libtpu
+  refuses it for a 16 GiB v5e; the command says so and exits with status 1."""
+  why = targets.missing_backend(targets.target("tpu-v5e"))
+  if why:
+    pytest.skip(why)
+  out = tmp_path / "oom.json"
+  rc = cli.main(["compile", "--target", "tpu-v5e", "--preset", "tiny", "--layers", "1", "--set",
+                 "num_mtp_layers=0", "--batch", "32768", "--seq", "512", "--json", str(out)])
+  report = json.loads(out.read_text())
+  assert rc == 1
+  assert report["error"].startswith("RESOURCE_EXHAUSTED: Ran out of memory")
+  assert report["verdict"] == "DOES NOT FIT" and report["total_bytes"] == 0
+  assert "the compiler refused it" in capsys.readouterr().out
