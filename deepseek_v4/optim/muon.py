@@ -1,4 +1,5 @@
-"""DeepSeek-V4's optimizer (spec §7.1; report §2.4): Muon for matrices, AdamW for the rest.
+"""DeepSeek-V4's optimizer (docs/architecture.md#optimizer; report §2.4): Muon for matrices, AdamW
+for the rest.
 
 Muon, per logically independent matrix `W` (n x m), step t:
 
@@ -42,7 +43,8 @@ import kernels_pallas.common as kernel_common
 from deepseek_v4 import layout
 from deepseek_v4.config import ModelConfig
 
-# 8 fast quintic steps, then 2 steps that converge to singular value 1 (spec §7.1).
+# 8 fast quintic steps, then 2 steps that converge to singular value 1
+# (docs/architecture.md#optimizer).
 HYBRID_NS_COEFFS: tuple[tuple[float, float, float], ...] = (
   ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
 )
@@ -61,7 +63,7 @@ def ns_chunk(count: int, rows: int, cols: int, itemsize: int = 4) -> int:
   Elsewhere the whole stack is one batched call. On CPU it runs `chunk` matrices at a time (the
   largest divisor of `count` whose matrices fit in `_CPU_NS_BYTES`), so every iteration's matmuls
   work in cache: at 768 x [128, 256] (the 64-expert training config's expert stack) one batched
-  call ran at 106-111 GFLOP/s and chunks of 1-16 matrices at 188-204 (2 cores, issue 10); at
+  call ran at 106-111 GFLOP/s and chunks of 1-16 matrices at 188-204 (2 CPU cores); at
   256 x [256, 512], 201 -> 363-395. Each matrix is computed alone either way: the results were
   bit-identical.
   """
@@ -248,7 +250,8 @@ def deepseek_muon(learning_rate: optax.ScalarOrSchedule, blocks_fn: BlocksFn | N
                   momentum: float = 0.95, nesterov: bool = True, rms_scale: float = 0.18,
                   weight_decay: float = 0.1, coeffs=HYBRID_NS_COEFFS, eps: float = 1e-7,
                   mu_dtype=None, ns_dtype=None) -> optax.GradientTransformation:
-  """Muon with decoupled weight decay: `W <- W (1 - lr wd) - lr O` (spec §7.1 step 5)."""
+  """Muon with decoupled weight decay: `W <- W (1 - lr wd) - lr O` (docs/architecture.md#optimizer
+  step 5)."""
   return optax.chain(
     scale_by_deepseek_muon(blocks_fn, momentum=momentum, nesterov=nesterov, rms_scale=rms_scale,
                            coeffs=coeffs, eps=eps, mu_dtype=mu_dtype, ns_dtype=ns_dtype),
@@ -274,8 +277,8 @@ def path_name(path) -> str:
   return ".".join(parts)
 
 
-# AdamW groups of spec §7.1 (plus the UNVERIFIED ones, resolved as the spec suggests: AdamW for
-# every 1-D or bias-like tensor). Everything else is a matrix and goes to Muon.
+# AdamW groups of docs/architecture.md#optimizer (plus the tensors the report leaves unnamed,
+# resolved as AdamW for every 1-D or bias-like tensor). Everything else is a matrix: Muon.
 ADAMW_RULES: tuple[tuple[str, str], ...] = (
   (r"(^|\.)embed\.weight$", "embedding"),
   (r"(^|\.)head\.weight$", "LM head (prediction head)"),
