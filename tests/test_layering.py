@@ -39,10 +39,6 @@ ALLOWED_EDGES = {
   # The reader stays out of config.py and loading the dataclass never loads it. Owner: config.
   ("deepseek_v4.config", "deepseek_v4.config_hf"):
     "ModelConfig.from_hf/to_hf delegate to the config.json boundary module",
-  # ablate.py <-> ablate_report.py: the ablation spec parser is being moved out of ablate.py
-  # (issue 19 item 4) by the engineer who owns the ablation modules; remove this entry with it.
-  ("deepseek_v4.ablate_report", "deepseek_v4.ablate"):
-    "ablation spec parser still in ablate.py (owner: ablation modules)",
 }
 
 
