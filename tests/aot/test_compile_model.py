@@ -190,3 +190,53 @@ def test_impl_choice_follows_the_target_and_is_logged_at_info(caplog):
                  (logging.INFO, "aot_test_op: impl='auto' runs reference on cpu"),
                  (logging.INFO, "aot_test_op: impl='pallas' on cpu interprets the GPU kernel "
                                 "body (no compiled kernel)")]
+
+
+_PTX = """\
+.version 8.0
+.target sm_90a
+.address_size 64
+
+.visible .entry my_pallas_kernel(.param .u64 out)
+{
+  .reg .b64 %rd<2>;
+  .reg .b32 %r<2>;
+  ld.param.u64 %rd1, [out];
+  mov.u32 %r1, 7;
+  st.global.u32 [%rd1], %r1;
+  ret;
+}
+
+.visible .entry loop_fusion(.param .u64 out)
+{
+  .reg .b64 %rd<2>;
+  ld.param.u64 %rd1, [out];
+  st.global.u64 [%rd1], %rd1;
+  ret;
+}
+"""
+
+_THUNKS = """\
+001: kCustomKernel [source | next=002 (1)] loop_fusion grid: [1, 1, 1] threads: [64, 1, 1]  shared_memory: 0 bytes
+002: kWhile [prev=001 (1) | sink]
+  002.001: kCustomKernel [source | sink] my_pallas_kernel grid: [4, 2, 1] threads: [128, 1, 1]  shared_memory: 1024 bytes
+  002.002: kCustomKernel [source | sink] my_pallas_kernel grid: [8, 1, 1] threads: [256, 1, 1]  shared_memory: 4096 bytes
+"""
+
+
+def test_kernel_resources_read_from_a_dump(tmp_path):
+  """The dump reader on a hand-written dump: launches inside a loop found, the largest one's
+  shared memory and launch kept, registers from ptxas, and only the named (Pallas) kernels."""
+  (tmp_path / "module_0001.jit_f.thunk_sequence.txt").write_text(_THUNKS)
+  (tmp_path / "module_0001.jit_f.1.ptx").write_text(_PTX)
+  (tmp_path / "module_0001.jit_f.2.ptx").write_text("")  # XLA writes empty ones too
+  [k] = aot.kernel_resources_from_dump(tmp_path, {"my_pallas_kernel"})
+  assert (k.name, k.arch, k.shared_memory_bytes, k.grid, k.threads, k.launches) == (
+    "my_pallas_kernel", "sm_90a", 4096, (8, 1, 1), (256, 1, 1), 2)
+  assert 0 < k.registers < 32 and k.spill_bytes == 0 and k.stack_bytes == 0
+  both = aot.kernel_resources_from_dump(tmp_path, None)
+  assert [x.name for x in both] == ["loop_fusion", "my_pallas_kernel"]
+  line = ('%2:2 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0) {backend_config = "", '
+          'mhlo.backend_config = {grid_x = 1 : i32, ir = "ML\\EFR", name = "v4_dq", '
+          'num_stages = 3 : i32}} : (tensor<1xf32>) -> tensor<1xf32>')
+  assert aot.triton_kernel_names(f"x = 1\n{line}\n") == {"v4_dq"}
