@@ -1,4 +1,4 @@
-"""`python -m deepseek_v4 compile` end to end on a tiny config, and its errors (issue 24).
+"""`python -m deepseek_v4 compile` end to end on a tiny config, and its errors.
 
 The end-to-end run (a chunked-prefill step of a 3-layer tiny model for an H100) is a fresh process
 started WITHOUT JAX_PLATFORMS (the command sets it itself): its JSON must hold XLA's bytes, their

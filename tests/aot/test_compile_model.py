@@ -1,11 +1,12 @@
 """The tiny model's programs compile for real for an H100 and a TPU v5p on this CPU host, with the
-Pallas kernels selected (`kernel_impl="pallas"`), through `deepseek_v4.aot.compile` (issue 24).
+Pallas kernels selected (`kernel_impl="pallas"`), through `deepseek_v4.aot.compile`.
 
 What is checked against an independent figure: XLA's per-device argument bytes equal the bytes of
 each argument's shard, summed from the shapes and the rule table's shardings (parameters,
 optimizer state, cache, inputs): the compiled program holds every parameter (also the ones it
-never reads) in the layout a real run uses. On the GPU, the Pallas kernels the program calls are
-the ones compiled (their names in the PTX), each within the H100's shared memory per block.
+never reads) in the layout a real run uses. (On TPU, which pads arrays to its memory tiles, the
+sum is a lower bound.) On the GPU, the Pallas kernels the program calls are the ones compiled
+(their names in the PTX), each within the H100's shared memory per block.
 """
 
 import math
@@ -167,8 +168,8 @@ def test_bad_requests_are_named():
 
 
 def test_impl_choice_follows_the_target_and_is_logged_at_info(caplog):
-  """Under `compiling_for`, impl="auto" picks what the target runs, logged once at INFO (not a
-  warning: issue 20); impl="pallas" on the CPU says once that it interprets."""
+  """Under `compiling_for`, impl="auto" picks what the target runs, logged once at INFO (which path
+  runs is information, not a warning); impl="pallas" on the CPU says once that it interprets."""
   import logging
 
   from kernels_pallas import common
