@@ -45,6 +45,9 @@ KINDS = ("sliding", "csa", "hca")
 # VMEM the body may ask Mosaic for (vmem_limit_bytes); every current TPU generation has >= 64 MiB
 # of VMEM per core (v5e, v6e 128 MiB; v5p 95 MiB), and XLA's default scoped limit is lower.
 VMEM_LIMIT = 48 * 2**20
+# SMEM for the block's CSA indices (two pipeline buffers of [BLOCK_Q, P] int32) out of the 1 MiB
+# every generation has: P=6144 (768 KiB) compiles on v5e, P=8192 (1 MiB) overflows.
+SMEM_LIMIT = 768 * 2**10
 
 
 def _round_up(n: int, m: int) -> int:
@@ -105,6 +108,9 @@ def why_unsupported(q_shape: tuple[int, ...], dtype, *, window: int, kind: str,
     return "packed documents (segments) are not covered by the TPU body"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     return f"dtype {jnp.dtype(dtype)} (the TPU body takes float32 or bfloat16)"
+  if kind == "csa" and 2 * BLOCK_Q * num_picks * 4 > SMEM_LIMIT:
+    return (f"P={num_picks} picks per token: the block's indices need "
+            f"{2 * BLOCK_Q * num_picks * 4 // 2**10} KiB of SMEM, over {SMEM_LIMIT // 2**10} KiB")
   need = vmem_bytes(q_shape, dtype, window=window, kind=kind, num_picks=num_picks,
                     num_entries=num_entries)
   if need > VMEM_LIMIT:

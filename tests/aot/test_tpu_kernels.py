@@ -92,8 +92,14 @@ def test_forward_compiles(target, preset, T, kind):
   assert out_bytes >= B * T * N * (H * 2 + 4)  # o (bf16) and lse (float32)
 
 
-@pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
-@pytest.mark.parametrize("target,preset", [("tpu-v5e", "flash"), ("tpu-v5p", "pro")])
+# XLA takes 15-35 CPU seconds per backward (the reference's VJP), so v5p's sliding and HCA cases
+# run with -m slow; CSA, the layer with the gather, runs by default on both generations.
+BACKWARD = ([("tpu-v5e", "flash", k) for k in ("sliding", "csa", "hca")]
+            + [("tpu-v5p", "pro", "csa")]
+            + [pytest.param("tpu-v5p", "pro", k, marks=pytest.mark.slow) for k in ("sliding", "hca")])
+
+
+@pytest.mark.parametrize("target,preset,kind", BACKWARD)
 def test_backward_compiles(target, preset, kind):
   """The reference's VJP under the Pallas forward, at T=8192."""
   mesh, args = _args(target, kind, T=8192, **PRESETS[preset])
@@ -122,6 +128,30 @@ def test_widest_accepted_window_compiles(preset):
   assert widest >= 4 * W  # far beyond the model's window: the budget is not too tight
   mesh, args = _args("tpu-v5p", "sliding", N=N, P=0, T=8192)
   assert KERNEL in _compile("tpu-v5p", _attend("sliding", widest), mesh, args).as_text()
+
+
+@pytest.mark.parametrize("picks,fits", [(6144, True), (8192, False)])
+def test_index_smem_edge(picks, fits):
+  """The block's CSA indices in SMEM: the most picks the predicate accepts (few narrow heads, so
+  VMEM does not bind first) compile on v5p; the next size it refuses overflows SMEM."""
+  B, T, N, Hs = 1, 2048, 8, 128
+  assert kernel_tpu.supported((B, T, N, Hs), bf16, window=W, kind="csa", num_picks=picks,
+                              num_entries=T // 4) == fits
+  mesh = Mesh(targets.devices("tpu-v5p", 1), ("d",))
+  sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                 sharding=NamedSharding(mesh, PartitionSpec()))
+  args = [sd((B, T, N, Hs), bf16), sd((B, T), i32), sd((B, T, Hs), bf16), sd((N,), f32),
+          sd((B, T // 4, Hs), bf16), sd((B, T, picks), i32)]
+
+  def forward(q, pos, kv, sink, comp, idx):  # the Pallas call itself, past the predicate
+    return kernel_tpu._forward(q, pos, kv, sink, comp, idx, kind="csa", scale=Hs**-0.5, window=W,
+                               ratio=4, interpret=False)
+
+  if fits:
+    assert KERNEL in _compile("tpu-v5p", forward, mesh, args).as_text()
+  else:
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+      _compile("tpu-v5p", forward, mesh, args)
 
 
 def test_refused_window_does_not_fit():

@@ -115,6 +115,12 @@ def test_why_unsupported():
   # (tests/aot compiles the widest windows this accepts).
   why = kernel_tpu.why_unsupported((1, 8192, 128, 512), bf, window=8192, kind="sliding")
   assert why is not None and "VMEM" in why and "window=8192" in why
+  small = (1, 2048, 8, 128)  # few, narrow heads: the indices' SMEM binds before VMEM
+  assert kernel_tpu.supported(small, bf, window=128, kind="csa", num_picks=6144,
+                              num_entries=512)
+  why = kernel_tpu.why_unsupported(small, bf, window=128, kind="csa", num_picks=8192,
+                                   num_entries=512)
+  assert why is not None and "SMEM" in why and "P=8192" in why
   assert "float16" in kernel_tpu.why_unsupported(flash, jnp.float16, window=128, kind="sliding")
   with pytest.raises(ValueError, match="kind must be one of"):
     kernel_tpu.why_unsupported(flash, bf, window=128, kind="dense")
