@@ -20,6 +20,13 @@ Output folder: `<variant>/seed<s>/` per run (the trainer's checkpoints, metrics.
 and result.json once finished), then results.csv, results.md and curves.png (`ablate_report`).
 Runs go one after another; a finished run (result.json) is never redone, an interrupted one
 resumes from its last checkpoint, so rerunning the same command after a kill continues the grid.
+A run's identity (run.json) is its configs and its data (a SHA-256 of the packed rows, so another
+data file, max_bytes or tokenizer is another run): a folder holding a run of other settings or
+data is refused, never reused. A run that diverges is recorded as diverged (named in the log and
+in results.md, left out of the statistics) and the grid goes on. Compiled programs are cached in
+the user's own cache folder (`compile_cache`), never in the results folder.
+
+The spec format and its checks live in `deepseek_v4.ablate_spec` (re-exported here).
 """
 
 from __future__ import annotations
@@ -170,7 +177,10 @@ def load_data(spec: Spec, configs: dict[str, tuple[ModelConfig, TrainConfig]]):
   for name, (cfg, tcfg) in configs.items():
     align = data_lib.packing_align(cfg) if tcfg.packing == "aligned" else 16
     if align not in out:
-      out[align] = evaluate.load_split(spec.data, tok, tcfg, align, max_bytes=spec.max_bytes)
+      try:
+        out[align] = evaluate.load_split(spec.data, tok, tcfg, align, max_bytes=spec.max_bytes)
+      except (OSError, ValueError) as e:
+        raise SpecError(f"{spec.source}: data={spec.data or 'demo'!r}: {one_line(e)}") from None
     try:
       trainer.check_vocab(cfg, out[align][0])
     except ValueError as e:
