@@ -155,7 +155,7 @@ def _as_row(col):
   return jnp.sum(jnp.where(r == c, jnp.broadcast_to(col, (n, n)), 0.0), axis=0, keepdims=True)
 
 
-def _gather(idx_sref, comp_hbm, cbuf, sem, b, j: int, slot: int, picks: int):
+def _gather(idx_sref, comp_hbm, cbuf, sem, b, j, slot, picks: int):
   """Starts the DMAs of token j's picked entry rows into cbuf[slot] (invalid -1 reads row 0)."""
   def start(p, carry):
     row = jnp.maximum(idx_sref[j, p], 0)
@@ -166,7 +166,7 @@ def _gather(idx_sref, comp_hbm, cbuf, sem, b, j: int, slot: int, picks: int):
   jax.lax.fori_loop(0, picks, start, 0)
 
 
-def _wait_gather(comp_hbm, cbuf, sem, b, slot: int, picks: int):
+def _wait_gather(comp_hbm, cbuf, sem, b, slot, picks: int):
   """Waits for the `picks` one-row copies into cbuf[slot] (one same-sized wait per copy)."""
   def wait(p, carry):
     pltpu.make_async_copy(comp_hbm.at[b, pl.ds(0, 1)], cbuf.at[slot, pl.ds(0, 1)],
@@ -176,7 +176,7 @@ def _wait_gather(comp_hbm, cbuf, sem, b, slot: int, picks: int):
   jax.lax.fori_loop(0, picks, wait, 0)
 
 
-def sparse_fwd_tpu_kernel(start_sref, *refs, scale: float, window: int, kind: str, T: int,
+def sparse_fwd_tpu_kernel(start_sref, *refs, scale: float, window: int, kind: str,
                           picks: int, ratio: int):
   """o [BLOCK_Q, N, H] and lse [BLOCK_Q, N] of query block i of row b (see the module doc)."""
   if kind == "csa":
@@ -280,7 +280,7 @@ def _forward(q, q_pos, kv, sink, comp, comp_idx, *, kind, scale, window, ratio, 
     args += [kv_pad]
   scratch += [pltpu.SemaphoreType.DMA((1,))]
   kern = functools.partial(sparse_fwd_tpu_kernel, scale=float(scale), window=int(window),
-                           kind=kind, T=T, picks=picks, ratio=int(ratio))
+                           kind=kind, picks=picks, ratio=int(ratio))
   grid_spec = pltpu.PrefetchScalarGridSpec(
     num_scalar_prefetch=1, grid=(B, nb), in_specs=in_specs,
     out_specs=[blk((None, BLOCK_Q, N, H)), blk((None, BLOCK_Q, N))], scratch_shapes=scratch)

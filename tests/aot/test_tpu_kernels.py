@@ -96,7 +96,8 @@ def test_forward_compiles(target, preset, T, kind):
 # run with -m slow; CSA, the layer with the gather, runs by default on both generations.
 BACKWARD = ([("tpu-v5e", "flash", k) for k in ("sliding", "csa", "hca")]
             + [("tpu-v5p", "pro", "csa")]
-            + [pytest.param("tpu-v5p", "pro", k, marks=pytest.mark.slow) for k in ("sliding", "hca")])
+            + [pytest.param("tpu-v5p", "pro", k, marks=pytest.mark.slow)
+               for k in ("sliding", "hca")])
 
 
 @pytest.mark.parametrize("target,preset,kind", BACKWARD)
