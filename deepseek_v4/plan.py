@@ -427,8 +427,8 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
   if cfg.keep_quantized == "experts":
     lines.append(decoded_experts_line(cfg, ep_shards, s.gmm))
   lines.append(("logits (float32)", logits, "estimate"))
-  block = (f"one block's {what}: attention, block intermediates {gb(work)}; MoE all-to-all "
-           f"buffers ({s.all_to_all}, {s.gmm} grouped matmul, {cf}) {gb(moe)}")
+  block = (f"one block's {what}: attention {gb(work)}, MoE all-to-all ({s.all_to_all}, "
+           f"{s.gmm} gmm, {cf}) {gb(moe)}")
   return lines, [head, block]
 
 

@@ -125,7 +125,7 @@ def test_flash_inference_on_64_h200_fits():
   flash = deepseek_v4.flash()
   p = plan.make_plan(flash, dict(fsdp=8, expert=8), device_memory=plan.parse_bytes("141GB"))
   assert p.rules == "fsdp_ep" and p.fits
-  assert "MoE all-to-all buffers (ragged, tiled grouped matmul, dropless)" in "\n".join(p.notes)
+  assert "MoE all-to-all (ragged, tiled gmm, dropless)" in "\n".join(p.notes)
   from deepseek_v4.layers import moe_ep
 
   T_l = 8 * 4096 // 64  # the chunk's tokens over all 64 devices
@@ -157,7 +157,7 @@ def test_ep_buffers_follow_the_path_that_runs(path, train):
   got = plan.ep_buffer_bytes(cfg, T_l, P, None, 1, path, "ragged_dot")
   assert got == want
   want *= 2 if train else 1  # forward and backward buffers
-  assert f"({path}, ragged_dot grouped matmul, dropless) {plan.gb(want)}" in p.notes[1]
+  assert f"({path}, ragged_dot gmm, dropless) {plan.gb(want)}" in p.notes[1]
   assert _line(p, "one block") >= want  # the larger of the attention and the MoE
   with pytest.raises(ValueError, match="all_to_all='nccl'"):
     plan.make_plan(cfg, sizes, "fsdp_ep", plan.Settings(all_to_all="nccl"))
