@@ -479,6 +479,9 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None
   kpad = bs.key_multiple  # every kernel's key block divides the padded key-side lengths
   # Compiled Triton dots take operands of at least 16 rows and columns: pad heads and width so.
   least = 1 if interpret else 16
+  # Compiled, a key loop of one trip is unrolled into the band loop before it, and the merged body
+  # spilled (Flash widths, top-k <= 64 on h100: 255 registers, 1.5 KB); two trips keep the loop.
+  least_chunks = 1 if interpret else 2
   bh = bs.head_multiple(max(_pow2(N), least))
   Np, Hp = pl.cdiv(N, bh) * bh, max(_pow2(H), least)
   ints = dict(kpos=q_pos.astype(i32),
@@ -490,7 +493,7 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None
   S = 0
   pkv = None
   if prefix_kv is not None:
-    S = pl.cdiv(prefix_kv.shape[1], kpad) * kpad
+    S = max(pl.cdiv(prefix_kv.shape[1], kpad), least_chunks) * kpad
     pkv = _pad_axis(_pad_axis(prefix_kv, 2, Hp, 0), 1, S, 0)
     ints["ppos"] = _pad_axis(prefix_pos.astype(i32), 1, S, PAD_POSITION)
   C = P = 0
@@ -502,7 +505,7 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None
     cseg = jnp.zeros(comp.shape[:2], i32) if comp_seg is None else comp_seg.astype(i32)
     ints["cseg"] = _pad_axis(cseg, 1, C, -(2**31) + 1)  # padding matches no document
     if comp_idx is not None:
-      P = pl.cdiv(comp_idx.shape[-1], kpad) * kpad
+      P = max(pl.cdiv(comp_idx.shape[-1], kpad), least_chunks) * kpad
       ints["idx"] = _pad_axis(comp_idx.astype(i32), 2, P, -1)
   meta = _Meta(scale=float(scale), window=int(window), T=T, S=S, C=C, P=P, ratio=int(comp_ratio),
                hca=comp_idx is None, bk=kpad)  # each kernel sets its own bk

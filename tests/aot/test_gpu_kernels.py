@@ -53,7 +53,7 @@ def _sd(target, shape, dtype):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
-def _attention(target, kind, N, P, *, decode, impl="pallas", Hd=H, dtype=bf16):
+def _attention(target, kind, N, P, *, decode, impl="pallas", Hd=H, dtype=bf16, W=W):
   """(fn, abstract args): the forward with lse (decode: one token against the ring), or for
   training the gradient of a loss of both outputs (forward, dQ and dKV kernels)."""
   B, Tq = (DECODE_B, 1) if decode else (1, T)
@@ -155,3 +155,12 @@ def test_tiny_widths_fit():
   _assert_fits("h100", _resources("h100", fn, args), {FWD, DQ, BAND, HCA})
   fn, args = _attention("h100", "csa", N=4, P=8, decode=True, Hd=96)
   _assert_fits("h100", _resources("h100", fn, args), {FWD})
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["fwd+bwd", "decode"])
+def test_small_topk_and_window_fit(decode):
+  """Flash widths with the tiny preset's top-k (4) and window (8): the CSA loop and the decode
+  ring get at least two key chunks (a one-trip loop was merged into the band loop and spilled
+  1.5 KB in the forward of a Flash-width model's training step)."""
+  fn, args = _attention("h100", "csa", N=64, P=4, decode=decode, W=8)
+  _assert_fits("h100", _resources("h100", fn, args), {FWD} if decode else {FWD, DQ, BAND})
