@@ -4,12 +4,12 @@ Four kernels, four tiles: the forward, the backward's dQ and dKV kernels, and th
 decode step (a call with a decode ring, `prefix_kv`). Triton keeps a program's matmul operands in
 shared memory and its accumulators in registers, and at V4's head dim (512) both run out: an
 [64, 512] f32 accumulator alone is 128 registers a thread at 8 warps. So the tiles are chosen per
-target by compiling them: `scripts/tune_kernel_blocks.py` compiles every candidate for the
-compile-only H100 and H200 (deepseek_v4.aot.targets) at Flash and Pro shapes, for every layer kind,
-keeps those within the shared-memory limit with zero register spills (ptxas), and picks by a
-stated rule: the largest tile (block_q * block_k), then the larger query block, more pipeline
-stages, fewer warps. Timing on the device would be the second filter; the defaults below passed
-only the first (benchmarks/results/tune_kernel_blocks.json).
+target by compiling them: `scripts/tune_kernel_blocks.py` compiles candidates for the
+compile-only H100 and H200 (deepseek_v4.aot.targets) at Flash and Pro shapes, every layer kind, in
+the order of a stated rule (the largest tile block_q * block_k, then the larger query block, more
+pipeline stages, fewer warps), and keeps the first within the shared-memory limit with zero
+register spills (ptxas). Timing on the device would be the second filter; the defaults below
+passed only the first (benchmarks/results/tune_kernel_blocks.json).
 
 "interpret" holds the tiles of the CPU interpreter, where no budget applies and fewer, larger steps
 run faster.
