@@ -14,21 +14,28 @@ What is exact and what is estimated:
   AdamW (two moments) for the embedding, LM head and every vector; `--optimizer adamw` puts all on
   AdamW. Moments in `--moment-dtype` (train.py: float32). Frozen parameters (`--freeze REGEX`,
   re.search on dotted paths, as TrainConfig.freeze) have neither gradients nor state.
-* estimated (activations): the intermediates of one block per token (mHC streams in float32,
-  projections, MoE rows and float32 SwiGLU), the attention/indexer working set of one query block
-  (both run `attn_block` queries per scan step), the expert-parallel all-to-all buffers of the
-  path that will run (`Settings.all_to_all`: "ragged" on GPU/TPU, T_l * k send rows and a receive
-  buffer of R rows; "buffer" on CPU, P * C rows each way; sizes from layers/moe_ep.py, dropless =
-  worst case; T_l = the tokens one device holds inside the MoE's shard_map, i.e. the global tokens
-  of a step or prefill chunk over every token shard, even when the batch itself is too small to
-  split and is replicated outside the MoE), and the float32
-  logits of the cross-entropy chunk, and with `keep_quantized="experts"` the decoded expert weights
-  (`Settings.gmm`: "tiled" decodes one expert per tile, "ragged_dot" decodes a layer's local
-  experts up front; layers/moe_ffn.py). Kept FP4 experts are exact: 0.5 byte per weight for the
-  packed codes plus 1/32 byte for the E8M0 scale of each 1x32 block. Training with `--remat full`
-  keeps each block's input streams and recomputes the rest during the backward pass; `--remat
-  none` keeps every intermediate. XLA's own workspace, fragmentation and the CUDA context are not
-  modeled: `--headroom` reserves a fraction of device memory for them (default 10%).
+* estimated (activations): a block's attention and its MoE run one after the other, so one
+  block's peak is the larger of the two working sets. Attention: the block's intermediates per
+  token (mHC streams in float32, projections, the shared expert's float32 SwiGLU) and the
+  attention/indexer working set of one query block (both run `attn_block` queries per scan
+  step). MoE: the expert-parallel all-to-all buffers of the path that will run
+  (`Settings.all_to_all`: "ragged" on GPU/TPU, T_l * k send rows and a receive buffer of R rows;
+  "buffer" on CPU, P * C rows each way; sizes from layers/moe_ep.py, dropless = worst case; T_l =
+  the tokens one device holds inside the MoE's shard_map, i.e. the global tokens of a step or
+  prefill chunk over every token shard, even when the batch itself is too small to split and is
+  replicated outside the MoE), with three [D] buffers per received row on the tiled grouped
+  matmul (`Settings.gmm`, what "auto" runs on GPU) and the float32 SwiGLU rows besides on
+  ragged_dot. Besides the block: the streams at block boundaries, the parameters of one step of
+  the layer scan (XLA copies them out of the stacked layers) and, in training, their float32
+  weight gradients, and the float32 logits of the cross-entropy chunk; with
+  `keep_quantized="experts"` the decoded expert weights (`Settings.gmm`: "tiled" decodes one
+  expert per tile, "ragged_dot" decodes a layer's local experts up front; layers/moe_ffn.py).
+  Kept FP4 experts are exact: 0.5 byte per weight for the packed codes plus 1/32 byte for the
+  E8M0 scale of each 1x32 block. Training with `--remat full` keeps each block's input streams
+  and recomputes the rest during the backward pass; `--remat none` keeps every intermediate.
+  XLA's own workspace, fragmentation and the CUDA context are not modeled: `--headroom` reserves
+  a fraction of device memory for them (default 10%). The estimates are checked against XLA's
+  compiled memory for H200 (deepseek_v4/aot/memory.py, docs/plan.md "plan vs the compiler").
 """
 
 from __future__ import annotations
