@@ -268,7 +268,8 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
     tot["opt"] += local * moments * mdt
   unmatched = [p.pattern for p in frozen if p.pattern not in matched]
   if unmatched:
-    raise ValueError(f"freeze pattern(s) {', '.join(f'/{u}/' for u in unmatched)} match no parameter "
+    shown = ", ".join(f"/{u}/" for u in unmatched)
+    raise ValueError(f"freeze pattern(s) {shown} match no parameter "
                      f"(re.search on dotted names such as 'layers.3.ffn.experts.w1', "
                      f"'embed.weight'); nothing would be frozen")
   kept = ", routed experts FP4" if cfg.keep_quantized == "experts" else ""

@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -118,18 +117,16 @@ def _train_config(s: plan_lib.Settings):
 
   return train.TrainConfig(seq_len=s.seq, batch_size=s.batch, grad_accum=s.grad_accum,
                            remat=s.remat, ce_chunk=s.ce_chunk, freeze=tuple(s.freeze),
-                           optimizer="muon_v4" if s.optimizer == "muon" else "adamw",
-                           **({"moment_dtype": s.moment_dtype}
-                              if "moment_dtype" in train.TrainConfig.__dataclass_fields__
-                              else {}))
+                           optimizer="muon_v4" if s.optimizer == "muon" else "adamw")
 
 
 def _train_lowered(cfg: ModelConfig, mesh, rules: str, s: plan_lib.Settings):
   from deepseek_v4 import parallel, train
 
-  if s.moment_dtype != "float32" and "moment_dtype" not in train.TrainConfig.__dataclass_fields__:
-    raise ValueError(f"moment_dtype={s.moment_dtype!r}: train.py builds float32 moments only; "
-                     "such a row cannot be compiled")
+  if s.moment_dtype != "float32" or s.param_dtype not in (None, cfg.param_dtype):
+    raise ValueError(f"moment_dtype={s.moment_dtype!r}, param_dtype={s.param_dtype!r}: train.py "
+                     "builds float32 moments and the config's parameter dtype; such a row cannot "
+                     "be compiled")
   tcfg = _train_config(s)
   model, optimizer = nnx.eval_shape(lambda: train.build(cfg, tcfg))
   graphdef, abs_state = nnx.split((model, optimizer))
@@ -204,19 +201,24 @@ def extrapolate(a: tuple[int, Measurement], b: tuple[int, Measurement], layers: 
                      compile_s=ma.compile_s + mb.compile_s)
 
 
-def largest_temporaries(dump_dir: str, top: int = 12) -> list[tuple[int, str]]:
-  """(bytes, description) of the largest buffers in XLA's buffer-assignment dump (compile with
-  compiler_options={"xla_dump_to": dump_dir})."""
+def largest_temporaries(dump_dir: str, top: int = 12) -> list[tuple[int, str, str]]:
+  """(bytes, XLA value, shape) of the largest values inside the temporary allocation of the
+  buffer-assignment dump under `dump_dir` (compile with compiler_options={"xla_dump_to": ...});
+  values at overlapping offsets are not alive at the same time."""
   import glob
+  import os
   import re
 
-  files = sorted(glob.glob(f"{dump_dir}/*buffer-assignment.txt"),
-                 key=lambda f: -np.int64(len(open(f).read())))
+  files = sorted(glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt")), key=os.path.getsize)
   if not files:
     raise FileNotFoundError(f"no *buffer-assignment.txt under {dump_dir}")
-  out = []
-  for line in open(files[0]):
-    m = re.match(r"allocation \d+: size (\d+), (.*)", line)
-    if m:
-      out.append((int(m[1]), m[2].strip()))
+  out, inside = [], False
+  with open(files[-1]) as f:
+    for line in f:
+      if line.startswith("allocation"):
+        inside = "preallocated-temp" in line
+      m = inside and re.match(r"\s*value: <\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\): (\S+)",
+                              line)
+      if m:
+        out.append((int(m[2]), m[1], m[3]))
   return sorted(out, reverse=True)[:top]

@@ -91,3 +91,19 @@ def test_muon_keeps_expert_sharded_stacks_sharded_on_gpu():
   # the oracle: each matrix alone, unsharded
   alone = muon.orthogonalize_many([np.asarray(x)[1, 5]], rms_scale=0.18)[0]
   assert rel_err(np.asarray(got[0])[1, 5], alone) <= F32_FUNCTION
+
+
+def test_truncated_keeps_the_layer_kinds_and_extrapolate_is_linear():
+  flash = deepseek_v4.flash()
+  cut = memory.truncated(flash, 7)
+  assert cut.compress_ratios == flash.compress_ratios[:7] and cut.num_mtp_layers == 1
+  assert [cut.is_hash_layer(i) for i in range(7)] == [flash.is_hash_layer(i) for i in range(7)]
+  with pytest.raises(ValueError, match=r"num_layers=44 must be in \[1, 43\]"):
+    memory.truncated(flash, 44)
+  a = memory.Measurement(arguments=10, temporaries=100, output=4, aliased=2, plan=1, compile_s=1)
+  b = memory.Measurement(arguments=30, temporaries=110, output=4, aliased=2, plan=1, compile_s=2)
+  m = memory.extrapolate((7, a), (9, b), 43, plan=500.0)
+  assert (m.arguments, m.temporaries, m.output, m.aliased) == (370, 280, 4, 2)
+  assert m.total == 370 + 4 - 2 + 280 and m.ratio == m.total / 500.0
+  with pytest.raises(ValueError, match="two different layer counts"):
+    memory.extrapolate((7, a), (7, b), 43, plan=1.0)
