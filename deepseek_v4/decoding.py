@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Callable, Literal, Sequence
 
 import jax
@@ -28,7 +29,7 @@ from jaxtyping import Array, Float, Int
 from deepseek_v4 import sharding
 from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.config import ModelConfig
-from deepseek_v4.model import Options
+from deepseek_v4.model import Options, under_trace
 
 
 # ----- the model on a chunk ---------------------------------------------------------------------
@@ -91,6 +92,24 @@ def _check_ids(ids: np.ndarray, lengths: np.ndarray, vocab: int) -> None:
                      f"vocabulary [0, {vocab})")
 
 
+def _traced_lengths(lengths, B: int, T: int) -> Array:
+  """`_as_lengths` under a trace: the shape and dtype are checked, the values cannot be."""
+  if lengths is None:
+    return jnp.full((B,), T, jnp.int32)
+  lengths = jnp.asarray(lengths)
+  if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be {B} integers (one per row); got shape {lengths.shape}, "
+                     f"dtype {lengths.dtype}")
+  return lengths.astype(jnp.int32)
+
+
+def _nan_rows(logits: Array, bad: Array) -> Array:
+  """Under a trace the host-side checks cannot run: rows that would have failed them (lengths
+  outside [0, T], more tokens than the cache holds) get NaN logits, as out-of-vocabulary ids do
+  through the embedding, so a bad input never looks like a plausible result."""
+  return jnp.where(bad.reshape((-1,) + (1,) * (logits.ndim - 1)), jnp.nan, logits)
+
+
 def _check_room(cache: Cache, extra: np.ndarray, what: str) -> None:
   end = np.asarray(cache.lengths) + extra
   if (end > cache.max_len).any():
@@ -117,28 +136,40 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
       split the experts (None: every expert on each device's tokens).
   Returns:
     (logits, new cache). The input cache is donated (do not reuse it).
+
+  Inside a user's `jax.jit` / `nnx.jit` (traced ids, lengths or cache) the value checks cannot
+  run on the host: an out-of-vocabulary id gives its row NaN logits (through the embedding), and
+  so does a row whose length is outside [0, T] or that overflows the cache.
   """
-  ids = np.asarray(ids)
+  traced = under_trace(ids, lengths, cache.lengths)
+  xp = jnp if traced else np
+  ids = xp.asarray(ids)
   if ids.ndim != 2 or ids.shape[1] == 0:
     raise ValueError(f"prefill needs token ids of shape [B, T] with T >= 1; got {ids.shape}")
   B, T = ids.shape
   if B != cache.batch:
     raise ValueError(f"ids have B={B} rows but the cache holds {cache.batch}")
-  lengths = _as_lengths(lengths, B, T)
-  _check_ids(ids, lengths, model.cfg.vocab_size)
-  _check_room(cache, lengths, "prefill")
+  if traced:
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f"token ids must be integers; got dtype {ids.dtype}")
+    lengths = _traced_lengths(lengths, B, T)
+    bad = (lengths < 0) | (lengths > T) | (cache.lengths + lengths > cache.max_len)
+  else:
+    lengths = _as_lengths(lengths, B, T)
+    _check_ids(ids, lengths, model.cfg.vocab_size)
+    _check_room(cache, lengths, "prefill")
   if logits not in ("all", "last"):
     raise ValueError(f"logits={logits!r}; expected 'all' or 'last'")
   chunk = T if chunk_size is None else int(chunk_size)
   if chunk < 1:
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
   n_chunks = -(-T // chunk)
-  padded = np.zeros((B, n_chunks * chunk), np.int32)
-  padded[:, :T] = np.where(np.arange(T)[None, :] < lengths[:, None], ids, 0)
+  real = xp.where(xp.arange(T)[None, :] < lengths[:, None], ids, 0).astype(xp.int32)
+  padded = xp.pad(real, ((0, 0), (0, n_chunks * chunk - T)))  # [B, n_chunks * chunk]
   graphdef, state = nnx.split(model)
   outs, last = [], None
   for c in range(n_chunks):
-    n_valid = np.clip(lengths - c * chunk, 0, chunk).astype(np.int32)
+    n_valid = xp.clip(lengths - c * chunk, 0, chunk).astype(xp.int32)
     part = jnp.asarray(padded[:, c * chunk:(c + 1) * chunk])
     out, cache = _extend_jit(graphdef, state, cache, part, jnp.asarray(n_valid),
                              last_only=logits == "last", moe=moe)
@@ -147,9 +178,8 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
       last = out if last is None else jnp.where(has, out, last)
     else:
       outs.append(out)
-  if logits == "last":
-    return last, cache
-  return jnp.concatenate(outs, axis=1)[:, :T], cache
+  out = last if logits == "last" else jnp.concatenate(outs, axis=1)[:, :T]
+  return (_nan_rows(out, bad) if traced else out), cache
 
 
 def decode_step(model, cache: Cache, ids, active=None, *, moe=None
@@ -162,19 +192,32 @@ def decode_step(model, cache: Cache, ids, active=None, *, moe=None
     moe: the MoE implementation (see `prefill`).
   Returns:
     (logits [B, V] float32, new cache). The input cache is donated (do not reuse it).
+
+  Works inside a user's `jax.jit` / `nnx.jit`; there an out-of-vocabulary id or a row past the
+  cache's capacity gives that row NaN logits instead of the ValueError of a concrete call.
   """
-  ids = np.asarray(ids).reshape(-1, 1)
+  traced = under_trace(ids, active, cache.lengths)
+  xp = jnp if traced else np
+  ids = xp.asarray(ids).reshape(-1, 1)
   B = ids.shape[0]
   if B != cache.batch:
     raise ValueError(f"ids have B={B} rows but the cache holds {cache.batch}")
-  n_valid = np.ones((B,), np.int32) if active is None else np.asarray(active).astype(np.int32)
-  _check_ids(ids, n_valid, model.cfg.vocab_size)
-  _check_room(cache, n_valid, "decode_step")
+  if active is not None and xp.shape(active) not in ((B,), (B, 1)):
+    raise ValueError(f"active must be {B} booleans (one per row); got shape {xp.shape(active)}")
+  n_valid = (xp.ones((B,), xp.int32) if active is None
+             else xp.asarray(active).reshape(B).astype(xp.int32))
+  if traced:
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f"token ids must be integers; got dtype {ids.dtype}")
+    bad = cache.lengths + n_valid > cache.max_len
+  else:
+    _check_ids(ids, n_valid, model.cfg.vocab_size)
+    _check_room(cache, n_valid, "decode_step")
   graphdef, state = nnx.split(model)
   # The same compiled step as a one-token prefill chunk (T = 1, every position kept).
   logits, cache = _extend_jit(graphdef, state, cache, jnp.asarray(ids, jnp.int32),
                               jnp.asarray(n_valid), last_only=False, moe=moe)
-  return logits[:, 0], cache
+  return (_nan_rows(logits[:, 0], bad) if traced else logits[:, 0]), cache
 
 
 def step_fn(model, last_only: bool = False, moe=None) -> Callable:
@@ -189,6 +232,12 @@ def step_fn(model, last_only: bool = False, moe=None) -> Callable:
 
 
 # ----- sampling ----------------------------------------------------------------------------------
+def _is_real(x, integral: bool = False) -> bool:
+  """A Python or NumPy real number (an integer one with `integral`), never a bool."""
+  kind = numbers.Integral if integral else numbers.Real
+  return isinstance(x, kind) and not isinstance(x, (bool, np.bool_))
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """Next-token choice from logits. temperature 0 = greedy (argmax, lowest id on ties).
@@ -206,12 +255,17 @@ class Sampler:
 
   def __post_init__(self):
     t, k, p = self.temperature, self.top_k, self.top_p
-    if not (isinstance(t, (int, float)) and np.isfinite(t) and t >= 0):
+    if not (_is_real(t) and np.isfinite(t) and t >= 0):
       raise ValueError(f"temperature={t!r} must be a finite number >= 0")
-    if k is not None and not (isinstance(k, (int, np.integer)) and k >= 1):
+    if k is not None and not (_is_real(k, integral=True) and k >= 1):
       raise ValueError(f"top_k={k!r} must be a positive integer or None")
-    if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+    if p is not None and not (_is_real(p) and 0 < p <= 1):
       raise ValueError(f"top_p={p!r} must be in (0, 1]")
+    # Python numbers from here on (NumPy scalars are accepted): the sampler is a jit static
+    # argument, so equal settings must hash alike whatever type they came in.
+    object.__setattr__(self, "temperature", float(t))
+    object.__setattr__(self, "top_k", None if k is None else int(k))
+    object.__setattr__(self, "top_p", None if p is None else float(p))
 
   @property
   def greedy(self) -> bool:
@@ -313,6 +367,9 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
 
 def _as_prompts(prompt_ids, lengths) -> tuple[np.ndarray, np.ndarray]:
   """Ragged lists or a padded [B, T] array (+ lengths) -> (padded int32 [B, T], lengths [B])."""
+  if isinstance(prompt_ids, (list, tuple)) and not len(prompt_ids):
+    raise ValueError("prompt_ids is an empty list: no prompts given (pass a list of prompts, "
+                     "each a list of token ids, or one [B, T] array)")
   if isinstance(prompt_ids, (list, tuple)) and prompt_ids and not np.isscalar(prompt_ids[0]):
     rows = [np.asarray(r).reshape(-1) for r in prompt_ids]
     if lengths is not None:
@@ -382,7 +439,9 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
   if not (isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
           and max_new_tokens >= 0):
     raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-  sampler = Sampler(float(temperature), top_k, top_p)
+  sampler = Sampler(temperature, top_k, top_p)
+  if not _is_real(seed, integral=True):
+    raise ValueError(f"seed={seed!r} must be an integer")
   _check_ids(ids, lengths, cfg.vocab_size)
   N = int(max_new_tokens)
   need = int(lengths.max()) + N - 1  # the last generated token is never fed back

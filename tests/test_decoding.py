@@ -274,3 +274,82 @@ def test_generate_chunked_prefill_and_seeded_sampling(model, prompts, batch_run)
   a = np.asarray(decoding.generate(model, prompts, NEW, **kw))
   np.testing.assert_array_equal(a, np.asarray(decoding.generate(model, prompts, NEW, **kw)))
   assert not np.array_equal(a, np.asarray(ids))
+
+
+# ----- prefill / decode_step inside a user's jit (issue 20) ----------------------------------------
+# Its own small model (every attention kind, both routers) keeps the extra compiles short.
+JIT_CFG = deepseek_v4.tiny(compress_ratios=(0, 4, 16), num_hash_layers=1, num_mtp_layers=0)
+
+
+@pytest.fixture(scope="module")
+def jit_run():
+  """A ragged batch prefilled in chunks and decoded for 3 steps, un-jitted: the reference."""
+  model = randomize_params(deepseek_v4.Transformer(JIT_CFG, rngs=nnx.Rngs(0)), seed=2)
+  rng = np.random.default_rng(3)
+  lengths = np.array([11, 4, 7], np.int32)
+  ids = rng.integers(0, JIT_CFG.vocab_size, (3, 11)).astype(np.int32)
+  nxt = rng.integers(0, JIT_CFG.vocab_size, (3, 3)).astype(np.int32)
+  logits, cache = decoding.prefill(model, cache_lib.init_cache(JIT_CFG, 3, 24), ids, lengths,
+                                   chunk_size=4)
+  steps = []
+  for i in range(3):
+    step, cache = decoding.decode_step(model, cache, nxt[:, i])
+    steps.append(np.asarray(step))
+  return model, lengths, ids, nxt, np.asarray(logits), steps, cache
+
+
+def _close(a, b) -> bool:
+  return rel_err(a, b) < F32_DECODE_REL
+
+
+def test_prefill_and_decode_step_inside_jit(jit_run):
+  model, lengths, ids, nxt, ref_logits, ref_steps, ref_cache = jit_run
+  # prefill under jax.jit, the model closed over: ids, lengths and the cache are tracers.
+  prefill = jax.jit(lambda c, x, n: decoding.prefill(model, c, x, n, chunk_size=4))
+  logits, cache = prefill(cache_lib.init_cache(JIT_CFG, 3, 24), jnp.asarray(ids),
+                          jnp.asarray(lengths))
+  for b, n in enumerate(lengths):
+    assert _close(logits[b, :n], ref_logits[b, :n])
+  # decode_step under nnx.jit with the model as an argument (its parameters are tracers too).
+  step = nnx.jit(lambda m, c, x: decoding.decode_step(m, c, x))
+  for i in range(3):
+    out, cache = step(model, cache, jnp.asarray(nxt[:, i]))
+    assert _close(out, ref_steps[i])
+  np.testing.assert_array_equal(np.asarray(cache.lengths), lengths + 3)
+  for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(ref_cache)):
+    got, want = np.asarray(got), np.asarray(want)
+    if np.issubdtype(want.dtype, np.floating):
+      fin = np.isfinite(want)  # empty slots hold -inf / NaN markers in both
+      np.testing.assert_array_equal(np.isfinite(got), fin)
+      assert not fin.any() or _close(got[fin], want[fin])
+    else:
+      np.testing.assert_array_equal(got, want)
+
+
+def test_inside_jit_bad_rows_give_nan(jit_run):
+  """What the host checks refuse in a concrete call turns the row's logits into NaN under a
+  trace; the other rows are untouched."""
+  model, lengths, ids, nxt, ref_logits, ref_steps, _ = jit_run
+  V = JIT_CFG.vocab_size
+  bad = ids.copy()
+  bad[1, 2] = V  # out of the vocabulary, inside row 1's length 4
+  prefill = jax.jit(lambda c, x, n: decoding.prefill(model, c, x, n, chunk_size=4))
+  logits, cache = prefill(cache_lib.init_cache(JIT_CFG, 3, 24), jnp.asarray(bad),
+                          jnp.asarray(lengths))
+  logits = np.asarray(logits)
+  assert np.isnan(logits[1, 2:4]).all()  # (masked attention weights times NaN values: earlier
+  # positions of the row may turn NaN as well, as in the full forward)
+  for b in (0, 2):
+    assert _close(logits[b, :lengths[b]], ref_logits[b, :lengths[b]])
+  with pytest.raises(ValueError, match=f"token id {V} "):  # the concrete call still refuses
+    decoding.prefill(model, cache_lib.init_cache(JIT_CFG, 3, 24), bad, lengths, chunk_size=4)
+  # A row past the cache's capacity: the room check cannot run under the trace.
+  full = jax.jit(lambda c, x, n: decoding.prefill(model, c, x, n, chunk_size=4))(
+    cache_lib.init_cache(JIT_CFG, 3, 10), jnp.asarray(ids), jnp.asarray(lengths))[0]
+  full = np.asarray(full)
+  assert np.isnan(full[0]).all()  # 11 tokens into a cache of 10
+  assert np.isfinite(full[1, :4]).all() and np.isfinite(full[2, :7]).all()
+  step = jax.jit(lambda c, x: decoding.decode_step(model, c, x))
+  _, cache = decoding.prefill(model, cache_lib.init_cache(JIT_CFG, 3, 11), ids, lengths)
+  out = np.asarray(step(cache, jnp.asarray(nxt[:, 0]))[0])
+  assert np.isnan(out[0]).all() and np.isfinite(out[1:]).all()  # row 0 is full
