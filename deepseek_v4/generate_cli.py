@@ -87,6 +87,20 @@ def _tokenizer(args: argparse.Namespace):
   return tok
 
 
+def _check_prompt(prompt: str) -> None:
+  """The prompt must be text: bytes that are not UTF-8 reach Python's argv as lone surrogates
+  (PEP 383), which no tokenizer can encode."""
+  try:
+    prompt.encode("utf-8")
+  except UnicodeEncodeError as e:
+    offset = len(prompt[:e.start].encode("utf-8"))
+    code = ord(prompt[e.start])
+    what = (f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF  # an undecodable byte
+            else f"lone surrogate U+{code:04X}")
+    raise ValueError(f"--prompt is not valid UTF-8 text: {what} at byte offset {offset} (pass "
+                     "the prompt in UTF-8, e.g. convert it with iconv)") from None
+
+
 def _check_folder(path: str) -> None:
   if not os.path.exists(path):
     raise ValueError(f"--checkpoint {path!r} does not exist")
@@ -117,6 +131,7 @@ def run(args: argparse.Namespace, out=None) -> int:
   from deepseek_v4 import decoding, tokenizer
 
   out = out or sys.stdout
+  _check_prompt(args.prompt)
   _check_folder(args.checkpoint)
   tok = _tokenizer(args)
   model = _model(args)

@@ -1,9 +1,11 @@
 """Rough edges of generation (issue 11): max_new_tokens=0, an int stop token, text cut at the stop
-token (CLI stream, `trainer.sample_text`), and the generate CLI on a `train --out` folder."""
+token (CLI stream, `trainer.sample_text`), and the generate CLI on a `train --out` folder; NumPy
+scalars as sampling settings, no prompts, a non-UTF-8 `--prompt` (issue 20)."""
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -123,3 +125,41 @@ def test_generate_merges_the_lora_adapters_of_a_training_folder(model, tmp_path)
   text = _cli_text("--checkpoint", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "6")
   assert text == _expected(merged, "def ", 6) + "\n"
   assert text != _expected(model, "def ", 6) + "\n"  # the adapters changed the output
+
+
+# ----- issue 20: NumPy scalars, no prompts, a prompt that is not UTF-8 -----------------------------
+def test_numpy_scalars_are_accepted_for_sampling(model):
+  prompt = TOK.encode("def f(x):")
+  kw = dict(temperature=0.7, top_k=5, top_p=float(np.float32(0.9)), seed=3)
+  want = np.asarray(decoding.generate(model, [prompt], 4, **kw))
+  got = decoding.generate(model, [prompt], 4, temperature=np.float32(0.7), top_k=np.int64(5),
+                          top_p=np.float32(0.9), seed=np.int32(3))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  s = decoding.Sampler(np.float64(0.7), np.int16(5), np.float32(0.9))
+  assert s == decoding.Sampler(0.7, 5, float(np.float32(0.9)))  # one compiled loop for both
+  assert type(s.temperature) is float and type(s.top_k) is int and type(s.top_p) is float
+  for bad in (dict(top_k=True), dict(top_p=np.bool_(True)), dict(temperature="0.7")):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"{name}="):
+      decoding.Sampler(**bad)
+  with pytest.raises(ValueError, match="seed=0.5"):
+    decoding.generate(model, [prompt], 2, seed=0.5)
+
+
+def test_no_prompts_is_named(model):
+  for empty in ([], ()):
+    with pytest.raises(ValueError, match="no prompts given"):
+      decoding.generate(model, empty, 4)
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    decoding.generate(model, [[5], []], 4)
+
+
+def test_a_prompt_that_is_not_utf8_names_the_flag(tmp_path, capsys):
+  # Undecodable argv bytes reach Python as lone surrogates (PEP 383); the check runs before the
+  # checkpoint is read, so no checkpoint is needed to see it.
+  prompt = os.fsdecode("é".encode() + b"\xff!")
+  code = cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", prompt])
+  err = capsys.readouterr().err
+  assert code == cli.USAGE_ERROR
+  assert "--prompt is not valid UTF-8 text: byte 0xff at byte offset 2" in err
+  assert "codec" not in err
