@@ -245,3 +245,11 @@ def test_kernel_resources_read_from_a_dump(tmp_path):
           'mhlo.backend_config = {grid_x = 1 : i32, ir = "ML\\EFR", name = "v4_dq", '
           'num_stages = 3 : i32}} : (tensor<1xf32>) -> tensor<1xf32>')
   assert aot.triton_kernel_names(f"x = 1\n{line}\n") == {"v4_dq"}
+
+
+def test_native_mode_needs_a_gpu_host(monkeypatch):
+  """DSV4_AOT_NATIVE=1 (scripts/device_check.sh) compiles for the host's own GPUs: on this CPU
+  host it is refused by name, and TPU targets stay compile-only."""
+  monkeypatch.setenv("DSV4_AOT_NATIVE", "1")
+  assert "JAX's backend here is 'cpu'" in targets.missing_backend(targets.target("h200"))
+  assert targets.missing_backend(targets.target("tpu-v5p")) is None
