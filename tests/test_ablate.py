@@ -352,3 +352,24 @@ def test_compile_cache_is_the_users_own_never_the_results_folder(tmp_path, monke
     assert "not a folder only you can write to" in notes[0]
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_spec_module_breaks_the_ablate_report_cycle():
+  """ablate -> ablate_report -> ablate_spec, and nothing back (function-level imports included)."""
+  import ast
+
+  def imports(module) -> set[str]:
+    tree = ast.parse(open(module.__file__).read())
+    out = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+      elif isinstance(node, ast.Import):
+        out |= {a.name for a in node.names}
+    return out
+
+  from deepseek_v4 import ablate_spec
+
+  assert "deepseek_v4.ablate_spec" in imports(ablate_report)
+  assert not {"deepseek_v4.ablate", "deepseek_v4.ablate_report"} & imports(ablate_spec)
+  assert "deepseek_v4.ablate" not in imports(ablate_report)
