@@ -284,11 +284,13 @@ def _forward(q, q_pos, kv, sink, comp, comp_idx, *, kind, scale, window, ratio, 
   grid_spec = pltpu.PrefetchScalarGridSpec(
     num_scalar_prefetch=1, grid=(B, nb), in_specs=in_specs,
     out_specs=[blk((None, BLOCK_Q, N, H)), blk((None, BLOCK_Q, N))], scratch_shapes=scratch)
+  # No state crosses grid steps (each fetches its own band and rows), so both axes are parallel:
+  # v5p's two cores can split the blocks of one row.
   o, lse = pl.pallas_call(
     kern, grid_spec=grid_spec,
     out_shape=[jax.ShapeDtypeStruct((B, tp, N, H), q.dtype),
                jax.ShapeDtypeStruct((B, tp, N), jnp.float32)],
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
                                          vmem_limit_bytes=VMEM_LIMIT),
     interpret=interpret, name="v4_sparse_attention_fwd_tpu",
   )(start, *args)
