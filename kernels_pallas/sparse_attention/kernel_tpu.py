@@ -1,7 +1,8 @@
 """TPU body of the sparse attention forward (spec §3.10), Pallas TPU (Mosaic) API.
 
-One program per (batch row, block of `BLOCK_Q` query tokens); inside it, a static loop over the
-block's tokens, each token's `N` heads being the rows of its matmuls ([N, H] x [H, keys]). Key
+One program per (batch row, block of `BLOCK_Q` query tokens); inside it, a `fori_loop` over the
+block's tokens (a static unroll took 10x longer to compile), each token's `N` heads being the rows
+of its matmuls ([N, H] x [H, keys]). Key
 sources, each with its own logits and mask, joined in one softmax seeded with the sink:
   band  the block's window keys, one aligned DMA of `Lp + BLOCK_Q` rows from a copy of `kv`
         left-padded by `Lp` (a multiple of 16, >= W - 1) rows, so block i reads rows
@@ -42,8 +43,9 @@ NEG_INF = float("-inf")
 # Query tokens per program: a multiple of 16, so that the band copy starts on a bf16 tile row.
 BLOCK_Q = 16
 KINDS = ("sliding", "csa", "hca")
-# VMEM the body may ask Mosaic for (vmem_limit_bytes); every current TPU generation has >= 64 MiB
-# of VMEM per core (v5e, v6e 128 MiB; v5p 95 MiB), and XLA's default scoped limit is lower.
+# VMEM the body may ask Mosaic for (vmem_limit_bytes), under the smallest capacity of the targets
+# (v5p: 64 MiB in libtpu's compile-only description; v5e and v6e: 128 MiB); XLA's default scoped
+# limit is lower. `vmem_bytes` keeps a program's estimate within it.
 VMEM_LIMIT = 48 * 2**20
 # SMEM for the block's CSA indices (two pipeline buffers of [BLOCK_Q, P] int32) out of the 1 MiB
 # every generation has: P=6144 (768 KiB) compiles on v5e, P=8192 (1 MiB) overflows.
