@@ -126,3 +126,17 @@ def test_why_unsupported():
     kernel_tpu.why_unsupported(flash, bf, window=128, kind="dense")
   with pytest.raises(ValueError, match=r"q_shape must be \(B, T, N, H\)"):
     kernel_tpu.why_unsupported((8192, 64, 512), bf, window=128, kind="sliding")
+
+
+def test_no_usable_entries_is_the_window():
+  """T below the ratio (no entry yet, C = 0) and zero picks (P = 0) run as the sliding window."""
+  x, _ = _case("sliding", T=7)
+  args = (x["q"], x["pos"], x["kv"], x["sink"])
+  ref = reference.sparse_attention(*args, scale=0.3, window=4, block=8)
+  B, _, _, H = x["q"].shape
+  for kw in (dict(comp=jnp.zeros((B, 0, H)), comp_ratio=8),
+             dict(comp=jnp.ones((B, 1, H)), comp_idx=jnp.zeros((B, 7, 0), jnp.int32),
+                  comp_ratio=4)):
+    assert kernel_tpu.layer_kind(kw["comp"], kw.get("comp_idx")) == "sliding"
+    ours = kernel_tpu.sparse_attention(*args, scale=0.3, window=4, interpret=True, **kw)
+    assert rel_err(ours, ref) < F32_FUNCTION
