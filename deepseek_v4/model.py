@@ -349,7 +349,8 @@ class Transformer(nnx.Module):
       opts: static `Options` (the MoE implementation, kernels, training stages).
       jit: False runs op by op even outside a trace, to step through the layers with prints or
         a debugger. It is far slower: each eager `lax.scan` compiles its body again at every
-        call (`scripts/bench_eager.py`: tiny preset, T=32, 2 CPU cores: 34 s vs 7.5 ms).
+        call (`scripts/bench_eager.py`, a 12M-parameter model on 2 shared CPU cores: 34 s vs
+        0.17 s per call at T=128, 40 s vs 4.1 s at T=2048).
     """
     validate_input_ids(input_ids, self.cfg)
     if jit:
