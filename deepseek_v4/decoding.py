@@ -368,7 +368,7 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
 def _as_prompts(prompt_ids, lengths) -> tuple[np.ndarray, np.ndarray]:
   """Ragged lists or a padded [B, T] array (+ lengths) -> (padded int32 [B, T], lengths [B])."""
   if isinstance(prompt_ids, (list, tuple)) and not len(prompt_ids):
-    raise ValueError("prompt_ids is an empty list: no prompts given (pass a list of prompts, "
+    raise ValueError(f"prompt_ids={prompt_ids!r}: no prompts given (pass a list of prompts, "
                      "each a list of token ids, or one [B, T] array)")
   if isinstance(prompt_ids, (list, tuple)) and prompt_ids and not np.isscalar(prompt_ids[0]):
     rows = [np.asarray(r).reshape(-1) for r in prompt_ids]
