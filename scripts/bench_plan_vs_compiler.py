@@ -121,14 +121,16 @@ def replan(result: dict, train_depth_default: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
+  """Markdown: per row, plan and XLA at the compiled depth, and plan's full-depth verdict."""
   head = ("| row | mesh | layers | plan GB | XLA args | XLA temp | XLA out | XLA total | "
-          "XLA / plan |")
-  out = [head, "|" + "---|" * 9]
+          "XLA / plan | plan, all 43 layers |")
+  out = [head, "|" + "---|" * 10]
   for r in results:
     mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+    verdict = f"{r['plan_full_gb']:.1f} GB, {'fits' if r['plan_fits'] else 'does not fit'}"
     if not r.get("compiled"):
-      out.append(f"| {r['what']} | {mesh} | - | {r['plan_full_gb']:.1f} | not compiled: "
-                 f"{r['why']} | | | | |")
+      out.append(f"| {r['what']} | {mesh} | - | - | not compiled: {r['why']} | | | | | "
+                 f"{verdict} |")
       continue
     x = r["xla"]
     layers = (f"{r['layers']} (from {r['extrapolated_from'][0]}, {r['extrapolated_from'][1]})"
@@ -136,7 +138,7 @@ def table(results: list[dict]) -> str:
     out.append(f"| {r['what']} | {mesh} | {layers} | {r['plan_gb']:.1f} | "
                f"{x['arguments'] / 1e9:.1f} | {x['temporaries'] / 1e9:.1f} | "
                f"{(x['output'] - x['aliased']) / 1e9:.1f} | {x['total'] / 1e9:.1f} | "
-               f"{r['ratio']:.2f} |")
+               f"{r['ratio']:.2f} | {verdict} |")
   return "\n".join(out)
 
 
