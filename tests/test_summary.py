@@ -81,7 +81,8 @@ def test_pro_matches_published(pro_counts):
 
 def test_flash_kv_cache_matches_spec_table():
   kv = summary.kv_cache(deepseek_v4.flash(), 1048576)
-  # Spec §5.3: ≈ 3.62 GB mixed / 7.22 GB BF16; 3,450 / 6,880 B per token of context.
+  # docs/architecture.md#cache-bytes: ≈ 3.62 GB mixed / 7.22 GB BF16; 3,450 / 6,880 B per token of
+  # context.
   assert kv.total_serving == pytest.approx(3.62e9, rel=0.005)
   assert kv.total_bf16 == pytest.approx(7.22e9, rel=0.005)
   assert kv.per_token_serving == 3450
