@@ -18,6 +18,7 @@ runs the MTP block.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -155,51 +156,101 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
                max_len=int(max_len), layer_groups=layout.layer_groups(cfg))
 
 
-def cache_bytes(cache: Cache) -> int:
-  """Bytes held by every array of the cache (all rows)."""
-  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+def cache_bytes(cache) -> int:
+  """Bytes held by every array of a cache (all rows); also takes `jax.eval_shape`'s abstract one."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePart:
+  """One kind of array the cache allocates, per sequence row, over the layers of one kind that hold
+  it (docs/architecture.md#cache-bytes). The one byte model: `summary.kv_cache` and `plan` read it.
+
+  Attributes:
+    name: what is stored ("window K=V", "CSA entries", ...).
+    kind: the layer kind holding it ("sliding", "csa", "hca"), or "" for the row's length counter.
+    role: "kv" (K=V vectors: window and compressed entries), "index" (indexer keys), "int32"
+      (positions, the length counter) or "state" (the float32 compressor tails).
+    layers: layers holding it.
+    slots: slots per layer at the capacity.
+    width: values per slot.
+    itemsize: bytes per value as allocated.
+    stride: tokens of context per slot (0 = fixed size, independent of the capacity).
+  """
+
+  name: str
+  kind: str
+  role: str
+  layers: int
+  slots: int
+  width: int
+  itemsize: int
+  stride: int
+
+  @property
+  def bytes(self) -> int:
+    return self.layers * self.slots * self.width * self.itemsize
+
+  @property
+  def per_token(self) -> float:
+    """Amortized bytes one more token of context costs (0 for the fixed-size parts)."""
+    return self.layers * self.width * self.itemsize / self.stride if self.stride else 0.0
+
+
+def _layer_parts(cfg: ModelConfig, ratio: int, max_len: int, item: int) -> list[tuple]:
+  """(name, role, slots, width, itemsize, stride) of every array `init_layer_cache` allocates for
+  one row of a layer with compression `ratio`, in the same order."""
+  H, kind = cfg.head_dim, layer_kind(ratio)
+  dense = cfg.attention == "dense"
+  stride = 1 if dense else 0
+  parts = [("all keys (dense attention)" if dense else f"sliding windows (W={cfg.window})",
+            "kv", ring_size(cfg, max_len), H, item, stride),
+           ("window positions", "int32", ring_size(cfg, max_len), 1, 4, stride)]
+  if kind == "sliding":
+    return parts
+  # pending values + logits [m, K] (K = 2H with CSA's overlap) and CSA's prev halves [m, H] x 2
+  tail = 6 * H if kind == "csa" else 2 * H
+  name = "CSA entries" if kind == "csa" else f"HCA entries (m={ratio})"
+  parts += [(name, "kv", max_len // ratio, H, item, ratio),
+            ("compressor state", "state", ratio, tail, 4, 0)]
+  if kind == "csa":
+    J = cfg.index_head_dim
+    parts += [("CSA indexer keys", "index", max_len // CSA_RATIO, J, item, CSA_RATIO),
+               ("indexer compressor state", "state", CSA_RATIO, 6 * J, 4, 0)]
+  return parts
+
+
+def byte_model(cfg: ModelConfig, max_len: int, dtype=None) -> tuple[CachePart, ...]:
+  """What `init_cache(cfg, 1, max_len, dtype)` allocates, part by part (summed over the layers of a
+  kind): the trunk's layers only, since generation never runs the MTP block and so caches nothing
+  for it, plus the row's int32 length counter."""
+  item = jnp.dtype(dtype or cfg.dtype).itemsize
+  merged: dict[tuple[str, str], list] = {}
+  for r in cfg.layer_ratios:
+    kind = layer_kind(r)
+    for name, role, slots, width, size, stride in _layer_parts(cfg, r, max_len, item):
+      row = merged.setdefault((kind, name), [role, 0, slots, width, size, stride])
+      row[1] += 1
+  parts = [CachePart(name, kind, *row) for (kind, name), row in merged.items()]
+  return (*parts, CachePart("row length", "", "int32", 1, 1, 1, 4, 0))
+
+
+def model_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
+  """Bytes `init_cache(cfg, batch, max_len, dtype)` allocates, from the byte model (no arrays)."""
+  return batch * sum(p.bytes for p in byte_model(cfg, max_len, dtype))
 
 
 def bytes_per_token(cfg: ModelConfig, dtype=None) -> float:
   """Cache bytes one more token of context costs per sequence (docs/architecture.md#cache-bytes,
-  amortized): CSA entries + indexer keys (1 per 4 tokens) and HCA entries (1 per m' tokens); the
-  window ring and the compressor tails have a fixed size that does not grow with the context."""
-  item = jnp.dtype(dtype or cfg.dtype).itemsize
-  if cfg.attention == "dense":  # every K=V vector is kept (and its position)
-    return cfg.num_layers * (cfg.head_dim * item + 4)
-  total = 0.0
-  for r in cfg.layer_ratios:
-    kind = layer_kind(r)
-    if kind == "csa":
-      total += (cfg.head_dim + cfg.index_head_dim) * item / CSA_RATIO
-    elif kind == "hca":
-      total += cfg.head_dim * item / r
-  return total
-
-
-def compressor_state_bytes(ratio: int, width: int) -> int:
-  """float32 pending values + gate logits of one window, plus the CSA overlap halves
-  (docs/architecture.md#cache-kinds)."""
-  f32 = 4
-  if layer_kind(ratio) == "csa":
-    return ratio * 2 * width * 2 * f32 + ratio * width * 2 * f32
-  return ratio * width * 2 * f32
+  amortized): CSA entries + indexer keys (1 per 4 tokens) and HCA entries (1 per m' tokens), and
+  every K=V vector (+ its position) with attention="dense"."""
+  return sum(p.per_token for p in byte_model(cfg, 0, dtype))
 
 
 def fixed_bytes(cfg: ModelConfig, dtype=None) -> int:
-  """Per-sequence bytes that do not grow with the context: window rings (+ their positions)
-  and the float32 compressor tails."""
-  item = jnp.dtype(dtype or cfg.dtype).itemsize
-  total = 0
-  for r in cfg.layer_ratios:
-    if cfg.attention != "dense":  # a dense ring grows with the context (bytes_per_token)
-      total += cfg.window * (cfg.head_dim * item + 4)
-    kind = layer_kind(r)
-    if kind != "sliding":
-      total += compressor_state_bytes(r, cfg.head_dim)
-    if kind == "csa":
-      total += compressor_state_bytes(r, cfg.index_head_dim)
-  return total + 4  # + the row's length counter
+  """Per-sequence bytes that do not grow with the context: window rings (+ their positions), the
+  float32 compressor tails and the row's length counter."""
+  return sum(p.bytes for p in byte_model(cfg, 0, dtype) if not p.stride)
 
 
 def capacity_multiple(cfg: ModelConfig) -> int:

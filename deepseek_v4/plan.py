@@ -443,9 +443,8 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
 def cache_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
   from deepseek_v4 import cache as cache_lib
 
-  abstract = jax.eval_shape(lambda: cache_lib.init_cache(cfg, s.batch, s.seq))
   shards = _batch_shards(sizes, rules, s.batch, strict=False)
-  total = sum(math.prod(x.shape) * _itemsize(x.dtype) for x in jax.tree.leaves(abstract))
+  total = cache_lib.model_bytes(cfg, s.batch, s.seq)  # = the init_cache pytree (test_cache_bytes)
   return [(f"KV cache ({s.batch} x {s.seq} tokens, {cfg.dtype})", total / shards, "exact")]
 
 

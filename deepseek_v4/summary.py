@@ -18,8 +18,10 @@ What is counted (and why the numbers match the published ones):
   (+2.1%), Pro 48.85B (-0.3%); including the embedding table gives 13.80B / 49.78B.
 * KV-cache bytes follow §5.3: main entries in DeepSeek's serving format are 64 rope channels in BF16
   plus the other channels in FP8 (576 B at c = 512, scales not counted), indexer keys FP4 (64 B at
-  c_I = 128); the reference code stores everything in BF16. Each layer (and the MTP block) also
-  keeps a fixed ring of W window entries. The compressors' pending/overlap buffers (FP32, fixed
+  c_I = 128); the reference code stores everything in BF16. Each trunk layer also keeps a fixed
+  ring of W window entries and their int32 positions; the MTP block caches nothing (generation
+  never runs it). The rows come from `cache.byte_model`, which a test checks against the arrays
+  `init_cache` allocates. The compressors' pending/overlap buffers (FP32, fixed
   size) are reported apart from the total, as the spec's table does. Flash at 1M: 3.62 GB / 7.22 GB.
 * FLOPs are a forward pass without MTP, 2 FLOPs per multiply-accumulate: every active weight
   matrix (the embedding is a lookup, not a matmul), plus attention (q.k and p.v: 2 matmuls of
@@ -42,8 +44,8 @@ import numpy as np
 from flax import nnx
 
 from deepseek_v4 import layout
-from deepseek_v4.cache import compressor_state_bytes
-from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
+from deepseek_v4 import cache as cache_lib
+from deepseek_v4.config import ModelConfig, layer_kind
 from deepseek_v4.layers.params import HashTable, RouterBias
 
 # The report's headline figures (spec §1.1 notes): (total, active) parameters.
@@ -309,36 +311,22 @@ def entry_bytes(cfg: ModelConfig) -> dict[str, float]:
 
 
 def kv_cache(cfg: ModelConfig, context: int) -> KVCache:
-  """KV-cache bytes per layer kind at `context` tokens; windows count W entries per layer."""
+  """KV-cache bytes per stored tensor at `context` tokens, from the cache's own byte model
+  (`cache.byte_model`: what `init_cache` allocates; the MTP block caches nothing), with each K=V
+  vector and indexer key priced in the serving format and in BF16."""
   eb = entry_bytes(cfg)
-  rows: list[CacheRow] = []
-  ratios = cfg.layer_ratios
-  csa = [r for r in ratios if layer_kind(r) == "csa"]
-  if csa:
-    n = context // CSA_RATIO
-    rows.append(CacheRow("CSA entries", len(csa), n, eb["main_serving"], eb["main_bf16"],
-                         eb["main_serving"] / CSA_RATIO, eb["main_bf16"] / CSA_RATIO))
-    rows.append(CacheRow("CSA indexer keys", len(csa), n, eb["index_serving"], eb["index_bf16"],
-                         eb["index_serving"] / CSA_RATIO, eb["index_bf16"] / CSA_RATIO))
-  for ratio in sorted({r for r in ratios if layer_kind(r) == "hca"}):
-    layers = ratios.count(ratio)
-    rows.append(CacheRow(f"HCA entries (m={ratio})", layers, context // ratio,
-                         eb["main_serving"], eb["main_bf16"], eb["main_serving"] / ratio,
-                         eb["main_bf16"] / ratio))
-  window_layers = cfg.num_layers + cfg.num_mtp_layers
-  if cfg.attention == "dense":  # every key is kept: the "window" grows with the context
-    rows.append(CacheRow("all keys (dense attention)", window_layers, context,
-                         eb["main_serving"], eb["main_bf16"], eb["main_serving"],
-                         eb["main_bf16"]))
-  else:
-    rows.append(CacheRow(f"sliding windows (W={cfg.window})", window_layers, cfg.window,
-                         eb["main_serving"], eb["main_bf16"], 0.0, 0.0))
-  state = 0
-  for r in ratios:
-    if layer_kind(r) != "sliding":
-      state += compressor_state_bytes(r, cfg.head_dim)
-    if layer_kind(r) == "csa":
-      state += compressor_state_bytes(r, cfg.index_head_dim)
+  price = {"kv": (eb["main_serving"], eb["main_bf16"]),
+           "index": (eb["index_serving"], eb["index_bf16"]), "int32": (4, 4)}
+  merged: dict[str, list] = {}
+  for p in cache_lib.byte_model(cfg, context):
+    if p.role == "state":
+      continue
+    row = merged.setdefault(p.name, [0, p.slots, *price[p.role], p.stride])
+    row[0] += p.layers
+  rows = [CacheRow(name, layers, entries, serving, bf16, serving / stride if stride else 0.0,
+                   bf16 / stride if stride else 0.0)
+          for name, (layers, entries, serving, bf16, stride) in merged.items()]
+  state = sum(p.bytes for p in cache_lib.byte_model(cfg, context) if p.role == "state")
   return KVCache(context=context, rows=rows, state_bytes=state)
 
 
