@@ -1,9 +1,11 @@
-"""Shared helpers for the kernel references: query blocking for linear-memory scans."""
+"""Shared helpers of the kernels: query blocking for linear-memory scans, the platform traced for,
+and the one `impl=` vocabulary with its once-only INFO log of what "auto" runs."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,29 +75,49 @@ IMPLS = ("auto", "reference", "pallas")
 _logged: set[tuple[str, str]] = set()
 
 
-def resolve_impl(op: str, impl: str) -> str:
-  """"reference" or "pallas" for `impl`; "auto" picks Pallas on GPU/TPU, the reference elsewhere.
+def resolve_impl(op: str, impl: str, *, choices: tuple[str, ...] = IMPLS[1:],
+                 auto: Callable[[str], str] | None = None) -> str:
+  """The concrete path for `impl`: one of `choices` (the op's own paths), or "auto" resolved for
+  the platform traced for (`platform()`) and logged once (`log_choice`).
 
-  "auto" also falls back to the reference when this JAX lacks the backend's Pallas module, and
-  logs once per (op, choice) which path runs, so a run never hides which code it measured.
+  The one vocabulary of every op: "auto" plus the op's paths, "reference" and "pallas" unless the
+  op names others (moe_gmm: "tiled", "ragged_dot", "reference"). `auto(target)` picks among them;
+  by default "pallas" on GPU/TPU when this JAX has the backend's Pallas module, the reference
+  elsewhere.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+  vocabulary = ("auto", *choices)
+  if impl not in vocabulary:
+    raise ValueError(f"{op}: impl must be one of {vocabulary}, got {impl!r}")
   if impl != "auto":
     return impl
   target = platform()
-  choice = "reference"
-  if target in ("gpu", "tpu"):
-    try:
-      if target == "tpu":
-        from jax.experimental.pallas import tpu  # noqa: F401
-      else:
-        from jax.experimental.pallas import triton  # noqa: F401
-      choice = "pallas"
-    except ImportError:
-      choice = "reference"
-  _log_once(op, f"impl='auto' runs {choice} on {target}")
+  choice = (auto or _pallas_if_available)(target)
+  log_choice(op, choice, target)
   return choice
+
+
+def _pallas_if_available(target: str) -> str:
+  if target not in ("gpu", "tpu"):
+    return "reference"
+  try:
+    if target == "tpu":
+      from jax.experimental.pallas import tpu  # noqa: F401
+    else:
+      from jax.experimental.pallas import triton  # noqa: F401
+  except ImportError:
+    return "reference"
+  return "pallas"
+
+
+def log_choice(op: str, choice: str, target: str, why: str | None = None) -> None:
+  """Says once, at INFO, which path impl="auto" runs for `op` on `target` (and why, when a
+  call's shapes or dtype send it to the reference): every op's choice line goes through here."""
+  _log_once(op, f"impl='auto' runs {choice} on {target}" + (f": {why}" if why else ""))
+
+
+def forget_logged() -> None:
+  """Lets every once-only message of this module be logged again (tests that capture them)."""
+  _logged.clear()
 
 
 def _log_once(op: str, message: str) -> None:

@@ -13,9 +13,7 @@ from typing import Literal
 
 from jaxtyping import Array, Float, Int
 
-import logging
-
-from kernels_pallas.common import pallas_backend, platform, resolve_impl
+from kernels_pallas.common import log_choice, pallas_backend, platform, resolve_impl
 from kernels_pallas.indexer_topk import reference
 
 # What the scoring kernel's tiles were compiled at (V4's indexer: 64 heads x 128, bfloat16): a
@@ -23,7 +21,6 @@ from kernels_pallas.indexer_topk import reference
 # float32 the kernel spilled (13.8 KB at 16 x 64, 98 KB at 64 x 128 on h100).
 MAX_INDEX_HEADS, MAX_INDEX_HEAD_DIM = 64, 128
 GPU_DTYPES = ("bfloat16",)
-_refused: set[tuple[str, str]] = set()
 
 
 def why_not_pallas(target: str, q) -> str | None:
@@ -51,10 +48,7 @@ def auto_impl(q) -> str:
   if target in ("gpu", "tpu"):
     why = why_not_pallas(target, q)
     if why is not None:
-      if (target, why) not in _refused:
-        _refused.add((target, why))
-        logging.getLogger("kernels_pallas").info("indexer_topk: impl='auto' runs reference on %s:"
-                                                 " %s", target, why)
+      log_choice("indexer_topk", "reference", target, why)
       return "reference"
   return resolve_impl("indexer_topk", "auto")
 

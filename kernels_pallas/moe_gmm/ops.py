@@ -18,8 +18,6 @@ tests/kernels/test_moe_gmm.py).
 
 from __future__ import annotations
 
-import functools
-import logging
 from typing import Any, Callable, Literal
 
 import jax
@@ -33,22 +31,11 @@ IMPLS = ("auto", "tiled", "ragged_dot", "reference")
 Impl = Literal["auto", "tiled", "ragged_dot", "reference"]
 
 
-@functools.cache
-def _log_choice(choice: str, platform: str) -> None:
-  logging.getLogger("kernels_pallas").warning("moe_gmm: impl='auto' runs %s on %s", choice,
-                                              platform)
-
-
 def resolve_impl(impl: str) -> str:
-  """The concrete path for `impl`; "auto" is "ragged_dot" on TPU and "tiled" elsewhere."""
-  if impl not in IMPLS:
-    raise ValueError(f"grouped_matmul: impl must be one of {IMPLS}, got {impl!r}")
-  if impl != "auto":
-    return impl
-  platform = common.platform()
-  choice = "ragged_dot" if platform == "tpu" else "tiled"
-  _log_choice(choice, platform)
-  return choice
+  """The concrete path for `impl` (`common.resolve_impl`'s vocabulary with this op's paths);
+  "auto" is "ragged_dot" on TPU and "tiled" elsewhere, logged once at INFO."""
+  return common.resolve_impl("moe_gmm", impl, choices=IMPLS[1:],
+                             auto=lambda target: "ragged_dot" if target == "tpu" else "tiled")
 
 
 def _check(x, w, group_sizes, transpose_rhs: bool, tile: int | None) -> None:

@@ -14,12 +14,9 @@ from typing import Literal
 
 from jaxtyping import Array, Float, Int
 
-import logging
-
-from kernels_pallas.common import pallas_backend, platform, resolve_impl
+from kernels_pallas.common import log_choice, pallas_backend, platform, resolve_impl
 from kernels_pallas.sparse_attention import blocks, reference
 
-_refused: set[tuple[str, str]] = set()
 
 
 def _check(q, q_pos, kv, sink, *, scale, window, block, prefix_kv, prefix_pos, comp, comp_idx,
@@ -88,10 +85,7 @@ def auto_impl(q, *, window: int, prefix_kv=None, comp=None, comp_idx=None,
     why = why_not_pallas(target, q, window=window, prefix_kv=prefix_kv, comp=comp,
                          comp_idx=comp_idx, segments=segments)
     if why is not None:
-      if (target, why) not in _refused:
-        _refused.add((target, why))
-        logging.getLogger("kernels_pallas").info(
-          "sparse_attention: impl='auto' runs reference on %s: %s", target, why)
+      log_choice("sparse_attention", "reference", target, why)
       return "reference"
   return resolve_impl("sparse_attention", "auto")
 

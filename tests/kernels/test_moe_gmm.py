@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas import common
 from kernels_pallas.moe_gmm import ops, reference, tiled
 from tests.tolerances import BF16, F32_FUNCTION, F32_GMM_REL, rel_err
 
@@ -107,11 +108,12 @@ def test_bf16_matches_float32():
 
 def test_auto_runs_tiled_on_cpu_and_says_so(caplog):
   assert jax.default_backend() == "cpu"
-  ops._log_choice.cache_clear()
-  with caplog.at_level(logging.WARNING, logger="kernels_pallas"):
+  common.forget_logged()
+  with caplog.at_level(logging.INFO, logger="kernels_pallas"):
     assert ops.resolve_impl("auto") == "tiled"
     ops.resolve_impl("auto")
-  assert [r.getMessage() for r in caplog.records] == ["moe_gmm: impl='auto' runs tiled on cpu"]
+  assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+    (logging.INFO, "moe_gmm: impl='auto' runs tiled on cpu")]
   assert ops.resolve_impl("ragged_dot") == "ragged_dot"
 
 

@@ -168,3 +168,26 @@ def test_indexer_auto_picks():
     assert idx_ops.auto_impl(q) == "reference"
   with target_platform("cpu"):
     assert idx_ops.auto_impl(q) == "reference"
+
+
+def test_every_auto_choice_is_logged_once_at_info(caplog):
+  """The three ops' impl="auto" lines all go through `common.log_choice`: INFO, once each, with
+  the reason when a call's shapes send it to the reference (issue 20)."""
+  import logging
+
+  from kernels_pallas import common
+  from kernels_pallas.moe_gmm import ops as gmm_ops
+
+  common.forget_logged()
+  with caplog.at_level(logging.DEBUG, logger="kernels_pallas"):
+    for _ in range(2):
+      with target_platform("gpu"):
+        assert ops.auto_impl(_q(96, 4, jnp.float32), window=128) == "reference"
+        assert idx_ops.auto_impl(jnp.zeros((1, 2, 4, 16), jnp.float32)) == "reference"
+      with target_platform("tpu"):
+        assert gmm_ops.resolve_impl("auto") == "ragged_dot"
+  got = [(r.levelno, r.getMessage().split(":")[0], r.getMessage().split(" on ")[1][:3])
+         for r in caplog.records]
+  assert got == [(logging.INFO, "sparse_attention", "gpu"), (logging.INFO, "indexer_topk", "gpu"),
+                 (logging.INFO, "moe_gmm", "tpu")]
+  assert "float32" in caplog.records[0].getMessage()
