@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from deepseek_v4 import abstract
 from deepseek_v4.layers import moe_ep
 from deepseek_v4.layers.moe import MoEImpl
 from deepseek_v4.model import Options, Transformer
@@ -63,11 +64,11 @@ def init_model(cfg, mesh: Mesh, rules: str | Rules, *, seed: int = 0):
   def build():
     return Transformer(cfg, rngs=nnx.Rngs(seed))
 
-  abstract = nnx.eval_shape(build)
-  graphdef, abs_state = nnx.split(abstract)
+  graphdef, abs_state = nnx.split(abstract.model(cfg))
   shardings = state_shardings(abs_state, mesh, rules)
   state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
 
 def abstract_model(cfg, mesh: Mesh, rules: str | Rules):
   """(graphdef, abstract state) with `jax.ShapeDtypeStruct`s carrying their NamedShardings.
@@ -75,13 +76,33 @@ def abstract_model(cfg, mesh: Mesh, rules: str | Rules):
   The restore target for Orbax: arrays land directly in the shards of `mesh` (any mesh shape,
   whatever mesh the checkpoint was written from).
   """
-
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abs_state = nnx.split(abstract)
+  graphdef, abs_state = nnx.split(abstract.model(cfg))
   return graphdef, with_shardings(abs_state, mesh, rules)
 
+
+def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: tuple[int, int],
+                    vocab_size: int, *, opts: Options, keep_unused: bool = False):
+  """`fn(state, ids) -> logits` jitted with explicit shardings, for ids of `shape` [B, T].
+
+  In: `state` (of `graphdef`) by `shardings`, ids by batch. Out: logits [B, T, V] by (batch, seq,
+  vocab) activation rules. Works from a real model's split or an abstract one
+  (`abstract.model`), which is how the ahead-of-time compiler (deepseek_v4/aot) builds the same
+  program. Trace it under `use(mesh, rules)`. `keep_unused`: keep parameters the forward never
+  reads (the MTP block) as arguments, as a run holds them.
+  """
+  rules = get_rules(rules)
+  in_ids = batch_sharding(mesh, rules, shape)
+  out = NamedSharding(mesh, logical_to_spec(("batch", "seq", "vocab"), (*shape, vocab_size), mesh,
+                                            rules.activations, strict=False))
+
+  def fn(state, ids):
+    return nnx.merge(graphdef, state)(ids, opts=opts)
+
+  return jax.jit(fn, in_shardings=(shardings, in_ids), out_shardings=out, keep_unused=keep_unused)
+
+
 def jit_forward(model, mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = None):
-  """`forward(model, ids) -> logits` jitted with explicit shardings.
+  """`forward(model, ids) -> logits` jitted with explicit shardings (`forward_program`).
 
   In: parameters by the rule table, ids [B, T] by batch. Out: logits [B, T, V] by (batch, seq,
   vocab) activation rules. Tracing happens under `use(mesh, rules)`, so block boundaries and the
@@ -94,27 +115,45 @@ def jit_forward(model, mesh: Mesh, rules: str | Rules, *, capacity_factor: float
   cache: dict = {}
 
   def forward(model, ids):
-    B, T = ids.shape
-    key = (B, T)
+    key = tuple(ids.shape)
     if key not in cache:
-      V = model.cfg.vocab_size
-      in_ids = batch_sharding(mesh, rules, (B, T))
-      out = NamedSharding(mesh, logical_to_spec(("batch", "seq", "vocab"), (B, T, V), mesh,
-                                                rules.activations, strict=False))
-
-      def fn(state, ids):
-        return nnx.merge(graphdef, state)(ids, opts=opts)
-
-      cache[key] = jax.jit(fn, in_shardings=(shardings, in_ids), out_shardings=out)
+      cache[key] = forward_program(graphdef, shardings, mesh, rules, key, model.cfg.vocab_size,
+                                   opts=opts)
     with use(mesh, rules):  # traced under the strategy
       return cache[key](nnx.state(model), ids)
 
   return forward
 
 
+def train_step_program(step: Callable, graphdef, shardings, mesh: Mesh, rules: str | Rules,
+                       batch, n_extra: int, *, moe: MoEImpl, donate: bool = True,
+                       keep_unused: bool = False):
+  """`fn(state, batch, *extra) -> (new state, metrics)` jitted with explicit shardings.
+
+  `state` is the split (model, optimizer) of `graphdef`, placed by `shardings`; `batch` a pytree
+  of [B, ...] arrays or `jax.ShapeDtypeStruct`s (only shapes are read; each leaf is split by the
+  batch axes); `n_extra` replicated scalars.
+  `step(model, optimizer, batch, *extra, moe=moe)` updates both in place. Works from a real or an
+  abstract (`abstract.train_state`) model and optimizer. Trace it under `use(mesh, rules)`.
+  """
+  rules = get_rules(rules)
+
+  def fn(state, batch, *extra):
+    model, optimizer = nnx.merge(graphdef, state)
+    metrics = step(model, optimizer, batch, *extra, moe=moe)
+    return nnx.state((model, optimizer)), metrics
+
+  batch_in = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.shape), batch)
+  extra_in = (replicated(mesh),) * n_extra
+  return jax.jit(fn, in_shardings=(shardings, batch_in, *extra_in),
+                 out_shardings=(shardings, replicated(mesh)),
+                 donate_argnums=(0,) if donate else (), keep_unused=keep_unused)
+
+
 def jit_train_step(step: Callable, model, optimizer, mesh: Mesh, rules: str | Rules, *,
                    capacity_factor: float | None = None, donate: bool = True):
-  """Wraps `step(model, optimizer, batch, *extra) -> metrics` as a jitted, sharded train step.
+  """Wraps `step(model, optimizer, batch, *extra) -> metrics` as a jitted, sharded train step
+  (`train_step_program`).
 
   `step` is plain NNX code that updates `model` and `optimizer` in place (not jitted itself), e.g.
   `functools.partial(train._train_step, tcfg=tcfg)`; it receives the MoE implementation of the
@@ -130,19 +169,11 @@ def jit_train_step(step: Callable, model, optimizer, mesh: Mesh, rules: str | Ru
   shardings = state_shardings(state, mesh, rules)
   compiled: dict = {}
 
-  def fn(state, batch, *extra):
-    model, optimizer = nnx.merge(graphdef, state)
-    metrics = step(model, optimizer, batch, *extra, moe=moe)
-    return nnx.state((model, optimizer)), metrics
-
   def run(model, optimizer, batch, *extra):
     key = str((jax.tree.map(lambda x: tuple(x.shape), batch), len(extra)))
     if key not in compiled:
-      batch_in = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.shape), batch)
-      extra_in = (replicated(mesh),) * len(extra)
-      compiled[key] = jax.jit(fn, in_shardings=(shardings, batch_in, *extra_in),
-                              out_shardings=(shardings, replicated(mesh)),
-                              donate_argnums=(0,) if donate else ())
+      compiled[key] = train_step_program(step, graphdef, shardings, mesh, rules, batch,
+                                         len(extra), moe=moe, donate=donate)
     # Pin every leaf (optimizer counters are born uncommitted on one device), so the first and
     # later calls see the same input layout and share one compilation.
     state = jax.device_put(nnx.state((model, optimizer)), shardings)

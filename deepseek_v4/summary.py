@@ -74,32 +74,12 @@ BF16_BYTES, FP8_BYTES, FP4_BYTES, FP32_BYTES = 2, 1, 0.5, 4
 
 
 # ----- abstract model -----------------------------------------------------------------------------
-class _ShapeOnlyRngs:
-  """Stands in for `nnx.Rngs` when only shapes matter: every stream returns the same key.
-
-  `nnx.Rngs` bumps a traced counter per draw, and flax's `set_value` then asks the tracer for its
-  sharding, which builds an error message by walking the whole jaxpr: quadratic in the number of
-  parameters (Flash takes ~10 s, Pro longer). Shapes do not depend on the keys.
-  """
-
-  def __call__(self) -> jax.Array:
-    return jax.random.key(0)
-
-  def split(self, n: int) -> nnx.Rngs:  # the stacks of scanned layers (vmapped keys)
-    return nnx.Rngs(jax.random.split(jax.random.key(0), n))
-
-  def __getattr__(self, name: str):
-    if name.startswith("__"):
-      raise AttributeError(name)
-    return self.__call__
-
-
 def abstract_state(cfg: ModelConfig) -> list[tuple[tuple, nnx.Variable]]:
   """(official path, abstract variable) for every leaf of `Transformer(cfg)`, without
   allocating; the stacks of scanned layers are split into their layers (`layers.N.*`)."""
-  from deepseek_v4.model import Transformer
+  from deepseek_v4 import abstract
 
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=_ShapeOnlyRngs()))
+  model = abstract.model(cfg)
   out = []
   for path, stacked in nnx.to_flat_state(nnx.state(model)):
     for name, r in layout.official_names(cfg, ".".join(map(str, path))):

@@ -350,14 +350,16 @@ def make_optimizer(model: Transformer, tcfg: TrainConfig) -> nnx.Optimizer:
   return nnx.Optimizer(model, _transform(model.cfg, tcfg), wrt=wrt)
 
 
-def build(cfg: ModelConfig, tcfg: TrainConfig) -> tuple[Transformer, nnx.Optimizer]:
-  """A freshly initialized model (LoRA-wrapped if asked) and its optimizer."""
+def build(cfg: ModelConfig, tcfg: TrainConfig, rngs=nnx.Rngs
+          ) -> tuple[Transformer, nnx.Optimizer]:
+  """A freshly initialized model (LoRA-wrapped if asked) and its optimizer; `rngs(seed)` makes
+  the key streams (`deepseek_v4.abstract.ShapeOnlyRngs` for a shapes-only build)."""
   from deepseek_v4 import lora as lora_lib
 
-  model = Transformer(training_model_config(cfg, tcfg), rngs=nnx.Rngs(tcfg.seed))
+  model = Transformer(training_model_config(cfg, tcfg), rngs=rngs(tcfg.seed))
   if tcfg.lora_rank:
     lora_lib.apply_lora(model, tcfg.lora_targets, rank=tcfg.lora_rank, alpha=tcfg.lora_alpha,
-                        rngs=nnx.Rngs(tcfg.seed + 1))
+                        rngs=rngs(tcfg.seed + 1))
   return model, make_optimizer(model, tcfg)
 
 

@@ -229,17 +229,10 @@ def _keep_tokenizer(spec: str, out: str) -> None:
 
 def _abstract_model(cfg, tcfg: train.TrainConfig):
   """The model the run trains (LoRA-wrapped if asked), shapes only: nothing is computed."""
-  from flax import nnx
+  from deepseek_v4 import abstract
 
-  from deepseek_v4.model import Transformer
-
-  model = nnx.eval_shape(lambda: Transformer(train.training_model_config(cfg, tcfg),
-                                             rngs=nnx.Rngs(0)))
-  if tcfg.lora_rank:
-    from deepseek_v4 import lora
-    lora.apply_lora(model, tcfg.lora_targets, rank=tcfg.lora_rank, alpha=tcfg.lora_alpha,
-                    rngs=nnx.Rngs(0))
-  return model
+  lora = (tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha) if tcfg.lora_rank else None
+  return abstract.model(train.training_model_config(cfg, tcfg), lora=lora)
 
 
 def run(args: argparse.Namespace) -> int:

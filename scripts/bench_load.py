@@ -67,15 +67,13 @@ class _Random:
 def write(path: str, cfg, quantize: str, max_shard_bytes: int) -> None:
   import ml_dtypes
   import numpy as np
-  from flax import nnx
-
+  from deepseek_v4 import abstract as abstract_lib
   from deepseek_v4.checkpoint import files
   from deepseek_v4.checkpoint.convert import expected_tensors
   from deepseek_v4.checkpoint.safetensors_io import Pending
   from deepseek_v4.config_hf import fields_to_hf
-  from deepseek_v4.model import Transformer
 
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  abstract = abstract_lib.model(cfg)
   tensors = {}
   for i, (name, (shape, _)) in enumerate(sorted(expected_tensors(abstract).items())):
     if name.endswith("tid2eid"):

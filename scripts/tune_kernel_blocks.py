@@ -21,10 +21,10 @@ kernels_pallas/sparse_attention/blocks.py and kernels_pallas/indexer_topk/kernel
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,8 +32,6 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from deepseek_v4.aot import compile as aot_compile  # noqa: E402
 from deepseek_v4.aot import targets  # noqa: E402
@@ -41,95 +39,38 @@ from kernels_pallas.indexer_topk import kernel as idx_kernel  # noqa: E402
 from kernels_pallas.sparse_attention import kernel as sa_kernel  # noqa: E402
 from kernels_pallas.sparse_attention.blocks import BlockSizes, Tile  # noqa: E402
 
-# V4's attention widths (config.flash() / config.pro()): heads, top-k; head dim, window, indexer.
-PRESETS = {"flash": dict(N=64, P=512), "pro": dict(N=128, P=1024)}
-H, W, I, J = 512, 128, 64, 128
-T_TRAIN = 1024  # training / prefill tokens per row (CSA entries T/4, HCA T/128)
-DECODE_B, DECODE_C = 8, 32768 // 4  # decode: rows, CSA entries of a 32K context
-RATIOS = {"csa": 4, "hca": 128, "window": 0}
+# V4's widths (config.flash() / config.pro()) and the compiled shapes: deepseek_v4/aot/compile.py.
+PRESETS = aot_compile.KERNEL_PRESETS
+H, T_TRAIN = aot_compile.HEAD_DIM, aot_compile.KERNEL_TOKENS
 KINDS = ("csa", "hca", "window")  # most demanding first: a failing candidate fails early
 SMALL = Tile(block_q=16, block_k=16, num_warps=4, num_stages=1)
 ATTN_KERNELS = ("fwd", "dq", "dkv", "decode")
 KERNEL_NAMES = {"fwd": ("v4_sparse_attention_fwd",), "decode": ("v4_sparse_attention_fwd",),
                 "dq": ("v4_sparse_attention_dq",),
                 "dkv": ("v4_sparse_attention_dkv_band", "v4_sparse_attention_dkv_hca")}
-bf16, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
 
 
-def shared_memory_limit(target: str) -> int:
-  """The per-block shared-memory limit (opt-in) of a GPU target, from its description."""
-  text = (Path(targets.__file__).parent / "gpu_targets" / targets.target(target).spec).read_text()
-  return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", text)[1])
-
-
-def _abstract(devs, shape, dtype):
-  sharding = NamedSharding(Mesh(devs, ("d",)), PartitionSpec())
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-
-def attention_program(kernel: str, kind: str, preset: str, bs: BlockSizes, devs, dtype=bf16):
-  """(fn, abstract args) of the public kernel path that runs `kernel` for a layer kind.
+def attention_program(kernel: str, kind: str, preset: str, bs: BlockSizes, target: str):
+  """(fn, abstract args) of the kernel path that runs `kernel` for a layer kind, with tiles `bs`.
 
   fwd: forward with lse at T_TRAIN; dq / dkv: the gradient of a loss of out and lse (forward, dQ
   and dKV kernels); decode: one token per row against the decode ring (and entries).
   """
-  N, P = PRESETS[preset]["N"], PRESETS[preset]["P"]
-  decode = kernel == "decode"
-  B, T = (DECODE_B, 1) if decode else (1, T_TRAIN)
-  C = DECODE_C if decode else T // max(RATIOS[kind], 1)
-  sd = lambda *a: _abstract(devs, *a)
-  args = [sd((B, T, N, H), dtype), sd((B, T), i32), sd((B, T, H), dtype), sd((N,), f32)]
-  if decode:
-    args += [sd((B, W, H), dtype), sd((B, W), i32)]
-  if kind != "window":
-    args.append(sd((B, C, H), dtype))
-  if kind == "csa":
-    args.append(sd((B, T, P), i32))
-  n_fixed = 4 + 2 * decode
-
-  def attend(q, pos, kv, sink, *rest):
-    ring = dict(prefix_kv=rest[0], prefix_pos=rest[1]) if decode else {}
-    extra = rest[n_fixed - 4:]
-    comp = extra[0] if kind != "window" else None
-    idx = extra[1] if kind == "csa" else None
-    return sa_kernel.sparse_attention(q, pos, kv, sink, scale=H**-0.5, window=W, block=64,
-                                      comp=comp, comp_idx=idx, comp_ratio=RATIOS[kind],
-                                      return_lse=True, block_sizes=bs, **ring)
-
-  if kernel in ("fwd", "decode"):
-    return attend, args
-
-  def grad(q, pos, kv, sink, *rest):
-    # Every float input gets a gradient (the entries' too: else XLA drops the HCA dKV kernel).
-    def loss(q, kv, sink, *rest):
-      out, lse = attend(q, pos, kv, sink, *rest)
-      return jnp.sum(out.astype(f32)) + jnp.sum(lse)
-
-    comp = rest[:1] if kind != "window" else ()
-    return jax.grad(lambda q, kv, sink, *c: loss(q, kv, sink, *c, *rest[len(c):]),
-                    argnums=tuple(range(3 + len(comp))))(q, kv, sink, *comp)
-
-  return grad, args
+  attention = functools.partial(sa_kernel.sparse_attention, block_sizes=bs)
+  return aot_compile.attention_program(attention, target, kind, **PRESETS[preset],
+                                       decode=kernel == "decode", grad=kernel in ("dq", "dkv"))
 
 
-def indexer_program(preset: str, bs: idx_kernel.BlockSizes, devs):
+def indexer_program(preset: str, bs: idx_kernel.BlockSizes, target: str):
   """(fn, abstract args) of the indexer's top-k over T_TRAIN queries (CSA entries T/4)."""
-  P = PRESETS[preset]["P"]
-  C = T_TRAIN // 4
-  sd = lambda *a: _abstract(devs, *a)
-  args = [sd((1, T_TRAIN, I, J), bf16), sd((1, T_TRAIN, I), bf16), sd((1, C, J), bf16),
-          sd((1, T_TRAIN), i32)]
-
-  def topk(q, w, k, pos):
-    return idx_kernel.indexer_topk(q, w, k, pos, ratio=4, topk=P, block=128, block_sizes=bs)
-
-  return topk, args
+  topk = functools.partial(idx_kernel.indexer_topk, block_sizes=bs)
+  return aot_compile.indexer_program(topk, target, P=PRESETS[preset]["P"])
 
 
 def check(target: str, fn, args, names) -> dict:
   """Compiles fn for `target`; the named kernels' resources, and whether all of them are there
   and fit (shared memory within the limit, zero spills)."""
-  limit = shared_memory_limit(target)
+  limit = aot_compile.shared_memory_limit(target)
   t0 = time.perf_counter()
   try:
     with targets.compiling_for(target):
@@ -184,7 +125,6 @@ def with_tile(kernel: str, tile: Tile) -> BlockSizes:
 
 def tune_attention(kernel: str, target: str, sweep_all: bool, log) -> dict:
   """Tries candidates for one kernel on one target; returns the pick and every result."""
-  devs = targets.devices(target, 1)
   kinds = ("csa", "hca") if kernel == "dkv" else KINDS  # window's dKV is HCA's band kernel
   tried, pick = [], None
   for tile in attention_candidates(kernel, sweep_all):
@@ -193,7 +133,7 @@ def tune_attention(kernel: str, target: str, sweep_all: bool, log) -> dict:
       if not ok or (sweep_all and pick is not None and preset == "pro"):
         break
       for kind in kinds:
-        fn, args = attention_program(kernel, kind, preset, with_tile(kernel, tile), devs)
+        fn, args = attention_program(kernel, kind, preset, with_tile(kernel, tile), target)
         names = KERNEL_NAMES[kernel][:1] if kernel == "dkv" and kind != "hca" else \
           KERNEL_NAMES[kernel]
         r = check(target, fn, args, names)
@@ -211,12 +151,11 @@ def tune_attention(kernel: str, target: str, sweep_all: bool, log) -> dict:
 
 
 def tune_indexer(target: str, sweep_all: bool, log) -> dict:
-  devs = targets.devices(target, 1)
   tried, pick = [], None
   for bs in indexer_candidates():
     results, ok = {}, True
     for preset in ("flash", "pro"):
-      r = check(target, *indexer_program(preset, bs, devs), ("v4_indexer_scores",))
+      r = check(target, *indexer_program(preset, bs, target), ("v4_indexer_scores",))
       results[preset] = r
       log("indexer", target, bs, preset, "csa", r)
       if not r["ok"]:
@@ -277,9 +216,11 @@ def main(argv=None) -> int:
       print(f"  {target:5s} {kernel:8s} {r['pick']}")
   out = Path(a.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  meta = dict(jax=jax.__version__, shapes=dict(presets=PRESETS, H=H, W=W, I=I, J=J, T=T_TRAIN,
-                                               decode_B=DECODE_B, decode_C=DECODE_C),
-              limits={t: shared_memory_limit(t) for t in a.targets},
+  c = aot_compile
+  meta = dict(jax=jax.__version__,
+              shapes=dict(presets=PRESETS, H=H, W=c.WINDOW, I=c.INDEXER_HEADS, J=c.INDEXER_DIM,
+                          T=T_TRAIN, decode_B=c.DECODE_ROWS, decode_C=c.DECODE_ENTRIES),
+              limits={t: c.shared_memory_limit(t) for t in a.targets},
               rule="largest block_q*block_k, then larger block_q, more stages, fewer warps",
               timed=False)
   out.write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=str))

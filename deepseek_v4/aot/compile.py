@@ -205,6 +205,107 @@ def gpu_kernel_resources(lowered, *, pallas_only: bool = True,
   return compile_with_kernel_resources(lowered, pallas_only=pallas_only, dump_dir=dump_dir)[1]
 
 
+# ----- kernel programs at V4 widths (tests/aot/test_gpu_kernels.py, scripts/tune_kernel_blocks.py)
+# config.flash() / config.pro(): query heads and indexer top-k; both: head dim 512, window 128,
+# indexer 64 heads x 128, CSA ratio 4, HCA ratio 128.
+KERNEL_PRESETS = {"flash": dict(N=64, P=512), "pro": dict(N=128, P=1024)}
+HEAD_DIM, WINDOW, INDEXER_HEADS, INDEXER_DIM = 512, 128, 64, 128
+KERNEL_TOKENS = 1024  # tokens of a training / prefill row (CSA entries T/4, HCA T/128)
+DECODE_ROWS, DECODE_ENTRIES = 8, 32768 // 4  # decode: rows, CSA entries of a 32K context
+KIND_RATIOS = {"csa": 4, "hca": 128, "window": 0}
+
+
+def shared_memory_limit(target: str) -> int:
+  """The per-block shared-memory limit (opt-in) of a GPU target, from its description."""
+  from deepseek_v4.aot import targets
+
+  text = (Path(targets.__file__).parent / "gpu_targets" / targets.target(target).spec).read_text()
+  return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", text)[1])
+
+
+def _replicated_on(target: str):
+  """`(shape, dtype) -> jax.ShapeDtypeStruct` on one compile-only device of `target`."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from deepseek_v4.aot import targets
+
+  placed = NamedSharding(Mesh(targets.devices(target, 1), ("d",)), PartitionSpec())
+  return lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
+
+
+def attention_program(attention, target: str, kind: str, *, N: int, P: int, decode: bool,
+                      grad: bool, head_dim: int = HEAD_DIM, window: int = WINDOW,
+                      dtype=None):
+  """(fn, abstract args on one device of `target`) of sparse attention for a layer kind.
+
+  `attention` is `kernels_pallas.sparse_attention.ops.sparse_attention` (with its `impl`) or the
+  kernel's own `kernel.sparse_attention` (with `block_sizes`). The forward returns (out, lse) on
+  KERNEL_TOKENS queries; `decode`: one token per row against a window ring (and DECODE_ENTRIES
+  compressed entries); `grad`: the gradient of a loss of both outputs with respect to every
+  float input, the entries' included (else XLA drops the HCA dKV kernel), which runs the
+  forward, dQ and dKV kernels.
+  """
+  import jax.numpy as jnp
+
+  if kind not in KIND_RATIOS:
+    raise ValueError(f"unknown layer kind {kind!r}; expected one of {tuple(KIND_RATIOS)}")
+  f32, i32 = jnp.float32, jnp.int32
+  dtype = dtype or jnp.bfloat16
+  B, T = (DECODE_ROWS, 1) if decode else (1, KERNEL_TOKENS)
+  C = DECODE_ENTRIES if decode else T // max(KIND_RATIOS[kind], 1)
+  sd = _replicated_on(target)
+  H = head_dim
+  args = [sd((B, T, N, H), dtype), sd((B, T), i32), sd((B, T, H), dtype), sd((N,), f32)]
+  if decode:
+    args += [sd((B, window, H), dtype), sd((B, window), i32)]
+  if kind != "window":
+    args.append(sd((B, C, H), dtype))
+  if kind == "csa":
+    args.append(sd((B, T, P), i32))
+
+  def attend(q, pos, kv, sink, *rest):
+    kw = dict(prefix_kv=rest[0], prefix_pos=rest[1]) if decode else {}
+    rest = rest[2:] if decode else rest
+    if kind != "window":
+      kw.update(comp=rest[0], comp_ratio=KIND_RATIOS[kind])
+    if kind == "csa":
+      kw["comp_idx"] = rest[1]
+    return attention(q, pos, kv, sink, scale=H**-0.5, window=window, block=64, return_lse=True,
+                     **kw)
+
+  if not grad:
+    return attend, args
+
+  def gradient(q, pos, kv, sink, *rest):
+    def loss(q, kv, sink, *rest):
+      out, lse = attend(q, pos, kv, sink, *rest)
+      return jnp.sum(out.astype(f32)) + jnp.sum(lse)
+
+    comp = rest[:1] if kind != "window" else ()
+    return jax.grad(lambda q, kv, sink, *c: loss(q, kv, sink, *c, *rest[len(c):]),
+                    argnums=tuple(range(3 + len(comp))))(q, kv, sink, *comp)
+
+  return gradient, args
+
+
+def indexer_program(indexer_topk, target: str, *, P: int):
+  """(fn, abstract args on one device of `target`) of the indexer's top-k over KERNEL_TOKENS
+  queries and their CSA entries (T/4); `indexer_topk` is `kernels_pallas.indexer_topk.ops`'s
+  (with its `impl`) or `kernel`'s (with `block_sizes`)."""
+  import jax.numpy as jnp
+
+  T, C = KERNEL_TOKENS, KERNEL_TOKENS // 4
+  sd = _replicated_on(target)
+  bf16 = jnp.bfloat16
+  args = [sd((1, T, INDEXER_HEADS, INDEXER_DIM), bf16), sd((1, T, INDEXER_HEADS), bf16),
+          sd((1, C, INDEXER_DIM), bf16), sd((1, T), jnp.int32)]
+
+  def topk(q, w, k, pos):
+    return indexer_topk(q, w, k, pos, ratio=4, topk=P, block=128)
+
+  return topk, args
+
+
 # ----- the project's programs, compiled for a target ----------------------------------------------
 PROGRAMS = ("forward", "prefill", "decode", "train")
 
@@ -315,80 +416,95 @@ def _plan(cfg, sizes: dict[str, int], rules: str, program: str, batch: int, seq:
   return sum(b for _, b, _ in lines), lines, p.notes + notes
 
 
-def _abstract(tree, shardings):
+def _placed(tree, shardings):
+  """`tree`'s leaves as `jax.ShapeDtypeStruct`s placed by `shardings`."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
                       shardings)
 
 
-def _build(cfg, mesh, rules, program: str, batch: int, seq: int, chunk: int | None, tcfg,
-           capacity_factor: float | None):
-  """(jitted function, abstract arguments) of `program`, sharded as parallel.py shards it.
+def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
+                  chunk: int | None = None, tcfg=None, capacity_factor: float | None = None,
+                  gmm: str = "auto"):
+  """(jitted function, abstract arguments) of `program`, from the abstract model
+  (deepseek_v4/abstract.py) and sharded as a run shards it; trace it under `sharding.use(mesh,
+  rules)` and the target's `targets.compiling_for`.
 
-  Unused arguments are kept (`keep_unused`): a run holds every parameter on its devices (the MTP
-  block, which inference never calls, included), so XLA's argument bytes must count them."""
+  * "forward": `parallel.forward_program` (as `parallel.jit_forward`) on ids [batch, seq].
+  * "prefill" / "decode": decoding's one chunk step (`decoding._extend_jit`, as `prefill` and
+    `decode_step` run it) of `chunk` tokens (default seq; decode: 1) per row into a cache of
+    capacity `seq`, the cache donated; prefill returns the last real token's logits.
+  * "train": `parallel.train_step_program` (as `parallel.jit_train_step`) of `train._train_step`
+    with `tcfg` on [batch, seq], parameters and optimizer state donated.
+
+  Build it outside any mesh context (see `abstract.build`). Unused arguments are kept
+  (`keep_unused`): a run holds every parameter on its devices (the MTP block, which inference
+  never calls, included), so XLA's argument bytes must count them.
+  """
+  import functools
+
   import jax.numpy as jnp
   from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
 
+  from deepseek_v4 import abstract, decoding, parallel, sharding, train
   from deepseek_v4 import cache as cache_lib
-  from deepseek_v4 import decoding, parallel, sharding, train
   from deepseek_v4.model import Options
 
+  if program not in PROGRAMS:
+    raise ValueError(f"unknown program {program!r}; expected one of {PROGRAMS}")
   rules = sharding.get_rules(rules)
-  moe = parallel.moe_impl(mesh, rules, capacity_factor=capacity_factor)
+  moe = parallel.moe_impl(mesh, rules, capacity_factor=capacity_factor, gmm=gmm)
   i32 = jnp.int32
   if program == "train":
-    model, optimizer = nnx.eval_shape(lambda: train.build(cfg, tcfg))
-    graphdef, state = nnx.split((model, optimizer))
+    if tcfg is None:
+      raise ValueError("the train program needs its train.TrainConfig (tcfg)")
+    graphdef, state = nnx.split(abstract.train_state(cfg, tcfg))
     shardings = sharding.state_shardings(state, mesh, rules)
-    in_batch = sharding.batch_sharding(mesh, rules, (batch, seq))
-    batch_abs = {k: jax.ShapeDtypeStruct((batch, seq), i32, sharding=in_batch)
-                 for k in ("inputs", "targets")}
-
-    def step(state, batch, mtp_weight):  # as parallel.jit_train_step runs train._train_step
-      model, optimizer = nnx.merge(graphdef, state)
-      metrics = train._train_step(model, optimizer, batch, mtp_weight, tcfg=tcfg, moe=moe)
-      return nnx.state((model, optimizer)), metrics
-
-    rep = sharding.replicated(mesh)
-    fn = jax.jit(step, in_shardings=(shardings, {k: in_batch for k in batch_abs}, rep),
-                 out_shardings=(shardings, rep), donate_argnums=(0,), keep_unused=True)
-    mtp = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    return fn, (_abstract(state, shardings), batch_abs, mtp)
+    ids = jax.ShapeDtypeStruct((batch, seq), i32,
+                               sharding=sharding.batch_sharding(mesh, rules, (batch, seq)))
+    batch_abs = {"inputs": ids, "targets": ids}
+    fn = parallel.train_step_program(functools.partial(train._train_step, tcfg=tcfg), graphdef,
+                                     shardings, mesh, rules, batch_abs, 1, moe=moe,
+                                     keep_unused=True)
+    mtp = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+    return fn, (_placed(state, shardings), batch_abs, mtp)
 
   graphdef, state = parallel.abstract_model(cfg, mesh, rules)
   shardings = jax.tree.map(lambda a: a.sharding, state)
-  if program == "forward":  # as parallel.jit_forward
-    in_ids = sharding.batch_sharding(mesh, rules, (batch, seq))
-    out = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
-      ("batch", "seq", "vocab"), (batch, seq, cfg.vocab_size), mesh, rules.activations,
-      strict=False))
+  if program == "forward":
+    fn = parallel.forward_program(graphdef, shardings, mesh, rules, (batch, seq), cfg.vocab_size,
+                                  opts=Options(moe=moe), keep_unused=True)
+    ids = jax.ShapeDtypeStruct((batch, seq), i32,
+                               sharding=sharding.batch_sharding(mesh, rules, (batch, seq)))
+    return fn, (state, ids)
 
-    def forward(state, ids):
-      return nnx.merge(graphdef, state)(ids, opts=Options(moe=moe))
-
-    fn = jax.jit(forward, in_shardings=(shardings, in_ids), out_shardings=out, keep_unused=True)
-    return fn, (state, jax.ShapeDtypeStruct((batch, seq), i32, sharding=in_ids))
-
-  # prefill / decode: decoding's one chunk step (`_extend_jit`) on a cache of capacity seq.
   T = 1 if program == "decode" else (chunk or seq)
   cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, seq))
   cache_sh = sharding.cache_shardings(cache, mesh, rules)
-  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
-    ("batch", None), (batch, T), mesh, rules.activations, strict=False))
-  n_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*rows.spec[:1]))
-
-  def extend(state, cache, ids, n_valid):
-    model = nnx.merge(graphdef, state)
-    h, cache = decoding.forward_chunk(model, cache, ids, n_valid, moe)
-    if program == "prefill":  # the last real token's logits only, as prefill(logits="last")
-      return model.logits(decoding._last_valid(h, n_valid)[:, None])[:, 0], cache
-    return model.logits(h)[:, 0], cache
-
-  fn = jax.jit(extend, in_shardings=(shardings, cache_sh, rows, n_sh),
-               out_shardings=(None, cache_sh), donate_argnums=(1,), keep_unused=True)
+  rows = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), (batch, T), mesh,
+                                                      rules.activations, strict=False))
+  n_sh = NamedSharding(mesh, PartitionSpec(*rows.spec[:1]))
+  extend = functools.partial(decoding._extend_jit.__wrapped__, graphdef,
+                             last_only=program == "prefill", moe=moe)
+  fn = jax.jit(lambda st, c, i, n: extend(st, c, i, n),
+               in_shardings=(shardings, cache_sh, rows, n_sh), out_shardings=(None, cache_sh),
+               donate_argnums=(1,), keep_unused=True)
   ids = jax.ShapeDtypeStruct((batch, T), i32, sharding=rows)
-  return fn, (state, _abstract(cache, cache_sh), ids,
+  return fn, (state, _placed(cache, cache_sh), ids,
               jax.ShapeDtypeStruct((batch,), i32, sharding=n_sh))
+
+
+def lower_program(cfg, target: str, mesh, rules, program: str, **kwargs):
+  """`build_program(cfg, mesh, rules, program, **kwargs)` traced and lowered for `target`: the
+  abstract model is built outside the mesh context with the target's kernel choices, then traced
+  under `targets.compiling_for(target, mesh)` and the strategy (`sharding.use`)."""
+  from deepseek_v4 import sharding
+  from deepseek_v4.aot import targets
+
+  with kernel_common.target_platform(targets.target(target).platform):
+    fn, args = build_program(cfg, mesh, rules, program, **kwargs)
+  with targets.compiling_for(target, mesh), sharding.use(mesh, rules):
+    return fn.lower(*args)
 
 
 def make_mesh(target: str, devices: int, mesh: str | dict[str, int] | None, cfg=None,
@@ -469,13 +585,10 @@ def compile_program(cfg, *, target: str, program: str = "forward", devices: int 
   error = None
   stats = None
   start = time.perf_counter()
-  # The abstract model is built outside the mesh context (under a mesh, nnx.eval_shape would
-  # read the parameters' logical axis names as mesh axes); tracing happens inside it.
-  with kernel_common.target_platform(t.platform):
-    fn, args = _build(cfg, m, rules, program, batch, seq, chunk, tcfg, capacity_factor)
+  lowered = lower_program(cfg, target, m, rules, program, batch=batch, seq=seq, chunk=chunk,
+                          tcfg=tcfg, capacity_factor=capacity_factor)
+  lower_s = time.perf_counter() - start
   with targets.compiling_for(target, m), sharding.use(m, rules):
-    lowered = fn.lower(*args)
-    lower_s = time.perf_counter() - start
     start = time.perf_counter()
     try:
       if t.platform == "gpu" and kernels:

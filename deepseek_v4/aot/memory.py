@@ -12,6 +12,9 @@ same rule table a real run uses:
   router-bias update), with the parameters and optimizer state donated, as
   `parallel.jit_train_step` runs it.
 
+Both programs are built by `deepseek_v4.aot.compile.build_program` (one builder for the
+compile CLI and this harness), from the abstract model of deepseek_v4/abstract.py.
+
 Unused arguments are kept (`keep_unused=True`): a real run holds every parameter on the device
 (the MTP block, which inference does not call, included), so they count.
 
@@ -25,15 +28,9 @@ Requires `JAX_PLATFORMS=cpu` set before jax is imported, and the `aot` extra.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from typing import Any
-
-import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import NamedSharding
 
 from deepseek_v4 import plan as plan_lib
 from deepseek_v4 import sharding
@@ -75,43 +72,6 @@ def truncated(cfg: ModelConfig, num_layers: int) -> ModelConfig:
                      num_hash_layers=min(cfg.num_hash_layers, num_layers))
 
 
-def _mesh(sizes: dict[str, int], target: str):
-  n = math.prod(sizes.values())
-  return sharding.make_mesh(**sizes, devices=targets.devices(target, n))
-
-
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _inference_lowered(cfg: ModelConfig, mesh, rules: str, s: plan_lib.Settings):
-  from deepseek_v4 import cache as cache_lib
-  from deepseek_v4 import decoding, parallel
-  from deepseek_v4.model import Transformer
-
-  graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  state = _abstract(abs_state, sharding.state_shardings(abs_state, mesh, rules))
-  abs_cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, s.batch, s.seq))
-  cache = _abstract(abs_cache, sharding.cache_shardings(abs_cache, mesh, rules))
-  chunk = min(s.prefill_chunk, s.seq)
-  ids = jax.ShapeDtypeStruct((s.batch, chunk), jnp.int32,
-                             sharding=_batch_or_replicated(mesh, rules, (s.batch, chunk)))
-  n_valid = jax.ShapeDtypeStruct((s.batch,), jnp.int32,
-                                 sharding=_batch_or_replicated(mesh, rules, (s.batch,)))
-  moe = parallel.moe_impl(mesh, rules, capacity_factor=s.capacity_factor, gmm=s.gmm)
-  fn = functools.partial(decoding._extend_jit.__wrapped__, graphdef, last_only=True, moe=moe)
-  jitted = jax.jit(lambda st, c, i, n: fn(st, c, i, n), donate_argnums=(1,), keep_unused=True)
-  with sharding.use(mesh, rules):
-    return jitted.lower(state, cache, ids, n_valid)
-
-
-def _batch_or_replicated(mesh, rules, shape):
-  spec = sharding.logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh,
-                                  sharding.get_rules(rules).activations, strict=False)
-  return NamedSharding(mesh, spec)
-
-
 def _train_config(s: plan_lib.Settings):
   from deepseek_v4 import train
 
@@ -120,47 +80,26 @@ def _train_config(s: plan_lib.Settings):
                            optimizer="muon_v4" if s.optimizer == "muon" else "adamw")
 
 
-def _train_lowered(cfg: ModelConfig, mesh, rules: str, s: plan_lib.Settings):
-  from deepseek_v4 import parallel, train
+def lower(cfg: ModelConfig, mesh_sizes: dict[str, int], settings: plan_lib.Settings,
+          target: str = "h200", rules: str | None = None):
+  """The lowered program of a plan row on compile-only devices of `target` (see module doc):
+  `aot.compile.build_program`'s "train" or "prefill" program with the row's settings."""
+  from deepseek_v4.aot import compile as aot_compile
 
+  s = settings
+  sizes = {**dict.fromkeys(sharding.MESH_AXES, 1), **mesh_sizes}
+  rules = rules or plan_lib.default_rules(sizes)
+  mesh = sharding.make_mesh(**sizes, devices=targets.devices(target, math.prod(sizes.values())))
+  common = dict(batch=s.batch, seq=s.seq, capacity_factor=s.capacity_factor, gmm=s.gmm)
+  if not s.train:
+    return aot_compile.lower_program(cfg, target, mesh, rules, "prefill",
+                                     chunk=min(s.prefill_chunk, s.seq), **common)
   if s.moment_dtype != "float32" or s.param_dtype not in (None, cfg.param_dtype):
     raise ValueError(f"moment_dtype={s.moment_dtype!r}, param_dtype={s.param_dtype!r}: train.py "
                      "builds float32 moments and the config's parameter dtype; such a row cannot "
                      "be compiled")
-  tcfg = _train_config(s)
-  model, optimizer = nnx.eval_shape(lambda: train.build(cfg, tcfg))
-  graphdef, abs_state = nnx.split((model, optimizer))
-  shardings = sharding.state_shardings(abs_state, mesh, rules)
-  state = _abstract(abs_state, shardings)
-  B, T = s.batch, s.seq
-  batch = dict(inputs=jax.ShapeDtypeStruct((B, T), jnp.int32),
-               targets=jax.ShapeDtypeStruct((B, T), jnp.int32))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                   sharding=sharding.batch_sharding(mesh, rules, v.shape))
-           for k, v in batch.items()}
-  moe = parallel.moe_impl(mesh, rules, capacity_factor=s.capacity_factor, gmm=s.gmm)
-
-  def fn(state, batch, mtp_weight):
-    model, optimizer = nnx.merge(graphdef, state)
-    metrics = train._train_step(model, optimizer, batch, mtp_weight, tcfg=tcfg, moe=moe)
-    return nnx.state((model, optimizer)), metrics
-
-  jitted = jax.jit(fn, out_shardings=(shardings, sharding.replicated(mesh)),
-                   donate_argnums=(0,), keep_unused=True)
-  weight = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-  with sharding.use(mesh, rules):
-    return jitted.lower(state, batch, weight)
-
-
-def lower(cfg: ModelConfig, mesh_sizes: dict[str, int], settings: plan_lib.Settings,
-          target: str = "h200", rules: str | None = None):
-  """The lowered program of a plan row on compile-only devices of `target` (see module doc)."""
-  sizes = {**dict.fromkeys(sharding.MESH_AXES, 1), **mesh_sizes}
-  rules = rules or plan_lib.default_rules(sizes)
-  mesh = _mesh(sizes, target)
-  build = _train_lowered if settings.train else _inference_lowered
-  with targets.compiling_for(target, mesh):
-    return build(cfg, mesh, rules, settings)
+  return aot_compile.lower_program(cfg, target, mesh, rules, "train", tcfg=_train_config(s),
+                                   **common)
 
 
 def measure(cfg: ModelConfig, mesh_sizes: dict[str, int], settings: plan_lib.Settings,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_v4 import abstract as abstract_lib
 from deepseek_v4 import layout, sharding
 from deepseek_v4.checkpoint import files as ckpt_files
 from deepseek_v4.checkpoint.safetensors_io import CheckpointError
@@ -154,10 +155,6 @@ def _check_expert_ids(tensors: dict, names: np.ndarray, num_experts: int) -> Non
                             f"outside [0, {num_experts}) (n_routed_experts)")
 
 
-def _abstract(cfg: ModelConfig) -> Transformer:
-  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-
-
 def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=None,
                      rules=None) -> Transformer:
   """A model of `cfg` holding exactly `tensors` (hub names); validates names and shapes.
@@ -170,7 +167,7 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=N
     # transformers has no MTP module, so its save_pretrained writes none (docs/architecture.md#mtp).
     log.warning("checkpoint has no mtp.* tensors: loading without the MTP module")
     cfg = dataclasses.replace(cfg, num_mtp_layers=0)
-  abstract = _abstract(cfg)
+  abstract = abstract_lib.model(cfg)
   expected = expected_tensors(abstract)
   _check(tensors, expected)
   graphdef, state = nnx.split(abstract)

@@ -196,7 +196,7 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
   """
   if (mesh is None) != (rules is None):
     raise ValueError("restore_model: mesh and rules go together")
-  from deepseek_v4 import lora
+  from deepseek_v4 import abstract, lora
 
   ck = Checkpointer(directory)
   try:
@@ -208,14 +208,8 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
       raise ValueError(f"{directory}: a LoRA checkpoint restores on one device (mesh=None); "
                        "merge and shard it afterwards")
 
-    def build():
-      model = Transformer(cfg, rngs=nnx.Rngs(0))
-      if adapters:
-        lora.apply_lora(model, run["lora_targets"], rank=run["lora_rank"],
-                        alpha=run["lora_alpha"], rngs=nnx.Rngs(0))
-      return model
-
-    model = nnx.eval_shape(build)
+    model = abstract.model(cfg, lora=(run["lora_targets"], run["lora_rank"], run["lora_alpha"])
+                           if adapters else None)
     state = nnx.state(model)
     if mesh is None:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -10,13 +10,11 @@ one case through impl="auto". A tile that overflows shared memory makes XLA refu
 one that spills fails the spill assertion.
 """
 
-import re
-from pathlib import Path
+import functools
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_v4.aot import targets
 
@@ -31,66 +29,19 @@ from deepseek_v4.aot import compile as aot_compile  # noqa: E402
 from kernels_pallas.indexer_topk import ops as idx_ops  # noqa: E402
 from kernels_pallas.sparse_attention import ops  # noqa: E402
 
-# config.flash() / config.pro(): query heads and indexer top-k; both: head dim 512, window 128,
-# indexer 64 heads x 128, CSA ratio 4, HCA ratio 128.
-PRESETS = {"flash": dict(N=64, P=512), "pro": dict(N=128, P=1024)}
-H, W, I, J = 512, 128, 64, 128
-T = 1024  # tokens of a training / prefill row
-DECODE_B, DECODE_C = 8, 32768 // 4  # decode: rows, CSA entries of a 32K context
-RATIOS = {"csa": 4, "hca": 128, "window": 0}
-bf16, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
+PRESETS = aot_compile.KERNEL_PRESETS  # V4-Flash / V4-Pro heads and top-k; shapes: aot/compile.py
+H = aot_compile.HEAD_DIM
+bf16, i32 = jnp.bfloat16, jnp.int32
 FWD, DQ = "v4_sparse_attention_fwd", "v4_sparse_attention_dq"
 BAND, HCA = "v4_sparse_attention_dkv_band", "v4_sparse_attention_dkv_hca"
 
 
-def _limit(target: str) -> int:
-  spec = Path(targets.__file__).parent / "gpu_targets" / targets.target(target).spec
-  return int(re.search(r"shared_memory_per_block_optin:\s*(\d+)", spec.read_text())[1])
-
-
-def _sd(target, shape, dtype):
-  mesh = Mesh(targets.devices(target, 1), ("d",))
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-
-
-def _attention(target, kind, N, P, *, decode, impl="pallas", Hd=H, dtype=bf16, W=W):
+def _attention(target, kind, N, P, *, decode, impl="pallas", Hd=H, W=aot_compile.WINDOW):
   """(fn, abstract args): the forward with lse (decode: one token against the ring), or for
   training the gradient of a loss of both outputs (forward, dQ and dKV kernels)."""
-  B, Tq = (DECODE_B, 1) if decode else (1, T)
-  C = DECODE_C if decode else T // max(RATIOS[kind], 1)
-  sd = lambda *a: _sd(target, *a)
-  args = [sd((B, Tq, N, Hd), dtype), sd((B, Tq), i32), sd((B, Tq, Hd), dtype), sd((N,), f32)]
-  if decode:
-    args += [sd((B, W, Hd), dtype), sd((B, W), i32)]
-  if kind != "window":
-    args.append(sd((B, C, Hd), dtype))
-  if kind == "csa":
-    args.append(sd((B, Tq, P), i32))
-
-  def attend(q, pos, kv, sink, *rest):
-    kw = dict(prefix_kv=rest[0], prefix_pos=rest[1]) if decode else {}
-    rest = rest[2:] if decode else rest
-    if kind != "window":
-      kw.update(comp=rest[0], comp_ratio=RATIOS[kind])
-    if kind == "csa":
-      kw["comp_idx"] = rest[1]
-    return ops.sparse_attention(q, pos, kv, sink, scale=Hd**-0.5, window=W, block=64,
-                                return_lse=True, impl=impl, **kw)
-
-  if decode:
-    return attend, args
-
-  def grad(q, pos, kv, sink, *rest):
-    # Every float input gets a gradient (the entries' too: else XLA drops the HCA dKV kernel).
-    def loss(q, kv, sink, *rest):
-      out, lse = attend(q, pos, kv, sink, *rest)
-      return jnp.sum(out.astype(f32)) + jnp.sum(lse)
-
-    comp = rest[:1] if kind != "window" else ()
-    return jax.grad(lambda q, kv, sink, *c: loss(q, kv, sink, *c, *rest[len(c):]),
-                    argnums=tuple(range(3 + len(comp))))(q, kv, sink, *comp)
-
-  return grad, args
+  attention = functools.partial(ops.sparse_attention, impl=impl)
+  return aot_compile.attention_program(attention, target, kind, N=N, P=P, decode=decode,
+                                       grad=not decode, head_dim=Hd, window=W)
 
 
 def _resources(target, fn, args):
@@ -103,7 +54,7 @@ def _assert_fits(target, kernels, expected):
   assert set(kernels) == set(expected), f"kernels compiled: {sorted(kernels)}"
   for k in kernels.values():
     assert k.arch == "sm_90a", k
-    assert 0 < k.shared_memory_bytes <= _limit(target), k
+    assert 0 < k.shared_memory_bytes <= aot_compile.shared_memory_limit(target), k
     assert k.spill_bytes == 0, k
 
 
@@ -127,15 +78,9 @@ def test_attention_decode_fits(target, preset, kind):
 @pytest.mark.parametrize("target", ["h100", "h200"])
 @pytest.mark.parametrize("preset", ["flash", "pro"])
 def test_indexer_fits(target, preset):
-  P = PRESETS[preset]["P"]
-  C = T // 4
-  sd = lambda *a: _sd(target, *a)
-  args = [sd((1, T, I, J), bf16), sd((1, T, I), bf16), sd((1, C, J), bf16), sd((1, T), i32)]
-
-  def topk(q, w, k, pos):
-    return idx_ops.indexer_topk(q, w, k, pos, ratio=4, topk=P, block=128, impl="pallas")
-
-  _assert_fits(target, _resources(target, topk, args), {"v4_indexer_scores"})
+  topk = functools.partial(idx_ops.indexer_topk, impl="pallas")
+  fn, args = aot_compile.indexer_program(topk, target, P=PRESETS[preset]["P"])
+  _assert_fits(target, _resources(target, fn, args), {"v4_indexer_scores"})
 
 
 def test_auto_compiles_what_it_picks():
@@ -143,7 +88,8 @@ def test_auto_compiles_what_it_picks():
   fn, args = _attention("h100", "csa", **PRESETS["flash"], decode=False, impl="auto")
   with targets.compiling_for("h100"):
     q = jnp.zeros((1, 1, 64, H), bf16)
-    assert ops.auto_impl(q, window=W, comp=q[0], comp_idx=jnp.zeros((1, 1, 8), i32)) == "pallas"
+    idx = jnp.zeros((1, 1, 8), i32)
+    assert ops.auto_impl(q, window=aot_compile.WINDOW, comp=q[0], comp_idx=idx) == "pallas"
   _assert_fits("h100", _resources("h100", fn, args), {FWD, DQ, BAND})
 
 
