@@ -87,13 +87,9 @@ class Cache:
 
   def layer(self, i: int) -> LayerCache:
     """Official layer i's cache (a slice of its group's stack when scanned)."""
-    for g, grp in enumerate(self.layer_groups):
-      if grp.start <= i < grp.start + grp.size:
-        r, s = divmod(i - grp.start, grp.period)
-        c = self.groups[g][s]
-        return jax.tree.map(lambda a: a[r], c) if grp.scanned else c
-    raise ValueError(f"layer {i} is outside the cache's {sum(g.size for g in self.layer_groups)}"
-                     " layers")
+    g, r, s = layout.locate(self.layer_groups, i)
+    c = self.groups[g][s]
+    return jax.tree.map(lambda a: a[r], c) if self.layer_groups[g].scanned else c
 
 
 def empty_compressor_state(batch: int, ratio: int, width: int, overlap: bool) -> CompressorState:

@@ -6,13 +6,16 @@ groups: a group is a period of kinds repeated `count` times (Flash: `[SWA·h] x 
 axis and runs under one scan; a group of one is a plain block. Inside the model a parameter is
 `groups.G.blocks.S.<rest>` (with the leading axis when scanned); outside (checkpoints, freeze
 patterns, error messages, summaries) it is the official `layers.N.<rest>`. This module is the one
-table between the two.
+table between the two: `path_name` turns any key path into the dotted model path, `official` turns
+a key path into its official names, `model_path` goes back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+
+import jax
 
 from deepseek_v4.config import ModelConfig
 
@@ -66,11 +69,14 @@ def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
   return tuple(groups)
 
 
-def locate(cfg: ModelConfig, layer: int) -> tuple[int, int, int]:
-  """(group, repeat, slot) of official layer `layer`."""
-  if not 0 <= layer < cfg.num_layers:
-    raise ValueError(f"layer {layer} is outside [0, {cfg.num_layers})")
-  for g, grp in enumerate(layer_groups(cfg)):
+def locate(cfg: ModelConfig | tuple[Group, ...], layer: int) -> tuple[int, int, int]:
+  """(group, repeat, slot) of official layer `layer`, in `layer_groups(cfg)` or in the groups
+  given (a cache's `layer_groups`): the one place a layer index is turned into a group position."""
+  groups = layer_groups(cfg) if isinstance(cfg, ModelConfig) else tuple(cfg)
+  num_layers = sum(grp.size for grp in groups)
+  if not 0 <= layer < num_layers:
+    raise ValueError(f"layer {layer} is outside [0, {num_layers})")
+  for g, grp in enumerate(groups):
     if grp.start <= layer < grp.start + grp.size:
       r, s = divmod(layer - grp.start, grp.period)
       return g, r, s
@@ -79,6 +85,33 @@ def locate(cfg: ModelConfig, layer: int) -> tuple[int, int, int]:
 
 _INNER = re.compile(r"^groups\.(\d+)\.blocks\.(\d+)\.(.+)$")
 _OUTER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def path_name(path) -> str:
+  """The dotted model path of a key path: an nnx path (`("groups", 3, "blocks", 1, "attn")`), a
+  jax tree key path (`DictKey`, `SequenceKey`, `GetAttrKey` or any key with `.key` / `.idx`; an
+  nnx.Variable's `value` payload is not part of the name) or a dotted string (returned as is)."""
+  if isinstance(path, str):
+    return path
+  parts = []
+  for k in path:
+    if isinstance(k, (str, int)):
+      parts.append(str(k))
+      continue
+    if isinstance(k, jax.tree_util.GetAttrKey):
+      part = k.name
+    else:
+      part = getattr(k, "key", getattr(k, "idx", k))
+    if part != "value":
+      parts.append(str(part))
+  return ".".join(parts)
+
+
+def official(cfg: ModelConfig | None, path) -> list[tuple[str, int | None]]:
+  """`official_names` of a key path (any form `path_name` takes); without a config (a module that
+  is not a whole model), the dotted path itself, unstacked."""
+  name = path_name(path)
+  return [(name, None)] if cfg is None else official_names(cfg, name)
 
 
 def official_names(cfg: ModelConfig, path: str) -> list[tuple[str, int | None]]:

@@ -60,13 +60,13 @@ class LoRALinear(Linear):
 def _named_linears(model: nnx.Module):
   for path, module in nnx.iter_modules(model):
     if isinstance(module, Linear):
-      yield ".".join(str(p) for p in path), path, module
+      yield layout.path_name(path), path, module
 
 
 def _official(model: nnx.Module, name: str) -> list[str]:
   """The official per-layer names of a module path (a scanned stack holds several layers)."""
   cfg = getattr(model, "cfg", None)
-  return [name] if cfg is None else [n for n, _ in layout.official_names(cfg, name)]
+  return [n for n, _ in layout.official(cfg, name)]
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:

@@ -50,7 +50,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from deepseek_v4 import sharding
+from deepseek_v4 import layout, sharding
 from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
 from deepseek_v4.layers.moe_ep import ALL_TO_ALL, capacity, ragged_rows
 
@@ -239,7 +239,7 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
   per_layer = [0.0] * cfg.num_layers  # local parameter bytes of each trunk layer
   per_layer_trained = [0.0] * cfg.num_layers
   for path, var in summary.abstract_state(cfg):
-    name = ".".join(map(str, path))
+    name = layout.path_name(path)
     shape = tuple(var.shape)
     spec = sharding.logical_to_spec(sharding.variable_names(var), shape, sizes, table, what=name)
     local = math.prod(shape) / _shards(spec, sizes)
@@ -287,8 +287,6 @@ def scan_step_bytes(cfg: ModelConfig, per_layer: list[float]) -> float:
   """Parameters of one step of the layer scan, which XLA copies out of the stacked [count, ...]
   parameters (a dynamic slice per leaf): the largest period of a scanned group. 0 when no group
   is scanned (every layer has its own parameters)."""
-  from deepseek_v4 import layout
-
   steps = [sum(per_layer[g.start:g.start + g.period]) for g in layout.layer_groups(cfg)
            if g.scanned]
   return max(steps) if steps else 0.0

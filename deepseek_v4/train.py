@@ -258,11 +258,6 @@ def _freeze_patterns(tcfg: TrainConfig) -> tuple[re.Pattern, ...]:
     raise ValueError(f"freeze pattern {e.pattern!r} is not a valid regular expression: {e}") from None
 
 
-def _official(cfg: ModelConfig | None, path) -> list[tuple[str, int | None]]:
-  name = ".".join(str(p) for p in path)
-  return [(name, None)] if cfg is None else layout.official_names(cfg, name)
-
-
 def trainable_filter(tcfg: TrainConfig, cfg: ModelConfig | None = None):
   """The nnx filter of trained parameters: Params minus frozen patterns (LoRA: adapters only).
 
@@ -279,7 +274,7 @@ def trainable_filter(tcfg: TrainConfig, cfg: ModelConfig | None = None):
       return False
     if lora:
       return isinstance(value, nnx.LoRAParam)
-    names = [n for n, _ in _official(cfg, path)]
+    names = [n for n, _ in layout.official(cfg, path)]
     if only_indexer:  # V3.2 warm-up: everything frozen except the indexer (spec §7.4)
       return ".indexer." in names[0]
     return any(not any(p.search(n) for p in compiled) for n in names)
@@ -309,8 +304,7 @@ def freeze_mask(tree, tcfg: TrainConfig, cfg: ModelConfig):
   compiled = _freeze_patterns(tcfg)
 
   def mask(path, x):
-    keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
-    names = _official(cfg, [k for k in keys if k != "value"])
+    names = layout.official(cfg, path)
     keep = [not any(p.search(n) for p in compiled) for n, _ in names]
     if all(keep) or names[0][1] is None:
       return x

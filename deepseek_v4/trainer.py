@@ -341,7 +341,7 @@ def parameter_names(model) -> list[str]:
   stacked parameter of scanned layers gives one name per layer), as freeze patterns see them."""
   names = []
   for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    names += [n for n, _ in layout.official_names(model.cfg, ".".join(map(str, path)))]
+    names += [n for n, _ in layout.official(model.cfg, path)]
   return names
 
 

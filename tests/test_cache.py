@@ -66,3 +66,20 @@ def test_bad_sizes(tiny_cfg):
     cache_lib.init_cache(tiny_cfg, 1, 0)
   with pytest.raises(ValueError, match="batch=0"):
     cache_lib.init_cache(tiny_cfg, 0, 8)
+
+
+def test_layer_is_layout_locate(tiny_cfg):
+  """`Cache.layer` finds a layer through `layout.locate`, the model's own table: official layer i's
+  cache is the slot and repeat `locate` names, also for a scanned period of two kinds."""
+  from deepseek_v4 import layout
+
+  cfg = tiny_cfg.replace(compress_ratios=(0, 0, 4, 16, 4, 16, 4))
+  c = cache_lib.init_cache(cfg, 1, 32)
+  for i, r in enumerate(cfg.layer_ratios):
+    g, rep, s = layout.locate(cfg, i)
+    assert layout.locate(c.layer_groups, i) == (g, rep, s)
+    lc = c.layer(i)
+    assert lc.window.kv.shape == (1, cfg.window, cfg.head_dim)
+    assert (lc.entries is None) == (r == 0) and (lc.index_keys is None) == (r != 4)
+  with pytest.raises(ValueError, match=r"layer 7 is outside \[0, 7\)"):
+    c.layer(7)

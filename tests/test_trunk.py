@@ -46,6 +46,26 @@ def test_official_names_round_trip():
     layout.locate(CFG, 7)
 
 
+def test_every_key_path_form_names_the_same_official_tensors():
+  """`layout.official` is the one key path -> official name map: nnx paths, jax tree key paths
+  (an nnx.Variable's `value` dropped) and dotted strings agree; groups 2 = [HCA, CSA] x 2."""
+  want = [("layers.4.attn.wq_a.weight", 0), ("layers.6.attn.wq_a.weight", 1)]
+  nnx_path = ("groups", 2, "blocks", 1, "attn", "wq_a", "weight")
+  K = jax.tree_util
+  jax_path = (K.DictKey("groups"), K.SequenceKey(2), K.DictKey("blocks"), K.SequenceKey(1),
+              K.DictKey("attn"), K.DictKey("wq_a"), K.DictKey("weight"), K.GetAttrKey("value"))
+  for path in (nnx_path, jax_path, "groups.2.blocks.1.attn.wq_a.weight"):
+    assert layout.official(CFG, path) == want
+  assert layout.official(None, nnx_path) == [("groups.2.blocks.1.attn.wq_a.weight", None)]
+  model = deepseek_v4.Transformer(CFG, rngs=nnx.Rngs(0))
+  flat = [(layout.path_name(p), layout.official(CFG, p))
+          for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  tree = [(layout.path_name(p), layout.official(CFG, p)) for p, _ in
+          jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param),
+                                               is_leaf=lambda v: isinstance(v, nnx.Variable))[0]]
+  assert sorted(flat) == sorted(tree)
+
+
 def _pair():
   """The scanned model and an unrolled one holding the same weights (through hub names)."""
   scanned = deepseek_v4.Transformer(CFG, rngs=nnx.Rngs(0))

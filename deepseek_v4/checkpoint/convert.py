@@ -43,14 +43,10 @@ _MTP_SHARED = re.compile(r"^mtp\.\d+\.(emb|embed|head)\b")
 _STATE_TYPES = (nnx.Param, RouterBias, HashTable, KeptWeight)
 
 
-def _path_name(path) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def _leaves(state) -> Iterator[tuple[str, nnx.Variable]]:
   for path, var in nnx.to_flat_state(state):
     if isinstance(var, _STATE_TYPES):
-      yield _path_name(path), var
+      yield layout.path_name(path), var
 
 
 def _hub_names(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -175,7 +171,7 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=N
   flat = dict(nnx.to_flat_state(state))
   placements = None if mesh is None else sharding.flat_shardings(state, mesh, rules or "fsdp")
   for path, var in flat.items():
-    name = _path_name(path)
+    name = layout.path_name(path)
     if name not in table:
       continue
     if isinstance(var, HashTable):

@@ -41,6 +41,7 @@ from flax import nnx
 
 import kernels_pallas.common as kernel_common
 from deepseek_v4 import layout
+from deepseek_v4.layout import path_name
 from deepseek_v4.config import ModelConfig
 
 # 8 fast quintic steps, then 2 steps that converge to singular value 1
@@ -261,22 +262,6 @@ def deepseek_muon(learning_rate: optax.ScalarOrSchedule, blocks_fn: BlocksFn | N
 
 
 # ----- parameter groups ---------------------------------------------------------------------------
-def path_name(path) -> str:
-  """Dotted parameter name from a pytree key path (`layers.3.attn.wq_a.weight`)."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      if k.name != "value":  # an nnx.Variable's payload, not part of the name
-        parts.append(k.name)
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
-
-
 # AdamW groups of docs/architecture.md#optimizer (plus the tensors the report leaves unnamed,
 # resolved as AdamW for every 1-D or bias-like tensor). Everything else is a matrix: Muon.
 ADAMW_RULES: tuple[tuple[str, str], ...] = (
@@ -357,9 +342,7 @@ def describe(model_or_state, cfg: ModelConfig | None = None, wrt=nnx.Param) -> l
   for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]:
     # Official per-layer names (`layers.7.attn.wq_a.weight`): a stack of scanned layers is one
     # tensor but one row per layer, each orthogonalized on its own (the stacked axis is a batch).
-    per_layer = ([(path_name(path), None)] if cfg is None
-                 else layout.official_names(cfg, path_name(path)))
-    for name, r in per_layer:
+    for name, r in layout.official(cfg, path):
       shape = tuple(var.shape)[r is not None:]
       label, why = param_group(name, len(shape))
       blocks = []

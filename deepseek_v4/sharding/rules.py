@@ -29,6 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepseek_v4 import layout
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 AxisRule = tuple[str, "str | tuple[str, ...] | None"]
@@ -194,8 +196,8 @@ def state_specs(state, mesh: Mesh | Mapping[str, int], rules: str | Rules):
   def one(path, var):
     if not _is_var(var):
       return var
-    name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    return var.replace(logical_to_spec(variable_names(var), var.shape, mesh, table, what=name))
+    return var.replace(logical_to_spec(variable_names(var), var.shape, mesh, table,
+                                       what=layout.path_name(path)))
 
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
 
