@@ -82,7 +82,7 @@ def abstract_state(cfg: ModelConfig) -> list[tuple[tuple, nnx.Variable]]:
   model = abstract.model(cfg)
   out = []
   for path, stacked in nnx.to_flat_state(nnx.state(model)):
-    for name, r in layout.official_names(cfg, ".".join(map(str, path))):
+    for name, r in layout.official(cfg, path):
       official = tuple(int(p) if p.isdigit() else p for p in name.split("."))
       var = stacked
       if r is not None:  # one layer of a stack: drop the leading `layers` axis
