@@ -1,12 +1,13 @@
-"""Incremental decoding (spec §5.2): chunked prefill, the decode step, sampling, `generate`.
+"""Incremental decoding (docs/architecture.md#decode-update): chunked prefill, the decode step,
+sampling, `generate`.
 
-Everything runs through one function, `forward_chunk`: T new tokens per row, row b starting at
-its own position `cache.lengths[b]`, only its first `n_valid[b]` tokens real. Prefill is a chunk
-from position 0 (or several chunks of any size), a decode step is a chunk of one token. Prompts of
+Everything runs through one function, `forward_chunk`: T new tokens per row, row b starting at its
+own position `cache.lengths[b]`, only its first `n_valid[b]` tokens real. Prefill is a chunk from
+position 0 (or several chunks of any size), a decode step is a chunk of one token. Prompts of
 different lengths are right-padded (compression windows are anchored at position 0, so left padding
-is not an option, spec §5.2); the padding writes nothing into the cache, and every row then decodes
-from its own position. All buffers have a fixed capacity (`deepseek_v4.cache`), so one compiled
-step serves every position.
+is not an option, docs/architecture.md#decode-update); the padding writes nothing into the cache,
+and every row then decodes from its own position. All buffers have a fixed capacity
+(`deepseek_v4.cache`), so one compiled step serves every position.
 
 `generate` runs prefill and the whole sampling loop in one `jax.jit` (a `lax.while_loop`);
 streaming uses an ordered `jax.debug.callback` from inside the loop, so there is no per-token

@@ -1,5 +1,5 @@
-"""The DeepSeek-V4 transformer (spec §2): embedding, mHC-wrapped blocks, mHC head, final norm,
-untied LM head, and the multi-token-prediction module.
+"""The DeepSeek-V4 transformer (docs/architecture.md#forward): embedding, mHC-wrapped blocks, mHC
+head, final norm, untied LM head, and the multi-token-prediction module.
 
 Parameter paths equal the official hub tensor names (`layers.3.attn.wq_a.weight`,
 `hc_head_fn`, `mtp.0.e_proj.weight`, ...), so checkpoint conversion is a near-identity table.
@@ -45,7 +45,8 @@ class Options:
 
   Attributes:
     indexer_stage: "off" (inference, ordinary training), "dense" or "sparse": the lightning
-      indexer's training stages (spec §7.4); CSA layers then return the indexer's KL.
+      indexer's training stages (docs/architecture.md#indexer-training); CSA layers then return the
+      indexer's KL.
     remat: rematerialization of each block (or scanned period): none, full (save nothing),
       dots, dots_no_batch.
     moe: the MoE implementation (`deepseek_v4.layers.moe.MoEImpl`); None = the local default.
@@ -81,7 +82,7 @@ class BlockOut:
 
 
 class Block(nnx.Module):
-  """Attention and MoE, each inside its own mHC connection and pre-norm (spec §2.2).
+  """Attention and MoE, each inside its own mHC connection and pre-norm (docs/architecture.md#mhc).
 
   `cfg.residual` picks the connection (layers/mhc.py): "mhc", "hc" (same tensors, other maps) or
   "plain" (one stream, no hc_* tensors: x + attn(norm(x)), then x + moe(norm(x))).
@@ -185,8 +186,8 @@ def _head_params(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
 
 
 def _collapse_and_norm(module: nnx.Module, cfg: ModelConfig, x: Array) -> Array:
-  """norm(streams collapsed by the mHC head) (spec §2.4); norm(x) of the one plain stream.
-  residual="hc" keeps V4's head: the switch changes the per-layer connections only."""
+  """norm(streams collapsed by the mHC head) (docs/architecture.md#mhc-head); norm(x) of the one
+  plain stream. residual="hc" keeps V4's head: the switch changes the per-layer connections only."""
   if cfg.residual == "plain":
     return module.norm(mhc.hc_collapse(x, None))
   h = mhc.hc_head(x, module.hc_head_fn[...], module.hc_head_base[...],
@@ -195,7 +196,8 @@ def _collapse_and_norm(module: nnx.Module, cfg: ModelConfig, x: Array) -> Array:
 
 
 class MTPBlock(Block):
-  """Multi-token prediction, depth 1 (spec §2.6): a sliding-only block plus input/output glue.
+  """Multi-token prediction, depth 1 (docs/architecture.md#mtp): a sliding-only block plus
+  input/output glue.
 
   For position i it combines the trunk streams at i with the embedding of token i+1 and predicts
   token i+2. It shares the trunk's embedding table and LM head.
@@ -246,7 +248,7 @@ class Transformer(nnx.Module):
     return e.astype(jnp.dtype(self.cfg.dtype))
 
   def logits(self, h: Float[Array, "B T D"]) -> Array:
-    """LM head in float32 (spec §2.5)."""
+    """LM head in float32 (docs/architecture.md#lm-head)."""
     y = self.head(h, jnp.float32)  # [B, T, V] or, at one position per row, [B, V]
     return sharding.constrain(y, _LOGITS if y.ndim == 3 else _LOGITS[::2])
 
@@ -266,11 +268,11 @@ class Transformer(nnx.Module):
     """Final mHC streams X^L [B, T, M, D] (before the head collapse), one `BlockOut` per layer
     (official order), and the new cache groups (None without a cache).
 
-    Packed documents (spec §7.2, sample-level masking): `segments` [B, T] gives each token's
-    document id (non-decreasing along a row); every document must start at a row offset that is a
-    multiple of `data.packing_align(cfg)`, so compression windows never straddle documents.
-    Tokens then attend only inside their document, each document is compressed on its own, and
-    `positions` (default: derived from `segments`) count from 0 at each document's start.
+    Packed documents (docs/architecture.md#schedule, sample-level masking): `segments` [B, T] gives
+    each token's document id (non-decreasing along a row); every document must start at a row offset
+    that is a multiple of `data.packing_align(cfg)`, so compression windows never straddle
+    documents. Tokens then attend only inside their document, each document is compressed on its
+    own, and `positions` (default: derived from `segments`) count from 0 at each document's start.
 
     With `cache` (`deepseek_v4.cache.Cache`), `positions` are `cache.lengths[:, None] +
     arange(T)` and only each row's first `n_valid[b]` tokens are real (decoding.py).

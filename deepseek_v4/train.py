@@ -1,14 +1,16 @@
-"""Training step of DeepSeek-V4 (spec §7): losses, gradient step, router-bias update.
+"""Training step of DeepSeek-V4 (docs/architecture.md#training): losses, gradient step, router-bias
+update.
 
-`loss_fn(model, batch)` runs the trunk with the chosen lightning-indexer stage (spec §7.4) and
-returns `(loss, aux)`:
+`loss_fn(model, batch)` runs the trunk with the chosen lightning-indexer stage
+(docs/architecture.md#indexer-training) and returns `(loss, aux)`:
 
   loss = L_LM + lambda_MTP L_MTP + sum_layers L_bal + w_idx L_indexer
 
 `train_step` (one `nnx.jit` with the model and optimizer donated) differentiates it with respect to
-the trainable parameters, accumulates gradients over micro-batches, applies the optimizer
-(clipping, Muon/AdamW, schedule), then moves each learned router's balancing bias one notch toward
-balance (a state update, not a gradient step; spec §7.3). It returns a dict of scalar metrics.
+the trainable parameters, accumulates gradients over micro-batches, applies the optimizer (clipping,
+Muon/AdamW, schedule), then moves each learned router's balancing bias one notch toward balance (a
+state update, not a gradient step; docs/architecture.md#load-balancing). It returns a dict of scalar
+metrics.
 
 Choices the spec leaves open (UNVERIFIED), made here and documented:
   * balance loss and bias update apply to learned-routing layers only (and the MTP block), not to
@@ -19,7 +21,8 @@ Choices the spec leaves open (UNVERIFIED), made here and documented:
     attention's one joint softmax (window + entries + sink), summed over heads and L1-normalized;
     averaged over queries and over CSA layers;
   * with the indexer stage "off" (ordinary training / fine-tuning) the indexer gets no gradient at
-    all, so its parameters are frozen (otherwise weight decay alone would erode them; spec §7.8).
+    all, so its parameters are frozen (otherwise weight decay alone would erode them;
+    docs/architecture.md#fine-tuning).
 """
 
 from __future__ import annotations
@@ -56,11 +59,12 @@ class TrainConfig:
     steps: optimizer steps of the run.
     learning_rate / warmup_steps / decay_fraction / final_lr_ratio: warmup-stable-decay schedule:
       linear warm-up, constant, then cosine decay to `final_lr_ratio * learning_rate` over the
-      last `decay_fraction` of the steps (spec §7.2).
-    muon_momentum / muon_rms_scale / weight_decay: Muon's mu, gamma and lambda (spec §7.1).
+      last `decay_fraction` of the steps (docs/architecture.md#schedule).
+    muon_momentum / muon_rms_scale / weight_decay: Muon's mu, gamma and lambda
+      (docs/architecture.md#optimizer).
     adam_b1 / adam_b2 / adam_eps / adam_weight_decay: AdamW of the non-matrix groups.
-    optimizer: "muon_v4" (V4: Muon for matrices, AdamW for the rest, spec §7.1) or "adamw"
-      (ablation: AdamW with the adam_* settings on every parameter, the same clipping and
+    optimizer: "muon_v4" (V4: Muon for matrices, AdamW for the rest, docs/architecture.md#optimizer)
+      or "adamw" (ablation: AdamW with the adam_* settings on every parameter, the same clipping and
       schedule).
     adamw_learning_rate: peak learning rate of optimizer="adamw" (None = learning_rate); AdamW
       on matrices usually wants a smaller one than Muon.
@@ -218,9 +222,9 @@ class TrainConfig:
 
 # ----- schedule -----------------------------------------------------------------------------------
 def wsd_schedule(tcfg: TrainConfig) -> optax.Schedule:
-  """Warmup-stable-decay (spec §7.2): linear warm-up reaching the peak at step `warmup_steps - 1`,
-  constant, then cosine decay from `decay_start` to `final_lr_ratio * peak` at `steps`; the peak
-  is `tcfg.peak_learning_rate` (the optimizer's own)."""
+  """Warmup-stable-decay (docs/architecture.md#schedule): linear warm-up reaching the peak at step
+  `warmup_steps - 1`, constant, then cosine decay from `decay_start` to `final_lr_ratio * peak` at
+  `steps`; the peak is `tcfg.peak_learning_rate` (the optimizer's own)."""
   peak, final = tcfg.peak_learning_rate, tcfg.final_lr_ratio
   warm = max(tcfg.warmup_steps, 1)
   start, length = tcfg.decay_start, max(tcfg.steps - tcfg.decay_start, 1)
@@ -236,7 +240,8 @@ def wsd_schedule(tcfg: TrainConfig) -> optax.Schedule:
 
 
 def mtp_weight_at(tcfg: TrainConfig, step: int) -> float:
-  """lambda of the MTP loss: 0.3 until the LR decay starts, 0.1 after (spec §7.5)."""
+  """lambda of the MTP loss: 0.3 until the LR decay starts, 0.1 after
+  (docs/architecture.md#mtp-loss)."""
   return tcfg.mtp_weight if step < tcfg.decay_start else tcfg.mtp_weight_decay_phase
 
 
@@ -275,7 +280,8 @@ def trainable_filter(tcfg: TrainConfig, cfg: ModelConfig | None = None):
     if lora:
       return isinstance(value, nnx.LoRAParam)
     names = [n for n, _ in layout.official(cfg, path)]
-    if only_indexer:  # V3.2 warm-up: everything frozen except the indexer (spec §7.4)
+    # V3.2 warm-up: everything frozen except the indexer (docs/architecture.md#indexer-training)
+    if only_indexer:
       return ".indexer." in names[0]
     return any(not any(p.search(n) for p in compiled) for n in names)
 
@@ -459,7 +465,8 @@ def _grads(model: Transformer, wrt, batch: dict, tcfg: TrainConfig, mtp_weight, 
 
 
 def update_router_biases(model: Transformer, loads: jax.Array, speed: float) -> None:
-  """Aux-loss-free balancing after the step: one sign step per learned router (spec §7.3).
+  """Aux-loss-free balancing after the step: one sign step per learned router
+  (docs/architecture.md#load-balancing).
 
   `loads` [n, E] has one row per learned-routing layer in official order, then the MTP block."""
   cfg = model.cfg

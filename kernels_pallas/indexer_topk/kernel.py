@@ -1,4 +1,4 @@
-"""Pallas body of the lightning-indexer scores (spec §3.8), Triton-style GPU API.
+"""Pallas body of the lightning-indexer scores (docs/architecture.md#indexer), Triton-style GPU API.
 
 `I[t, s] = sum_i w[t, i] * ReLU(q[t, i] . k[s])`. A program owns one query token: its I indexer
 heads are the rows of a [I, J] x [J, block_c] matmul, the ReLU and the head weighting reduce the

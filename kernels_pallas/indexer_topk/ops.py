@@ -1,4 +1,5 @@
-"""Public entry of the lightning indexer (spec §3.8): scores and top-k, `impl=` picks the path.
+"""Public entry of the lightning indexer (docs/architecture.md#indexer): scores and top-k, `impl=`
+picks the path.
 
 `impl="reference"` runs `reference.py`; `"pallas"` scores with the blocked kernel in `kernel.py`
 and keeps `jax.lax.top_k` for the selection; `"auto"` picks Pallas on GPU and the reference

@@ -1,4 +1,5 @@
-"""Lightning-indexer scores and top-k selection (spec §3.8), blocked over queries.
+"""Lightning-indexer scores and top-k selection (docs/architecture.md#indexer), blocked over
+queries.
 
 `I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])`; entries with `s >= floor((p_t + 1) / m)` are
 invisible. The top `P` entries are taken (ties: lowest index first, as `jax.lax.top_k` does) and
@@ -77,7 +78,8 @@ def top_indices(scores: jax.Array, P: int, method: str = "auto") -> jax.Array:
 
 
 def visible_count(positions: jax.Array, ratio: int) -> jax.Array:
-  """Number of compressed entries visible to a query at `positions` (spec §3.7)."""
+  """Number of compressed entries visible to a query at `positions`
+  (docs/architecture.md#causality)."""
   return (positions + 1) // ratio
 
 

@@ -1,4 +1,5 @@
-"""Pallas bodies of V4's core attention (spec §3.10): forward and backward, Triton-style GPU API.
+"""Pallas bodies of V4's core attention (docs/architecture.md#core-attention): forward and backward,
+Triton-style GPU API.
 
 Layout (MQA, one shared K=V head): a program owns one query token and `block_q` of its heads, so
 the heads are the rows of every matmul ([block_q, H] x [H, block_k], as in FlashMLA's sparse
@@ -52,7 +53,7 @@ def _params(tile: Tile):
   return pltriton.CompilerParams(num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
-# ----- the math, shared by every body --------------------------------------------------------------
+# ----- the math, shared by every body -------------------------------------------------------------
 def _dot_nt(a, b):
   """a [M, H] . b [K, H]^T in float32 (HIGHEST for f32 inputs, so interpret matches XLA)."""
   prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
@@ -89,8 +90,8 @@ def _probs(q, k, valid, lse, scale):
 
 
 def _visible(qp, ratio):
-  """floor((p + 1) / m) entries visible (spec §3.7); truncating division (Triton lowers it; a
-  negative count, from a padding position, hides everything either way)."""
+  """floor((p + 1) / m) entries visible (docs/architecture.md#causality); truncating division
+  (Triton lowers it; a negative count, from a padding position, hides everything either way)."""
   return jax.lax.div(qp + 1, jnp.asarray(ratio, qp.dtype))
 
 
@@ -182,7 +183,7 @@ def _ref_dict(meta: _Meta, refs) -> dict:
   return dict(zip(names, refs))
 
 
-# ----- forward body --------------------------------------------------------------------------------
+# ----- forward body -------------------------------------------------------------------------------
 def sparse_fwd_kernel(q_ref, qpos_ref, qseg_ref, sink_ref, *refs, meta: _Meta):
   """One (batch, token, head block): out [bh, H] and lse [bh] over the token's keys + sink."""
   n_in = len(refs) - 2
@@ -200,7 +201,7 @@ def sparse_fwd_kernel(q_ref, qpos_ref, qseg_ref, sink_ref, *refs, meta: _Meta):
   lse_ref[...] = m + jnp.log(l)
 
 
-# ----- dQ (and CSA per-slot dKV) body --------------------------------------------------------------
+# ----- dQ (and CSA per-slot dKV) body -------------------------------------------------------------
 def sparse_dq_kernel(t0_ref, q_ref, do_ref, lse_ref, dd_ref, qpos_ref, qseg_ref, *refs,
                      meta: _Meta):
   """dq [bh, H] of one (batch, token, head block); with CSA also g [P, H]: each slot's dKV.
@@ -229,7 +230,7 @@ def sparse_dq_kernel(t0_ref, q_ref, do_ref, lse_ref, dd_ref, qpos_ref, qseg_ref,
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-# ----- dKV, transposed: one program per block of keys ----------------------------------------------
+# ----- dKV, transposed: one program per block of keys ---------------------------------------------
 def sparse_dkv_kernel(k_ref, kpos_ref, kseg_ref, tlo_ref, thi_ref, q_ref, do_ref, lse_ref, dd_ref,
                       qpos_ref, qseg_ref, dk_ref, *, scale: float, window: int, ratio: int,
                       kind: str, bh: int):
@@ -268,7 +269,7 @@ def sparse_dkv_kernel(k_ref, kpos_ref, kseg_ref, tlo_ref, thi_ref, q_ref, do_ref
   dk_ref[...] = dk.astype(dk_ref.dtype)
 
 
-# ----- pallas_call wrappers -------------------------------------------------------------------------
+# ----- pallas_call wrappers -----------------------------------------------------------------------
 def _key_inputs(meta: _Meta, kv, kpos, kseg, pkv, ppos, comp, cseg, idx):
   """The key-side operands and their BlockSpecs (grid (b, t, h)), in `_ref_dict` order."""
   whole = lambda x: pl.BlockSpec((None, *x.shape[1:]),
@@ -350,7 +351,7 @@ def _dkv_call(meta, tile, interpret, kind, keys, kpos, kseg, t_lo, t_hi, q, do, 
   )(keys, kpos, kseg, t_lo, t_hi, q, do, lse, dd, qpos, qseg)
 
 
-# ----- custom_vjp: forward kernel, backward kernels ------------------------------------------------
+# ----- custom_vjp: forward kernel, backward kernels -----------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _core(meta, bs, interpret, q, sink, kv, pkv, comp, ints):
   tile = bs.decode if meta.S else bs.fwd  # a decode ring: the decode step's tile
@@ -450,7 +451,7 @@ def _dq_chunks(meta, bs, interpret, q, dout, lse, dd, kv, pkv, comp, ints):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-# ----- public wrapper (called by ops.py) -----------------------------------------------------------
+# ----- public wrapper (called by ops.py) ----------------------------------------------------------
 def _pad_axis(x, axis, size, value):
   if x.shape[axis] == size:
     return x

@@ -1,4 +1,5 @@
-"""TPU body of the sparse attention forward (spec §3.10), Pallas TPU (Mosaic) API.
+"""TPU body of the sparse attention forward (docs/architecture.md#core-attention), Pallas TPU
+(Mosaic) API.
 
 One program per (batch row, block of `BLOCK_Q` query tokens); inside it, a `fori_loop` over the
 block's tokens (a static unroll took 10x longer to compile), each token's `N` heads being the rows

@@ -1,4 +1,5 @@
-"""Public entry of V4's core attention (spec §3.10): one call, `impl=` picks the path.
+"""Public entry of V4's core attention (docs/architecture.md#core-attention): one call, `impl=`
+picks the path.
 
 `impl="reference"` runs `reference.py` (the definition); `"pallas"` runs `kernel.py` (Triton-style
 GPU body, or the TPU body on TPU; on CPU always interpreted); `"auto"` picks Pallas on
