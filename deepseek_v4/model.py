@@ -28,7 +28,7 @@ from deepseek_v4.layers.params import Linear, normal, param
 from kernels_pallas import common as kernels_common
 
 
-# Logical activation axes at block boundaries (resolved by the activation rules in sharding/rules.py).
+# Logical activation axes at block boundaries (resolved by the activation rules, sharding/rules.py).
 _STREAMS = ("batch", "seq", "streams", "embed")
 _LOGITS = ("batch", "seq", "vocab")
 
