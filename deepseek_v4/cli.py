@@ -73,15 +73,25 @@ def config_from_args(args: argparse.Namespace) -> tuple[config.ModelConfig, str 
   return cfg, name
 
 
-def positive_int(text: str) -> int:
-  """argparse type: an integer >= 1 (accepts 1_048_576 and 2**20 style '1048576')."""
+def int_at_least(text: str, minimum: int) -> int:
+  """argparse helper: `text` as an integer >= minimum (accepts 1_048_576 style '1048576')."""
   try:
     value = int(text.replace("_", ""))
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+  if value < minimum:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum}")
   return value
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  return int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+  """argparse type: an integer >= 0."""
+  return int_at_least(text, 0)
 
 
 def arg_type(parse):

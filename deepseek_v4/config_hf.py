@@ -117,22 +117,23 @@ def _as_bool(key: str, value: Any) -> bool:
   return value
 
 
-def _as_str(key: str, value: Any) -> str:
-  if not isinstance(value, str):
-    raise ValueError(f"{key}={value!r} must be a string")
+def _as_type(key: str, value: Any, kind: type, what: str):
+  """`value` when it is a `kind` (str, list or dict), else an error naming `key` and `what`."""
+  if not isinstance(value, kind):
+    raise ValueError(f"{key}={value!r} must be {what}")
   return value
+
+
+def _as_str(key: str, value: Any) -> str:
+  return _as_type(key, value, str, "a string")
 
 
 def _as_list(key: str, value: Any) -> list:
-  if not isinstance(value, list):
-    raise ValueError(f"{key}={value!r} must be a list")
-  return value
+  return _as_type(key, value, list, "a list")
 
 
 def _as_dict(key: str, value: Any) -> dict:
-  if not isinstance(value, dict):
-    raise ValueError(f"{key}={value!r} must be a JSON object")
-  return value
+  return _as_type(key, value, dict, "a JSON object")
 
 
 def _first_of(hf: dict, *keys: str) -> tuple[str, Any]:

@@ -2,8 +2,8 @@
 
 Nothing is allocated. The model is built under `nnx.eval_shape`, each variable's logical axes are
 resolved by the rule table (deepseek_v4/sharding/rules.py) on the mesh's axis sizes, and the bytes
-of one device's shard are added up. The same strict checks as a real run apply: a mesh axis that does
-not divide a dimension is an error naming both numbers.
+of one device's shard are added up. The same strict checks as a real run apply: a mesh axis that
+does not divide a dimension is an error naming both numbers.
 
 What is exact and what is estimated:
 

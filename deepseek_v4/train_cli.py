@@ -78,22 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help="stop when the gradient norm exceeds F x its running level (default 100)")
   p("--train-set", dest="train_overrides", action="append", default=[],
     metavar="FIELD=VALUE", help="override any TrainConfig field (repeatable)")
-  p("--sample", type=_non_negative_int, default=200, metavar="N",
+  p("--sample", type=cli.non_negative_int, default=200, metavar="N",
     help="tokens to sample at the end (0 = none)")
   p("--no-progress", action="store_true", help="no progress bar")
   p("--print-groups", action="store_true",
     help="print which optimizer (Muon / AdamW) each trained parameter gets, then exit")
 
 
-def _non_negative_int(text: str) -> int:
-  """argparse type: an integer >= 0."""
-  try:
-    value = int(text.replace("_", ""))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-  return value
 
 
 def _parse_train_overrides(tcfg: train.TrainConfig, items: list[str]) -> train.TrainConfig:
