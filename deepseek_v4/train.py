@@ -134,7 +134,7 @@ class TrainConfig:
   eval_rows: int = 64
 
   def __post_init__(self):
-    # Every run setting has its type and range (issue 11): no negative warm-up or weight decay, no
+    # Every run setting has its type and range: no negative warm-up or weight decay, no
     # NaN / inf, no bools or strings where numbers belong; the error names the field and value.
     for name in ("warmup_steps", "lora_rank", "seed", "val_documents"):
       v = getattr(self, name)

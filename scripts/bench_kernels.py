@@ -1,4 +1,4 @@
-"""Time V4's attention kernels (Pallas vs the reference) at Flash and Pro shapes (issue 13).
+"""Time V4's attention kernels (Pallas vs the reference) at Flash and Pro shapes.
 
 Cases per preset (Flash: 64 heads, Pro: 128 heads; head dim 512, window 128, bf16):
   csa_fwd / csa_fwd_bwd   prefill of a CSA layer (ratio 4, top-k 512 / 1024 picks per query)

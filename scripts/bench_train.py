@@ -38,7 +38,7 @@ WIDE = ["d_model=256", "num_heads=8", "head_dim=128", "rope_dim=64", "q_lora_ran
         "experts_per_token=4", "index_heads=8", "index_head_dim=64", "window=32",
         "vocab_size=4096"]
 
-# V4-shaped routing at small width (`--moe64`, issue 10): WIDE with 64 routed experts, top-6 (as
+# V4-shaped routing at small width (`--moe64`): WIDE with 64 routed experts, top-6 (as
 # Flash routes 6 of 256) and the shared expert.
 MOE64 = WIDE + ["num_experts=64", "experts_per_token=6", "num_shared_experts=1",
                 "moe_inter_dim=128"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared device run for the attention kernels (issue 13), under 8 minutes on one H200.
+# One prepared device run for the attention kernels, under 8 minutes on one H200.
 #
 #   PYTHONPATH=. bash scripts/device_check.sh [OUT_DIR]
 #

@@ -10,7 +10,7 @@ The selection (`top_indices`) is exact either way it runs:
   "bisect" (CPU): the P-th largest score of each row by a 32-step bisection over the scores'
     order-preserving uint32 keys (each step one vectorized count), then the picks by a mask and
     a prefix sum. XLA:CPU's `top_k` costs about 75 us per row at P=512 of C=2048 on one core
-    (56 us at C=512: its cost follows P more than C); this is 2-3x faster there (issue 10).
+    (56 us at C=512: its cost follows P more than C); this is 2-3x faster there (2 CPU cores).
   "top_k" (GPU/TPU): `jax.lax.top_k`, its picks then sorted by index.
 Both take the same set, in XLA's total order of float32 (-0.0 below +0.0, as `top_k` ranks them).
 The order of the picks does not change what the attention computes beyond float rounding: it
