@@ -15,12 +15,11 @@ import pytest
 
 from deepseek_v4 import cli
 from deepseek_v4.aot import targets
+from tests.aot import backend
 
 pytestmark = pytest.mark.aot
 
-_why = targets.missing_backend(targets.target("h100"))
-if _why:
-  pytest.skip(_why, allow_module_level=True)
+backend.require("h100", module=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--preset", "tiny", "--layers", "3", "--set", "kernel_impl=pallas", "--set",
@@ -86,9 +85,7 @@ def test_another_jax_platform_is_refused(capsys, monkeypatch):
 def test_a_program_past_the_device_memory_is_refused_by_the_compiler(tmp_path, capsys):
   """32768 rows x 512 tokens of a 1-layer tiny model need about 124 GB of temporaries: libtpu
   refuses it for a 16 GiB v5e; the command says so and exits with status 1."""
-  why = targets.missing_backend(targets.target("tpu-v5e"))
-  if why:
-    pytest.skip(why)
+  backend.require("tpu-v5e")
   out = tmp_path / "oom.json"
   rc = cli.main(["compile", "--target", "tpu-v5e", "--preset", "tiny", "--layers", "1", "--set",
                  "num_mtp_layers=0", "--batch", "32768", "--seq", "512", "--json", str(out)])

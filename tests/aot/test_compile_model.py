@@ -22,13 +22,11 @@ import deepseek_v4
 from deepseek_v4 import cache as cache_lib
 from deepseek_v4 import parallel, sharding, train
 from deepseek_v4.aot import targets
+from tests.aot import backend
 
 pytestmark = pytest.mark.aot
 
-for _t in ("h100", "tpu-v5p"):
-  _why = targets.missing_backend(targets.target(_t))
-  if _why:
-    pytest.skip(_why, allow_module_level=True)
+backend.require("h100", "tpu-v5p", module=True)
 
 from deepseek_v4.aot import compile as aot  # noqa: E402
 

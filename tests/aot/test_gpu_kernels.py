@@ -17,13 +17,11 @@ import jax.numpy as jnp
 import pytest
 
 from deepseek_v4.aot import targets
+from tests.aot import backend
 
 pytestmark = pytest.mark.aot
 
-for _t in ("h100", "h200"):
-  _why = targets.missing_backend(targets.target(_t))
-  if _why:
-    pytest.skip(_why, allow_module_level=True)
+backend.require("h100", "h200", module=True)
 
 from deepseek_v4.aot import compile as aot_compile  # noqa: E402
 from kernels_pallas.indexer_topk import ops as idx_ops  # noqa: E402

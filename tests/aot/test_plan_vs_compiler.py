@@ -27,9 +27,7 @@ pytestmark = pytest.mark.aot
 
 
 def _need(target: str) -> None:
-  why = targets.missing_backend(targets.target(target))
-  if why:
-    pytest.skip(why)
+  backend.require(target)
 
 
 def test_two_layer_flash_forward_on_8_h200_matches_plan():

@@ -15,13 +15,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_v4.aot import targets
+from tests.aot import backend
 
 pytestmark = pytest.mark.aot
 
-for _t in ("tpu-v5e", "tpu-v5p", "tpu-v6e"):
-  _why = targets.missing_backend(targets.target(_t))
-  if _why:
-    pytest.skip(_why, allow_module_level=True)
+backend.require("tpu-v5e", "tpu-v5p", "tpu-v6e", module=True)
 
 from kernels_pallas.sparse_attention import kernel_tpu, ops  # noqa: E402
 
