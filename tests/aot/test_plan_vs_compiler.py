@@ -20,6 +20,7 @@ import deepseek_v4
 from deepseek_v4 import plan
 from deepseek_v4.aot import memory, targets
 from deepseek_v4.optim import muon
+from tests.aot import backend
 from kernels_pallas.common import target_platform
 from tests.tolerances import F32_FUNCTION, PLAN_VS_COMPILER_REL, rel_err
 
