@@ -26,12 +26,12 @@ data is refused, never reused. A run that diverges is recorded as diverged (name
 in results.md, left out of the statistics) and the grid goes on. Compiled programs are cached in
 the user's own cache folder (`compile_cache`), never in the results folder.
 
-The spec format and its checks live in `deepseek_v4.ablate_spec` (re-exported here).
+The spec format and its checks live in `deepseek_v4.ablate_spec` (re-exported here); the command
+line is `deepseek_v4.ablate_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -305,37 +305,6 @@ def _grid_bar(total: int, done: int, enabled: bool):
 
   return tqdm(total=total, initial=done, unit="run", desc="ablation", dynamic_ncols=True,
               file=sys.stderr)
-
-
-# ----- command line -------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("spec", help="ablation spec: .toml, .json (or .yaml with PyYAML)")
-  parser.add_argument("--out", metavar="DIR",
-                      help="output folder (default runs/ablations/<spec name>); rerunning the "
-                           "command continues an interrupted grid there")
-  parser.add_argument("--check", action="store_true",
-                      help="check the spec (every variant traced abstractly), print the grid, "
-                           "run nothing")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-  spec = load_spec(args.spec)
-  out = args.out or os.path.join("runs", "ablations", spec.name)
-  check_out_dir(out)
-  if args.check:
-    configs = check_spec(spec)
-    load_data(spec, configs)
-    tcfg = next(iter(configs.values()))[1]
-    print(f"{spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = "
-          f"{len(spec.variants) * len(spec.seeds)} runs of {tcfg.steps} steps x "
-          f"{tcfg.batch_size * tcfg.seq_len} tokens; all variants trace. Output: {out}")
-    return 0
-  with compile_cache():
-    records = run_grid(spec, out, progress=not args.no_progress)
-  print(f"results: {os.path.join(out, 'results.md')}  curves: {os.path.join(out, 'curves.png')}")
-  print(ablate_report.markdown(spec, records))
-  return 0
 
 
 def user_cache_dir() -> str:

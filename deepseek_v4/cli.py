@@ -1,7 +1,9 @@
 """`python -m deepseek_v4 <subcommand>`: the command-line entry point.
 
-Each subcommand lives in its own module, which defines `add_arguments(parser)` and
-`run(args) -> int`. Adding one (e.g. `generate`, `train`, `plan`) is one line in SUBCOMMANDS.
+Each subcommand lives in its own `<name>_cli.py` module, which defines `add_arguments(parser)` and
+`run(args) -> int`; those and this one are the only modules that use argparse
+(tests/test_layering.py), so the library stays free of flag parsing. Adding a subcommand is one
+line in SUBCOMMANDS.
 Only the module of the subcommand being run is imported, so `--help` stays cheap and one
 subcommand's dependencies never affect another.
 
@@ -24,13 +26,14 @@ from deepseek_v4 import config
 
 # name -> (module defining add_arguments/run, one-line help).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-  "summary": ("deepseek_v4.summary",
+  "summary": ("deepseek_v4.summary_cli",
               "parameters, KV-cache bytes and FLOPs per token, from shapes only"),
-  "plan": ("deepseek_v4.plan", "per-device memory of a run on a device mesh, from shapes only"),
+  "plan": ("deepseek_v4.plan_cli", "per-device memory of a run on a device mesh, from shapes only"),
   "generate": ("deepseek_v4.generate_cli", "generate text from a checkpoint, streamed"),
   "train": ("deepseek_v4.train_cli",
             "train or fine-tune (Muon, V4 losses, Orbax checkpoints); --demo runs on CPU"),
-  "ablate": ("deepseek_v4.ablate", "a grid of model variants x seeds, resumable, with a report"),
+  "ablate": ("deepseek_v4.ablate_cli",
+             "a grid of model variants x seeds, resumable, with a report"),
   "convert": ("deepseek_v4.convert_cli", "hub safetensors (FP8/FP4 or not) <-> Orbax checkpoints"),
   "compile": ("deepseek_v4.compile_cli", "compile a program for H100/H200/TPU on this CPU: XLA's "
               "bytes vs plan, GPU kernel resources"),

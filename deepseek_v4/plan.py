@@ -1,4 +1,5 @@
-"""`python -m deepseek_v4 plan`: per-device memory of a run on a mesh, from shapes and shardings.
+"""Per-device memory of a run on a mesh, from shapes and shardings (`python -m deepseek_v4 plan`,
+deepseek_v4/plan_cli.py).
 
 Nothing is allocated. The model is built under `nnx.eval_shape`, each variable's logical axes are
 resolved by the rule table (deepseek_v4/sharding/rules.py) on the mesh's axis sizes, and the bytes
@@ -40,9 +41,7 @@ What is exact and what is estimated:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
 from typing import Any
@@ -494,76 +493,3 @@ def format_plan(p: Plan) -> str:
                f"{p.headroom:.0%} headroom: {verdict} ({'spare' if p.fits else 'short by'} "
                f"{gb(abs(margin))})")
   return "\n".join(out)
-
-
-# ----- CLI ---------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from deepseek_v4 import cli
-
-  cli.add_config_arguments(parser)
-  parser.add_argument("--mesh", help="axis sizes, e.g. fsdp=8,expert=8 (default: the "
-                      "recommended mesh for --devices)")
-  parser.add_argument("--devices", type=cli.positive_int, default=None,
-                      help="device count when --mesh is not given (default 8)")
-  parser.add_argument("--devices-per-host", type=cli.positive_int, default=8)
-  parser.add_argument("--rules", choices=sorted(sharding.RULES), default=None,
-                      help="rule table (default: fsdp_ep with expert > 1, fsdp_tp with "
-                      "tensor > 1, else fsdp)")
-  parser.add_argument("--train", action="store_true", help="plan a training step (default: "
-                      "inference with a KV cache)")
-  parser.add_argument("--batch", type=cli.positive_int, default=8, help="global rows")
-  parser.add_argument("--seq", type=cli.positive_int, default=4096,
-                      help="training sequence length, or the inference cache capacity")
-  parser.add_argument("--grad-accum", type=cli.positive_int, default=1)
-  parser.add_argument("--remat", choices=["full", "none"], default="full")
-  parser.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
-  parser.add_argument("--moment-dtype", choices=["float32", "bfloat16"], default="float32")
-  parser.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None,
-                      help="matrix storage dtype (default: the config's)")
-  parser.add_argument("--freeze", action="append", default=[], metavar="REGEX",
-                      type=cli.arg_type(parse_regex),
-                      help="parameters not trained (re.search on dotted paths; repeatable)")
-  parser.add_argument("--capacity-factor", type=cli.arg_type(parse_capacity_factor), default=None,
-                      help="expert-parallel MoE capacity factor (default: dropless)")
-  parser.add_argument("--prefill-chunk", type=cli.positive_int, default=8192)
-  parser.add_argument("--keep-quantized", choices=["experts"], default=None,
-                      help="inference with the routed experts kept in FP4 (load_hf_checkpoint("
-                      "keep_quantized='experts')); same as --set keep_quantized=experts")
-  parser.add_argument("--gmm", choices=GMM_PATHS, default="tiled",
-                      help="grouped-matmul path of the routed experts (default tiled, what "
-                      "'auto' runs on GPU; ragged_dot is TPU's)")
-  parser.add_argument("--device-memory", type=cli.arg_type(parse_bytes), default=None,
-                      help="e.g. 141GB (H200), 80GB or 140GiB (a bare number counts bytes); "
-                      "prints whether the plan fits")
-  parser.add_argument("--headroom", type=cli.fraction, default=0.1,
-                      help="fraction of device memory kept free for XLA, in [0, 1) "
-                      "(default 0.1)")
-  parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-  from deepseek_v4 import cli
-
-  cfg, name = cli.config_from_args(args)
-  if args.keep_quantized:
-    cfg = cfg.replace(keep_quantized=args.keep_quantized)
-  if args.mesh:
-    sizes = parse_mesh(args.mesh)
-    n = math.prod(sizes.values())
-    if args.devices is not None and args.devices != n:
-      raise ValueError(f"--mesh {args.mesh} has {n} devices but --devices={args.devices}")
-  else:
-    sizes = default_mesh(cfg, args.devices or 8, devices_per_host=args.devices_per_host,
-                         train=args.train)
-  settings = Settings(train=args.train, batch=args.batch, seq=args.seq,
-                      grad_accum=args.grad_accum, remat=args.remat, optimizer=args.optimizer,
-                      moment_dtype=args.moment_dtype, param_dtype=args.param_dtype,
-                      freeze=tuple(args.freeze), capacity_factor=args.capacity_factor,
-                      prefill_chunk=args.prefill_chunk, gmm=args.gmm)
-  plan = make_plan(cfg, sizes, args.rules, settings, name=name or "custom",
-                   device_memory=args.device_memory, headroom=args.headroom)
-  print(format_plan(plan))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(plan.to_dict(), f, indent=2)
-  return 0

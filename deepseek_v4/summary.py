@@ -33,9 +33,7 @@ What is counted (and why the numbers match the published ones):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -575,27 +573,3 @@ def format_summary(s: Summary) -> str:
           f"{switches(cfg)}")
   blocks = [[head], _params_lines(s), _kv_lines(s.kv), _flops_lines(s.flops)]
   return "\n\n".join("\n".join(b) for b in blocks)
-
-
-# ----- CLI subcommand -----------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Flags of `python -m deepseek_v4 summary` (the config flags come from cli.py)."""
-  from deepseek_v4 import cli
-
-  cli.add_config_arguments(parser)
-  parser.add_argument("--context", type=cli.positive_int, default=1048576,
-                      help="context length for KV-cache and FLOPs (default 1048576)")
-  parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
-
-
-def run(args: argparse.Namespace) -> int:
-  """Prints the summary table (and writes JSON if asked)."""
-  from deepseek_v4 import cli
-
-  cfg, name = cli.config_from_args(args)
-  s = summarize(cfg, args.context, name)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(s.to_dict(), f, indent=2)
-  print(format_summary(s))
-  return 0

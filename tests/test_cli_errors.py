@@ -77,12 +77,12 @@ def test_debug_shows_the_traceback(tmp_path, corpus, capsys):
 
 
 def test_unexpected_errors_are_one_line_too(monkeypatch, capsys):
-  import deepseek_v4.summary as summary
+  import deepseek_v4.summary_cli as summary_cli
 
   def boom(args):
     raise RuntimeError("boom\nsecond line")
 
-  monkeypatch.setattr(summary, "run", boom)
+  monkeypatch.setattr(summary_cli, "run", boom)
   assert cli.main(["summary", "--preset", "tiny"]) == 1
   _one_error_line(capsys.readouterr().err, "RuntimeError: boom; second line", "--debug")
 

@@ -191,6 +191,29 @@ def test_allowed_edges_are_function_level(edge):
   assert function_level(mods, a, b), f"{a} imports {b} at module level: {ALLOWED_EDGES[edge]}"
 
 
+def argparse_importers(mods: dict[str, str]) -> list[str]:
+  """`module (line N)` for every import of argparse, at module level or inside a function, in a
+  module that is neither deepseek_v4/cli.py nor a `*_cli.py` command module."""
+  out = []
+  for module, path in sorted(mods.items()):
+    if module == "deepseek_v4.cli" or module.endswith("_cli"):
+      continue
+    for node in ast.walk(_parse(path)):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+      if any(n == "argparse" or n.startswith("argparse.") for n in names):
+        out.append(f"{module} (line {node.lineno})")
+  return out
+
+
+def test_only_command_modules_parse_flags():
+  """The library reads no flags (STYLE.md §2, §10): argparse lives in cli.py and the `*_cli.py`
+  module of each subcommand, which call library functions."""
+  found = argparse_importers(project_modules())
+  assert not found, ("argparse imported outside cli.py / *_cli.py (move the flags into the "
+                     "subcommand's *_cli.py):\n  " + "\n  ".join(found))
+
+
 def _write(root, files: dict[str, str]) -> None:
   for rel, text in files.items():
     path = os.path.join(root, rel)
@@ -261,3 +284,18 @@ def test_function_level_tells_the_two_kinds_apart(tmp_path):
   mods = project_modules(str(tmp_path))
   assert function_level(mods, "deepseek_v4.a", "deepseek_v4.b")
   assert not function_level(mods, "deepseek_v4.a", "deepseek_v4.c")
+
+
+def test_argparse_importers_sees_every_form(tmp_path):
+  _write(tmp_path, {
+    "deepseek_v4/__init__.py": "",
+    "deepseek_v4/cli.py": "import argparse\n",
+    "deepseek_v4/plan_cli.py": "import argparse\n",
+    "deepseek_v4/plan.py": "import json\n\ndef f():\n  import argparse\n  return argparse\n",
+    "deepseek_v4/summary.py": "from argparse import Namespace\n",
+    "deepseek_v4/layers/__init__.py": "",
+    "deepseek_v4/layers/x.py": "import os, argparse as ap\n",
+    "deepseek_v4/layers/y.py": "from . import argparse\n",  # a sibling module, not the stdlib
+  })
+  assert argparse_importers(project_modules(str(tmp_path))) == [
+    "deepseek_v4.layers.x (line 1)", "deepseek_v4.plan (line 4)", "deepseek_v4.summary (line 1)"]
