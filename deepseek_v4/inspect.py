@@ -9,12 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from deepseek_v4 import summary, train
+from deepseek_v4 import layout, summary, train
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers import compressor, mhc
 from deepseek_v4.layers.rope import rope_angles
-from deepseek_v4.model import default_positions
+from deepseek_v4.model import Options, default_positions
 
 SELECTED, VISIBLE, INVISIBLE = 2, 1, 0  # codes of `selection_map`
 
@@ -47,18 +48,19 @@ def sinkhorn_matrices(cfg: ModelConfig, seed: int = 0, count: int = 3) -> list[n
 
 def attention_input(model, ids: np.ndarray, layer: int) -> tuple[jax.Array, jax.Array]:
   """(u' [B, T, D], positions [B, T]): the normed attention input of official layer `layer` on
-  `ids` [B, T] (full sequence from position 0), the blocks before it run one by one as the trunk
-  runs them."""
+  `ids` [B, T] (full sequence from position 0), as the model's own compiled trunk computes it
+  (`Options(capture=True)`, which the trunk hands back per official layer, scanned groups
+  included)."""
+  layout.locate(model.cfg, layer)  # a clear error for a layer outside the model
   ids = jnp.asarray(ids, jnp.int32)
-  B, T = ids.shape
-  positions = default_positions(ids, None, None)
-  e = model.embed_tokens(ids)
-  x = jnp.broadcast_to(e[:, :, None, :], (B, T, model.cfg.num_streams, model.cfg.d_model))
-  for i in range(layer):
-    x, _ = model.layer(i)(x, ids, positions)
-  block = model.layer(layer)
-  pre, _, _ = block._site(x, "attn")
-  return block.attn_norm(mhc.hc_collapse(x, pre)), positions
+  return _attention_inputs(model, ids)[layer], default_positions(ids, None, None)
+
+
+@nnx.jit
+def _attention_inputs(model, ids):
+  """Every trunk layer's attention input, official order, from one compiled forward."""
+  _, outs, _ = model.trunk(ids, opts=Options(capture=True))
+  return tuple(out.attn_input for out in outs)
 
 
 def indexer_selections(model, ids: np.ndarray, layer: int) -> np.ndarray:

@@ -51,12 +51,15 @@ class Options:
       dots, dots_no_batch.
     moe: the MoE implementation (`deepseek_v4.layers.moe.MoEImpl`); None = the local default.
     kernel_impl: attention/indexer kernels; None = `cfg.kernel_impl`.
+    capture: also hand back each block's attention input in `BlockOut.attn_input` (what
+      deepseek_v4/inspect.py reads); off, the program returns nothing extra.
   """
 
   indexer_stage: Literal["off", "dense", "sparse"] = "off"
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
   moe: Any = None
   kernel_impl: Literal["reference", "pallas", "auto"] | None = None
+  capture: bool = False
 
   def __post_init__(self):
     if self.indexer_stage not in ("off", "dense", "sparse"):
@@ -74,11 +77,14 @@ class BlockOut:
     indexer_kl: [2] = (indexer KL summed over queries, number of queries); zeros unless a CSA
       layer runs an indexer training stage.
     cache: the layer's new `LayerCache` when one came in, else None.
+    attn_input: with `Options(capture=True)`, the normed attention input u' [B, T, D] (after the
+      mHC collapse and attn_norm); else None.
   """
 
   moe: dict
   indexer_kl: Array
   cache: Any = None
+  attn_input: Any = None
 
 
 class Block(nnx.Module):
@@ -115,14 +121,16 @@ class Block(nnx.Module):
                opts: Options = Options()) -> tuple[Array, BlockOut]:
     """New streams and the block's outputs (see `Attention.__call__` for segments / cache)."""
     pre, post, comb = self._site(x, "attn")
+    a = self.attn_norm(mhc.hc_collapse(x, pre))
     y, new_cache, kl = self.attn(
-      self.attn_norm(mhc.hc_collapse(x, pre)), positions, segments=segments, cache=cache,
+      a, positions, segments=segments, cache=cache,
       n_valid=n_valid, indexer_stage=opts.indexer_stage, impl=opts.kernel_impl)
     x = mhc.hc_expand(x, y, post, comb)
     pre, post, comb = self._site(x, "ffn")
     u = self.ffn_norm(mhc.hc_collapse(x, pre))
     y, stats = self.ffn(u, ids) if opts.moe is None else self.ffn(u, ids, opts.moe)
-    return mhc.hc_expand(x, y, post, comb), BlockOut(stats, kl, new_cache)
+    return mhc.hc_expand(x, y, post, comb), BlockOut(stats, kl, new_cache,
+                                                     a if opts.capture else None)
 
 
 def _rematted(fn, opts: Options):

@@ -1,4 +1,5 @@
-"""Test helper: what the model's lightning indexers select inside a real (eager) forward."""
+"""Test helpers: what the model's lightning indexers select, and what its attention layers receive,
+inside a real (eager) forward."""
 
 from __future__ import annotations
 
@@ -26,3 +27,23 @@ def recorded_selections():
     yield picks
   finally:
     Indexer.select = select
+
+
+@contextlib.contextmanager
+def recorded_attention_inputs():
+  """Within the block, the input `x` [B, T, D] every `Attention.__call__` receives is appended to
+  the yielded list, in call order (official layer order, then MTP, for one forward of an
+  unscanned model). Under a trace they are tracers: return them from the traced function."""
+  from deepseek_v4.layers.attention import Attention
+
+  inputs, call = [], Attention.__call__
+
+  def record(self, x, *args, **kwargs):
+    inputs.append(x)
+    return call(self, x, *args, **kwargs)
+
+  Attention.__call__ = record
+  try:
+    yield inputs
+  finally:
+    Attention.__call__ = call

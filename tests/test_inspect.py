@@ -1,15 +1,22 @@
 """deepseek_v4.inspect's indexer and compressor pictures (notebooks/02_architecture_tour): the
+attention inputs are the ones the forward feeds its attention layers, scanned or not; the
 selections are the ones the forward makes and respect causality (docs/architecture.md#causality,
 #indexer); the pooling weights are a softmax over each window's slots
 (docs/architecture.md#compressor)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import deepseek_v4 as dsv4
 from deepseek_v4 import inspect as tour
-from tests.recording import recorded_selections
+from deepseek_v4 import layout
+from deepseek_v4.checkpoint.convert import from_hub_tensors, to_hub_tensors
+from deepseek_v4.model import Options
+from tests.recording import recorded_attention_inputs, recorded_selections
+from tests.tolerances import F32_FUNCTION, rel_err
 
 T = 64  # 16 CSA entries > top-k 4 of tiny: later queries must choose
 
@@ -87,3 +94,54 @@ def test_compressor_weights_softmax_over_slots(model, ids, ratio, which):
     np.testing.assert_array_equal(got[:, 0, :ratio], 0.0)
   with pytest.raises(ValueError, match="no main compressor"):
     tour.compressor_weights(model, ids, 0)
+
+
+def test_attention_input_of_a_scanned_layer_is_the_forwards():
+  """Groups [SWA·h] x2, [CSA·h], [HCA, CSA] x2: layers 1, 5 and 6 sit in a later repeat of a
+  scanned stack (5 and 6 in its two slots). Each one's captured input equals the unscanned model
+  (same weights) and what its attention layer received in an unscanned forward."""
+  cfg = dsv4.tiny(compress_ratios=(0, 0, 4, 16, 4, 16, 4), hc_sinkhorn_iters=3)
+  scanned = dsv4.Transformer(cfg, rngs=nnx.Rngs(0))
+  unrolled = from_hub_tensors(cfg.replace(scan_layers=False), to_hub_tensors(scanned))
+  groups = layout.layer_groups(cfg)
+  where = [layout.locate(cfg, i) for i in range(cfg.num_layers)]
+  assert {(r, s) for g, r, s in where if groups[g].scanned} == {(0, 0), (1, 0), (0, 1), (1, 1)}
+  ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 32))
+
+  @jax.jit
+  def received_by_attention(ids):  # unscanned: the layers run in official order
+    with recorded_attention_inputs() as received:
+      unrolled.trunk(ids)
+    return received
+
+  received = received_by_attention(jnp.asarray(ids, jnp.int32))
+  assert len(received) == cfg.num_layers
+  for layer in range(cfg.num_layers):
+    got, positions = tour.attention_input(scanned, ids, layer)
+    flat, _ = tour.attention_input(unrolled, ids, layer)
+    assert got.shape == (2, 32, cfg.d_model)
+    assert rel_err(got, flat) < F32_FUNCTION, layer
+    assert rel_err(got, received[layer]) < F32_FUNCTION, layer
+    # a neighbour's slice would not pass: every layer's input is its own
+    others = [received[i] for i in range(cfg.num_layers) if i != layer]
+    assert all(rel_err(got, o) > 1e-2 for o in others), layer
+  np.testing.assert_array_equal(positions, np.broadcast_to(np.arange(32), (2, 32)))
+  with pytest.raises(ValueError, match="layer 7"):
+    tour.attention_input(scanned, ids, 7)
+
+
+def test_capture_costs_nothing_unless_asked(model, ids):
+  """The ordinary trunk (default Options, as the forward and the training step build them)
+  returns no attention inputs; Options(capture=True) adds exactly one [B, T, D] per layer."""
+  ids = jnp.asarray(ids[:, :16], jnp.int32)
+
+  def outputs(**kw):
+    return jax.tree.leaves(jax.eval_shape(lambda i: model.trunk(i, **kw), ids))
+
+  plain, off, on = outputs(), outputs(opts=Options(capture=False)), outputs(opts=Options(
+    capture=True))
+  assert len(plain) == len(off)
+  extra = len(on) - len(off)
+  assert extra == model.cfg.num_layers
+  assert sum(x.shape == (2, 16, model.cfg.d_model) for x in on) - sum(
+    x.shape == (2, 16, model.cfg.d_model) for x in off) == extra
