@@ -306,13 +306,13 @@ def _trace_step(cfg: ModelConfig, tcfg: TrainConfig) -> None:
   import jax.numpy as jnp
   from flax import nnx
 
-  from deepseek_v4 import train
-  from deepseek_v4.model import Transformer
+  from deepseek_v4 import lora, train
 
   B, T = tcfg.batch_size // tcfg.grad_accum, tcfg.seq_len
 
-  def loss():
-    model = Transformer(train.training_model_config(cfg, tcfg), rngs=nnx.Rngs(0))
+  def loss():  # the model as training builds it, LoRA adapters included
+    model = lora.build_model(train.training_model_config(cfg, tcfg), train.lora_spec(tcfg),
+                             rngs=nnx.Rngs(0))
     ids = jnp.zeros((B, T), jnp.int32)
     return train.loss_fn(model, {"inputs": ids, "targets": ids}, tcfg)[0]
 

@@ -17,6 +17,7 @@ from typing import Callable, TypeVar
 import jax
 from flax import nnx
 
+from deepseek_v4 import lora as lora_lib
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.model import Transformer
 
@@ -57,20 +58,11 @@ def build(fn: Callable[[ShapeOnlyRngs], T]) -> T:
 def model(cfg: ModelConfig, *, lora: tuple[tuple[str, ...], int, float] | None = None
           ) -> Transformer:
   """The abstract `Transformer(cfg)`; with `lora=(targets, rank, alpha)` its LoRA-wrapped form
-  (`deepseek_v4.lora.apply_lora`), as a LoRA run or checkpoint holds it."""
+  (`deepseek_v4.lora.build_model`, as training builds it), as a LoRA run or checkpoint holds
+  it."""
   if not isinstance(cfg, ModelConfig):
     raise TypeError(f"cfg must be a ModelConfig; got {type(cfg).__name__}")
-
-  def make(rngs):
-    m = Transformer(cfg, rngs=rngs)
-    if lora is not None:
-      from deepseek_v4 import lora as lora_lib
-
-      targets, rank, alpha = lora
-      lora_lib.apply_lora(m, targets, rank=rank, alpha=alpha, rngs=rngs)
-    return m
-
-  return build(make)
+  return build(lambda rngs: lora_lib.build_model(cfg, lora, rngs=rngs))
 
 
 def train_state(cfg: ModelConfig, tcfg) -> tuple[Transformer, nnx.Optimizer]:

@@ -1,6 +1,8 @@
 """LoRA fine-tuning (Hu et al., 2021, arXiv:2106.09685) on chosen projections of the model.
 
-`apply_lora(model, targets, rank, alpha)` swaps each targeted `Linear` for a `LoRALinear` that keeps
+`build_model(cfg, (targets, rank, alpha), rngs=...)` is the one construction of a model with its
+adapters (training, the abstract builds for checkpoint restore and the train command's checks all
+call it). `apply_lora(model, targets, rank, alpha)` swaps each targeted `Linear` for a `LoRALinear` that keeps
 the original weight (same parameter path, so checkpoints of the base model still load) and adds
 `lora_a` [r, in] (random) and `lora_b` [out, r] (zeros): `y = x W^T + (alpha / r) x A^T B^T`.
 The adapters are `nnx.LoRAParam`s, so a filter selects them for training. `merge_lora` folds the
@@ -15,14 +17,16 @@ projections and stacked experts are read as raw weights by the layers and cannot
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_v4 import layout
+from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers.params import Linear
+from deepseek_v4.model import Transformer
 
 # Linear modules whose weight the layers read directly (not through Linear.__call__): the grouped
 # output projection, the compressors, and the output head (the training loss and evaluation read
@@ -103,6 +107,24 @@ def apply_lora(model: nnx.Module, targets: Iterable[str], *, rank: int, alpha: f
     setattr(parent, path[-1], LoRALinear(module, rank, alpha, rngs=rngs))
     wrapped.extend(_official(model, name))
   return wrapped
+
+
+def build_model(cfg: ModelConfig, lora: tuple[Sequence[str], int, float] | None, *, rngs,
+                adapter_rngs=None) -> Transformer:
+  """`Transformer(cfg, rngs=rngs)`, LoRA-wrapped when `lora = (targets, rank, alpha)` is given.
+
+  Args:
+    cfg: the model's config.
+    lora: (targets, rank, alpha) for `apply_lora`, or None for the plain model.
+    rngs: the model's `nnx.Rngs` (or `abstract.ShapeOnlyRngs` for a shapes-only build).
+    adapter_rngs: where the adapters' random `lora_a` is drawn from (default `rngs`).
+  """
+  model = Transformer(cfg, rngs=rngs)
+  if lora is not None:
+    targets, rank, alpha = lora
+    apply_lora(model, targets, rank=rank, alpha=alpha,
+               rngs=rngs if adapter_rngs is None else adapter_rngs)
+  return model
 
 
 def lora_modules(model: nnx.Module) -> list[LoRALinear]:

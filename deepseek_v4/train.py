@@ -356,11 +356,14 @@ def build(cfg: ModelConfig, tcfg: TrainConfig, rngs=nnx.Rngs
   the key streams (`deepseek_v4.abstract.ShapeOnlyRngs` for a shapes-only build)."""
   from deepseek_v4 import lora as lora_lib
 
-  model = Transformer(training_model_config(cfg, tcfg), rngs=rngs(tcfg.seed))
-  if tcfg.lora_rank:
-    lora_lib.apply_lora(model, tcfg.lora_targets, rank=tcfg.lora_rank, alpha=tcfg.lora_alpha,
-                        rngs=rngs(tcfg.seed + 1))
+  model = lora_lib.build_model(training_model_config(cfg, tcfg), lora_spec(tcfg),
+                               rngs=rngs(tcfg.seed), adapter_rngs=rngs(tcfg.seed + 1))
   return model, make_optimizer(model, tcfg)
+
+
+def lora_spec(tcfg: TrainConfig) -> tuple[tuple[str, ...], int, float] | None:
+  """(targets, rank, alpha) of a LoRA run (`lora.build_model`), None without LoRA."""
+  return (tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha) if tcfg.lora_rank else None
 
 
 # ----- forward ------------------------------------------------------------------------------------

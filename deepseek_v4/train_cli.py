@@ -222,8 +222,7 @@ def _abstract_model(cfg, tcfg: train.TrainConfig):
   """The model the run trains (LoRA-wrapped if asked), shapes only: nothing is computed."""
   from deepseek_v4 import abstract
 
-  lora = (tcfg.lora_targets, tcfg.lora_rank, tcfg.lora_alpha) if tcfg.lora_rank else None
-  return abstract.model(train.training_model_config(cfg, tcfg), lora=lora)
+  return abstract.model(train.training_model_config(cfg, tcfg), lora=train.lora_spec(tcfg))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -102,3 +102,29 @@ def test_strip_on_scanned_layers():
   lora.strip_lora(model)
   assert {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))} == names
   assert rel_err(forward(model, IDS), adapted) < F32_MODEL_REL
+
+
+def _same_values(a, b):
+  assert nnx.graphdef(a) == nnx.graphdef(b)
+  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_build_model_is_the_one_model_and_lora_construction():
+  """`lora.build_model` = the constructor then `apply_lora` (adapters from their own rngs), value
+  for value; training builds its model through it (adapters drawn from seed + 1)."""
+  targets, rank, alpha = ("wq_a", "wo_b"), 4, 8.0
+  want = _model()
+  lora.apply_lora(want, targets, rank=rank, alpha=alpha, rngs=nnx.Rngs(1))
+  got = lora.build_model(CFG, (targets, rank, alpha), rngs=nnx.Rngs(0), adapter_rngs=nnx.Rngs(1))
+  _same_values(got, want)
+  assert len(lora.lora_modules(got)) == 2 * CFG.num_layers
+  plain = lora.build_model(CFG, None, rngs=nnx.Rngs(0))
+  _same_values(plain, _model())
+  assert not lora.lora_modules(plain)
+  tcfg = train.TrainConfig(seq_len=16, batch_size=2, seed=0, lora_rank=rank, lora_alpha=alpha,
+                           lora_targets=targets)
+  assert train.lora_spec(tcfg) == (targets, rank, alpha)
+  assert train.lora_spec(tcfg.replace(lora_rank=0)) is None
+  trained, _ = train.build(CFG, tcfg)
+  _same_values(trained, want)
