@@ -337,11 +337,10 @@ def check_spec(spec: Spec, trace: bool = True) -> dict[str, tuple[ModelConfig, T
     cfg, tcfg = variant_configs(spec, name)
     where = (f"{spec.source}: variant {name!r}" +
              (f" (fields {sorted(fields)})" if fields else ""))
-    entries = tcfg.seq_len // config_lib.CSA_RATIO
-    if "csa" in cfg.layer_kinds() and cfg.index_topk > entries:
-      raise SpecError(f"{where}, field 'index_topk' = {cfg.index_topk}: larger than the {entries} "
-                      f"compressed entries a CSA layer holds at seq_len={tcfg.seq_len} (seq_len / "
-                      f"{config_lib.CSA_RATIO}), so the top-k selects nothing; lower it")
+    for kind in dict.fromkeys(cfg.layer_kinds):
+      problem = kind.seq_len_problem(cfg, tcfg.seq_len)
+      if problem:
+        raise SpecError(f"{where}, {problem}")
     try:
       trainer.check_settings(cfg, tcfg)
       if trace:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ from flax import struct
 from jaxtyping import Array, Float, Int
 
 from deepseek_v4 import layout
-from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
+from deepseek_v4.config import ModelConfig
+from deepseek_v4.kinds import AttentionKind
 from kernels_pallas.common import PAD_POSITION
 
 
@@ -57,14 +59,16 @@ class CompressorState:
 
 @struct.dataclass
 class LayerCache:
-  """One layer's state. Sliding layers fill only `window`; HCA adds `compressor` + `entries`;
-  CSA adds the indexer's `indexer` state and `index_keys` as well."""
+  """One layer's state, as its kind's `init_cache` fills it (deepseek_v4.kinds). Sliding layers
+  fill only `window`; HCA adds `compressor` + `entries`; CSA adds the indexer's `indexer` state
+  and `index_keys` as well; `extra` holds a user kind's own state (any pytree)."""
 
   window: WindowCache
   compressor: CompressorState | None = None
   entries: Float[Array, "B C H"] | None = None
   indexer: CompressorState | None = None
   index_keys: Float[Array, "B C J"] | None = None
+  extra: Any = None
 
 
 @struct.dataclass
@@ -102,26 +106,18 @@ def empty_compressor_state(batch: int, ratio: int, width: int, overlap: bool) ->
   return CompressorState(zeros(k), ninf(k))
 
 
-def ring_size(cfg: ModelConfig, max_len: int) -> int:
-  """Slots of a layer's window ring: W, or every position with attention="dense"."""
-  return max_len if cfg.attention == "dense" else cfg.window
+def ring_size(cfg: ModelConfig, kind: AttentionKind, max_len: int) -> int:
+  """Slots of a layer's window ring: its kind's window at `max_len` positions (W, or every
+  position for a dense layer)."""
+  return kind.window(cfg, max_len)
 
 
-def init_layer_cache(cfg: ModelConfig, ratio: int, batch: int, max_len: int, dtype) -> LayerCache:
-  H, W = cfg.head_dim, ring_size(cfg, max_len)
+def init_layer_cache(cfg: ModelConfig, kind: AttentionKind, batch: int, max_len: int,
+                     dtype) -> LayerCache:
+  H, W = cfg.head_dim, ring_size(cfg, kind, max_len)
   window = WindowCache(kv=jnp.zeros((batch, W, H), dtype),
                        pos=jnp.full((batch, W), PAD_POSITION, jnp.int32))
-  kind = layer_kind(ratio)
-  if kind == "sliding":
-    return LayerCache(window=window)
-  out = dict(window=window,
-             compressor=empty_compressor_state(batch, ratio, H, kind == "csa"),
-             entries=jnp.zeros((batch, max_len // ratio, H), dtype))
-  if kind == "csa":
-    J = cfg.index_head_dim
-    out.update(indexer=empty_compressor_state(batch, CSA_RATIO, J, True),
-               index_keys=jnp.zeros((batch, max_len // CSA_RATIO, J), dtype))
-  return LayerCache(**out)
+  return LayerCache(window=window, **kind.init_cache(cfg, batch, max_len, dtype))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
@@ -144,7 +140,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   dtype = jnp.dtype(dtype or cfg.dtype)
   groups = []
   for grp in layout.layer_groups(cfg):
-    slots = tuple(init_layer_cache(cfg, r, batch, max_len, dtype) for r in grp.ratios)
+    slots = tuple(init_layer_cache(cfg, k, batch, max_len, dtype) for k in grp.kinds)
     if grp.scanned:
       slots = jax.tree.map(lambda a: jnp.broadcast_to(a, (grp.count, *a.shape)), slots)
     groups.append(slots)
@@ -164,7 +160,8 @@ class CachePart:
 
   Attributes:
     name: what is stored ("window K=V", "CSA entries", ...).
-    kind: the layer kind holding it ("sliding", "csa", "hca"), or "" for the row's length counter.
+    kind: the name of the layer kind holding it ("sliding", "csa", "hca", ...), or "" for the
+      row's length counter.
     role: "kv" (K=V vectors: window and compressed entries), "index" (indexer keys), "int32"
       (positions, the length counter) or "state" (the float32 compressor tails).
     layers: layers holding it.
@@ -193,27 +190,16 @@ class CachePart:
     return self.layers * self.width * self.itemsize / self.stride if self.stride else 0.0
 
 
-def _layer_parts(cfg: ModelConfig, ratio: int, max_len: int, item: int) -> list[tuple]:
+def _layer_parts(cfg: ModelConfig, kind: AttentionKind, max_len: int, item: int) -> list[tuple]:
   """(name, role, slots, width, itemsize, stride) of every array `init_layer_cache` allocates for
-  one row of a layer with compression `ratio`, in the same order."""
-  H, kind = cfg.head_dim, layer_kind(ratio)
-  dense = cfg.attention == "dense"
-  stride = 1 if dense else 0
-  parts = [("all keys (dense attention)" if dense else f"sliding windows (W={cfg.window})",
-            "kv", ring_size(cfg, max_len), H, item, stride),
-           ("window positions", "int32", ring_size(cfg, max_len), 1, 4, stride)]
-  if kind == "sliding":
-    return parts
-  # pending values + logits [m, K] (K = 2H with CSA's overlap) and CSA's prev halves [m, H] x 2
-  tail = 6 * H if kind == "csa" else 2 * H
-  name = "CSA entries" if kind == "csa" else f"HCA entries (m={ratio})"
-  parts += [(name, "kv", max_len // ratio, H, item, ratio),
-            ("compressor state", "state", ratio, tail, 4, 0)]
-  if kind == "csa":
-    J = cfg.index_head_dim
-    parts += [("CSA indexer keys", "index", max_len // CSA_RATIO, J, item, CSA_RATIO),
-               ("indexer compressor state", "state", CSA_RATIO, 6 * J, 4, 0)]
-  return parts
+  one row of a layer of `kind`, in the same order: the window ring, then the kind's own."""
+  H, slots = cfg.head_dim, ring_size(cfg, kind, max_len)
+  full = kind.window(cfg, max_len + 1) > slots  # the ring grows with the capacity: dense
+  stride = 1 if full else 0
+  parts = [("all keys (dense attention)" if full else f"sliding windows (W={cfg.window})",
+            "kv", slots, H, item, stride),
+           ("window positions", "int32", slots, 1, 4, stride)]
+  return parts + kind.cache_parts(cfg, max_len, item)
 
 
 def byte_model(cfg: ModelConfig, max_len: int, dtype=None) -> tuple[CachePart, ...]:
@@ -222,10 +208,9 @@ def byte_model(cfg: ModelConfig, max_len: int, dtype=None) -> tuple[CachePart, .
   for it, plus the row's int32 length counter."""
   item = jnp.dtype(dtype or cfg.dtype).itemsize
   merged: dict[tuple[str, str], list] = {}
-  for r in cfg.layer_ratios:
-    kind = layer_kind(r)
-    for name, role, slots, width, size, stride in _layer_parts(cfg, r, max_len, item):
-      row = merged.setdefault((kind, name), [role, 0, slots, width, size, stride])
+  for kind in cfg.layer_kinds:
+    for name, role, slots, width, size, stride in _layer_parts(cfg, kind, max_len, item):
+      row = merged.setdefault((kind.component, name), [role, 0, slots, width, size, stride])
       row[1] += 1
   parts = [CachePart(name, kind, *row) for (kind, name), row in merged.items()]
   return (*parts, CachePart("row length", "", "int32", 1, 1, 1, 4, 0))
@@ -251,5 +236,5 @@ def fixed_bytes(cfg: ModelConfig, dtype=None) -> int:
 
 def capacity_multiple(cfg: ModelConfig) -> int:
   """lcm of the compression ratios: a max_len that is a multiple of it wastes no entry slot."""
-  ratios = [r for r in cfg.layer_ratios if r > 0] or [1]
+  ratios = [k.ratio for k in cfg.layer_kinds if k.ratio > 0] or [1]
   return math.lcm(*ratios)

@@ -19,21 +19,8 @@ import os
 import typing
 from typing import Any, Callable, Literal
 
-# compress_ratios values with a meaning of their own (docs/architecture.md#layer-schedule): 0 =
-# sliding window only; 4 = CSA (overlapping windows + lightning indexer). Every other positive
-# ratio is an HCA-style layer.
-SWA_RATIO = 0
-CSA_RATIO = 4
-
-LayerKind = Literal["sliding", "csa", "hca"]
-
-
-def layer_kind(ratio: int) -> LayerKind:
-  """The attention kind of a layer with compression ratio `ratio` (the official semantics)."""
-  if ratio == SWA_RATIO:
-    return "sliding"
-  return "csa" if ratio == CSA_RATIO else "hca"
-
+from deepseek_v4 import kinds as kinds_lib
+from deepseek_v4.kinds import AttentionKind
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -50,8 +37,11 @@ class ModelConfig:
     o_groups: g, groups of the grouped output projection.
     o_lora_rank: d_g, per-group output rank.
     window: W, sliding-window size (keys p_t - W < p_j <= p_t).
-    compress_ratios: one entry per trunk layer: 0 sliding-only, 4 CSA, other > 0 HCA (the V4
-      schedule; the `attention` switch may replace it, see `layer_ratios`).
+    compress_ratios: the layer schedule, one entry per trunk layer: an attention kind
+      (`deepseek_v4.kinds`: Sliding(), Dense(), CSA(), HCA(ratio=m) or a registered user kind)
+      or its official shorthand, 0 sliding-only, 4 CSA, other > 0 HCA with that ratio
+      (docs/architecture.md#layer-schedule); the `attention` switch may replace it, see
+      `layer_kinds`.
     index_heads / index_head_dim / index_topk: lightning indexer H_I, c_I, k_I.
     num_experts / experts_per_token / moe_inter_dim: routed experts E, K and their hidden size.
     num_shared_experts: shared experts (0 or 1), each of size moe_inter_dim.
@@ -113,7 +103,7 @@ class ModelConfig:
   o_groups: int
   o_lora_rank: int
   window: int
-  compress_ratios: tuple[int, ...]
+  compress_ratios: tuple[int | AttentionKind, ...]
   index_heads: int
   index_head_dim: int
   index_topk: int
@@ -155,6 +145,11 @@ class ModelConfig:
   def __post_init__(self):
     if isinstance(self.compress_ratios, list):
       object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
+    if isinstance(self.compress_ratios, tuple) and any(isinstance(e, dict)
+                                                       for e in self.compress_ratios):
+      # A kind's `to_json` form (checkpoint metadata stores `to_dict()` as JSON).
+      object.__setattr__(self, "compress_ratios", tuple(
+        kinds_lib.from_json(e) if isinstance(e, dict) else e for e in self.compress_ratios))
     _validate(self)
 
   # ----- derived sizes --------------------------------------------------------------------------
@@ -177,20 +172,31 @@ class ModelConfig:
     return (2 + self.hc_mult) * self.hc_mult
 
   @property
+  def layer_kinds(self) -> tuple[AttentionKind, ...]:
+    """The attention kind each trunk layer runs (`deepseek_v4.kinds`): the `attention` switch
+    applied to `compress_ratios`. Everything per-layer reads this."""
+    if self.attention == "v4":
+      return tuple(kinds_lib.as_kind(e) for e in self.compress_ratios)
+    kind = {"dense": lambda: kinds_lib.lookup("dense")(),
+            "window": lambda: kinds_lib.lookup("sliding")(),
+            "csa": lambda: kinds_lib.lookup("csa")(),
+            "hca": lambda: kinds_lib.lookup("hca")(ratio=self.hca_ratio)}[self.attention]()
+    return (kind,) * self.num_layers
+
+  @property
+  def mtp_kind(self) -> AttentionKind:
+    """The MTP block's attention (docs/architecture.md#mtp): sliding window only, dense under
+    the attention="dense" switch like every layer."""
+    return kinds_lib.lookup("dense" if self.attention == "dense" else "sliding")()
+
+  @property
   def layer_ratios(self) -> tuple[int, ...]:
-    """The compression ratio each trunk layer runs with (0 sliding, 4 CSA, other HCA): the
-    `attention` switch applied to `compress_ratios`. Everything per-layer reads this."""
-    return {"v4": self.compress_ratios, "dense": (SWA_RATIO,) * self.num_layers,
-            "window": (SWA_RATIO,) * self.num_layers, "csa": (CSA_RATIO,) * self.num_layers,
-            "hca": (self.hca_ratio,) * self.num_layers}[self.attention]
+    """Tokens per compressed entry of each trunk layer (0 = no entries): `layer_kinds` ratios."""
+    return tuple(k.ratio for k in self.layer_kinds)
 
   @property
   def yarn(self) -> bool:
     return self.rope_factor != 1.0
-
-  def layer_kinds(self) -> tuple[LayerKind, ...]:
-    """Per trunk layer; attention="dense" layers are "sliding" with every key in the window."""
-    return tuple(layer_kind(r) for r in self.layer_ratios)
 
   def is_hash_layer(self, layer: int) -> bool:
     return layer < self.num_hash_layers
@@ -200,7 +206,8 @@ class ModelConfig:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    d["compress_ratios"] = list(self.compress_ratios)
+    d["compress_ratios"] = [e.to_json() if isinstance(e, AttentionKind) else e
+                            for e in self.compress_ratios]
     return d
 
   # ----- the file boundary (config_hf.py) ------------------------------------------------------
@@ -271,23 +278,24 @@ def _validate(c: ModelConfig) -> None:
       raise ValueError(f"{name}={v!r} must be a positive integer")
   if not c.compress_ratios:
     raise ValueError("compress_ratios=() must have one entry per layer (at least one layer)")
+  if not isinstance(c.compress_ratios, tuple):
+    raise ValueError(f"compress_ratios={c.compress_ratios!r} must be a tuple, one entry per layer")
   for i, r in enumerate(c.compress_ratios):
-    if not isinstance(r, int) or r < 0:
-      raise ValueError(f"compress_ratios[{i}]={r!r} must be an integer >= 0")
+    if isinstance(r, AttentionKind):
+      continue
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+      raise ValueError(f"compress_ratios[{i}]={r!r} must be an attention kind or an integer >= 0 "
+                       "(0 sliding, 4 CSA, other HCA)")
   if not (0 < c.rope_dim <= c.head_dim) or c.rope_dim % 2:
     raise ValueError(f"rope_dim={c.rope_dim} must be even and in (0, head_dim={c.head_dim}]")
   if c.num_heads % c.o_groups:
     raise ValueError(f"num_heads={c.num_heads} not divisible by o_groups={c.o_groups}")
-  if c.hca_ratio <= 0 or c.hca_ratio == CSA_RATIO:
+  csa_ratio = kinds_lib.lookup("csa")().ratio
+  if c.hca_ratio <= 0 or c.hca_ratio == csa_ratio:
     raise ValueError(f"hca_ratio={c.hca_ratio} must be a positive integer other than "
-                     f"{CSA_RATIO} (ratio {CSA_RATIO} is CSA)")
-  if any(layer_kind(r) == "csa" for r in c.layer_ratios):
-    for name in ("index_heads", "index_head_dim", "index_topk"):
-      if getattr(c, name) <= 0:
-        raise ValueError(f"{name}={getattr(c, name)} must be positive when a CSA layer exists"
-                         f" (attention={c.attention!r})")
-    if not (0 < c.rope_dim <= c.index_head_dim):
-      raise ValueError(f"rope_dim={c.rope_dim} must fit in index_head_dim={c.index_head_dim}")
+                     f"{csa_ratio} (ratio {csa_ratio} is CSA)")
+  for kind in dict.fromkeys(c.layer_kinds):  # each distinct kind once, in schedule order
+    kind.validate(c)
   if not (0 < c.experts_per_token <= c.num_experts):
     raise ValueError(
       f"experts_per_token={c.experts_per_token} must be in [1, num_experts={c.num_experts}]"

@@ -16,7 +16,8 @@ import math
 import os
 from typing import Any
 
-from deepseek_v4.config import CSA_RATIO, SWA_RATIO, ModelConfig, layer_kind
+from deepseek_v4 import kinds as kinds_lib
+from deepseek_v4.config import ModelConfig
 
 MODEL_TYPES = ("deepseek_v4",)  # the `model_type` of the hub and transformers configs
 
@@ -73,6 +74,14 @@ _HF_KIND = {
   "compressed_sparse_attention": "csa",
   "heavily_compressed_attention": "hca",
 }
+_HF_TYPE = {kind: hf_type for hf_type, kind in _HF_KIND.items()}
+_SLIDING = 0  # the hub's `compress_ratios` entry of a sliding-only layer
+
+
+def _csa_ratio() -> int:
+  return kinds_lib.lookup("csa")().ratio
+
+
 # transformers' DeepseekV4Config default of `compress_rates`.
 _HF_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
 _REQUIRED = object()
@@ -145,6 +154,28 @@ def _first_of(hf: dict, *keys: str) -> tuple[str, Any]:
                    "missing or null")
 
 
+def _schedule(hf: dict, num_layers: int) -> tuple:
+  """The layer schedule: our own key's list of kinds when the file has one (a schedule with a
+  kind that has no official encoding, written by `fields_to_hf`), else the official keys."""
+  own = _as_dict(_OWN_KEY, _get(hf, _OWN_KEY, {}))
+  if own.get("layers") is None:
+    return _hf_compress_ratios(hf, num_layers)
+  raw = _as_list(f"{_OWN_KEY}.layers", own["layers"])
+  if len(raw) != num_layers:
+    raise ValueError(f"{_OWN_KEY}.layers has {len(raw)} entries; expected num_hidden_layers="
+                     f"{num_layers}")
+  out = []
+  for i, e in enumerate(raw):
+    if isinstance(e, dict):
+      try:
+        out.append(kinds_lib.from_json(e))
+      except ValueError as err:
+        raise ValueError(f"{_OWN_KEY}.layers[{i}]: {err}") from None
+    else:
+      out.append(_as_int(f"{_OWN_KEY}.layers[{i}]", e))
+  return tuple(out)
+
+
 def _hf_compress_ratios(hf: dict, num_layers: int) -> tuple[int, ...]:
   if hf.get("layer_types") is not None:
     kinds = _as_list("layer_types", hf["layer_types"])
@@ -160,15 +191,15 @@ def _hf_compress_ratios(hf: dict, num_layers: int) -> tuple[int, ...]:
     ratios = []
     for i, kind in enumerate(kinds):
       if kind == "sliding_attention":
-        ratios.append(SWA_RATIO)
+        ratios.append(_SLIDING)
       elif kind not in rates:
         raise ValueError(f"layer_types[{i}]={kind!r} but compress_rates={rates} has no such key")
       else:
         ratios.append(_as_int(f"compress_rates[{kind!r}]", rates[kind]))
-    csa = rates.get("compressed_sparse_attention", CSA_RATIO)
-    if csa != CSA_RATIO:
+    csa = rates.get("compressed_sparse_attention", _csa_ratio())
+    if csa != _csa_ratio():
       raise ValueError(f"compress_rates['compressed_sparse_attention']={csa!r}; CSA layers are "
-                       f"defined by ratio {CSA_RATIO} (docs/architecture.md#layer-schedule)")
+                       f"defined by ratio {_csa_ratio()} (docs/architecture.md#layer-schedule)")
   elif hf.get("compress_ratios") is not None:
     raw = _as_list("compress_ratios", hf["compress_ratios"])
     ratios = [_as_int(f"compress_ratios[{i}]", r) for i, r in enumerate(raw)]
@@ -176,7 +207,7 @@ def _hf_compress_ratios(hf: dict, num_layers: int) -> tuple[int, ...]:
     raise ValueError("the per-layer schedule is missing: expected 'layer_types' (transformers) "
                      "or 'compress_ratios' (hub)")
   if len(ratios) == num_layers + 1:
-    if ratios[-1] != SWA_RATIO:
+    if ratios[-1] != _SLIDING:
       raise ValueError(
         f"the MTP entry of compress_ratios is {ratios[-1]}; only 0 (SWA) is supported")
     ratios = ratios[:-1]
@@ -346,7 +377,7 @@ def hf_to_fields(hf: dict) -> dict[str, Any]:
     o_groups=req_int("o_groups"),
     o_lora_rank=req_int("o_lora_rank"),
     window=req_int("sliding_window"),
-    compress_ratios=_hf_compress_ratios(hf, num_layers),
+    compress_ratios=_schedule(hf, num_layers),
     index_heads=req_int("index_n_heads"),
     index_head_dim=req_int("index_head_dim"),
     index_topk=req_int("index_topk"),
@@ -387,11 +418,14 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   go under our own key, as do the other knobs of `_OWN_FIELDS`; the transformers keys describe
   the fields as stored (`compress_ratios`, not `layer_ratios`), so a config reads back equal. A
   switched config (residual != "mhc", attention != "v4", router_bias off) is a model only this
-  package runs.
+  package runs, as is one whose schedule holds a kind without an official encoding (Dense, a
+  registered user kind): its schedule goes under our key as `layers` (`AttentionKind.to_json`)
+  instead of `layer_types`.
   """
-  kinds = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
-           "hca": "heavily_compressed_attention"}
-  hca = sorted({r for r in cfg.compress_ratios if layer_kind(r) == "hca"}) or [128]
+  kinds = [kinds_lib.as_kind(e) for e in cfg.compress_ratios]
+  official = all(kinds_lib.official_ratio(k) is not None for k in kinds)
+  hca = sorted({k.ratio for k in kinds if _HF_TYPE.get(k.name) == "heavily_compressed_attention"})
+  hca = hca or [128]
   if len(hca) > 1:
     raise ValueError(f"transformers supports one HCA ratio per model; got {hca}")
   rope = {"rope_type": "default"}
@@ -411,9 +445,9 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     "n_shared_experts": cfg.num_shared_experts, "num_experts_per_tok": cfg.experts_per_token,
     "scoring_func": cfg.score_func, "norm_topk_prob": cfg.norm_topk_prob,
     "routed_scaling_factor": cfg.route_scale, "swiglu_limit": cfg.swiglu_limit,
-    "layer_types": [kinds[layer_kind(r)] for r in cfg.compress_ratios],
-    "compress_rates": {"compressed_sparse_attention": CSA_RATIO,
-                       "heavily_compressed_attention": hca[0]},
+    **({"layer_types": [_HF_TYPE[k.name] for k in kinds],
+        "compress_rates": {"compressed_sparse_attention": _csa_ratio(),
+                           "heavily_compressed_attention": hca[0]}} if official else {}),
     "mlp_layer_types": ["hash_moe" if cfg.is_hash_layer(i) else "moe"
                         for i in range(cfg.num_layers)],
     "sliding_window": cfg.window, "index_n_heads": cfg.index_heads,
@@ -425,5 +459,7 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     "num_nextn_predict_layers": cfg.num_mtp_layers, "bos_token_id": cfg.bos_token_id,
     "eos_token_id": cfg.eos_token_id, "tie_word_embeddings": False, "hidden_act": "silu",
     "initializer_range": cfg.init_std,
-    _OWN_KEY: {k: getattr(cfg, k) for k in _OWN_FIELDS},
+    # A kind without an official encoding (Dense, a user kind): the whole schedule, our way.
+    _OWN_KEY: {**{k: getattr(cfg, k) for k in _OWN_FIELDS},
+               **({} if official else {"layers": [k.to_json() for k in kinds]})},
   }

@@ -69,7 +69,7 @@ def indexer_selections(model, ids: np.ndarray, layer: int) -> np.ndarray:
   and `Indexer.select` as its attention calls them (docs/architecture.md#indexer)."""
   attn = model.layer(layer).attn
   if attn.indexer is None:
-    raise ValueError(f"layer {layer} is {attn.kind}, not CSA: it has no indexer")
+    raise ValueError(f"layer {layer} is {attn.kind.name}, not CSA: it has no indexer")
   u, positions = attention_input(model, ids, layer)
   cos, sin = rope_angles(positions, attn.freqs)
   cq, _, _ = attn.project_qkv(u, cos, sin)
@@ -101,7 +101,7 @@ def compressor_weights(model, ids: np.ndarray, layer: int, which: str = "main") 
   if which == "indexer":
     comp = None if attn.indexer is None else attn.indexer.compressor
   if comp is None:
-    raise ValueError(f"layer {layer} ({attn.kind}) has no {which} compressor")
+    raise ValueError(f"layer {layer} ({attn.kind.name}) has no {which} compressor")
   u, _ = attention_input(model, ids, layer)
   n = u.shape[1] // comp.ratio
   c, z = comp.project(u[:, : n * comp.ratio])

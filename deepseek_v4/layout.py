@@ -1,6 +1,6 @@
 """How the trunk's layers are grouped for `jax.lax.scan`, and the official per-layer names.
 
-A layer's kind is (compression ratio, hash-routed). The layers are cut, left to right, into
+A layer's kind is (attention kind, hash-routed), the attention kind a `deepseek_v4.kinds` object. The layers are cut, left to right, into
 groups: a group is a period of kinds repeated `count` times (Flash: `[SWA·h] x 2`, `[CSA·h]`,
 `[HCA, CSA] x 20`). A group with `count > 1` holds its parameters stacked on a leading `layers`
 axis and runs under one scan; a group of one is a plain block. Inside the model a parameter is
@@ -18,22 +18,28 @@ import re
 import jax
 
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.kinds import AttentionKind
 
 MAX_PERIOD = 4  # longest repeating pattern looked for (V4 uses 1 and 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """Layers `start .. start + len(ratios) * count - 1`: the period (ratios, hashed) x count."""
+  """Layers `start .. start + len(kinds) * count - 1`: the period (kinds, hashed) x count."""
 
   start: int
-  ratios: tuple[int, ...]
+  kinds: tuple[AttentionKind, ...]
   hashed: tuple[bool, ...]
   count: int
 
   @property
   def period(self) -> int:
-    return len(self.ratios)
+    return len(self.kinds)
+
+  @property
+  def ratios(self) -> tuple[int, ...]:
+    """The compression ratio of each slot's kind (0 = no entries)."""
+    return tuple(k.ratio for k in self.kinds)
 
   @property
   def scanned(self) -> bool:
@@ -52,7 +58,7 @@ def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
   """Greedy cut into maximal repeats: at each layer, the period (<= MAX_PERIOD) whose repeats
   cover the most layers (the shortest period on ties); a kind that does not repeat stands alone.
   With `cfg.scan_layers=False` every layer is its own group."""
-  kinds = [(r, cfg.is_hash_layer(i)) for i, r in enumerate(cfg.layer_ratios)]
+  kinds = [(k, cfg.is_hash_layer(i)) for i, k in enumerate(cfg.layer_kinds)]
   L, i, groups = len(kinds), 0, []
   while i < L:
     period, count = 1, 1
@@ -63,8 +69,8 @@ def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
           c += 1
         if c >= 2 and c * p > period * count:
           period, count = p, c
-    ratios, hashed = zip(*kinds[i: i + period])
-    groups.append(Group(i, tuple(ratios), tuple(hashed), count))
+    attn, hashed = zip(*kinds[i: i + period])
+    groups.append(Group(i, tuple(attn), tuple(hashed), count))
     i += period * count
   return tuple(groups)
 
@@ -138,3 +144,20 @@ def model_path(cfg: ModelConfig, name: str) -> tuple[str, int | None]:
   g, r, s = locate(cfg, int(m.group(1)))
   grp = layer_groups(cfg)[g]
   return f"groups.{g}.blocks.{s}.{m.group(2)}", (r if grp.scanned else None)
+
+
+_ATTN = re.compile(r"^(?:groups\.(\d+)\.blocks\.(\d+)|layers\.(\d+)|mtp\.\d+)\.attn\.(.+)$")
+
+
+def attention_param(cfg: ModelConfig, path) -> tuple[AttentionKind, str] | None:
+  """(the layer's attention kind, the name below `attn.`) of an attention parameter, given as a
+  model path, an official name or an MTP path (any form `path_name` takes); None otherwise."""
+  m = _ATTN.match(path_name(path))
+  if m is None:
+    return None
+  g, slot, layer, rest = m.groups()
+  if g is not None:
+    return layer_groups(cfg)[int(g)].kinds[int(slot)], rest
+  if layer is not None:
+    return cfg.layer_kinds[int(layer)], rest
+  return cfg.mtp_kind, rest

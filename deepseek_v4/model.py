@@ -19,7 +19,8 @@ from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
 from deepseek_v4 import layout, sharding
-from deepseek_v4.config import SWA_RATIO, ModelConfig
+from deepseek_v4.config import ModelConfig
+from deepseek_v4.kinds import AttentionKind
 from deepseek_v4.layers import mhc
 from deepseek_v4.layers.attention import Attention
 from deepseek_v4.layers.moe import MoE
@@ -94,7 +95,7 @@ class Block(nnx.Module):
   "plain" (one stream, no hc_* tensors: x + attn(norm(x)), then x + moe(norm(x))).
   """
 
-  def __init__(self, cfg: ModelConfig, ratio: int, hashed: bool, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kind: AttentionKind, hashed: bool, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
@@ -103,7 +104,7 @@ class Block(nnx.Module):
               cfg.residual == "mhc")
       self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mhc.init_site(*site)
       self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.init_site(*site)
-    self.attn = Attention(cfg, ratio, rngs=rngs)
+    self.attn = Attention(cfg, kind, rngs=rngs)
     self.ffn = MoE(cfg, hashed, rngs=rngs)
 
   def _site(self, x: Array, which: str):
@@ -146,7 +147,7 @@ class Group(nnx.Module):
     self.spec = spec
 
     def make(rngs):
-      return nnx.List([Block(cfg, r, h, rngs=rngs) for r, h in zip(spec.ratios, spec.hashed)])
+      return nnx.List([Block(cfg, k, h, rngs=rngs) for k, h in zip(spec.kinds, spec.hashed)])
 
     if spec.scanned:
       make = nnx.vmap(make, in_axes=0, out_axes=0, axis_size=spec.count,
@@ -212,7 +213,7 @@ class MTPBlock(Block):
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, SWA_RATIO, False, rngs=rngs)
+    super().__init__(cfg, cfg.mtp_kind, False, rngs=rngs)
     lin = dict(std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     self.e_proj = Linear(cfg.d_model, cfg.d_model, axes=("embed", "embed_in"), **lin)
     self.h_proj = Linear(cfg.d_model, cfg.d_model, axes=("embed", "embed_in"), **lin)

@@ -50,7 +50,7 @@ import jax
 import numpy as np
 
 from deepseek_v4 import layout, sharding
-from deepseek_v4.config import CSA_RATIO, ModelConfig, layer_kind
+from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers.moe_ep import ALL_TO_ALL, capacity, ragged_rows
 
 GMM_PATHS = ("tiled", "ragged_dot", "reference")
@@ -312,8 +312,7 @@ def block_bytes_per_token(cfg: ModelConfig, tp_heads: int, tp_mlp: int, ep: bool
   mhc = 2 * (M * D * 4 + M * D * act + D * act)  # two sites: f32 streams, new streams, collapse
   attn = (cfg.q_lora_rank + 2 * H) * act + N * H * (2 * act + 4) / tp_heads  # q, o (+ f32 o)
   attn += cfg.o_groups * cfg.o_lora_rank * act / tp_heads
-  if any(layer_kind(r) == "csa" for r in cfg.compress_ratios):
-    attn += cfg.index_heads * (cfg.index_head_dim * act + 4) / tp_heads + 2 * 2 * H * 4
+  attn += max(k.activation_bytes(cfg, act, tp_heads) for k in cfg.layer_kinds)  # e.g. CSA's
   shared = cfg.num_shared_experts * (3 * F * 4 / tp_mlp + D * 4)
   router = cfg.num_experts * 4 * 2
   routed = 0.0 if ep else X * (2 * D * act + 3 * F * 4 / tp_mlp + F * act / tp_mlp)
@@ -324,13 +323,12 @@ def attention_block_bytes(cfg: ModelConfig, rows: int, seq: int, tp_heads: int) 
   """One query block's attention + indexer working set (float32 scores, probabilities, keys)."""
   blk = min(cfg.attn_block, seq)
   keys = cfg.window + blk
-  for r in cfg.compress_ratios:
-    kind = layer_kind(r)
-    extra = min(cfg.index_topk, seq // CSA_RATIO) if kind == "csa" else seq // r if r else 0
-    keys = max(keys, cfg.window + blk + extra)
+  for kind in cfg.layer_kinds:
+    keys = max(keys, min(kind.window(cfg, seq), seq) + blk + kind.block_entries(cfg, seq))
   N = cfg.num_heads / tp_heads
   core = rows * blk * (N * keys * 4 * 2 + keys * cfg.head_dim * 4)
-  index = rows * blk * cfg.index_heads / tp_heads * (seq // CSA_RATIO) * 4
+  scored = max(kind.scored_entries(cfg, seq) for kind in cfg.layer_kinds)
+  index = rows * blk * cfg.index_heads / tp_heads * scored * 4
   return core + index
 
 

@@ -43,7 +43,9 @@ from flax import nnx
 
 from deepseek_v4 import layout
 from deepseek_v4 import cache as cache_lib
-from deepseek_v4.config import ModelConfig, layer_kind
+from deepseek_v4 import kinds as kinds_lib
+from deepseek_v4.config import ModelConfig
+from deepseek_v4.layers.attention_kinds import sum_min
 from deepseek_v4.layers.params import HashTable, RouterBias
 
 # The report's headline figures (spec §1.1 notes): (total, active) parameters.
@@ -66,6 +68,18 @@ LABELS = {
   "attn_core_hca": "attention core (HCA: W + ctx/m keys)",
   "indexer_scores": "indexer scoring (ctx/4 entries)",
 }
+
+
+
+def _label(key: str) -> str:
+  """The table label of a component or FLOPs key (a registered kind's: from its name)."""
+  if key in LABELS:
+    return LABELS[key]
+  for prefix, what in (("attn_core_", "attention core"), ("attn_", "attention projections")):
+    if key.startswith(prefix):
+      return f"{what} ({key[len(prefix):]})"
+  return key
+
 
 # Serving-format widths (spec §5.3): rope channels BF16, the rest FP8; indexer keys FP4.
 BF16_BYTES, FP8_BYTES, FP4_BYTES, FP32_BYTES = 2, 1, 0.5, 4
@@ -114,9 +128,8 @@ def component(path: tuple, cfg: ModelConfig) -> str:
   if "compressor" in names:
     return "compressors"
   if "attn" in names:
-    if path[0] == "layers":
-      return "attn_" + layer_kind(cfg.layer_ratios[path[1]])
-    return "attn_sliding"  # the MTP block's attention is sliding-only
+    kind = cfg.layer_kinds[path[1]] if path[0] == "layers" else cfg.mtp_kind
+    return "attn_" + kind.component
   if "shared_experts" in names:
     return "shared_experts"
   if "experts" in names:
@@ -207,7 +220,9 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     for key, v in (("total", size), ("active", active), ("matmul", matmul)):
       d = parts[prefix + key]
       d[comp] = d.get(comp, 0) + v
-  trunk = {k: {c: parts[k].get(c, 0) for c in COMPONENTS} for k in ("total", "active", "matmul")}
+  # A registered kind's own component (attn_<component>) follows the V4 ones.
+  comps = COMPONENTS + tuple(c for c in parts["total"] if c not in COMPONENTS)
+  trunk = {k: {c: parts[k].get(c, 0) for c in comps} for k in ("total", "active", "matmul")}
   return ParamCounts(
     total={c: int(v) for c, v in trunk["total"].items()}, active=trunk["active"],
     matmul_active=trunk["matmul"], mtp_total={c: int(v) for c, v in parts["mtp_total"].items()},
@@ -309,56 +324,33 @@ def kv_cache(cfg: ModelConfig, context: int) -> KVCache:
 
 
 # ----- FLOPs --------------------------------------------------------------------------------------
-def attention_keys(cfg: ModelConfig, ratio: int, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(attended keys, indexer-scored entries) of the token that has `ctx` tokens in context."""
-  window = ctx if cfg.attention == "dense" else np.minimum(cfg.window, ctx)
-  kind = layer_kind(ratio)
-  if kind == "sliding":
-    return window, np.zeros_like(ctx)
-  visible = ctx // ratio
-  if kind == "hca":
-    return window + visible, np.zeros_like(ctx)
-  return window + np.minimum(cfg.index_topk, visible), visible
+def attention_keys(cfg: ModelConfig, kind, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(attended keys, indexer-scored entries) of the token that has `ctx` tokens in context, in a
+  layer of `kind` (an AttentionKind, or an official compress_ratios entry)."""
+  kind = kinds_lib.as_kind(kind)
+  window = np.minimum(kind.window(cfg, ctx), ctx)
+  entries, scored = kind.entry_keys(cfg, ctx)
+  return window + entries, scored
 
 
-def _sum_min(cap: int, n: int) -> int:
-  """sum_{c=1..n} min(cap, c)."""
-  return n * (n + 1) // 2 if n <= cap else cap * (cap + 1) // 2 + (n - cap) * cap
-
-
-def _sum_floor(r: int, n: int) -> int:
-  """sum_{c=1..n} floor(c / r)."""
-  q = n // r
-  return r * q * (q - 1) // 2 + q * (n - q * r + 1) if n >= 1 else 0
-
-
-def _sum_min_floor(cap: int, r: int, n: int) -> int:
-  """sum_{c=1..n} min(cap, floor(c / r))."""
-  if n < cap * r:
-    return _sum_floor(r, n)
-  return _sum_floor(r, cap * r - 1) + (n - cap * r + 1) * cap
-
-
-def attention_key_sums(cfg: ModelConfig, ratio: int, context: int) -> tuple[int, int]:
+def attention_key_sums(cfg: ModelConfig, kind, context: int) -> tuple[int, int]:
   """`attention_keys` summed over ctx = 1 .. context, in closed form (exact integers): a prefill's
   totals without an array as long as the context."""
-  window = (context * (context + 1) // 2 if cfg.attention == "dense"
-            else _sum_min(cfg.window, context))
-  kind = layer_kind(ratio)
-  if kind == "sliding":
-    return window, 0
-  if kind == "hca":
-    return window + _sum_floor(ratio, context), 0
-  return window + _sum_min_floor(cfg.index_topk, ratio, context), _sum_floor(ratio, context)
+  kind = kinds_lib.as_kind(kind)
+  W = kind.window(cfg, context)
+  window = context * (context + 1) // 2 if W >= context else sum_min(W, context)
+  entries, scored = kind.entry_key_sums(cfg, context)
+  return window + entries, scored
 
 
 def _attention_flops(cfg: ModelConfig, keys_of) -> dict:
   per_key = 2 * 2 * cfg.num_heads * cfg.head_dim  # q.k and p.v, 2 FLOPs per MAC
   per_entry = 2 * cfg.index_heads * cfg.index_head_dim
   out = {"attn_core_sliding": 0, "attn_core_csa": 0, "attn_core_hca": 0, "indexer_scores": 0}
-  for r in cfg.layer_ratios:
-    keys, scored = keys_of(r)
-    out["attn_core_" + layer_kind(r)] = out["attn_core_" + layer_kind(r)] + keys * per_key
+  for kind in cfg.layer_kinds:
+    keys, scored = keys_of(kind)
+    core = "attn_core_" + kind.component
+    out[core] = out.get(core, 0) + keys * per_key
     out["indexer_scores"] = out["indexer_scores"] + scored * per_entry
   return out
 
@@ -498,8 +490,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _params_lines(s: Summary) -> list[str]:
   p, cfg = s.params, s.config
-  rows = [[LABELS[c], f"{p.total[c]:,}", human(p.total[c]), human(p.active[c])]
-          for c in COMPONENTS if p.total[c]]
+  rows = [[_label(c), f"{p.total[c]:,}", human(p.total[c]), human(p.active[c])]
+          for c in p.total if p.total[c]]
   rows.append(["total without MTP", f"{p.trunk:,}", human(p.trunk),
                human(p.active_incl_embedding)])
   rows.append([LABELS["mtp"], f"{p.mtp:,}", human(p.mtp), human(sum(p.mtp_active.values()))])
@@ -545,7 +537,7 @@ def _flops_lines(f: Flops) -> list[str]:
   rows = [[LABELS.get(k, k), human(v, "F"), human(v, "F")] for k, v in f.matmul.items()]
   for k, v in f.attention.items():
     if v or f.attention_prefill_mean[k]:
-      rows.append([LABELS[k], human(v, "F"), human(f.attention_prefill_mean[k], "F")])
+      rows.append([_label(k), human(v, "F"), human(f.attention_prefill_mean[k], "F")])
   rows.append(["total", human(f.total, "F"), human(f.total_prefill_mean, "F")])
   out = [f"Forward FLOPs per token (MTP excluded, 2 FLOPs/MAC): the token at position "
          f"{f.context - 1:,}, and the mean over a {f.context:,}-token prefill"]
@@ -554,19 +546,28 @@ def _flops_lines(f: Flops) -> list[str]:
 
 def switches(cfg: ModelConfig) -> str:
   """The ablation switches of `cfg` in one line (`field=value`, as config.json stores them)."""
-  attention = cfg.attention + (f" (hca_ratio={cfg.hca_ratio})" if cfg.attention == "hca" else "")
+  attention = cfg.attention + {"hca": f" (hca_ratio={cfg.hca_ratio})"}.get(cfg.attention, "")
   streams = "" if cfg.residual == "plain" else f" (hc_mult={cfg.hc_mult})"
   return (f"residual={cfg.residual}{streams}, attention={attention}, "
           f"score_func={cfg.score_func}, router_bias={cfg.router_bias}, "
           f"hash_layers={cfg.num_hash_layers}")
 
 
+def _layer_counts(kinds: tuple) -> str:
+  """"2 sliding, 2 CSA, 2 HCA" (the V4 kinds always, zero or not), then any other kind; "all
+  dense" when every layer is dense."""
+  labels = [k.label for k in kinds]
+  if set(labels) == {"dense"}:
+    return "all dense"
+  order = ["sliding", "CSA", "HCA"] + [x for x in dict.fromkeys(labels)
+                                       if x not in ("sliding", "CSA", "HCA")]
+  return ", ".join(f"{labels.count(x)} {x}" for x in order)
+
+
 def format_summary(s: Summary) -> str:
   """The summary as plain-text tables."""
   cfg = s.config
-  kinds = cfg.layer_kinds()
-  layers = ("all dense" if cfg.attention == "dense" else
-            f"{kinds.count('sliding')} sliding, {kinds.count('csa')} CSA, {kinds.count('hca')} HCA")
+  layers = _layer_counts(cfg.layer_kinds)
   head = (f"DeepSeek-V4 {s.name or 'custom config'}: {cfg.num_layers} layers "
           f"({layers}), D={cfg.d_model}, heads={cfg.num_heads}x{cfg.head_dim}, "
           f"experts={cfg.num_experts} (top-{cfg.experts_per_token}), MTP={cfg.num_mtp_layers}; "

@@ -417,8 +417,8 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
   lm_sum, ntok = losses.chunked_cross_entropy(model.final_hidden(streams), head, targets,
                                               tcfg.ce_chunk)
   lm = lm_sum / jnp.maximum(ntok, 1)
-  # Indexer KL: per CSA layer the mean over its queries, then the mean over CSA layers.
-  csa = [o.indexer_kl for o, k in zip(outs, cfg.layer_kinds()) if k == "csa"]
+  # Indexer KL: per indexer layer (CSA) the mean over its queries, then the mean over those layers.
+  csa = [o.indexer_kl for o, k in zip(outs, cfg.layer_kinds) if k.trains_indexer]
   indexer = (sum(k[0] / jnp.maximum(k[1], 1.0) for k in csa) / len(csa)) if csa else jnp.zeros(())
   learned = [o.moe for i, o in enumerate(outs) if not cfg.is_hash_layer(i)]
   masks = [mask] * len(learned)

@@ -10,7 +10,6 @@ import pytest
 import deepseek_v4
 from deepseek_v4 import cache as cache_lib
 from deepseek_v4 import summary
-from deepseek_v4.config import layer_kind
 
 
 def _flash_shaped():
@@ -32,12 +31,13 @@ CONFIGS = {
 
 
 def _real_bytes_by_kind(cfg, batch, max_len, dtype):
-  """nbytes of the arrays `init_cache` allocates, per layer kind ("" = the row lengths)."""
+  """nbytes of the arrays `init_cache` allocates, per layer kind's summary component ("" = the
+  row lengths)."""
   c = cache_lib.init_cache(cfg, batch, max_len, dtype)
   out = {"": c.lengths.nbytes}
-  for i, r in enumerate(cfg.layer_ratios):
-    kind = layer_kind(r)
-    out[kind] = out.get(kind, 0) + sum(x.nbytes for x in jax.tree.leaves(c.layer(i)))
+  for i, kind in enumerate(cfg.layer_kinds):
+    name = kind.component  # a dense layer counts as sliding, like its parameters
+    out[name] = out.get(name, 0) + sum(x.nbytes for x in jax.tree.leaves(c.layer(i)))
   return out, sum(x.nbytes for x in jax.tree.leaves(c))
 
 

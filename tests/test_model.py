@@ -216,17 +216,18 @@ def test_preset_schedules(preset, ratios):
   assert cfg.num_mtp_layers == 1 and cfg.num_hash_layers == 3
   assert [cfg.is_hash_layer(i) for i in range(cfg.num_layers)] == [True] * 3 + [False] * (
     cfg.num_layers - 3)
-  kinds = cfg.layer_kinds()
+  kinds = cfg.layer_kinds
+  sliding, csa, hca = deepseek_v4.Sliding(), deepseek_v4.CSA(), deepseek_v4.HCA(ratio=128)
   if preset == "flash":
     assert cfg.num_layers == 43
-    assert [i for i, k in enumerate(kinds) if k == "sliding"] == [0, 1]
-    assert [i for i, k in enumerate(kinds) if k == "csa"] == list(range(2, 43, 2))
-    assert [i for i, k in enumerate(kinds) if k == "hca"] == list(range(3, 42, 2))
+    assert [i for i, k in enumerate(kinds) if k == sliding] == [0, 1]
+    assert [i for i, k in enumerate(kinds) if k == csa] == list(range(2, 43, 2))
+    assert [i for i, k in enumerate(kinds) if k == hca] == list(range(3, 42, 2))
   else:
     assert cfg.num_layers == 61
-    assert "sliding" not in kinds
-    assert [i for i, k in enumerate(kinds) if k == "csa"] == list(range(2, 61, 2))
-    assert [i for i, k in enumerate(kinds) if k == "hca"] == [0, 1] + list(range(3, 60, 2))
+    assert sliding not in kinds
+    assert [i for i, k in enumerate(kinds) if k == csa] == list(range(2, 61, 2))
+    assert [i for i, k in enumerate(kinds) if k == hca] == [0, 1] + list(range(3, 60, 2))
 
 
 def test_preset_hyperparameters():

@@ -65,7 +65,7 @@ def test_indexer_really_selects(pair):
   """At T=64 a CSA query sees up to 16 entries but keeps 4: the selection is not the identity."""
   model, _ = pair
   attn = model.layer(2).attn
-  assert attn.kind == "csa"
+  assert attn.kind == deepseek_v4.CSA()
   T = 64
   x = jax.random.normal(jax.random.key(0), (1, T, model.cfg.d_model))
   pos = jnp.arange(T)[None]

@@ -20,9 +20,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from deepseek_v4 import sharding
-from deepseek_v4.config import ModelConfig, layer_kind
-from deepseek_v4.layers.compressor import Compressor
-from deepseek_v4.layers.indexer import Indexer
+from deepseek_v4.config import ModelConfig
+from deepseek_v4.kinds import AttentionKind
 from deepseek_v4.layers.norms import RMSNorm, rms_norm
 from deepseek_v4.layers.params import Linear, param
 from deepseek_v4.layers.rope import apply_rope, inv_freq, rope_angles
@@ -33,13 +32,14 @@ _BTGI = ("batch", "seq", None, None)  # activation layout of the grouped output 
 
 
 class Attention(nnx.Module):
-  """One attention layer of kind sliding / CSA / HCA, chosen by `ratio`
-  (docs/architecture.md#layer-schedule)."""
+  """One attention layer of `kind` (`deepseek_v4.kinds`: sliding, dense, CSA, HCA or a
+  registered kind, docs/architecture.md#layer-schedule): the shared projections here, the kind's
+  own submodules and entries from the kind."""
 
-  def __init__(self, cfg: ModelConfig, ratio: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kind: AttentionKind, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.ratio = ratio
-    self.kind = layer_kind(ratio)
+    self.kind = kind
+    self.ratio = kind.ratio
     N, H, G = cfg.num_heads, cfg.head_dim, cfg.o_groups
     pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
     lin = dict(std=std, param_dtype=pd, rngs=rngs)
@@ -51,15 +51,15 @@ class Attention(nnx.Module):
     self.wo_a = Linear(N * H // G, G * cfg.o_lora_rank, axes=("o_lora", "o_group_in"), **lin)
     self.wo_b = Linear(G * cfg.o_lora_rank, cfg.d_model, axes=("embed", "o_lora"), **lin)
     self.attn_sink = param(jnp.zeros((N,), jnp.float32), ("heads",))
-    # Sliding-only layers have neither; nnx.data marks the slots as (possibly empty) submodules.
-    self.compressor = nnx.data(
-      Compressor(cfg.d_model, ratio, H, self.kind == "csa", cfg.rms_eps, **lin)
-      if self.kind != "sliding" else None)
-    self.indexer = nnx.data(Indexer(cfg, rngs=rngs) if self.kind == "csa" else None)
+    # The V4 slots exist on every layer (None on a sliding one); nnx.data marks each slot as a
+    # (possibly empty) submodule.
+    extra = {"compressor": None, "indexer": None, **kind.build(cfg, lin, rngs)}
+    for name, module in extra.items():
+      setattr(self, name, nnx.data(module))
 
   @property
   def freqs(self) -> np.ndarray:
-    return inv_freq(self.cfg, compressed=self.kind != "sliding")
+    return inv_freq(self.cfg, compressed=self.kind.rotary_compressed())
 
   def project_qkv(self, x: Float[Array, "B T D"], cos: Array, sin: Array):
     """c^Q [B,T,L], roped q [B,T,N,H] and roped K=V [B,T,H] (docs/architecture.md#queries,
@@ -88,10 +88,11 @@ class Attention(nnx.Module):
     return self.wo_b(sharding.constrain(o, _BTGI).reshape(B, T, G * dg))
 
   def window(self, span: int) -> int:
-    """W of the window branch. attention="dense": `span`, the number of positions the call can
-    see (T of a full sequence, the ring's slots with a cache), so every earlier key is in the
-    window: full causal attention, O(T^2) like any dense attention, through the same kernel."""
-    return span if self.cfg.attention == "dense" else self.cfg.window
+    """W of the window branch, from the kind. A dense layer answers `span`, the number of
+    positions the call can see (T of a full sequence, the ring's slots with a cache), so every
+    earlier key is in the window: full causal attention, O(T^2) like any dense attention, through
+    the same kernel."""
+    return self.kind.window(self.cfg, span)
 
   def core(self, q, positions, kv, *, window: int, impl: str, comp=None, comp_idx=None,
            prefix_kv=None, prefix_pos=None, segments=None, comp_seg=None,
@@ -133,7 +134,7 @@ class Attention(nnx.Module):
     if cache is not None and indexer_stage != "off":
       raise ValueError(f"indexer_stage={indexer_stage!r} needs the full sequence, not a cache")
     # The scope names the layer kind in HLO metadata (scripts/bench_forward.py --profile).
-    with jax.named_scope(f"attention_{self.kind}"):
+    with jax.named_scope(f"attention_{self.kind.name}"):
       if cache is not None:
         y, new = self._extend(x, positions, n_valid, cache, impl)
         return y, new, jnp.zeros((2,), jnp.float32)
@@ -144,32 +145,24 @@ class Attention(nnx.Module):
     cos, sin = rope_angles(positions, freqs)
     cq, q, kv = self.project_qkv(x, cos, sin)
     row_pos = positions  # window distance and entry visibility are measured along the row
-    doc_pos = comp = idx = comp_seg = None
+    doc_pos = None
     if segments is not None:
       B, T = positions.shape
       row_pos, doc_pos = jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype), (B, T)), positions
-    if self.compressor is not None:
-      comp = self.compressor(x, freqs, doc_pos, segments)  # [B, T // m, H]
-      if segments is not None:
-        comp_seg = segments[:, : comp.shape[1] * self.ratio: self.ratio]
-    train_indexer = stage != "off" and self.indexer is not None
-    if self.indexer is not None:
-      # The indexer reads detached inputs: it learns only from its own loss
-      # (docs/architecture.md#indexer-training).
-      sg = jax.lax.stop_gradient
-      ikeys, iq, iw = self.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
-      if stage != "dense":  # dense warm-up: every visible entry, no selection
-        idx = sg(self.indexer.select(iq, iw, ikeys, row_pos, segments, comp_seg, impl=impl))
-    o = self.core(q, row_pos, kv, window=self.window(x.shape[1]), impl=impl, comp=comp,
-                  comp_idx=idx, segments=segments,
-                  comp_seg=comp_seg, return_lse=train_indexer)
+    src = self.kind.full_entries(self, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage,
+                                 impl)
+    train_indexer = stage != "off" and src.indexer is not None
+    o = self.core(q, row_pos, kv, window=self.window(x.shape[1]), impl=impl, comp=src.comp,
+                  comp_idx=src.comp_idx, segments=segments,
+                  comp_seg=src.comp_seg, return_lse=train_indexer)
     kl = jnp.zeros((2,), jnp.float32)
     if train_indexer:
       o, lse = o
       sg = jax.lax.stop_gradient
+      iq, iw, ikeys = src.indexer
       kl = indexer_kl_from_attention(
-        sg(q), sg(lse), sg(comp), iq, iw, ikeys, idx, row_pos, scale=self.scale,
-        ratio=self.ratio, block=self.cfg.attn_block, segments=segments, comp_seg=comp_seg)
+        sg(q), sg(lse), sg(src.comp), iq, iw, ikeys, src.comp_idx, row_pos, scale=self.scale,
+        ratio=self.ratio, block=self.cfg.attn_block, segments=segments, comp_seg=src.comp_seg)
     return self.output(o, cos, sin), None, kl
 
   def _extend(self, x, positions, n_valid, cache, impl: str):
@@ -182,18 +175,10 @@ class Attention(nnx.Module):
     freqs = self.freqs
     cos, sin = rope_angles(positions, freqs)
     cq, q, kv = self.project_qkv(x, cos, sin)
-    start = positions[:, 0]
-    new = {}
-    comp = idx = None
-    if self.compressor is not None:
-      comp, new["compressor"] = self.compressor.extend(x, start, n_valid, cache.compressor,
-                                                       cache.entries, freqs)
-      new["entries"] = comp
-    if self.indexer is not None:
-      idx, new["index_keys"], new["indexer"] = self.indexer.extend(
-        x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys, impl)
+    src, new = self.kind.extend_entries(self, x, cq, positions, cos, sin, freqs, n_valid, cache,
+                                        impl)
     o = self.core(q, positions, kv, window=self.window(cache.window.kv.shape[1]), impl=impl,
-                  comp=comp, comp_idx=idx, prefix_kv=cache.window.kv,
+                  comp=src.comp, comp_idx=src.comp_idx, prefix_kv=cache.window.kv,
                   prefix_pos=cache.window.pos)
     new["window"] = write_window(cache.window, kv, positions, n_valid)
     return self.output(o, cos, sin), cache.replace(**new)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
-from deepseek_v4.config import CSA_RATIO, ModelConfig
+from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers.compressor import Compressor
 from deepseek_v4.layers.params import Linear
 from deepseek_v4.layers.rope import apply_rope
@@ -25,7 +25,8 @@ from kernels_pallas.indexer_topk import ops as indexer_ops
 class Indexer(nnx.Module):
   """Parameters: wq_b [H_I*c_I, d_c], weights_proj [H_I, D] and a compressor at width c_I."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, ratio: int, *, rngs: nnx.Rngs):
+    self.ratio = ratio  # the CSA layer's compression ratio, which its indexer keys share
     self.heads = cfg.index_heads
     self.head_dim = cfg.index_head_dim
     self.topk = cfg.index_topk
@@ -36,7 +37,7 @@ class Indexer(nnx.Module):
                        axes=("index_heads", "q_lora"), std=cfg.init_std, param_dtype=pd, rngs=rngs)
     self.weights_proj = Linear(cfg.d_model, self.heads, axes=(None, "embed"), std=cfg.init_std,
                                param_dtype=pd, rngs=rngs)
-    self.compressor = Compressor(cfg.d_model, CSA_RATIO, self.head_dim, True, cfg.rms_eps,
+    self.compressor = Compressor(cfg.d_model, ratio, self.head_dim, True, cfg.rms_eps,
                                  std=cfg.init_std, param_dtype=pd, rngs=rngs)
 
   def queries(self, x: Float[Array, "B T D"], cq: Float[Array, "B T L"], cos: Array,
@@ -53,7 +54,7 @@ class Indexer(nnx.Module):
              k_seg: Array | None = None, impl: str | None = None) -> Array:
     """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk); `impl` is the
     kernel implementation (default `cfg.kernel_impl`, like the attention's)."""
-    return indexer_ops.indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk,
+    return indexer_ops.indexer_topk(q, w, keys, positions, ratio=self.ratio, topk=self.topk,
                                     block=self.block, q_seg=q_seg, k_seg=k_seg,
                                     impl=impl or self.impl)
 

@@ -292,30 +292,27 @@ def matrix_blocks(cfg: ModelConfig) -> BlocksFn:
 
   * `hc_{attn,ffn}_fn` [(2+M)M, M D] = [W^pre (M rows); W^post (M rows); W^res (M^2 rows)];
   * `attn.wo_a` [G d_g, N H / G]: one block per output group;
-  * CSA compressors (main and indexer) `wkv`/`wgate` [2 c, D]: series A and series B;
+  * a layer's own attention parameters: what its kind's `muon_blocks` answers (CSA's
+    compressors, main and indexer, `wkv`/`wgate` [2 c, D]: series A and series B);
   * stacked experts [E, ., .]: each expert is its own matrix (leading axis);
   * everything else: one matrix.
   """
   M = cfg.hc_mult
 
   def fn(name: str, shape: tuple[int, ...]) -> MatrixBlocks:
-    rows = shape[-2]
     if re.search(r"(^|\.)hc_(attn|ffn)_fn$", name):
       return MatrixBlocks((M, M, M * M))
     if name.endswith("attn.wo_a.weight"):
       return MatrixBlocks((cfg.o_lora_rank,) * cfg.o_groups)
-    if re.search(r"compressor\.(wkv|wgate)\.weight$", name) and _csa_compressor(cfg, name, rows):
-      return MatrixBlocks((rows // 2, rows // 2))
+    attn = layout.attention_param(cfg, name)
+    if attn is not None:  # the layer's kind knows its own parameters' blocks
+      kind, rest = attn
+      blocks = kind.muon_blocks(cfg, rest, shape)
+      if blocks is not None:
+        return MatrixBlocks(tuple(blocks))
     return MatrixBlocks()
 
   return fn
-
-
-def _csa_compressor(cfg: ModelConfig, name: str, rows: int) -> bool:
-  """The indexer's compressor is always CSA; a layer's own one is CSA iff it projects to the two
-  series (2 x head_dim rows; an HCA compressor has head_dim). Decided from the shape, so it holds
-  for a scanned stack of layers as for one layer."""
-  return ".indexer." in name or rows == 2 * cfg.head_dim
 
 
 def _is_var(x) -> bool:
