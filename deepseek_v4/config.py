@@ -145,11 +145,9 @@ class ModelConfig:
   def __post_init__(self):
     if isinstance(self.compress_ratios, list):
       object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
-    if isinstance(self.compress_ratios, tuple) and any(isinstance(e, dict)
-                                                       for e in self.compress_ratios):
-      # A kind's `to_json` form (checkpoint metadata stores `to_dict()` as JSON).
-      object.__setattr__(self, "compress_ratios", tuple(
-        kinds_lib.from_json(e) if isinstance(e, dict) else e for e in self.compress_ratios))
+    if isinstance(self.compress_ratios, tuple):
+      object.__setattr__(self, "compress_ratios", tuple(map(_schedule_entry,
+                                                            self.compress_ratios)))
     _validate(self)
 
   # ----- derived sizes --------------------------------------------------------------------------
@@ -224,6 +222,19 @@ class ModelConfig:
     from deepseek_v4 import config_hf
 
     return config_hf.fields_to_hf(self)
+
+
+def _schedule_entry(entry: Any) -> Any:
+  """One `compress_ratios` entry in its canonical form, so equal schedules compare equal: a V4
+  kind with an official encoding as its ratio (`CSA()` -> 4, what checkpoints and config.json
+  have always stored), another kind as itself (a `to_json` dict, as checkpoint metadata stores
+  it, read back), anything else as given for `_validate` to judge."""
+  if isinstance(entry, dict):
+    entry = kinds_lib.from_json(entry)
+  if isinstance(entry, AttentionKind):
+    r = kinds_lib.official_ratio(entry)
+    return entry if r is None else r
+  return entry
 
 
 @functools.cache

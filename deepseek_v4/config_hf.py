@@ -461,5 +461,6 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     "initializer_range": cfg.init_std,
     # A kind without an official encoding (Dense, a user kind): the whole schedule, our way.
     _OWN_KEY: {**{k: getattr(cfg, k) for k in _OWN_FIELDS},
-               **({} if official else {"layers": [k.to_json() for k in kinds]})},
+               **({} if official else {"layers": [e.to_json() if isinstance(e, kinds_lib.AttentionKind)
+                                                   else e for e in cfg.compress_ratios]})},
   }

@@ -163,7 +163,8 @@ def register(cls: type[AttentionKind]) -> type[AttentionKind]:
   """Class decorator: makes `cls` a kind a config can hold and config.json can name."""
   if not (isinstance(cls, type) and issubclass(cls, AttentionKind)):
     raise TypeError(f"register({cls!r}): expected a subclass of AttentionKind")
-  if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+  params = cls.__dict__.get("__dataclass_params__")  # the class itself, not only a base
+  if params is None or not params.frozen:
     raise TypeError(f"register({cls.__name__}): a kind must be a frozen dataclass (hashable, "
                     "immutable), e.g. @dataclasses.dataclass(frozen=True)")
   if not cls.name:
