@@ -111,7 +111,7 @@ class _Compressed(AttentionKind):
 @dataclasses.dataclass(frozen=True)
 class HCA(_Compressed):
   """Heavily compressed attention: window + every visible entry of a non-overlapping compressor
-  with ratio m (docs/architecture.md#hca)."""
+  with ratio m (docs/architecture.md#layer-kinds)."""
 
   name = "hca"
   ratio: int = 128
@@ -141,7 +141,7 @@ class HCA(_Compressed):
 @dataclasses.dataclass(frozen=True)
 class CSA(_Compressed):
   """Compressed sparse attention: window + the top-k entries (by the lightning indexer) of an
-  overlapping compressor with ratio 4 (docs/architecture.md#csa, #indexer)."""
+  overlapping compressor with ratio 4 (docs/architecture.md#layer-kinds, #indexer)."""
 
   name = "csa"
   ratio: int = 4
