@@ -9,7 +9,8 @@ from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.decoding import Sampler, decode_step, generate, prefill
 from deepseek_v4.train import TrainConfig
 
-__all__ = ["AttentionKind", "CSA", "Dense", "HCA", "Sliding", "register", "CheckpointError", "ModelConfig", "PRESETS", "Transformer", "flash",
+__all__ = ["AttentionKind", "CSA", "Dense", "HCA", "Sliding", "register",
+           "CheckpointError", "ModelConfig", "PRESETS", "Transformer", "flash",
            "load_hf_checkpoint", "pro", "save_hf_checkpoint", "tiny",
            "Cache", "Sampler", "TrainConfig", "decode_step", "generate", "init_cache",
            "prefill"]

@@ -411,6 +411,11 @@ _OWN_FIELDS = ("attn_block", "init_std", "scan_layers", "kernel_impl", "residual
                "hca_ratio", "router_bias")
 
 
+def _own_entry(entry):
+  """A schedule entry under our key: an official ratio as is, another kind as its `to_json`."""
+  return entry.to_json() if isinstance(entry, kinds_lib.AttentionKind) else entry
+
+
 def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   """The transformers-style config.json of `cfg` (accepted by `DeepseekV4Config`).
 
@@ -461,6 +466,5 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     "initializer_range": cfg.init_std,
     # A kind without an official encoding (Dense, a user kind): the whole schedule, our way.
     _OWN_KEY: {**{k: getattr(cfg, k) for k in _OWN_FIELDS},
-               **({} if official else {"layers": [e.to_json() if isinstance(e, kinds_lib.AttentionKind)
-                                                   else e for e in cfg.compress_ratios]})},
+               **({} if official else {"layers": [_own_entry(e) for e in cfg.compress_ratios]})},
   }

@@ -74,7 +74,8 @@ class AttentionKind:
 
   @property
   def trains_indexer(self) -> bool:
-    """The layer returns an indexer KL the trainer averages (docs/architecture.md#indexer-training)."""
+    """The layer returns an indexer KL for the trainer to average
+    (docs/architecture.md#indexer-training)."""
     return False
 
   def validate(self, cfg) -> None:

@@ -1,8 +1,8 @@
 """How the trunk's layers are grouped for `jax.lax.scan`, and the official per-layer names.
 
-A layer's kind is (attention kind, hash-routed), the attention kind a `deepseek_v4.kinds` object. The layers are cut, left to right, into
-groups: a group is a period of kinds repeated `count` times (Flash: `[SWA·h] x 2`, `[CSA·h]`,
-`[HCA, CSA] x 20`). A group with `count > 1` holds its parameters stacked on a leading `layers`
+A layer's kind is (attention kind, hash-routed), the attention kind a `deepseek_v4.kinds` object.
+The layers are cut, left to right, into groups: a group is a period of kinds repeated `count`
+times (Flash: `[SWA·h] x 2`, `[CSA·h]`, `[HCA, CSA] x 20`). A group with `count > 1` holds its parameters stacked on a leading `layers`
 axis and runs under one scan; a group of one is a plain block. Inside the model a parameter is
 `groups.G.blocks.S.<rest>` (with the leading axis when scanned); outside (checkpoints, freeze
 patterns, error messages, summaries) it is the official `layers.N.<rest>`. This module is the one

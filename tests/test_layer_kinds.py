@@ -119,7 +119,7 @@ def model():
   return randomize_params(deepseek_v4.Transformer(_cfg(), rngs=nnx.Rngs(0)), seed=1)
 
 
-# ----- the registry and the config -----------------------------------------------------------------
+# ----- the registry and the config ----------------------------------------------------------------
 def test_kinds_are_hashable_static_structure():
   cfg = _cfg()
   assert cfg.layer_kinds == (deepseek_v4.Sliding(), POOL, deepseek_v4.CSA(),
@@ -160,7 +160,7 @@ def test_bad_kind_entries_are_named():
     deepseek_v4.tiny(compress_ratios=(deepseek_v4.HCA(ratio=4),))
 
 
-# ----- summary and plan ----------------------------------------------------------------------------
+# ----- summary and plan ---------------------------------------------------------------------------
 def test_summary_counts_the_toy_kind():
   cfg = _cfg()
   s = summary.summarize(cfg, context=64)
@@ -221,7 +221,7 @@ def test_v4_kind_cache_parts_equal_their_arrays(name):
         assert got == fixed + 96 * sum(w * s / st for _, _, _, w, s, st in parts if st), kind
 
 
-# ----- the model -----------------------------------------------------------------------------------
+# ----- the model ----------------------------------------------------------------------------------
 def test_toy_layers_own_their_submodule(model):
   attn = model.layer(1).attn
   assert attn.kind == POOL and attn.pool.weight.shape == (model.cfg.head_dim, model.cfg.d_model)
