@@ -26,7 +26,7 @@ from deepseek_v4.checkpoint.io import Checkpointer, load_model
 from deepseek_v4.layers.params import Linear
 from deepseek_v4.optim import muon
 from tests.hf_oracle import randomize_params
-from tests.tolerances import F32_DECODE_REL, F32_MODEL_REL, rel_err
+from tests.tolerances import F32_DECODE_REL, rel_err
 
 
 @kinds.register
@@ -232,13 +232,14 @@ def test_toy_layers_own_their_submodule(model):
 def test_toy_entries_change_the_output(model):
   """The pooled entries are really attended: zeroing the toy layers' `pool` changes the logits."""
   ids = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 32)))
-  full = np.asarray(model(ids))
+  forward = nnx.jit(lambda m, x: m(x))
+  full = np.asarray(forward(model, ids))
   assert np.isfinite(full).all()
   state = nnx.state(model)
   zeroed = jax.tree_util.tree_map_with_path(
     lambda p, x: jnp.zeros_like(x) if ".pool." in "." + layout.path_name(p) + "." else x, state)
   other = nnx.merge(nnx.graphdef(model), zeroed)
-  assert rel_err(np.asarray(other(ids)), full) > 1e-3
+  assert rel_err(np.asarray(forward(other, ids)), full) > 1e-3
 
 
 def test_prefill_and_decode_equal_the_forward(model):
@@ -247,7 +248,7 @@ def test_prefill_and_decode_equal_the_forward(model):
   lengths = np.array([5, 8, 13, 16], np.int32)
   T = int(lengths.max())
   tokens = rng.integers(0, model.cfg.vocab_size, (B, T + steps)).astype(np.int32)
-  full = np.asarray(model(jnp.asarray(tokens)))
+  full = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tokens)))
   cache = cache_lib.init_cache(model.cfg, B, T + steps)
   prompt = np.where(np.arange(T)[None] < lengths[:, None], tokens[:, :T], 0)
   logits, cache = decoding.prefill(model, cache, prompt, lengths, chunk_size=3)
@@ -262,13 +263,15 @@ def test_prefill_and_decode_equal_the_forward(model):
 
 
 def test_training_step_reaches_the_toy_parameters():
-  cfg = _cfg(num_mtp_layers=0)
-  tcfg = train.TrainConfig(seq_len=32, batch_size=2, steps=6, learning_rate=1e-2, warmup_steps=1,
+  # two layers (sliding, toy) keep the compile short; the mixed model is the fixture's
+  cfg = deepseek_v4.tiny(compress_ratios=(0, POOL), num_hash_layers=1, num_mtp_layers=0,
+                         hc_sinkhorn_iters=3)
+  tcfg = train.TrainConfig(seq_len=32, batch_size=2, steps=4, learning_rate=1e-2, warmup_steps=1,
                            decay_fraction=0.0)
   model, opt = train.build(cfg, tcfg)
   toks = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 33))
   batch = train.as_batch(toks[:, :-1], toks[:, 1:])
-  grads = nnx.grad(lambda m: train.loss_fn(m, batch, tcfg)[0])(model)
+  grads = nnx.jit(nnx.grad(lambda m: train.loss_fn(m, batch, tcfg)[0]))(model)
   g = np.asarray(grads["groups"][1]["blocks"][0]["attn"]["pool"]["weight"][...])
   assert np.isfinite(g).all() and np.abs(g).max() > 0
   # the toy's weight is a Muon matrix of one block (its kind answers no split)
@@ -287,7 +290,7 @@ def test_checkpoint_round_trip(tmp_path, model):
   ck.save(1, model, train_config=tcfg)
   loaded = load_model(tmp_path, step=1)
   assert loaded.cfg == model.cfg and loaded.layer(4).attn.kind == POOL
-  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  ids = jnp.arange(24)[None] % model.cfg.vocab_size
-  assert rel_err(np.asarray(loaded(ids)), np.asarray(model(ids))) < F32_MODEL_REL
+  want, got = nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))
+  assert [p for p, _ in want] == [p for p, _ in got]  # the toy's `pool` paths included
+  for (_, a), (_, b) in zip(want, got):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
