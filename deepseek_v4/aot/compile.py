@@ -247,6 +247,8 @@ def attention_program(attention, target: str, kind: str, *, N: int, P: int, deco
   """
   import jax.numpy as jnp
 
+  from kernels_pallas.sparse_attention import sources
+
   if kind not in KIND_RATIOS:
     raise ValueError(f"unknown layer kind {kind!r}; expected one of {tuple(KIND_RATIOS)}")
   f32, i32 = jnp.float32, jnp.int32
@@ -264,14 +266,16 @@ def attention_program(attention, target: str, kind: str, *, N: int, P: int, deco
     args.append(sd((B, T, P), i32))
 
   def attend(q, pos, kv, sink, *rest):
-    kw = dict(prefix_kv=rest[0], prefix_pos=rest[1]) if decode else {}
-    rest = rest[2:] if decode else rest
-    if kind != "window":
-      kw.update(comp=rest[0], comp_ratio=KIND_RATIOS[kind])
-    if kind == "csa":
-      kw["comp_idx"] = rest[1]
-    return attention(q, pos, kv, sink, scale=H**-0.5, window=window, block=64, return_lse=True,
-                     **kw)
+    ring = None
+    if decode:
+      ring, rest = sources.Ring(rest[0], rest[1]), rest[2:]
+    entries = None
+    if kind == "hca":
+      entries = sources.VisibleEntries(rest[0], KIND_RATIOS[kind])
+    elif kind == "csa":
+      entries = sources.PickedEntries(rest[0], rest[1])
+    keys = sources.KeySources(sources.Band(kv, window), ring=ring, entries=entries)
+    return attention(q, pos, sink, keys, scale=H**-0.5, block=64, return_lse=True)
 
   if not grad:
     return attend, args

@@ -28,6 +28,7 @@ from deepseek_v4.layers.params import Linear, param
 from deepseek_v4.layers.rope import apply_rope, inv_freq, rope_angles
 from deepseek_v4.losses import indexer_kl_from_attention
 from kernels_pallas.sparse_attention import ops as attention_ops
+from kernels_pallas.sparse_attention import sources
 
 _BTGI = ("batch", "seq", None, None)  # activation layout of the grouped output projection
 
@@ -93,15 +94,20 @@ class Attention(nnx.Module):
     window: full causal attention, O(T^2) like any dense attention, through the same kernel."""
     return span if self.cfg.attention == "dense" else self.cfg.window
 
-  def core(self, q, positions, kv, *, window: int, impl: str, comp=None, comp_idx=None,
-           prefix_kv=None, prefix_pos=None, segments=None, comp_seg=None,
-           return_lse: bool = False):
+  def core(self, q, positions, keys: sources.KeySources, *, impl: str, return_lse: bool = False):
     """The joint softmax over window, compressed entries and sink (kernels_pallas seam)."""
-    return attention_ops.sparse_attention(
-      q, positions, kv, self.attn_sink[...], scale=self.scale, window=window,
-      block=self.cfg.attn_block, prefix_kv=prefix_kv, prefix_pos=prefix_pos, comp=comp,
-      comp_idx=comp_idx, comp_ratio=self.ratio, segments=segments, comp_seg=comp_seg,
-      return_lse=return_lse, impl=impl)
+    return attention_ops.sparse_attention(q, positions, self.attn_sink[...], keys,
+                                          scale=self.scale, block=self.cfg.attn_block,
+                                          return_lse=return_lse, impl=impl)
+
+  def entries(self, comp, idx, comp_seg=None):
+    """The compressed key source: each query's picks (CSA), or every visible entry (HCA, and the
+    CSA layers' dense indexer warm-up); None without entries (a sliding layer)."""
+    if comp is None:
+      return None
+    if idx is None:
+      return sources.VisibleEntries(comp, self.ratio, comp_seg)
+    return sources.PickedEntries(comp, idx, comp_seg)
 
   @property
   def scale(self) -> float:
@@ -160,16 +166,16 @@ class Attention(nnx.Module):
       ikeys, iq, iw = self.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
       if stage != "dense":  # dense warm-up: every visible entry, no selection
         idx = sg(self.indexer.select(iq, iw, ikeys, row_pos, segments, comp_seg, impl=impl))
-    o = self.core(q, row_pos, kv, window=self.window(x.shape[1]), impl=impl, comp=comp,
-                  comp_idx=idx, segments=segments,
-                  comp_seg=comp_seg, return_lse=train_indexer)
+    entries = self.entries(comp, idx, comp_seg)
+    keys = sources.KeySources(sources.Band(kv, self.window(x.shape[1]), segments), entries=entries)
+    o = self.core(q, row_pos, keys, impl=impl, return_lse=train_indexer)
     kl = jnp.zeros((2,), jnp.float32)
     if train_indexer:
       o, lse = o
       sg = jax.lax.stop_gradient
-      kl = indexer_kl_from_attention(
-        sg(q), sg(lse), sg(comp), iq, iw, ikeys, idx, row_pos, scale=self.scale,
-        ratio=self.ratio, block=self.cfg.attn_block, segments=segments, comp_seg=comp_seg)
+      kl = indexer_kl_from_attention(sg(q), sg(lse), sg(entries), iq, iw, ikeys, row_pos,
+                                     scale=self.scale, block=self.cfg.attn_block,
+                                     segments=segments)
     return self.output(o, cos, sin), None, kl
 
   def _extend(self, x, positions, n_valid, cache, impl: str):
@@ -192,9 +198,10 @@ class Attention(nnx.Module):
     if self.indexer is not None:
       idx, new["index_keys"], new["indexer"] = self.indexer.extend(
         x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys, impl)
-    o = self.core(q, positions, kv, window=self.window(cache.window.kv.shape[1]), impl=impl,
-                  comp=comp, comp_idx=idx, prefix_kv=cache.window.kv,
-                  prefix_pos=cache.window.pos)
+    keys = sources.KeySources(sources.Band(kv, self.window(cache.window.kv.shape[1])),
+                              ring=sources.Ring(cache.window.kv, cache.window.pos),
+                              entries=self.entries(comp, idx))
+    o = self.core(q, positions, keys, impl=impl)
     new["window"] = write_window(cache.window, kv, positions, n_valid)
     return self.output(o, cos, sin), cache.replace(**new)
 
