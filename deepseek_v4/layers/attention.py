@@ -100,7 +100,7 @@ class Attention(nnx.Module):
                                           scale=self.scale, block=self.cfg.attn_block,
                                           return_lse=return_lse, impl=impl)
 
-  def entries(self, comp, idx, comp_seg=None):
+  def _entries(self, comp, idx, comp_seg=None):
     """The compressed key source: each query's picks (CSA), or every visible entry (HCA, and the
     CSA layers' dense indexer warm-up); None without entries (a sliding layer)."""
     if comp is None:
@@ -166,7 +166,7 @@ class Attention(nnx.Module):
       ikeys, iq, iw = self.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
       if stage != "dense":  # dense warm-up: every visible entry, no selection
         idx = sg(self.indexer.select(iq, iw, ikeys, row_pos, segments, comp_seg, impl=impl))
-    entries = self.entries(comp, idx, comp_seg)
+    entries = self._entries(comp, idx, comp_seg)
     keys = sources.KeySources(sources.Band(kv, self.window(x.shape[1]), segments), entries=entries)
     o = self.core(q, row_pos, keys, impl=impl, return_lse=train_indexer)
     kl = jnp.zeros((2,), jnp.float32)
@@ -200,7 +200,7 @@ class Attention(nnx.Module):
         x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys, impl)
     keys = sources.KeySources(sources.Band(kv, self.window(cache.window.kv.shape[1])),
                               ring=sources.Ring(cache.window.kv, cache.window.pos),
-                              entries=self.entries(comp, idx))
+                              entries=self._entries(comp, idx))
     o = self.core(q, positions, keys, impl=impl)
     new["window"] = write_window(cache.window, kv, positions, n_valid)
     return self.output(o, cos, sin), cache.replace(**new)

@@ -10,8 +10,9 @@ sources, each with its own logits and mask, joined in one softmax seeded with th
         [i * BLOCK_Q, i * BLOCK_Q + Lp + BLOCK_Q): the copy starts on a tile boundary;
   CSA   the token's own top-k entries, gathered row by row by DMA from a float32 copy of the
         entries in HBM (Mosaic cannot DMA one row of a bf16 tile), the addresses read from the
-        block's `[BLOCK_Q, P]` slice of the picks (`PickedEntries.picks`), which the pipeline copies into SMEM per grid
-        step (never the whole index array: Flash at T=1024 would already fill the 1 MiB SMEM);
+        block's `[BLOCK_Q, P]` slice of the picks (`PickedEntries.picks`), which the pipeline
+        copies into SMEM per grid step (never the whole index array: Flash at T=1024 would
+        already fill the 1 MiB SMEM);
         the next token's rows are fetched while the current token computes (two buffers);
   HCA   every entry of the row (C = T / 128, small) in VMEM, masked by visibility.
 The window mask uses what the model guarantees (kernel.py's GPU body does the same): along a row
@@ -24,8 +25,8 @@ sum instead of a transpose (cheap at N <= 128, and every TPU generation lowers i
 
 Backward: the reference's VJP (`jax.vjp` of `reference.sparse_attention`) under this forward
 (STYLE.md §6), through `jax.custom_vjp`: the residuals are the inputs, so nothing of the forward is
-saved. The decode ring (`keys.ring`) and packed documents (`keys.band.segments`) are not covered here;
-`why_unsupported` says so, and such calls run the reference (logged).
+saved. The decode ring (`keys.ring`) and packed documents (`keys.band.segments`) are not covered
+here; `why_unsupported` says so, and such calls run the reference (logged).
 """
 
 from __future__ import annotations

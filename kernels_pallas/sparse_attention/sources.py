@@ -1,8 +1,9 @@
-"""The key sources of one core-attention call (docs/architecture.md#core-attention), as typed records.
+"""The key sources of one core-attention call (docs/architecture.md#core-attention) as typed
+records.
 
 A query attends, in one softmax with the sink, over up to three sources:
-  Band            the T new tokens' own K=V, seen within the window W (docs/architecture.md
-                  #sliding-window), optionally split into packed documents;
+  Band            the T new tokens' own K=V, seen within the window W
+                  (docs/architecture.md#sliding-window), optionally split into packed documents;
   Ring            older window keys: a decode cache ring of K=V and positions (< 0 = empty slot);
   VisibleEntries  HCA: every compressed entry with index < floor((p_t + 1) / m)
                   (docs/architecture.md#causality);
@@ -41,7 +42,7 @@ def _expect(record: str, name: str, x, want: tuple, pattern: str) -> None:
 
 
 def _static_int(record: str, name: str, value, least: int) -> int:
-  """value as a Python int >= least (a static of the tree structure: hashable, compared by value)."""
+  """value as a Python int >= least (a static of the tree structure: hashed, compared by value)."""
   try:
     value = operator.index(value)
   except TypeError:
@@ -149,7 +150,7 @@ class VisibleEntries:
 @_pytree(data=("kv", "picks", "segments"))
 @dataclasses.dataclass(frozen=True)
 class PickedEntries:
-  """CSA selection: query t sees the entries it picked (docs/architecture.md#lightning-indexer).
+  """CSA selection: query t sees the entries it picked (docs/architecture.md#indexer).
 
   Attributes:
     kv: [B, C, H] compressed entries (normed, roped).
