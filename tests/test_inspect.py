@@ -14,7 +14,6 @@ import deepseek_v4 as dsv4
 from deepseek_v4 import inspect as tour
 from deepseek_v4 import layout
 from deepseek_v4.checkpoint.convert import from_hub_tensors, to_hub_tensors
-from deepseek_v4.model import Options
 from tests.recording import recorded_attention_inputs, recorded_selections
 from tests.tolerances import F32_FUNCTION, rel_err
 
@@ -138,8 +137,9 @@ def test_capture_costs_nothing_unless_asked(model, ids):
   def outputs(**kw):
     return jax.tree.leaves(jax.eval_shape(lambda i: model.trunk(i, **kw), ids))
 
-  plain, off, on = outputs(), outputs(opts=Options(capture=False)), outputs(opts=Options(
-    capture=True))
+  plain = outputs()
+  off = outputs(options=model.options.replace(capture=False))
+  on = outputs(options=model.options.replace(capture=True))
   assert len(plain) == len(off)
   extra = len(on) - len(off)
   assert extra == model.cfg.num_layers
