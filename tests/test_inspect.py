@@ -101,7 +101,8 @@ def test_attention_input_of_a_scanned_layer_is_the_forwards():
   (same weights) and what its attention layer received in an unscanned forward."""
   cfg = dsv4.tiny(compress_ratios=(0, 0, 4, 16, 4, 16, 4), hc_sinkhorn_iters=3)
   scanned = dsv4.Transformer(cfg, rngs=nnx.Rngs(0))
-  unrolled = from_hub_tensors(cfg.replace(scan_layers=False), to_hub_tensors(scanned))
+  unrolled = from_hub_tensors(cfg, to_hub_tensors(scanned),
+                              options=dsv4.Options(scan_layers=False))
   groups = layout.layer_groups(cfg)
   where = [layout.locate(cfg, i) for i in range(cfg.num_layers)]
   assert {(r, s) for g, r, s in where if groups[g].scanned} == {(0, 0), (1, 0), (0, 1), (1, 1)}

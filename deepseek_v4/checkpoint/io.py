@@ -219,7 +219,8 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
       raise ValueError(f"{directory}: a LoRA checkpoint restores on one device (mesh=None); "
                        "merge and shard it afterwards")
 
-    model = abstract.model(cfg, options=options, lora=(run["lora_targets"], run["lora_rank"], run["lora_alpha"])
+    model = abstract.model(cfg, options=options,
+                           lora=(run["lora_targets"], run["lora_rank"], run["lora_alpha"])
                            if adapters else None)
     state = nnx.state(model)
     if mesh is None:

@@ -118,7 +118,8 @@ class Attention(nnx.Module):
   def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], *,
                segments: Int[Array, "B T"] | None = None, cache=None,
                n_valid: Int[Array, "B"] | None = None, indexer_stage: str = "off",
-               impl: str = Options.kernel_impl, block: int = Options.attn_block) -> tuple[Array, Any, Array]:
+               impl: str = Options.kernel_impl, block: int = Options.attn_block
+               ) -> tuple[Array, Any, Array]:
     """One attention layer: the full sequence from position 0, or a chunk against a cache.
 
     Args:

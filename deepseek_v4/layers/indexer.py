@@ -49,7 +49,8 @@ class Indexer(nnx.Module):
     return q, w
 
   def select(self, q: Array, w: Array, keys: Array, positions: Array, q_seg: Array | None = None,
-             k_seg: Array | None = None, impl: str = Options.kernel_impl, block: int = Options.attn_block) -> Array:
+             k_seg: Array | None = None, impl: str = Options.kernel_impl,
+             block: int = Options.attn_block) -> Array:
     """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk); `impl` and `block`
     are the kernel implementation and queries per block (`Options`, like the attention's)."""
     return indexer_ops.indexer_topk(q, w, keys, positions, ratio=CSA_RATIO, topk=self.topk,
