@@ -3,7 +3,8 @@
 from deepseek_v4.config import PRESETS, ModelConfig, flash, pro, tiny
 from deepseek_v4.kinds import AttentionKind, register
 from deepseek_v4.layers.attention_kinds import CSA, HCA, Dense, Sliding  # registers the V4 kinds
-from deepseek_v4.model import Options, Transformer
+from deepseek_v4.model import Transformer
+from deepseek_v4.options import Options
 from deepseek_v4.checkpoint import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.decoding import Sampler, decode_step, generate, prefill

@@ -4,7 +4,8 @@
   python -m deepseek_v4 ablate ablations/mtp.toml --check       # validates the spec only
 
 A spec (TOML, JSON, or YAML when PyYAML is installed) names a base (`preset`, a `[model]` table of
-ModelConfig fields, a `[train]` table of TrainConfig fields), the data, the seeds, and the
+ModelConfig fields, a `[train]` table of TrainConfig fields, an optional `[options]` table of
+`deepseek_v4.Options` fields every run uses), the data, the seeds, and the
 variants: each a name and the fields it changes, e.g. `mtp_off = { num_mtp_layers = 0 }`; a field
 is found by its name in ModelConfig or TrainConfig (`{}` is the base itself). See `ablations/`.
 
@@ -57,6 +58,7 @@ from deepseek_v4.ablate_spec import (  # noqa: F401 - re-exported: ablate.load_s
   variant_configs,
 )
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.options import drop_former_config_fields
 from deepseek_v4.train import TrainConfig
 
 
@@ -69,6 +71,7 @@ class Run:
   seed: int
   cfg: ModelConfig
   tcfg: TrainConfig
+  options: tuple[tuple[str, Any], ...] = ()  # the spec's [options] (field, value) pairs
 
   def folder(self, out_dir: str) -> str:
     return os.path.join(out_dir, self.variant, f"seed{self.seed}")
@@ -76,7 +79,8 @@ class Run:
 
 def plan(spec: Spec, configs: dict[str, tuple[ModelConfig, TrainConfig]]) -> list[Run]:
   """The runs in order: seed-major, so an interrupted grid has whole seeds of every variant."""
-  return [Run(v, s, configs[v][0], configs[v][1].replace(seed=s))
+  return [Run(v, s, configs[v][0], configs[v][1].replace(seed=s),
+              tuple(spec.options.items()))
           for s in spec.seeds for v, _ in spec.variants]
 
 
@@ -116,6 +120,7 @@ def _align(run: Run) -> int:
 
 def _run_identity(run: Run, data_id: dict) -> dict:
   return {"variant": run.variant, "seed": run.seed, "model": run.cfg.to_dict(),
+          **({"options": dict(run.options)} if run.options else {}),
           "train": json.loads(json.dumps(dataclasses.asdict(run.tcfg))),
           "data": data_id[_align(run)]}
 
@@ -148,6 +153,9 @@ def _claim(run: Run, out_dir: str, data_id: dict) -> str:
   ident_path = os.path.join(folder, "run.json")
   ident = _run_identity(run, data_id)
   old = _read_json(ident_path, "run.json") if os.path.exists(ident_path) else None
+  if old is not None and isinstance(old.get("model"), dict):
+    # Runs written before the run choices moved to `Options` list them in their model config.
+    old["model"] = drop_former_config_fields(old["model"], ident_path)
   if old is not None and old != ident:
     diff = []
     for part in ("model", "train", "data"):
@@ -278,7 +286,7 @@ def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
       t0 = time.time()
       try:
         result = fit(run.cfg, run.tcfg, rows, folder, resume=state == "resume", progress=False,
-                     log=log, callback=show, val=val)
+                     log=log, callback=show, val=val, options=spec.run_options())
       except trainer.TrainingDiverged as e:
         records.append(_diverged(run, folder, e, time.time() - t0))
         log(f"variant {run.variant!r} seed {run.seed} diverged at step {e.step}; recorded as "

@@ -19,6 +19,7 @@ from typing import Any
 
 from deepseek_v4 import config as config_lib
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.options import Options
 from deepseek_v4.train import TrainConfig
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -27,7 +28,7 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 LOCKED_TRAIN_FIELDS = ("steps", "seq_len", "batch_size", "packing", "seed", "val_fraction",
                        "val_documents", "eval_every", "eval_rows")
 SPEC_KEYS = ("name", "description", "preset", "data", "max_bytes", "tokenizer", "seeds",
-             "baseline", "model", "train", "variants")
+             "baseline", "model", "train", "options", "variants")
 DEFAULT_MAX_BYTES = 300_000
 # A variant or spec name becomes a folder name: plain characters, and no leading dot (`.`, `..`
 # and hidden folders would leave or hide inside the output folder).
@@ -52,6 +53,7 @@ class Spec:
     seeds: the seeds each variant runs with (TrainConfig.seed: init and batch order).
     baseline: the variant the others are compared with.
     variants: (name, {field: value}) pairs in spec order.
+    options: `deepseek_v4.Options` fields every run uses ([options], e.g. attn_block = 16).
     source: the file the spec came from (named in error messages; not part of `to_dict`).
   """
 
@@ -66,7 +68,15 @@ class Spec:
   seeds: tuple[int, ...]
   baseline: str
   variants: tuple[tuple[str, dict[str, Any]], ...]
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
   source: str = dataclasses.field(default="spec", compare=False)
+
+  def run_options(self) -> Options:
+    """The `Options` of every run of the grid (SpecError naming a bad field)."""
+    try:
+      return Options(**self.options)
+    except (TypeError, ValueError) as e:
+      raise SpecError(f"{self.source}: [options]: {one_line(e)}") from None
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -209,7 +219,7 @@ def parse_spec(doc: Any, source: str = "spec") -> Spec:
   preset = doc.get("preset", "tiny")
   if preset not in config_lib.PRESETS:
     raise SpecError(f"{source}: preset={preset!r}; known: {sorted(config_lib.PRESETS)}")
-  for key in ("model", "train"):
+  for key in ("model", "train", "options"):
     if not isinstance(doc.get(key, {}), dict):
       raise SpecError(f"{source}: [{key}] must be a table of field = value")
   default_name = os.path.splitext(os.path.basename(source))[0]
@@ -222,7 +232,7 @@ def parse_spec(doc: Any, source: str = "spec") -> Spec:
               max_bytes=_max_bytes(doc.get("max_bytes", DEFAULT_MAX_BYTES), source),
               tokenizer=_text(doc, "tokenizer", "bytes", source) or "bytes", seeds=tuple(seeds),
               baseline=baseline, variants=tuple((k, dict(v)) for k, v in variants.items()),
-              source=source)
+              options=dict(doc.get("options", {})), source=source)
 
 
 # ----- checking -----------------------------------------------------------------------------------
@@ -300,7 +310,7 @@ def variant_configs(spec: Spec, name: str) -> tuple[ModelConfig, TrainConfig]:
   return _apply(cfg, model, where), _apply(tcfg, run, where)
 
 
-def _trace_step(cfg: ModelConfig, tcfg: TrainConfig) -> None:
+def _trace_step(cfg: ModelConfig, tcfg: TrainConfig, options: Options = Options()) -> None:
   """One training loss traced with abstract values (`jax.eval_shape`): shapes only, no compute."""
   import jax
   import jax.numpy as jnp
@@ -312,7 +322,7 @@ def _trace_step(cfg: ModelConfig, tcfg: TrainConfig) -> None:
 
   def loss():  # the model as training builds it, LoRA adapters included
     model = lora.build_model(train.training_model_config(cfg, tcfg), train.lora_spec(tcfg),
-                             rngs=nnx.Rngs(0))
+                             rngs=nnx.Rngs(0), options=options)
     ids = jnp.zeros((B, T), jnp.int32)
     return train.loss_fn(model, {"inputs": ids, "targets": ids}, tcfg)[0]
 
@@ -329,6 +339,7 @@ def check_spec(spec: Spec, trace: bool = True) -> dict[str, tuple[ModelConfig, T
   from deepseek_v4 import trainer
 
   base_cfg, base_tcfg = base_configs(spec)
+  spec.run_options()  # a bad [options] field is refused by name
   if not (base_tcfg.val_fraction or base_tcfg.val_documents):
     raise SpecError(f"{spec.source}: [train]: set val_fraction (or val_documents): the results "
                     "are validation losses on held-out documents")
@@ -344,7 +355,7 @@ def check_spec(spec: Spec, trace: bool = True) -> dict[str, tuple[ModelConfig, T
     try:
       trainer.check_settings(cfg, tcfg)
       if trace:
-        _trace_step(cfg, tcfg)
+        _trace_step(cfg, tcfg, spec.run_options())
     except Exception as e:  # noqa: BLE001 - any failure to build or trace means it cannot run
       raise SpecError(f"{where} cannot run: {type(e).__name__}: {one_line(e)}") from None
     out[name] = (cfg, tcfg)

@@ -20,6 +20,7 @@ from flax import nnx
 from deepseek_v4 import lora as lora_lib
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.model import Transformer
+from deepseek_v4.options import Options
 
 T = TypeVar("T")
 
@@ -55,19 +56,20 @@ def build(fn: Callable[[ShapeOnlyRngs], T]) -> T:
   return nnx.eval_shape(lambda: fn(ShapeOnlyRngs()))
 
 
-def model(cfg: ModelConfig, *, lora: tuple[tuple[str, ...], int, float] | None = None
-          ) -> Transformer:
-  """The abstract `Transformer(cfg)`; with `lora=(targets, rank, alpha)` its LoRA-wrapped form
-  (`deepseek_v4.lora.build_model`, as training builds it), as a LoRA run or checkpoint holds
-  it."""
+def model(cfg: ModelConfig, *, lora: tuple[tuple[str, ...], int, float] | None = None,
+          options: Options = Options()) -> Transformer:
+  """The abstract `Transformer(cfg, options=options)`; with `lora=(targets, rank, alpha)` its
+  LoRA-wrapped form (`deepseek_v4.lora.build_model`, as training builds it), as a LoRA run or
+  checkpoint holds it."""
   if not isinstance(cfg, ModelConfig):
     raise TypeError(f"cfg must be a ModelConfig; got {type(cfg).__name__}")
-  return build(lambda rngs: lora_lib.build_model(cfg, lora, rngs=rngs))
+  return build(lambda rngs: lora_lib.build_model(cfg, lora, rngs=rngs, options=options))
 
 
-def train_state(cfg: ModelConfig, tcfg) -> tuple[Transformer, nnx.Optimizer]:
+def train_state(cfg: ModelConfig, tcfg, options: Options = Options()
+                ) -> tuple[Transformer, nnx.Optimizer]:
   """The abstract (model, optimizer) of a training run: `train.build(cfg, tcfg)` (LoRA-wrapped,
   frozen parameters left out of the optimizer, as `tcfg` asks), shapes only."""
   from deepseek_v4 import train
 
-  return nnx.eval_shape(lambda: train.build(cfg, tcfg, rngs=ShapeOnlyRngs))
+  return nnx.eval_shape(lambda: train.build(cfg, tcfg, rngs=ShapeOnlyRngs, options=options))

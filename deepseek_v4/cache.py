@@ -120,16 +120,24 @@ def init_layer_cache(cfg: ModelConfig, kind: AttentionKind, batch: int, max_len:
   return LayerCache(window=window, **kind.init_cache(cfg, batch, max_len, dtype))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+def init_cache(cfg, batch: int, max_len: int, dtype=None, *, scan_layers: bool | None = None
+               ) -> Cache:
   """An empty cache for `batch` sequences of up to `max_len` tokens each.
 
   Args:
-    cfg: the model config.
+    cfg: the model (a `Transformer`: its config and the layer layout it was built with) or its
+      `ModelConfig` (then the layout of `scan_layers`, default True, `Options.scan_layers`).
     batch: B.
     max_len: capacity in tokens (prompt + generated); positions 0 .. max_len - 1.
     dtype: storage dtype of window K=V, entries and indexer keys (default `cfg.dtype`); the
       compressor tails are always float32 (docs/architecture.md#cache-kinds).
   """
+  if not isinstance(cfg, ModelConfig):  # a model: its own config and build-time layout
+    if scan_layers is not None and scan_layers != cfg.options.scan_layers:
+      raise ValueError(f"scan_layers={scan_layers} but the model was built with "
+                       f"scan_layers={cfg.options.scan_layers}")
+    cfg, scan_layers = cfg.cfg, cfg.options.scan_layers
+  scan_layers = True if scan_layers is None else scan_layers
   if not (isinstance(batch, (int, np.integer)) and batch >= 1):
     raise ValueError(f"batch={batch!r} must be a positive integer")
   if not (isinstance(max_len, (int, np.integer)) and max_len >= 1):
@@ -139,13 +147,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
                      f"{cfg.max_position_embeddings}")
   dtype = jnp.dtype(dtype or cfg.dtype)
   groups = []
-  for grp in layout.layer_groups(cfg):
+  layer_groups = layout.layer_groups(cfg, scan_layers)
+  for grp in layer_groups:
     slots = tuple(init_layer_cache(cfg, k, batch, max_len, dtype) for k in grp.kinds)
     if grp.scanned:
       slots = jax.tree.map(lambda a: jnp.broadcast_to(a, (grp.count, *a.shape)), slots)
     groups.append(slots)
   return Cache(groups=tuple(groups), lengths=jnp.zeros((batch,), jnp.int32),
-               max_len=int(max_len), layer_groups=layout.layer_groups(cfg))
+               max_len=int(max_len), layer_groups=layer_groups)
 
 
 def cache_bytes(cache) -> int:

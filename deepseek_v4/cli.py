@@ -121,6 +121,43 @@ def fraction(text: str) -> float:
   return value
 
 
+# ----- run options (deepseek_v4.Options), for the subcommands that use them ----------------------
+def _bool(text: str) -> bool:
+  if text.lower() not in ("true", "false", "1", "0"):
+    raise ValueError(f"{text!r}: expected true or false")
+  return text.lower() in ("true", "1")
+
+
+_OPTION_FLAGS = {
+  "kernel_impl": dict(choices=["reference", "pallas", "auto"], default="reference",
+                      help="attention/indexer kernels (default reference; auto = Pallas on "
+                      "GPU/TPU)"),
+  "attn_block": dict(type=positive_int, default=128, metavar="N",
+                     help="queries per block of the attention and indexer (default 128)"),
+  "scan_layers": dict(type=arg_type(_bool), default=True, metavar="BOOL",
+                      help="stack repeated layers under lax.scan (default true; false unrolls)"),
+  "keep_quantized": dict(choices=["experts"], default=None,
+                         help="inference with the routed experts kept in FP4 "
+                         "(load_hf_checkpoint(keep_quantized='experts'))"),
+}
+
+
+def add_options_arguments(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
+  """One flag per `Options` field named in `fields` (`--kernel-impl`, `--attn-block`,
+  `--scan-layers`, `--keep-quantized`); `options_from_args` reads them back."""
+  for name in fields:
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, **_OPTION_FLAGS[name])
+  parser.set_defaults(option_fields=tuple(fields))
+
+
+def options_from_args(args: argparse.Namespace, **fields):
+  """The `Options` of the flags `add_options_arguments` added, plus `fields`."""
+  from deepseek_v4.options import Options
+
+  given = {name: getattr(args, name) for name in args.option_fields}
+  return Options(**{**given, **fields})
+
+
 def one_line(message: str) -> str:
   """A multi-line message (e.g. a list of mismatching fields) joined into one line."""
   lines = [line.strip() for line in str(message).splitlines() if line.strip()]

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p("--devices", type=cli.positive_int, default=None,
     help="device count (default: the product of --mesh, else 1); GPUs: up to 8 per host")
   cli.add_config_arguments(parser)
+  cli.add_options_arguments(parser, ("kernel_impl", "attn_block", "scan_layers"))
   p("--layers", type=cli.positive_int, default=None, metavar="K",
     help="keep only the first K layers of the config (a quick, smaller compile)")
   p("--mesh", default=None, help="axis sizes, e.g. expert=8 or fsdp=2,expert=4 (default: plan's "
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, target=args.target, program=args.program, devices=devices, mesh=args.mesh,
     rules=args.rules, batch=args.batch, seq=args.seq, chunk=args.chunk, tcfg=tcfg,
     capacity_factor=args.capacity_factor, kernels=not args.no_kernels, headroom=args.headroom,
-    dump_dir=args.dump)
+    dump_dir=args.dump, options=cli.options_from_args(args))
   print(aot.format_report(report))
   if args.json:
     with open(args.json, "w") as f:

@@ -81,17 +81,9 @@ class ModelConfig:
     bos_token_id / eos_token_id: special ids.
     dtype: compute dtype of activations and matmuls.
     param_dtype: storage dtype of matrices (norms, mHC, sinks, ape and router bias stay float32).
-    attn_block: queries per block in the gather-based attention and the indexer (memory knob).
     init_std: std of the normal initializer of matrices.
-    scan_layers: run repeated layers under `jax.lax.scan` over stacked parameters (compile time
-      independent of depth); False unrolls every layer (same numbers, easier to debug).
-    kernel_impl: attention/indexer implementation behind `kernels_pallas/*/ops.py`: "reference"
-      (pure JAX, the oracle), "pallas" or "auto" (Pallas on GPU/TPU, the reference elsewhere).
-    keep_quantized: inference-only storage of released low-precision weights
-    (docs/architecture.md#fp8-fp4): None
-      (every matrix in param_dtype) or "experts" (routed experts held as their packed FP4 codes
-      and E8M0 scales, dequantized one expert at a time inside the MoE; layers/moe.py). A load
-      option, not part of the architecture: never written to config.json.
+    Run and load choices (kernels, query block, layer stacking, weight storage) are not part of
+    the architecture: they travel as `deepseek_v4.options.Options`.
   """
 
   vocab_size: int
@@ -136,11 +128,7 @@ class ModelConfig:
   eos_token_id: int = 1
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-  attn_block: int = 128
   init_std: float = 0.02
-  scan_layers: bool = True
-  kernel_impl: Literal["reference", "pallas", "auto"] = "reference"
-  keep_quantized: Literal[None, "experts"] = None
 
   def __post_init__(self):
     if isinstance(self.compress_ratios, list):
@@ -276,13 +264,9 @@ def _check_types(c: ModelConfig) -> None:
 def _validate(c: ModelConfig) -> None:
   """Raises ValueError naming the offending field and value."""
   _check_types(c)
-  if not isinstance(c.scan_layers, bool):
-    raise ValueError(f"scan_layers={c.scan_layers!r} must be true or false")
-  if c.kernel_impl not in ("reference", "pallas", "auto"):
-    raise ValueError(f"kernel_impl={c.kernel_impl!r}; expected reference, pallas or auto")
   positive = ["vocab_size", "d_model", "num_heads", "head_dim", "q_lora_rank", "o_groups",
               "o_lora_rank", "window", "experts_per_token", "moe_inter_dim", "hc_mult",
-              "hc_sinkhorn_iters", "max_position_embeddings", "attn_block", "num_experts"]
+              "hc_sinkhorn_iters", "max_position_embeddings", "num_experts"]
   for name in positive:
     v = getattr(c, name)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -386,12 +370,17 @@ def tiny(**overrides) -> ModelConfig:
     o_lora_rank=16, window=8, compress_ratios=(0, 0, 4, 16, 4, 16), index_heads=16,
     index_head_dim=64, index_topk=4, num_experts=8, experts_per_token=2, moe_inter_dim=32,
     route_scale=1.5, num_hash_layers=3, rope_factor=4.0, rope_original_max_position=16,
-    max_position_embeddings=512, attn_block=16,
+    max_position_embeddings=512,
   )
   return dataclasses.replace(base, **overrides)
 
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {"tiny": tiny, "flash": flash, "pro": pro}
+
+
+# Former fields, now `deepseek_v4.options.Options` (kept in step with FORMER_CONFIG_FIELDS there;
+# config.py imports nothing from the package).
+_NOW_OPTIONS = ("kernel_impl", "scan_layers", "attn_block", "keep_quantized")
 
 
 def parse_overrides(cfg: ModelConfig, assignments: list[str]) -> ModelConfig:
@@ -402,6 +391,9 @@ def parse_overrides(cfg: ModelConfig, assignments: list[str]) -> ModelConfig:
     if "=" not in item:
       raise ValueError(f"--set {item!r}: expected field=value")
     name, raw = item.split("=", 1)
+    if name in _NOW_OPTIONS:
+      raise ValueError(f"--set {name}=...: {name} is no longer a ModelConfig field but a run "
+                       f"option (deepseek_v4.Options): use --{name.replace('_', '-')} instead")
     if name not in fields:
       raise ValueError(f"--set {name}=...: unknown ModelConfig field; known: {sorted(fields)}")
     current = getattr(cfg, name)

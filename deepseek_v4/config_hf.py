@@ -18,6 +18,7 @@ from typing import Any
 
 from deepseek_v4 import kinds as kinds_lib
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.options import drop_former_config_fields
 
 MODEL_TYPES = ("deepseek_v4",)  # the `model_type` of the hub and transformers configs
 
@@ -402,13 +403,14 @@ def hf_to_fields(hf: dict) -> dict[str, Any]:
   fields.update(_hf_rope(hf, head_dim))
   # Our own knobs that transformers has no key for, written by fields_to_hf.
   own = _as_dict(_OWN_KEY, _get(hf, _OWN_KEY, {}))
+  # Files written before the run choices moved to `Options` carry them here: dropped, one INFO.
+  own = drop_former_config_fields(own, f"config.json {_OWN_KEY!r}")
   fields.update({k: v for k, v in own.items() if k in _OWN_FIELDS})
   return fields
 
 
 _OWN_KEY = "deepseek_v4_jax"
-_OWN_FIELDS = ("attn_block", "init_std", "scan_layers", "kernel_impl", "residual", "attention",
-               "hca_ratio", "router_bias")
+_OWN_FIELDS = ("init_std", "residual", "attention", "hca_ratio", "router_bias")
 
 
 def _own_entry(entry):

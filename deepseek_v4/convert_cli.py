@@ -271,7 +271,7 @@ def to_hub(args: argparse.Namespace, src: str, out) -> None:
     # The casts of a hub checkpoint loaded in --dtype (norms, mHC, router bias stay float32).
     name = jnp.dtype(args.dtype).name
     model = from_hub_tensors(dataclasses.replace(cfg, dtype=name, param_dtype=name),
-                             to_hub_tensors(model))
+                             to_hub_tensors(model), options=model.options)
   arrays = jax.tree.leaves(nnx.state(model))
   out.write(f"read {src}: step {step}, {len(arrays)} arrays "
             f"({human(sum(int(x.nbytes) for x in arrays))}), {model.cfg.num_layers} layers + "

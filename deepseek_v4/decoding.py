@@ -30,23 +30,24 @@ from jaxtyping import Array, Float, Int
 from deepseek_v4 import sharding
 from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.config import ModelConfig
-from deepseek_v4.model import Options, under_trace
+from deepseek_v4.model import under_trace
+from deepseek_v4.options import Options
 
 
 # ----- the model on a chunk ---------------------------------------------------------------------
 def forward_chunk(model, cache: Cache, ids: Int[Array, "B T"], n_valid: Int[Array, "B"],
-                  moe=None) -> tuple[Float[Array, "B T D"], Cache]:
+                  options: Options | None = None) -> tuple[Float[Array, "B T D"], Cache]:
   """Final hidden states (after the mHC head and final norm) of a chunk, and the new cache.
 
   Row b's tokens get positions `cache.lengths[b] + arange(T)`; its tokens past `n_valid[b]` are
   padding: their outputs are garbage and they change nothing in the cache. The model's one
-  trunk runs the chunk, with the cache scanned alongside the stacked layers. `moe`: the MoE
-  implementation (`parallel.moe_impl(mesh, rules)` on a mesh that splits the experts; None =
-  local).
+  trunk runs the chunk, with the cache scanned alongside the stacked layers. `options`: the
+  run's `Options` (e.g. `parallel.options(mesh, rules)` on a mesh that splits the experts; None =
+  `model.options`).
   """
   T = ids.shape[1]
   positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
-  x, _, groups = model.trunk(ids, positions, cache=cache, n_valid=n_valid, opts=Options(moe=moe))
+  x, _, groups = model.trunk(ids, positions, cache=cache, n_valid=n_valid, options=options)
   new_cache = cache.replace(groups=groups, lengths=cache.lengths + n_valid)
   return model.final_hidden(x), new_cache
 
@@ -56,11 +57,12 @@ def _last_valid(h: Float[Array, "B T D"], n_valid: Int[Array, "B"]) -> Array:
   return h[jnp.arange(h.shape[0]), jnp.maximum(n_valid - 1, 0)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "last_only", "moe"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "last_only", "options"),
                    donate_argnames=("cache",))
-def _extend_jit(graphdef, state, cache, ids, n_valid, last_only: bool, moe=None):
+def _extend_jit(graphdef, state, cache, ids, n_valid, last_only: bool,
+                options: Options | None = None):
   model = nnx.merge(graphdef, state)
-  h, cache = forward_chunk(model, cache, ids, n_valid, moe)
+  h, cache = forward_chunk(model, cache, ids, n_valid, options)
   if last_only:  # [B, D] -> [B, V]; the head always sees [B, T, D] (its sharding names)
     return model.logits(_last_valid(h, n_valid)[:, None])[:, 0], cache
   return model.logits(h), cache
@@ -121,7 +123,8 @@ def _check_room(cache: Cache, extra: np.ndarray, what: str) -> None:
 
 # ----- public prefill / decode step --------------------------------------------------------------
 def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = None,
-            logits: Literal["all", "last"] = "all", moe=None) -> tuple[Array, Cache]:
+            logits: Literal["all", "last"] = "all", options: Options | None = None
+            ) -> tuple[Array, Cache]:
   """Feeds prompts (any length, optionally in chunks of any size) into `cache`.
 
   Args:
@@ -133,8 +136,8 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
       step serves every chunk).
     logits: "all" returns [B, T, V] (entries past a row's length are garbage); "last" returns
       [B, V] at each row's last real token (garbage for rows with length 0).
-    moe: the MoE implementation, e.g. `parallel.moe_impl(mesh, rules)` under a mesh whose rules
-      split the experts (None: every expert on each device's tokens).
+    options: the run's `Options` (default `model.options`), e.g. `parallel.options(mesh, rules)`
+      under a mesh whose rules split the experts.
   Returns:
     (logits, new cache). The input cache is donated (do not reuse it).
 
@@ -173,7 +176,7 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
     n_valid = xp.clip(lengths - c * chunk, 0, chunk).astype(xp.int32)
     part = jnp.asarray(padded[:, c * chunk:(c + 1) * chunk])
     out, cache = _extend_jit(graphdef, state, cache, part, jnp.asarray(n_valid),
-                             last_only=logits == "last", moe=moe)
+                             last_only=logits == "last", options=options)
     if logits == "last":
       has = jnp.asarray(n_valid > 0)[:, None]
       last = out if last is None else jnp.where(has, out, last)
@@ -183,14 +186,14 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
   return (_nan_rows(out, bad) if traced else out), cache
 
 
-def decode_step(model, cache: Cache, ids, active=None, *, moe=None
+def decode_step(model, cache: Cache, ids, active=None, *, options: Options | None = None
                 ) -> tuple[Float[Array, "B V"], Cache]:
   """One token per row at each row's own position.
 
   Args:
     ids: [B] (or [B, 1]) the previous token of each row.
     active: optional [B] bool; inactive rows are not advanced and write nothing.
-    moe: the MoE implementation (see `prefill`).
+    options: the run's `Options` (see `prefill`).
   Returns:
     (logits [B, V] float32, new cache). The input cache is donated (do not reuse it).
 
@@ -217,17 +220,18 @@ def decode_step(model, cache: Cache, ids, active=None, *, moe=None
   graphdef, state = nnx.split(model)
   # The same compiled step as a one-token prefill chunk (T = 1, every position kept).
   logits, cache = _extend_jit(graphdef, state, cache, jnp.asarray(ids, jnp.int32),
-                              jnp.asarray(n_valid), last_only=False, moe=moe)
+                              jnp.asarray(n_valid), last_only=False, options=options)
   return (_nan_rows(logits[:, 0], bad) if traced else logits[:, 0]), cache
 
 
-def step_fn(model, last_only: bool = False, moe=None) -> Callable:
+def step_fn(model, last_only: bool = False, options: Options | None = None) -> Callable:
   """A low-overhead jitted step for loops that manage their own inputs (no checks, no per-call
   `nnx.split`): `fn(cache, ids [B, T], n_valid [B]) -> (logits, cache)`. The cache is donated."""
   graphdef, state = nnx.split(model)
 
   def fn(cache: Cache, ids, n_valid):
-    return _extend_jit(graphdef, state, cache, ids, n_valid, last_only=last_only, moe=moe)
+    return _extend_jit(graphdef, state, cache, ids, n_valid, last_only=last_only,
+                       options=options)
 
   return fn
 
@@ -296,7 +300,8 @@ class Sampler:
 
 
 # ----- generate -----------------------------------------------------------------------------------
-def _prefill_in_loop(model, cache: Cache, ids: Array, lengths: Array, chunk: int, moe=None):
+def _prefill_in_loop(model, cache: Cache, ids: Array, lengths: Array, chunk: int,
+                     options: Options | None = None):
   """Prefill inside jit, `chunk` tokens per scan step; returns (h at each row's last token)."""
   B, T = ids.shape
   n = T // chunk
@@ -306,7 +311,7 @@ def _prefill_in_loop(model, cache: Cache, ids: Array, lengths: Array, chunk: int
     cache, h_last = carry
     c, part = args
     n_valid = jnp.clip(lengths - c * chunk, 0, chunk)
-    h, cache = forward_chunk(model, cache, part, n_valid, moe)
+    h, cache = forward_chunk(model, cache, part, n_valid, options)
     local = lengths - 1 - c * chunk
     here = ((local >= 0) & (local < chunk))[:, None]
     h_last = jnp.where(here, h[jnp.arange(B), jnp.clip(local, 0, chunk - 1)], h_last)
@@ -318,16 +323,16 @@ def _prefill_in_loop(model, cache: Cache, ids: Array, lengths: Array, chunk: int
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_new", "sampler", "max_len", "chunk",
-                                             "stream", "keep_logits", "moe"))
+                                             "stream", "keep_logits", "options"))
 def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: int,
                   sampler: Sampler, max_len: int, chunk: int, stream, keep_logits: bool,
-                  moe=None):
+                  options: Options | None = None):
   model = nnx.merge(graphdef, state)
   B, T = ids.shape
   rows = jnp.arange(B)
   # Under `sharding.use(mesh, rules)` the cache and the outputs are pinned batch-sharded.
-  cache = sharding.constrain_cache(init_cache(model.cfg, B, max_len))
-  h_last, cache = _prefill_in_loop(model, cache, ids, lengths, chunk, moe)
+  cache = sharding.constrain_cache(init_cache(model, B, max_len))
+  h_last, cache = _prefill_in_loop(model, cache, ids, lengths, chunk, options)
   out = jnp.full((B, T + n_new), pad_id, jnp.int32)  # row b: prompt, then tokens from lengths[b]
   out = out.at[:, :T].set(jnp.where(jnp.arange(T)[None, :] < lengths[:, None], ids, pad_id))
   out = sharding.constrain(out, ("batch", None))
@@ -357,7 +362,7 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
   def body(s):
     i, cache, tok, done, out, scores, key = s
     # Finished rows feed nothing (n_valid = 0): their cache stays as it was.
-    h, cache = forward_chunk(model, cache, tok[:, None], (~done).astype(jnp.int32), moe)
+    h, cache = forward_chunk(model, cache, tok[:, None], (~done).astype(jnp.int32), options)
     cache = sharding.constrain_cache(cache)
     tok, done, out, scores, key = emit(i, done, out, scores, key, model.logits(h)[:, 0])
     return i + 1, cache, tok, done, out, scores, key
@@ -401,7 +406,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens: int | Sequence[int] = (), *, lengths=None, pad_id: int | None = None,
              max_len: int | None = None, prefill_chunk: int | None = None,
-             stream: Callable | None = None, return_logits: bool = False, moe=None):
+             stream: Callable | None = None, return_logits: bool = False,
+             options: Options | None = None):
   """Greedy or sampled continuation of a batch of prompts, the whole loop under one jit.
 
   Args:
@@ -426,8 +432,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
       across calls to reuse the compiled loop.
     return_logits: also return the float32 logits [B, N, V] each token was drawn from (before
       temperature / filtering; zeros after a row has stopped).
-    moe: the MoE implementation (see `prefill`); on a mesh whose rules split the experts, pass
-      `parallel.moe_impl(mesh, rules)` (the local MoE's global sort of a batch-sharded token set
+    options: the run's `Options` (see `prefill`); on a mesh whose rules split the experts, pass
+      `parallel.options(mesh, rules)` (the local MoE's global sort of a batch-sharded token set
       cannot be partitioned, and XLA replicates it).
   Returns:
     int32 [B, T + N]: row b holds its prompt (`lengths[b]` tokens), then its generated tokens
@@ -473,7 +479,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     graphdef, state, sharding.place_batch(padded), sharding.place_batch(lengths),
     jnp.asarray(stops),
     jnp.int32(pad_id), jax.random.key(seed), n_new=N, sampler=sampler, max_len=max_len,
-    chunk=chunk, stream=stream, keep_logits=bool(return_logits), moe=moe)
+    chunk=chunk, stream=stream, keep_logits=bool(return_logits), options=options)
   out = out[:, :T + N]  # generated tokens sit at lengths[b] + i < T + N
   return (out, scores) if return_logits else out
 

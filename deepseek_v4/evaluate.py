@@ -25,6 +25,7 @@ from flax import nnx
 from deepseek_v4 import data as data_lib
 from deepseek_v4 import losses, train
 from deepseek_v4.model import default_positions
+from deepseek_v4.options import Options
 
 SPLIT_SEED = 1234  # the document shuffle of the split; fixed, so all seeds share one split
 
@@ -90,20 +91,24 @@ def load_split(path: str | None, tok: data_lib.Tokenizer, tcfg: train.TrainConfi
   return rows, ValidationSet(val, n_bytes / max(n_scored, 1), len(val_docs))
 
 
-@nnx.jit(static_argnames=("tcfg",))
-def _lm_sums(model, batch: dict, tcfg: train.TrainConfig) -> tuple[jax.Array, jax.Array]:
+@nnx.jit(static_argnames=("tcfg", "options"))
+def _lm_sums(model, batch: dict, tcfg: train.TrainConfig,
+             options: Options | None = None) -> tuple[jax.Array, jax.Array]:
   """(summed next-token nats, scored tokens) of one batch: the trunk and head only (no MTP)."""
   segments = batch.get("segments")
   positions = default_positions(batch["inputs"], batch.get("positions"), segments)
   streams, _, _ = model.trunk(batch["inputs"], positions, segments=segments,
-                              opts=train.options(tcfg.replace(remat="none")))
+                              options=train.step_options(tcfg.replace(remat="none"),
+                                                         options or model.options))
   return losses.chunked_cross_entropy(model.final_hidden(streams), model.head.weight[...],
                                       batch["targets"], tcfg.ce_chunk)
 
 
-def evaluate(model, val: ValidationSet, tcfg: train.TrainConfig) -> dict[str, float]:
+def evaluate(model, val: ValidationSet, tcfg: train.TrainConfig,
+             options: Options | None = None) -> dict[str, float]:
   """{val_loss (nats per scored token), val_bpb (bits per byte), val_tokens} of the first
-  `tcfg.eval_rows` validation rows (whole batches of `tcfg.batch_size`, one compiled shape)."""
+  `tcfg.eval_rows` validation rows (whole batches of `tcfg.batch_size`, one compiled shape), run
+  with `options` (default `model.options`; indexer stage from `tcfg`, no remat)."""
   rows = val.rows
   b = min(tcfg.batch_size, len(rows))
   n = max(min(tcfg.eval_rows, len(rows)) // b, 1) * b
@@ -113,7 +118,7 @@ def evaluate(model, val: ValidationSet, tcfg: train.TrainConfig) -> dict[str, fl
     batch = train.as_batch(rows.inputs[sl], rows.targets[sl], rows.input_mask[sl],
                            None if rows.segments is None else rows.segments[sl],
                            None if rows.positions is None else rows.positions[sl])
-    nats, tokens = jax.device_get(_lm_sums(model, batch, tcfg))
+    nats, tokens = jax.device_get(_lm_sums(model, batch, tcfg, options))
     total, count = total + float(nats), count + float(tokens)
   loss = total / max(count, 1.0)
   return {"val_loss": loss, "val_bpb": loss / math.log(2) / val.bytes_per_token,

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tokenizer", metavar="PATH", default=None,
                       help="tokenizer.json (default: the checkpoint's, else bytes)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  from deepseek_v4 import cli
+
+  cli.add_options_arguments(parser, ("kernel_impl", "attn_block", "keep_quantized"))
 
 
 def training_checkpoints(path: str) -> str | None:
@@ -67,7 +70,7 @@ def load_training_checkpoint(folder: str, step: int | None, dtype: str):
     # The same casts as a hub checkpoint loaded in `dtype` (norms, mHC, router bias stay f32).
     name = jnp.dtype(dtype).name
     model = from_hub_tensors(dataclasses.replace(cfg, dtype=name, param_dtype=name),
-                             to_hub_tensors(model))
+                             to_hub_tensors(model), options=model.options)
   return model
 
 
@@ -117,6 +120,9 @@ def _model(args: argparse.Namespace):
   path = args.checkpoint
   orbax = training_checkpoints(path)
   if orbax is not None:
+    if args.keep_quantized:
+      raise ValueError(f"--keep-quantized {args.keep_quantized}: {path!r} is a training checkpoint "
+                       "(no released FP4 experts to keep); drop --keep-quantized")
     return load_training_checkpoint(orbax, args.step, args.dtype)
   if args.step is not None:
     raise ValueError(f"--step {args.step}: {path!r} is not a `train --out` folder (it has no "
@@ -124,7 +130,8 @@ def _model(args: argparse.Namespace):
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise ValueError(f"--checkpoint {path!r} holds neither config.json (a hub / transformers "
                      "checkpoint) nor checkpoints/<step> folders (written by `train --out`)")
-  return load_hf_checkpoint(path, dtype=jnp.dtype(args.dtype))
+  return load_hf_checkpoint(path, dtype=jnp.dtype(args.dtype),
+                            keep_quantized=args.keep_quantized)
 
 
 def run(args: argparse.Namespace, out=None) -> int:
@@ -152,7 +159,10 @@ def run(args: argparse.Namespace, out=None) -> int:
   dec = tokenizer.StreamDecoder(tok, skip_special_tokens=True)
   decoding.generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops,
-                    stream=printer(dec, out)).block_until_ready()
+                    stream=printer(dec, out),
+                    options=model.options.replace(kernel_impl=args.kernel_impl,
+                                                  attn_block=args.attn_block)
+                    ).block_until_ready()
   out.write(dec.flush() + "\n")
   out.flush()
   return 0

@@ -15,7 +15,7 @@ from deepseek_v4 import layout, summary, train
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers import compressor, mhc
 from deepseek_v4.layers.rope import rope_angles
-from deepseek_v4.model import Options, default_positions
+from deepseek_v4.model import default_positions
 
 SELECTED, VISIBLE, INVISIBLE = 2, 1, 0  # codes of `selection_map`
 
@@ -59,7 +59,7 @@ def attention_input(model, ids: np.ndarray, layer: int) -> tuple[jax.Array, jax.
 @nnx.jit
 def _attention_inputs(model, ids):
   """Every trunk layer's attention input, official order, from one compiled forward."""
-  _, outs, _ = model.trunk(ids, opts=Options(capture=True))
+  _, outs, _ = model.trunk(ids, options=model.options.replace(capture=True))
   return tuple(out.attn_input for out in outs)
 
 

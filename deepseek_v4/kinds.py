@@ -102,12 +102,12 @@ class AttentionKind:
 
   # ----- forward ------------------------------------------------------------------------------
   def full_entries(self, attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage: str,
-                   impl: str) -> EntrySources:
+                   impl: str, block: int) -> EntrySources:
     """The entries of a full sequence (`attn._full`); `stage` is the indexer training stage."""
     return EntrySources()
 
   def extend_entries(self, attn, x, cq, positions, cos, sin, freqs, n_valid, cache,
-                     impl: str) -> tuple[EntrySources, dict]:
+                     impl: str, block: int) -> tuple[EntrySources, dict]:
     """The entries of a cached chunk and the kind's new cache fields (`attn._extend`)."""
     return EntrySources(), {}
 

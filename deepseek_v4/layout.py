@@ -54,15 +54,15 @@ class Group:
     return self.start + repeat * self.period + slot
 
 
-def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
+def layer_groups(cfg: ModelConfig, scan_layers: bool = True) -> tuple[Group, ...]:
   """Greedy cut into maximal repeats: at each layer, the period (<= MAX_PERIOD) whose repeats
   cover the most layers (the shortest period on ties); a kind that does not repeat stands alone.
-  With `cfg.scan_layers=False` every layer is its own group."""
+  With `scan_layers=False` (`Options.scan_layers`) every layer is its own group."""
   kinds = [(k, cfg.is_hash_layer(i)) for i, k in enumerate(cfg.layer_kinds)]
   L, i, groups = len(kinds), 0, []
   while i < L:
     period, count = 1, 1
-    if cfg.scan_layers:
+    if scan_layers:
       for p in range(1, MAX_PERIOD + 1):
         c = 1
         while i + (c + 1) * p <= L and kinds[i + c * p: i + (c + 1) * p] == kinds[i: i + p]:
@@ -75,10 +75,11 @@ def layer_groups(cfg: ModelConfig) -> tuple[Group, ...]:
   return tuple(groups)
 
 
-def locate(cfg: ModelConfig | tuple[Group, ...], layer: int) -> tuple[int, int, int]:
+def locate(cfg: ModelConfig | tuple[Group, ...], layer: int,
+           scan_layers: bool = True) -> tuple[int, int, int]:
   """(group, repeat, slot) of official layer `layer`, in `layer_groups(cfg)` or in the groups
   given (a cache's `layer_groups`): the one place a layer index is turned into a group position."""
-  groups = layer_groups(cfg) if isinstance(cfg, ModelConfig) else tuple(cfg)
+  groups = layer_groups(cfg, scan_layers) if isinstance(cfg, ModelConfig) else tuple(cfg)
   num_layers = sum(grp.size for grp in groups)
   if not 0 <= layer < num_layers:
     raise ValueError(f"layer {layer} is outside [0, {num_layers})")
@@ -113,14 +114,16 @@ def path_name(path) -> str:
   return ".".join(parts)
 
 
-def official(cfg: ModelConfig | None, path) -> list[tuple[str, int | None]]:
+def official(cfg: ModelConfig | None, path, scan_layers: bool = True
+             ) -> list[tuple[str, int | None]]:
   """`official_names` of a key path (any form `path_name` takes); without a config (a module that
   is not a whole model), the dotted path itself, unstacked."""
   name = path_name(path)
-  return [(name, None)] if cfg is None else official_names(cfg, name)
+  return [(name, None)] if cfg is None else official_names(cfg, name, scan_layers)
 
 
-def official_names(cfg: ModelConfig, path: str) -> list[tuple[str, int | None]]:
+def official_names(cfg: ModelConfig, path: str, scan_layers: bool = True
+                   ) -> list[tuple[str, int | None]]:
   """The official names held by one model path, each with its index on the stacked axis.
 
   `groups.3.blocks.1.attn.wq_a.weight` -> [("layers.4.attn.wq_a.weight", 0), ...]; paths outside
@@ -129,20 +132,21 @@ def official_names(cfg: ModelConfig, path: str) -> list[tuple[str, int | None]]:
   m = _INNER.match(path)
   if m is None:
     return [(path, None)]
-  grp = layer_groups(cfg)[int(m.group(1))]
+  grp = layer_groups(cfg, scan_layers)[int(m.group(1))]
   slot, rest = int(m.group(2)), m.group(3)
   if not grp.scanned:
     return [(f"layers.{grp.layer(0, slot)}.{rest}", None)]
   return [(f"layers.{grp.layer(r, slot)}.{rest}", r) for r in range(grp.count)]
 
 
-def model_path(cfg: ModelConfig, name: str) -> tuple[str, int | None]:
+def model_path(cfg: ModelConfig, name: str, scan_layers: bool = True
+               ) -> tuple[str, int | None]:
   """Inverse of `official_names`: (model path, stacked index or None) of an official name."""
   m = _OUTER.match(name)
   if m is None:
     return name, None
-  g, r, s = locate(cfg, int(m.group(1)))
-  grp = layer_groups(cfg)[g]
+  g, r, s = locate(cfg, int(m.group(1)), scan_layers)
+  grp = layer_groups(cfg, scan_layers)[g]
   return f"groups.{g}.blocks.{s}.{m.group(2)}", (r if grp.scanned else None)
 
 

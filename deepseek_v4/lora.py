@@ -27,6 +27,7 @@ from deepseek_v4 import layout
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers.params import Linear
 from deepseek_v4.model import Transformer
+from deepseek_v4.options import Options
 
 # Linear modules whose weight the layers read directly (not through Linear.__call__): the grouped
 # output projection, the compressors, and the output head (the training loss and evaluation read
@@ -70,7 +71,8 @@ def _named_linears(model: nnx.Module):
 def _official(model: nnx.Module, name: str) -> list[str]:
   """The official per-layer names of a module path (a scanned stack holds several layers)."""
   cfg = getattr(model, "cfg", None)
-  return [n for n, _ in layout.official(cfg, name)]
+  scan_layers = model.options.scan_layers if hasattr(model, "options") else True
+  return [n for n, _ in layout.official(cfg, name, scan_layers)]
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:
@@ -110,16 +112,18 @@ def apply_lora(model: nnx.Module, targets: Iterable[str], *, rank: int, alpha: f
 
 
 def build_model(cfg: ModelConfig, lora: tuple[Sequence[str], int, float] | None, *, rngs,
-                adapter_rngs=None) -> Transformer:
-  """`Transformer(cfg, rngs=rngs)`, LoRA-wrapped when `lora = (targets, rank, alpha)` is given.
+                adapter_rngs=None, options: Options = Options()) -> Transformer:
+  """`Transformer(cfg, rngs=rngs, options=options)`, LoRA-wrapped when `lora = (targets, rank,
+  alpha)` is given.
 
   Args:
     cfg: the model's config.
     lora: (targets, rank, alpha) for `apply_lora`, or None for the plain model.
     rngs: the model's `nnx.Rngs` (or `abstract.ShapeOnlyRngs` for a shapes-only build).
     adapter_rngs: where the adapters' random `lora_a` is drawn from (default `rngs`).
+    options: the model's `Options` (its build-time fields shape the tree).
   """
-  model = Transformer(cfg, rngs=rngs)
+  model = Transformer(cfg, rngs=rngs, options=options)
   if lora is not None:
     targets, rank, alpha = lora
     apply_lora(model, targets, rank=rank, alpha=alpha,

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from kernels_pallas.common import PAD_POSITION, pad_to_blocks, to_blocks
+from kernels_pallas.sparse_attention import sources
 
 
 # ----- cross-entropy ------------------------------------------------------------------------------
@@ -107,10 +108,10 @@ def indexer_kl(target: Float[Array, "... P"], logits: Float[Array, "... P"],
 
 
 def indexer_kl_from_attention(
-  q: Float[Array, "B T N H"], lse: Float[Array, "B T N"], comp: Float[Array, "B C H"],
-  iq: Float[Array, "B T I J"], iw: Float[Array, "B T I"], ikeys: Float[Array, "B C J"],
-  idx: Int[Array, "B T P"] | None, positions: Int[Array, "B T"], *, scale: float, ratio: int,
-  block: int, segments: Int[Array, "B T"] | None = None, comp_seg: Int[Array, "B C"] | None = None,
+  q: Float[Array, "B T N H"], lse: Float[Array, "B T N"],
+  entries: sources.VisibleEntries | sources.PickedEntries, iq: Float[Array, "B T I J"],
+  iw: Float[Array, "B T I"], ikeys: Float[Array, "B C J"], positions: Int[Array, "B T"], *,
+  scale: float, block: int, segments: Int[Array, "B T"] | None = None,
 ) -> Array:
   """KL of the indexer toward the main attention of one CSA layer
   (docs/architecture.md#indexer-training): [sum over queries, number of queries with an entry].
@@ -122,14 +123,19 @@ def indexer_kl_from_attention(
   distribution is `softmax_s(I_{t,s})` with `I = sum_h w_h ReLU(q^I_h . k^I_s)`.
 
   Args:
-    q, lse, comp: the attention's roped queries, log-normalizer and compressed entries (the
-      target side; the caller stops their gradient).
+    q, lse: the attention's roped queries and log-normalizer (the target side; the caller stops
+      their gradient).
+    entries: the attention's compressed key source (its `KeySources.entries`; the caller stops
+      its gradient): `VisibleEntries` = the dense warm-up stage (every visible entry,
+      `s < floor((p_t + 1) / m)`); `PickedEntries` = the sparse stage's picks [B, T, P]
+      (-1 = none), and both distributions are restricted to them. Their `segments` (packed
+      documents): entries of another document are invalid.
     iq, iw, ikeys: indexer queries, head weights (scaled) and keys (the trained side).
-    idx: None = dense warm-up stage (every visible entry); else the sparse stage's picks
-      [B, T, P] (-1 = none), and both distributions are restricted to them.
-    positions: row positions of the queries (entry visibility `s < floor((p_t + 1) / m)`).
-    segments / comp_seg: packed documents: entries of another document are invalid.
+    positions: row positions of the queries.
+    segments: packed documents: each query's document id.
   """
+  comp, comp_seg = entries.kv, entries.segments
+  idx = entries.picks if isinstance(entries, sources.PickedEntries) else None
   B, T, N, H = q.shape
   C = comp.shape[1]
   block = min(block, T)
@@ -147,7 +153,8 @@ def indexer_kl_from_attention(
   def one_block(x):
     qb = x["q"].astype(f32) * scale  # [B, Q, N, H]
     if idx is None:  # dense warm-up: every visible entry
-      valid = jnp.arange(C)[None, None, :] < ((x["pos"] + 1) // ratio)[..., None]  # [B, Q, C]
+      nvis = (x["pos"] + 1) // entries.ratio  # [B, Q]
+      valid = jnp.arange(C)[None, None, :] < nvis[..., None]  # [B, Q, C]
       cl = jnp.einsum("BQNH,BCH->BQNC", qb, comp32)
       qk = jnp.einsum("BQIJ,BCJ->BQIC", x["iq"].astype(f32), ikeys32)
       own = None if segments is None else jnp.broadcast_to(comp_seg[:, None, :], valid.shape)

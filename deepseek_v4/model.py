@@ -8,9 +8,8 @@ Routed experts are stacked per layer (`layers.3.ffn.experts.w1` = every `experts
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,48 +25,13 @@ from deepseek_v4.layers.attention import Attention
 from deepseek_v4.layers.moe import MoE
 from deepseek_v4.layers.norms import RMSNorm, rms_norm
 from deepseek_v4.layers.params import Linear, normal, param
+from deepseek_v4.options import REMAT_POLICIES, Options
 from kernels_pallas import common as kernels_common
 
 
 # Logical activation axes at block boundaries (resolved by the activation rules, sharding/rules.py).
 _STREAMS = ("batch", "seq", "streams", "embed")
 _LOGITS = ("batch", "seq", "vocab")
-
-REMAT_POLICIES = {
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.dots_saveable,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """How one forward runs (static, hashable): every path builds one and calls the same trunk.
-
-  Attributes:
-    indexer_stage: "off" (inference, ordinary training), "dense" or "sparse": the lightning
-      indexer's training stages (docs/architecture.md#indexer-training); CSA layers then return the
-      indexer's KL.
-    remat: rematerialization of each block (or scanned period): none, full (save nothing),
-      dots, dots_no_batch.
-    moe: the MoE implementation (`deepseek_v4.layers.moe.MoEImpl`); None = the local default.
-    kernel_impl: attention/indexer kernels; None = `cfg.kernel_impl`.
-    capture: also hand back each block's attention input in `BlockOut.attn_input` (what
-      deepseek_v4/inspect.py reads); off, the program returns nothing extra.
-  """
-
-  indexer_stage: Literal["off", "dense", "sparse"] = "off"
-  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-  moe: Any = None
-  kernel_impl: Literal["reference", "pallas", "auto"] | None = None
-  capture: bool = False
-
-  def __post_init__(self):
-    if self.indexer_stage not in ("off", "dense", "sparse"):
-      raise ValueError(f"indexer_stage={self.indexer_stage!r}; expected off, dense or sparse")
-    if self.remat not in ("none", *REMAT_POLICIES):
-      raise ValueError(f"remat={self.remat!r}; expected one of none, {', '.join(REMAT_POLICIES)}")
-
 
 @struct.dataclass
 class BlockOut:
@@ -95,7 +59,8 @@ class Block(nnx.Module):
   "plain" (one stream, no hc_* tensors: x + attn(norm(x)), then x + moe(norm(x))).
   """
 
-  def __init__(self, cfg: ModelConfig, kind: AttentionKind, hashed: bool, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kind: AttentionKind, hashed: bool, *, rngs: nnx.Rngs,
+               options: Options = Options()):
     self.cfg = cfg
     self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
@@ -105,7 +70,7 @@ class Block(nnx.Module):
       self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = mhc.init_site(*site)
       self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = mhc.init_site(*site)
     self.attn = Attention(cfg, kind, rngs=rngs)
-    self.ffn = MoE(cfg, hashed, rngs=rngs)
+    self.ffn = MoE(cfg, hashed, rngs=rngs, keep_quantized=options.keep_quantized)
 
   def _site(self, x: Array, which: str):
     """(pre, post, comb) of one connection; (None, None, None) for the plain residual."""
@@ -119,35 +84,38 @@ class Block(nnx.Module):
   def __call__(self, x: Float[Array, "B T M D"], ids: Int[Array, "B T"],
                positions: Int[Array, "B T"], *, segments: Int[Array, "B T"] | None = None,
                cache=None, n_valid: Int[Array, "B"] | None = None,
-               opts: Options = Options()) -> tuple[Array, BlockOut]:
+               options: Options = Options()) -> tuple[Array, BlockOut]:
     """New streams and the block's outputs (see `Attention.__call__` for segments / cache)."""
     pre, post, comb = self._site(x, "attn")
     a = self.attn_norm(mhc.hc_collapse(x, pre))
     y, new_cache, kl = self.attn(
       a, positions, segments=segments, cache=cache,
-      n_valid=n_valid, indexer_stage=opts.indexer_stage, impl=opts.kernel_impl)
+      n_valid=n_valid, indexer_stage=options.indexer_stage, impl=options.kernel_impl,
+      block=options.attn_block)
     x = mhc.hc_expand(x, y, post, comb)
     pre, post, comb = self._site(x, "ffn")
     u = self.ffn_norm(mhc.hc_collapse(x, pre))
-    y, stats = self.ffn(u, ids) if opts.moe is None else self.ffn(u, ids, opts.moe)
+    y, stats = self.ffn(u, ids) if options.moe is None else self.ffn(u, ids, options.moe)
     return mhc.hc_expand(x, y, post, comb), BlockOut(stats, kl, new_cache,
-                                                     a if opts.capture else None)
+                                                     a if options.capture else None)
 
 
-def _rematted(fn, opts: Options):
-  return fn if opts.remat == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[opts.remat],
-                                                        prevent_cse=True)
+def _rematted(fn, options: Options):
+  return fn if options.remat == "none" else jax.checkpoint(
+    fn, policy=REMAT_POLICIES[options.remat], prevent_cse=True)
 
 
 class Group(nnx.Module):
   """A period of blocks repeated `count` times (`deepseek_v4.layout`): stacked on a leading
   `layers` axis and run under `jax.lax.scan` when count > 1, a plain list of blocks otherwise."""
 
-  def __init__(self, cfg: ModelConfig, spec: layout.Group, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, spec: layout.Group, *, rngs: nnx.Rngs,
+               options: Options = Options()):
     self.spec = spec
 
     def make(rngs):
-      return nnx.List([Block(cfg, k, h, rngs=rngs) for k, h in zip(spec.kinds, spec.hashed)])
+      return nnx.List([Block(cfg, k, h, rngs=rngs, options=options)
+                       for k, h in zip(spec.kinds, spec.hashed)])
 
     if spec.scanned:
       make = nnx.vmap(make, in_axes=0, out_axes=0, axis_size=spec.count,
@@ -156,20 +124,20 @@ class Group(nnx.Module):
     else:
       self.blocks = make(rngs)
 
-  def __call__(self, x, ids, positions, *, segments, cache, n_valid, opts: Options):
+  def __call__(self, x, ids, positions, *, segments, cache, n_valid, options: Options):
     """Streams after the group, one BlockOut per slot (leading [count] axis when scanned)."""
 
     def period(blocks, x, caches):
       outs = []
       for slot, block in enumerate(blocks):
-        x, out = block(x, ids, positions, segments=segments, n_valid=n_valid, opts=opts,
+        x, out = block(x, ids, positions, segments=segments, n_valid=n_valid, options=options,
                        cache=None if caches is None else caches[slot])
         x = sharding.constrain(x, _STREAMS)  # block boundary (a no-op without a mesh)
         outs.append(out)
       return x, tuple(outs)
 
     graphdef, state = nnx.split(self.blocks)
-    step = _rematted(lambda st, x, c: period(nnx.merge(graphdef, st), x, c), opts)
+    step = _rematted(lambda st, x, c: period(nnx.merge(graphdef, st), x, c), options)
     if not self.spec.scanned:
       return step(state, x, cache)
     return jax.lax.scan(lambda x, sc: step(sc[0], x, sc[1]), x, (state, cache))
@@ -212,8 +180,8 @@ class MTPBlock(Block):
   token i+2. It shares the trunk's embedding table and LM head.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, cfg.mtp_kind, False, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, options: Options = Options()):
+    super().__init__(cfg, cfg.mtp_kind, False, rngs=rngs, options=options)
     lin = dict(std=cfg.init_std, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     self.e_proj = Linear(cfg.d_model, cfg.d_model, axes=("embed", "embed_in"), **lin)
     self.h_proj = Linear(cfg.d_model, cfg.d_model, axes=("embed", "embed_in"), **lin)
@@ -236,15 +204,30 @@ class Transformer(nnx.Module):
   (`deepseek_v4.decoding`), and the training step (`deepseek_v4.train`) all call it.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, options: Options = Options()):
+    if not isinstance(options, Options):
+      raise TypeError(f"options must be a deepseek_v4.Options; got {type(options).__name__}")
     self.cfg = cfg
+    self.options = options  # the build-time fields (Options.BUILD_FIELDS) are fixed from here on
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = Embedding(cfg, rngs=rngs)
-    self.groups = nnx.List([Group(cfg, g, rngs=rngs) for g in layout.layer_groups(cfg)])
+    groups = layout.layer_groups(cfg, options.scan_layers)
+    self.groups = nnx.List([Group(cfg, g, rngs=rngs, options=options) for g in groups])
     _head_params(self, cfg, rngs)
     self.head = Linear(cfg.d_model, cfg.vocab_size, axes=("vocab", "embed"), std=cfg.init_std,
                        param_dtype=pd, rngs=rngs)
-    self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs) for _ in range(cfg.num_mtp_layers)])
+    self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs, options=options)
+                         for _ in range(cfg.num_mtp_layers)])
+
+  def run_options(self, options: Options | None) -> Options:
+    """The options a call runs with: `self.options` for None, else `options`, which must agree
+    with the model's build-time fields (ValueError naming the field otherwise)."""
+    if options is None:
+      return self.options
+    if not isinstance(options, Options):
+      raise TypeError(f"options must be a deepseek_v4.Options; got {type(options).__name__}")
+    options.check_build(self.options)
+    return options
 
   # ----- pieces --------------------------------------------------------------------------------
   def embed_tokens(self, ids: Int[Array, "B T"]) -> Array:
@@ -263,7 +246,7 @@ class Transformer(nnx.Module):
 
   def layer(self, i: int) -> Block:
     """Official layer `i` as a Block (for inspection: a scanned layer is a detached copy)."""
-    g, r, s = layout.locate(self.cfg, i)
+    g, r, s = layout.locate(tuple(g.spec for g in self.groups), i)
     group = self.groups[g]
     if not group.spec.scanned:
       return group.blocks[s]
@@ -272,7 +255,7 @@ class Transformer(nnx.Module):
 
   def trunk(self, ids: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None, *,
             segments: Int[Array, "B T"] | None = None, cache=None,
-            n_valid: Int[Array, "B"] | None = None, opts: Options = Options(),
+            n_valid: Int[Array, "B"] | None = None, options: Options | None = None,
             ) -> tuple[Array, tuple[BlockOut, ...], Any]:
     """Final mHC streams X^L [B, T, M, D] (before the head collapse), one `BlockOut` per layer
     (official order), and the new cache groups (None without a cache).
@@ -285,7 +268,10 @@ class Transformer(nnx.Module):
 
     With `cache` (`deepseek_v4.cache.Cache`), `positions` are `cache.lengths[:, None] +
     arange(T)` and only each row's first `n_valid[b]` tokens are real (decoding.py).
+
+    `options` (default `self.options`) must agree with the model's build-time fields.
     """
+    options = self.run_options(options)
     B, T = ids.shape
     positions = default_positions(ids, positions, segments)
     e = self.embed_tokens(ids)
@@ -293,12 +279,12 @@ class Transformer(nnx.Module):
     x = sharding.constrain(x, _STREAMS)
     if cache is not None and cache.layer_groups != tuple(g.spec for g in self.groups):
       raise ValueError("the cache was made for another layer layout (scan_layers or layers "
-                       "differ): build it with init_cache(model.cfg, ...)")
+                       "differ): build it with init_cache(model, ...)")
     caches = (None,) * len(self.groups) if cache is None else cache.groups
     per_layer, new_groups = [None] * self.cfg.num_layers, []
     for group, gcache in zip(self.groups, caches):
       x, outs = group(x, ids, positions, segments=segments, cache=gcache, n_valid=n_valid,
-                      opts=opts)
+                      options=options)
       spec = group.spec
       for r in range(spec.count):
         for s, out in enumerate(outs):
@@ -312,7 +298,7 @@ class Transformer(nnx.Module):
 
   def mtp_hidden(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
                  positions: Int[Array, "B T"] | None = None,
-                 segments: Int[Array, "B T"] | None = None, opts: Options = Options(),
+                 segments: Int[Array, "B T"] | None = None, options: Options | None = None,
                  ) -> tuple[Array, BlockOut]:
     """MTP hidden states [B, T-1, D] (position i < T-1 predicts token i+2 from X^L_i and token
     i+1) and the MTP block's BlockOut. The block runs through `Block.__call__` like the trunk's.
@@ -322,6 +308,7 @@ class Transformer(nnx.Module):
     """
     if not len(self.mtp):
       raise ValueError("this config has num_mtp_layers=0; there is no MTP module")
+    options = self.run_options(options)
     positions = default_positions(ids, positions, segments)
     nxt = ids[:, 1:]
     seg = None if segments is None else segments[:, :-1]
@@ -331,10 +318,10 @@ class Transformer(nnx.Module):
     def run(state, streams):
       mtp = nnx.merge(graphdef, state)
       z, out = Block.__call__(mtp, mtp.mix_inputs(streams, emb), nxt, positions[:, :-1],
-                              segments=seg, opts=opts)
+                              segments=seg, options=options)
       return _collapse_and_norm(mtp, self.cfg, z), out
 
-    return _rematted(run, opts)(state, streams[:, :-1])
+    return _rematted(run, options)(state, streams[:, :-1])
 
   def mtp_logits(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
                  positions: Int[Array, "B T"] | None = None,
@@ -343,12 +330,12 @@ class Transformer(nnx.Module):
     h, _ = self.mtp_hidden(streams, ids, positions, segments)
     return self.logits(h)
 
-  def __call__(self, input_ids: Int[Array, "B T"], *, opts: Options = Options(),
+  def __call__(self, input_ids: Int[Array, "B T"], *, options: Options | None = None,
                jit: bool = True) -> Float[Array, "B T V"]:
     """Logits [B, T, V] float32.
 
     Outside a trace the call runs `_compiled_forward`: one `jax.jit` whose cache is keyed by the
-    model's structure (config, layers, LoRA wrappers), the ids' shape and dtype, `opts` and the
+    model's structure (config, layers, LoRA wrappers), the ids' shape and dtype, `options` and the
     trace-time context (`sharding.use` rules, target platform). The parameters are its
     arguments, read afresh at every call, so weights changed, loaded or wrapped since the last
     call are the ones that run; a second call with the same shapes does not retrace. Where the
@@ -357,18 +344,22 @@ class Transformer(nnx.Module):
 
     Args:
       input_ids: int [B, T]; concrete ids outside [0, vocab) raise ValueError.
-      opts: static `Options` (the MoE implementation, kernels, training stages).
+      options: static `Options` (the MoE implementation, kernels, training stages); default
+        `self.options`. A build-time field (scan_layers, keep_quantized) that differs from the
+        model's raises ValueError naming it.
       jit: False runs op by op even outside a trace, to step through the layers with prints or
         a debugger. It is far slower: each eager `lax.scan` compiles its body again at every
         call (`scripts/bench_eager.py`, a 12M-parameter model on 2 shared CPU cores: 34 s vs
         0.17 s per call at T=128, 40 s vs 4.1 s at T=2048).
     """
     validate_input_ids(input_ids, self.cfg)
+    options = self.run_options(options)
     if jit:
       leaves, treedef = jax.tree.flatten(self)
       if not under_trace(input_ids, leaves):
-        return _compiled_forward(treedef, leaves, input_ids, opts=opts, context=_trace_context())
-    streams, _, _ = self.trunk(input_ids, opts=opts)
+        return _compiled_forward(treedef, leaves, input_ids, options=options,
+                                 context=_trace_context())
+    streams, _, _ = self.trunk(input_ids, options=options)
     return self.logits(self.final_hidden(streams))
 
 
@@ -387,14 +378,14 @@ def _trace_context() -> tuple:
   return kernels_common.platform(), sharding.context.current()
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "opts", "context"))
-def _compiled_forward(treedef, leaves, input_ids, *, opts: Options, context: tuple) -> Array:
+@functools.partial(jax.jit, static_argnames=("treedef", "options", "context"))
+def _compiled_forward(treedef, leaves, input_ids, *, options: Options, context: tuple) -> Array:
   """`Transformer.__call__` compiled: the model is rebuilt from its leaves inside the trace, so
   the cache holds the structure (`treedef`, static) and never a parameter value. `context` is
   only part of the cache key (`_trace_context`)."""
   del context
   model = jax.tree.unflatten(treedef, leaves)
-  return model(input_ids, opts=opts, jit=False)
+  return model(input_ids, options=options, jit=False)
 
 
 def default_positions(ids: Array, positions: Array | None, segments: Array | None) -> Array:

@@ -2,8 +2,9 @@
 train steps with explicit in/out shardings, and the MoE implementation a mesh and rule table
 call for (expert parallelism when the rules split the experts).
 
-Everything here is an explicit argument: the expert-parallel MoE is chosen by `moe_impl(mesh,
-rules)` and handed to the model through `Options(moe=...)`, never read from a global.
+Everything here is an explicit argument: `options(mesh, rules)` builds the whole `Options` of a
+mesh once (the expert-parallel MoE when the rules split the experts) and every entry point takes
+it whole, never from a global.
 
 Usage:
   mesh = sharding.make_mesh(fsdp=4, expert=2)
@@ -23,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding
 from deepseek_v4 import abstract
 from deepseek_v4.layers import moe_ep
 from deepseek_v4.layers.moe import MoEImpl
-from deepseek_v4.model import Options, Transformer
+from deepseek_v4.model import Transformer
+from deepseek_v4.options import Options
 from deepseek_v4.sharding import (
   Rules,
   batch_sharding,
@@ -53,35 +55,51 @@ def moe_impl(mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = 
     mesh, get_rules(rules), capacity_factor))
 
 
-def init_model(cfg, mesh: Mesh, rules: str | Rules, *, seed: int = 0):
+def options(mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = None,
+            gmm: str = "auto", **fields) -> Options:
+  """The whole `Options` of a run on `mesh` under `rules`: the MoE implementation of the
+  strategy (`moe_impl`) and the other `fields` (kernel_impl, attn_block, scan_layers, ...)."""
+  return Options(moe=moe_impl(mesh, rules, capacity_factor=capacity_factor, gmm=gmm), **fields)
+
+
+def _mesh_options(model, mesh: Mesh, rules, options: Options | None) -> Options:
+  """`options` as given, else the model's own options with the MoE of the mesh."""
+  if options is not None:
+    return options
+  return model.options.replace(moe=moe_impl(mesh, rules))
+
+
+def init_model(cfg, mesh: Mesh, rules: str | Rules, *, seed: int = 0,
+               options: Options = Options()):
   """A `Transformer` whose parameters are created directly in their shards (never whole).
 
   The constructor runs under `jax.jit` with the rule table's shardings as `out_shardings`, so
   each device computes only its slice. Random values equal the unsharded `Transformer(cfg,
-  rngs=nnx.Rngs(seed))` (JAX's partitionable threefry makes them layout-independent).
+  rngs=nnx.Rngs(seed))` (JAX's partitionable threefry makes them layout-independent). The model
+  is built with `options` (its build-time fields shape the tree; see `Transformer`).
   """
 
   def build():
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
+    return Transformer(cfg, rngs=nnx.Rngs(seed), options=options)
 
-  graphdef, abs_state = nnx.split(abstract.model(cfg))
+  graphdef, abs_state = nnx.split(abstract.model(cfg, options=options))
   shardings = state_shardings(abs_state, mesh, rules)
   state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
 
-def abstract_model(cfg, mesh: Mesh, rules: str | Rules):
+def abstract_model(cfg, mesh: Mesh, rules: str | Rules, *, options: Options = Options()):
   """(graphdef, abstract state) with `jax.ShapeDtypeStruct`s carrying their NamedShardings.
 
   The restore target for Orbax: arrays land directly in the shards of `mesh` (any mesh shape,
   whatever mesh the checkpoint was written from).
   """
-  graphdef, abs_state = nnx.split(abstract.model(cfg))
+  graphdef, abs_state = nnx.split(abstract.model(cfg, options=options))
   return graphdef, with_shardings(abs_state, mesh, rules)
 
 
 def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: tuple[int, int],
-                    vocab_size: int, *, opts: Options, keep_unused: bool = False):
+                    vocab_size: int, *, options: Options, keep_unused: bool = False):
   """`fn(state, ids) -> logits` jitted with explicit shardings, for ids of `shape` [B, T].
 
   In: `state` (of `graphdef`) by `shardings`, ids by batch. Out: logits [B, T, V] by (batch, seq,
@@ -96,20 +114,21 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
                                             rules.activations, strict=False))
 
   def fn(state, ids):
-    return nnx.merge(graphdef, state)(ids, opts=opts)
+    return nnx.merge(graphdef, state)(ids, options=options)
 
   return jax.jit(fn, in_shardings=(shardings, in_ids), out_shardings=out, keep_unused=keep_unused)
 
 
-def jit_forward(model, mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = None):
+def jit_forward(model, mesh: Mesh, rules: str | Rules, *, options: Options | None = None):
   """`forward(model, ids) -> logits` jitted with explicit shardings (`forward_program`).
 
   In: parameters by the rule table, ids [B, T] by batch. Out: logits [B, T, V] by (batch, seq,
   vocab) activation rules. Tracing happens under `use(mesh, rules)`, so block boundaries and the
-  MoE follow the strategy (`moe_impl`).
+  MoE follow the strategy. `options`: the run's whole `Options` (e.g. `options(mesh, rules,
+  capacity_factor=...)`); default the model's own with the MoE of the mesh (`moe_impl`).
   """
   rules = get_rules(rules)
-  opts = Options(moe=moe_impl(mesh, rules, capacity_factor=capacity_factor))
+  run_options = _mesh_options(model, mesh, rules, options)
   graphdef, state = nnx.split(model)
   shardings = state_shardings(state, mesh, rules)
   cache: dict = {}
@@ -118,7 +137,7 @@ def jit_forward(model, mesh: Mesh, rules: str | Rules, *, capacity_factor: float
     key = tuple(ids.shape)
     if key not in cache:
       cache[key] = forward_program(graphdef, shardings, mesh, rules, key, model.cfg.vocab_size,
-                                   opts=opts)
+                                   options=run_options)
     with use(mesh, rules):  # traced under the strategy
       return cache[key](nnx.state(model), ids)
 
@@ -126,21 +145,21 @@ def jit_forward(model, mesh: Mesh, rules: str | Rules, *, capacity_factor: float
 
 
 def train_step_program(step: Callable, graphdef, shardings, mesh: Mesh, rules: str | Rules,
-                       batch, n_extra: int, *, moe: MoEImpl, donate: bool = True,
+                       batch, n_extra: int, *, options: Options, donate: bool = True,
                        keep_unused: bool = False):
   """`fn(state, batch, *extra) -> (new state, metrics)` jitted with explicit shardings.
 
   `state` is the split (model, optimizer) of `graphdef`, placed by `shardings`; `batch` a pytree
   of [B, ...] arrays or `jax.ShapeDtypeStruct`s (only shapes are read; each leaf is split by the
   batch axes); `n_extra` replicated scalars.
-  `step(model, optimizer, batch, *extra, moe=moe)` updates both in place. Works from a real or an
+  `step(model, optimizer, batch, *extra, options=options)` updates both in place. Works from a real or an
   abstract (`abstract.train_state`) model and optimizer. Trace it under `use(mesh, rules)`.
   """
   rules = get_rules(rules)
 
   def fn(state, batch, *extra):
     model, optimizer = nnx.merge(graphdef, state)
-    metrics = step(model, optimizer, batch, *extra, moe=moe)
+    metrics = step(model, optimizer, batch, *extra, options=options)
     return nnx.state((model, optimizer)), metrics
 
   batch_in = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.shape), batch)
@@ -151,20 +170,20 @@ def train_step_program(step: Callable, graphdef, shardings, mesh: Mesh, rules: s
 
 
 def jit_train_step(step: Callable, model, optimizer, mesh: Mesh, rules: str | Rules, *,
-                   capacity_factor: float | None = None, donate: bool = True):
+                   options: Options | None = None, donate: bool = True):
   """Wraps `step(model, optimizer, batch, *extra) -> metrics` as a jitted, sharded train step
   (`train_step_program`).
 
   `step` is plain NNX code that updates `model` and `optimizer` in place (not jitted itself), e.g.
-  `functools.partial(train._train_step, tcfg=tcfg)`; it receives the MoE implementation of the
-  strategy as the keyword `moe` (`moe_impl`). In and out: parameters and optimizer state
+  `functools.partial(train._train_step, tcfg=tcfg)`; it receives the run's whole `Options` as the
+  keyword `options` (default: the model's own with the MoE of the mesh, `moe_impl`). In and out: parameters and optimizer state
   by the rule table (state donated), every batch leaf [B, ...] by the batch axes, `extra`
   arguments (scalars such as a loss weight) replicated; metrics come back replicated. The
   returned `run(model, optimizer, batch, *extra) -> metrics` writes the new state into `model`
   and `optimizer`.
   """
   rules = get_rules(rules)
-  moe = moe_impl(mesh, rules, capacity_factor=capacity_factor)
+  run_options = _mesh_options(model, mesh, rules, options)
   graphdef, state = nnx.split((model, optimizer))
   shardings = state_shardings(state, mesh, rules)
   compiled: dict = {}
@@ -173,7 +192,7 @@ def jit_train_step(step: Callable, model, optimizer, mesh: Mesh, rules: str | Ru
     key = str((jax.tree.map(lambda x: tuple(x.shape), batch), len(extra)))
     if key not in compiled:
       compiled[key] = train_step_program(step, graphdef, shardings, mesh, rules, batch,
-                                         len(extra), moe=moe, donate=donate)
+                                         len(extra), options=run_options, donate=donate)
     # Pin every leaf (optimizer counters are born uncommitted on one device), so the first and
     # later calls see the same input layout and share one compilation.
     state = jax.device_put(nnx.state((model, optimizer)), shardings)

@@ -18,7 +18,7 @@ What is exact and what is estimated:
 * estimated (activations): a block's attention and its MoE run one after the other, so one
   block's peak is the larger of the two working sets. Attention: the block's intermediates per
   token (mHC streams in float32, projections, the shared expert's float32 SwiGLU) and the
-  attention/indexer working set of one query block (both run `attn_block` queries per scan
+  attention/indexer working set of one query block (both run `Options.attn_block` queries per scan
   step). MoE: the expert-parallel all-to-all buffers of the path that will run
   (`Settings.all_to_all`: "ragged" on GPU/TPU, T_l * k send rows and a receive buffer of R rows;
   "buffer" on CPU, P * C rows each way; sizes from layers/moe_ep.py, dropless = worst case; T_l =
@@ -52,6 +52,7 @@ import numpy as np
 from deepseek_v4 import layout, sharding
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers.moe_ep import ALL_TO_ALL, capacity, ragged_rows
+from deepseek_v4.options import Options
 
 GMM_PATHS = ("tiled", "ragged_dot", "reference")
 
@@ -223,7 +224,8 @@ def _is_adamw(path: str, ndim: int) -> bool:
   return param_group(path, ndim)[0] == ADAMW
 
 
-def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
+def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings,
+                options: Options = Options()):
   """(lines, notes) for parameters, buffers, gradients and optimizer state."""
   from deepseek_v4 import summary
   from deepseek_v4.layers.moe import KeptWeight
@@ -237,7 +239,7 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
   largest = (0.0, "")
   per_layer = [0.0] * cfg.num_layers  # local parameter bytes of each trunk layer
   per_layer_trained = [0.0] * cfg.num_layers
-  for path, var in summary.abstract_state(cfg):
+  for path, var in summary.abstract_state(cfg, options.keep_quantized):
     name = layout.path_name(path)
     shape = tuple(var.shape)
     spec = sharding.logical_to_spec(sharding.variable_names(var), shape, sizes, table, what=name)
@@ -271,7 +273,7 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
     raise ValueError(f"freeze pattern(s) {shown} match no parameter "
                      f"(re.search on dotted names such as 'layers.3.ffn.experts.w1', "
                      f"'embed.weight'); nothing would be frozen")
-  kept = ", routed experts FP4" if cfg.keep_quantized == "experts" else ""
+  kept = ", routed experts FP4" if options.keep_quantized == "experts" else ""
   lines = [(f"parameters ({tot['n_params'] / 1e9:.2f}B, matrices {cfg.param_dtype}{kept})",
             tot["params"], "exact"),
            ("router bias + hash tables", tot["buffers"], "exact")]
@@ -319,9 +321,11 @@ def block_bytes_per_token(cfg: ModelConfig, tp_heads: int, tp_mlp: int, ep: bool
   return mhc + attn + shared + router + routed
 
 
-def attention_block_bytes(cfg: ModelConfig, rows: int, seq: int, tp_heads: int) -> float:
-  """One query block's attention + indexer working set (float32 scores, probabilities, keys)."""
-  blk = min(cfg.attn_block, seq)
+def attention_block_bytes(cfg: ModelConfig, rows: int, seq: int, tp_heads: int,
+                          attn_block: int = Options.attn_block) -> float:
+  """One query block's attention + indexer working set (float32 scores, probabilities, keys), at
+  `attn_block` queries per block (`Options.attn_block`)."""
+  blk = min(attn_block, seq)
   keys = cfg.window + blk
   for kind in cfg.layer_kinds:
     keys = max(keys, min(kind.window(cfg, seq), seq) + blk + kind.block_entries(cfg, seq))
@@ -375,7 +379,8 @@ def decoded_experts_line(cfg: ModelConfig, expert_shards: int, gmm: str):
 
 
 def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings,
-                     step_params: float = 0.0, step_trained: float = 0.0):
+                     step_params: float = 0.0, step_trained: float = 0.0,
+                     options: Options = Options()):
   """Activation lines. A block's attention and its MoE run one after the other, so the block's
   peak is the larger of the two working sets (XLA reuses one's buffers for the other); the
   block-boundary streams, the parameters of one step of the layer scan (`scan_step_bytes`) and,
@@ -401,7 +406,7 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
     n = rows * s.seq
     saved = L * n * (stream if s.remat == "full" else per_block)
     work = n * per_block * (2 if s.remat == "full" else 1)
-    work += attention_block_bytes(cfg, rows, s.seq, tp_h) * 3
+    work += attention_block_bytes(cfg, rows, s.seq, tp_h, options.attn_block) * 3
     t_l = -(-s.batch // s.grad_accum * s.seq // token_shards)
     moe = 2 * ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
                               s.gmm) if ep else 0.0
@@ -416,7 +421,7 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
   else:
     chunk = min(s.prefill_chunk, s.seq)
     n = rows * chunk
-    work = n * per_block + attention_block_bytes(cfg, rows, s.seq, tp_h)
+    work = n * per_block + attention_block_bytes(cfg, rows, s.seq, tp_h, options.attn_block)
     t_l = -(-s.batch * chunk // token_shards)  # a replicated batch is split inside the MoE
     moe = ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
                           s.gmm) if ep else 0.0
@@ -427,7 +432,7 @@ def activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Set
              ("one scan step's parameters", step_params, "estimate")]
     head = f"rows/device {rows}, cache capacity {s.seq} tokens"
     what = "forward"
-  if cfg.keep_quantized == "experts":
+  if options.keep_quantized == "experts":
     lines.append(decoded_experts_line(cfg, ep_shards, s.gmm))
   lines.append(("logits (float32)", logits, "estimate"))
   block = (f"one block's {what}: attention {gb(work)}, MoE all-to-all ({s.all_to_all}, "
@@ -445,8 +450,10 @@ def cache_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
 
 def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
               settings: Settings = Settings(), *, name: str = "custom",
-              device_memory: int | None = None, headroom: float = 0.1) -> Plan:
-  """The per-device memory plan of `cfg` on a mesh of axis sizes `mesh` (no devices needed).
+              device_memory: int | None = None, headroom: float = 0.1,
+              options: Options = Options()) -> Plan:
+  """The per-device memory plan of `cfg` on a mesh of axis sizes `mesh` (no devices needed), run
+  with `options` (its keep_quantized and attn_block; the layers scanned as `layout` groups them).
 
   Raises:
     ValueError: a mesh axis that does not divide a parameter dimension (or, when training, the
@@ -459,12 +466,12 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
     raise ValueError(f"remat={s.remat!r} (full|none), optimizer={s.optimizer!r} (muon|adamw)")
   _check_capacity_factor(s.capacity_factor)
   cfg = cfg if s.param_dtype is None else cfg.replace(param_dtype=s.param_dtype)
-  if s.train and cfg.keep_quantized:
-    raise ValueError(f"keep_quantized={cfg.keep_quantized!r} is inference-only; a training plan "
-                     "needs the experts in param_dtype (keep_quantized=None)")
-  lines, notes, (per_layer, trained) = state_lines(cfg, sizes, rules, s)
+  if s.train and options.keep_quantized:
+    raise ValueError(f"keep_quantized={options.keep_quantized!r} is inference-only; a training "
+                     "plan needs the experts in param_dtype (keep_quantized=None)")
+  lines, notes, (per_layer, trained) = state_lines(cfg, sizes, rules, s, options)
   act, act_notes = activation_lines(cfg, sizes, rules, s, scan_step_bytes(cfg, per_layer),
-                                    scan_step_bytes(cfg, trained))
+                                    scan_step_bytes(cfg, trained), options)
   lines += act
   if not s.train:
     lines += cache_lines(cfg, sizes, rules, s)

@@ -43,9 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--capacity-factor", type=cli.arg_type(plan.parse_capacity_factor),
                       default=None, help="expert-parallel MoE capacity factor (default: dropless)")
   parser.add_argument("--prefill-chunk", type=cli.positive_int, default=8192)
-  parser.add_argument("--keep-quantized", choices=["experts"], default=None,
-                      help="inference with the routed experts kept in FP4 (load_hf_checkpoint("
-                      "keep_quantized='experts')); same as --set keep_quantized=experts")
+  cli.add_options_arguments(parser, ("keep_quantized", "attn_block"))
   parser.add_argument("--gmm", choices=plan.GMM_PATHS, default="tiled",
                       help="grouped-matmul path of the routed experts (default tiled, what "
                       "'auto' runs on GPU; ragged_dot is TPU's)")
@@ -60,8 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   cfg, name = cli.config_from_args(args)
-  if args.keep_quantized:
-    cfg = cfg.replace(keep_quantized=args.keep_quantized)
+  options = cli.options_from_args(args)
   if args.mesh:
     sizes = plan.parse_mesh(args.mesh)
     n = math.prod(sizes.values())
@@ -76,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                            freeze=tuple(args.freeze), capacity_factor=args.capacity_factor,
                            prefill_chunk=args.prefill_chunk, gmm=args.gmm)
   result = plan.make_plan(cfg, sizes, args.rules, settings, name=name or "custom",
-                          device_memory=args.device_memory, headroom=args.headroom)
+                          device_memory=args.device_memory, headroom=args.headroom,
+                          options=options)
   print(plan.format_plan(result))
   if args.json:
     with open(args.json, "w") as f:

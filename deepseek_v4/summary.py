@@ -86,12 +86,15 @@ BF16_BYTES, FP8_BYTES, FP4_BYTES, FP32_BYTES = 2, 1, 0.5, 4
 
 
 # ----- abstract model -----------------------------------------------------------------------------
-def abstract_state(cfg: ModelConfig) -> list[tuple[tuple, nnx.Variable]]:
-  """(official path, abstract variable) for every leaf of `Transformer(cfg)`, without
-  allocating; the stacks of scanned layers are split into their layers (`layers.N.*`)."""
+def abstract_state(cfg: ModelConfig, keep_quantized: str | None = None
+                   ) -> list[tuple[tuple, nnx.Variable]]:
+  """(official path, abstract variable) for every leaf of `Transformer(cfg)` (routed experts
+  stored as `keep_quantized` says), without allocating; the stacks of scanned layers are split
+  into their layers (`layers.N.*`)."""
   from deepseek_v4 import abstract
+  from deepseek_v4.options import Options
 
-  model = abstract.model(cfg)
+  model = abstract.model(cfg, options=Options(keep_quantized=keep_quantized))
   out = []
   for path, stacked in nnx.to_flat_state(nnx.state(model)):
     for name, r in layout.official(cfg, path):
@@ -184,15 +187,17 @@ class ParamCounts:
     return self.active_incl_embedding - self.active["embedding"]
 
 
-def count_params(cfg: ModelConfig) -> ParamCounts:
+def count_params(cfg: ModelConfig, keep_quantized: str | None = None) -> ParamCounts:
   """Counts parameters and buffers of `Transformer(cfg)` from its abstract state.
 
-  With `cfg.keep_quantized` the routed experts are held as FP4 codes and scales (`KeptWeight`):
-  the counts are those of the logical (decoded) weights, and `param_bytes` what is held."""
-  if cfg.keep_quantized:
-    counts = count_params(dataclasses.replace(cfg, keep_quantized=None))
+  With `keep_quantized` (`Options.keep_quantized`) the routed experts are held as FP4 codes and
+  scales (`KeptWeight`): the counts are those of the logical (decoded) weights, and
+  `param_bytes` what is held."""
+  if keep_quantized:
+    counts = count_params(cfg)
     held = sum(math.prod(v.get_value().shape) * np.dtype(v.get_value().dtype).itemsize
-               for _, v in abstract_state(cfg) if not isinstance(v, (RouterBias, HashTable)))
+               for _, v in abstract_state(cfg, keep_quantized)
+               if not isinstance(v, (RouterBias, HashTable)))
     return dataclasses.replace(counts, param_bytes=held)
   expert_frac = cfg.experts_per_token / cfg.num_experts
   parts: dict[str, dict[str, float]] = {
@@ -411,6 +416,7 @@ class Summary:
   params: ParamCounts
   kv: KVCache
   flops: Flops
+  keep_quantized: str | None = None  # `Options.keep_quantized` of the counted model
 
   def to_dict(self) -> dict[str, Any]:
     p, kv, f = self.params, self.kv, self.flops
@@ -455,7 +461,8 @@ class Summary:
     return d
 
 
-def summarize(cfg: ModelConfig, context: int = 1048576, name: str | None = None) -> Summary:
+def summarize(cfg: ModelConfig, context: int = 1048576, name: str | None = None,
+              keep_quantized: str | None = None) -> Summary:
   """Parameters, KV cache and FLOPs of `cfg` from shapes only.
 
   Args:
@@ -467,9 +474,9 @@ def summarize(cfg: ModelConfig, context: int = 1048576, name: str | None = None)
   """
   if context < 1:
     raise ValueError(f"context={context} must be a positive number of tokens")
-  counts = count_params(cfg)
+  counts = count_params(cfg, keep_quantized)
   return Summary(name=name, config=cfg, params=counts, kv=kv_cache(cfg, context),
-                 flops=flops_per_token(cfg, context, counts))
+                 flops=flops_per_token(cfg, context, counts), keep_quantized=keep_quantized)
 
 
 # ----- text output --------------------------------------------------------------------------------
@@ -499,7 +506,7 @@ def _params_lines(s: Summary) -> list[str]:
                human(p.active_incl_embedding + sum(p.mtp_active.values()))])
   out = [f"Parameters (routed experts active at K/E = {cfg.experts_per_token}/{cfg.num_experts}; "
          f"{human(p.param_bytes, 'B')} as built, {cfg.param_dtype} matrices"
-         f"{', routed experts kept FP4' if cfg.keep_quantized else ''})"]
+         f"{', routed experts kept FP4' if s.keep_quantized else ''})"]
   out += _table(["component", "parameters", "", "active/token"], rows)
   out.append(f"active per token, without MTP: {human(p.active_incl_embedding)} incl. embedding, "
              f"{human(p.active_excl_embedding)} excl. embedding")

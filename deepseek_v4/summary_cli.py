@@ -19,12 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--context", type=cli.positive_int, default=1048576,
                       help="context length for KV-cache and FLOPs (default 1048576)")
   parser.add_argument("--json", metavar="PATH", help="also write the summary as JSON to PATH")
+  cli.add_options_arguments(parser, ("keep_quantized",))
 
 
 def run(args: argparse.Namespace) -> int:
   """Prints the summary table (and writes JSON if asked)."""
   cfg, name = cli.config_from_args(args)
-  s = summary.summarize(cfg, args.context, name)
+  s = summary.summarize(cfg, args.context, name, keep_quantized=args.keep_quantized)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(s.to_dict(), f, indent=2)

@@ -41,7 +41,8 @@ from flax import nnx
 
 from deepseek_v4 import layout, losses
 from deepseek_v4.config import ModelConfig
-from deepseek_v4.model import REMAT_POLICIES, Options, Transformer, default_positions
+from deepseek_v4.model import Transformer, default_positions
+from deepseek_v4.options import Options
 from deepseek_v4.optim import adamw_optimizer, deepseek_optimizer
 
 IndexerStage = Literal["off", "dense", "sparse"]
@@ -187,13 +188,9 @@ class TrainConfig:
     if self.val_fraction and self.val_documents:
       raise ValueError(f"val_fraction={self.val_fraction} and val_documents="
                        f"{self.val_documents}: hold out a share or a count, not both")
-    if self.indexer_stage not in ("off", "dense", "sparse"):
-      raise ValueError(f"indexer_stage={self.indexer_stage!r}; expected off, dense or sparse")
+    Options(indexer_stage=self.indexer_stage, remat=self.remat)  # their one check (options.py)
     if self.packing not in ("concat", "pad", "aligned"):
       raise ValueError(f"packing={self.packing!r}; expected concat, pad or aligned")
-    if self.remat not in ("none", *REMAT_POLICIES):
-      raise ValueError(f"remat={self.remat!r}; expected one of none, "
-                       f"{', '.join(REMAT_POLICIES)}")
     if not (0.0 <= self.decay_fraction <= 1.0):
       raise ValueError(f"decay_fraction={self.decay_fraction} must be in [0, 1]")
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -263,7 +260,8 @@ def _freeze_patterns(tcfg: TrainConfig) -> tuple[re.Pattern, ...]:
     raise ValueError(f"freeze pattern {e.pattern!r} is not a valid regular expression: {e}") from None
 
 
-def trainable_filter(tcfg: TrainConfig, cfg: ModelConfig | None = None):
+def trainable_filter(tcfg: TrainConfig, cfg: ModelConfig | None = None,
+                     scan_layers: bool = True):
   """The nnx filter of trained parameters: Params minus frozen patterns (LoRA: adapters only).
 
   Freeze patterns are `re.search`ed on the official names (`layers.7.attn.wq_a.weight`); a
@@ -279,7 +277,7 @@ def trainable_filter(tcfg: TrainConfig, cfg: ModelConfig | None = None):
       return False
     if lora:
       return isinstance(value, nnx.LoRAParam)
-    names = [n for n, _ in layout.official(cfg, path)]
+    names = [n for n, _ in layout.official(cfg, path, scan_layers)]
     # V3.2 warm-up: everything frozen except the indexer (docs/architecture.md#indexer-training)
     if only_indexer:
       return ".indexer." in names[0]
@@ -302,7 +300,7 @@ class _Filter:
     return self.fn(path, value)
 
 
-def freeze_mask(tree, tcfg: TrainConfig, cfg: ModelConfig):
+def freeze_mask(tree, tcfg: TrainConfig, cfg: ModelConfig, scan_layers: bool = True):
   """`tree` (gradients or updates of the trainable parameters) with the slices of frozen layers
   inside stacked parameters set to zero; a no-op when no stack is partly frozen."""
   if tcfg.lora_rank or tcfg.indexer_stage == "dense":
@@ -310,7 +308,7 @@ def freeze_mask(tree, tcfg: TrainConfig, cfg: ModelConfig):
   compiled = _freeze_patterns(tcfg)
 
   def mask(path, x):
-    names = layout.official(cfg, path)
+    names = layout.official(cfg, path, scan_layers)
     keep = [not any(p.search(n) for p in compiled) for n, _ in names]
     if all(keep) or names[0][1] is None:
       return x
@@ -321,7 +319,8 @@ def freeze_mask(tree, tcfg: TrainConfig, cfg: ModelConfig):
 
 
 @functools.lru_cache(maxsize=32)
-def _transform(cfg: ModelConfig, tcfg: TrainConfig) -> optax.GradientTransformation:
+def _transform(cfg: ModelConfig, tcfg: TrainConfig, scan_layers: bool = True
+               ) -> optax.GradientTransformation:
   """One transformation object per (model, run) config: the optimizer's graph holds it as static
   data, so reusing the object lets `train_step` reuse its compiled program across builds."""
   adam = dict(adam_b1=tcfg.adam_b1, adam_b2=tcfg.adam_b2, adam_eps=tcfg.adam_eps,
@@ -335,29 +334,32 @@ def _transform(cfg: ModelConfig, tcfg: TrainConfig) -> optax.GradientTransformat
       muon_rms_scale=tcfg.muon_rms_scale, muon_weight_decay=tcfg.weight_decay, **adam)
   # Frozen layers inside a stack of scanned layers: their slices get no update (weight decay
   # included), as a frozen unstacked parameter would.
-  hold = optax.stateless(lambda updates, params=None: freeze_mask(updates, tcfg, cfg))
+  hold = optax.stateless(lambda updates, params=None: freeze_mask(updates, tcfg, cfg, scan_layers))
   return optax.chain(tx, hold)
 
 
 def make_optimizer(model: Transformer, tcfg: TrainConfig) -> nnx.Optimizer:
   """nnx.Optimizer over the trainable parameters with DeepSeek's Muon/AdamW split (or AdamW
   everywhere with tcfg.optimizer="adamw")."""
-  wrt = trainable_filter(tcfg, model.cfg)
+  scan_layers = model.options.scan_layers
+  wrt = trainable_filter(tcfg, model.cfg, scan_layers)
   if not nnx.state(model, wrt):
     raise ValueError("no trainable parameters: every parameter is frozen by "
                      f"freeze={tcfg.freeze} / indexer_stage={tcfg.indexer_stage!r} / "
                      f"lora_rank={tcfg.lora_rank}")
-  return nnx.Optimizer(model, _transform(model.cfg, tcfg), wrt=wrt)
+  return nnx.Optimizer(model, _transform(model.cfg, tcfg, scan_layers), wrt=wrt)
 
 
-def build(cfg: ModelConfig, tcfg: TrainConfig, rngs=nnx.Rngs
+def build(cfg: ModelConfig, tcfg: TrainConfig, rngs=nnx.Rngs, options: Options = Options()
           ) -> tuple[Transformer, nnx.Optimizer]:
-  """A freshly initialized model (LoRA-wrapped if asked) and its optimizer; `rngs(seed)` makes
-  the key streams (`deepseek_v4.abstract.ShapeOnlyRngs` for a shapes-only build)."""
+  """A freshly initialized model (LoRA-wrapped if asked, built with `options`) and its optimizer;
+  `rngs(seed)` makes the key streams (`deepseek_v4.abstract.ShapeOnlyRngs` for a shapes-only
+  build)."""
   from deepseek_v4 import lora as lora_lib
 
   model = lora_lib.build_model(training_model_config(cfg, tcfg), lora_spec(tcfg),
-                               rngs=rngs(tcfg.seed), adapter_rngs=rngs(tcfg.seed + 1))
+                               rngs=rngs(tcfg.seed), adapter_rngs=rngs(tcfg.seed + 1),
+                               options=options)
   return model, make_optimizer(model, tcfg)
 
 
@@ -367,10 +369,18 @@ def lora_spec(tcfg: TrainConfig) -> tuple[tuple[str, ...], int, float] | None:
 
 
 # ----- forward ------------------------------------------------------------------------------------
-def options(tcfg: TrainConfig, moe=None) -> Options:
-  """The trunk options of a training step: indexer stage and remat from `tcfg`, the MoE
-  implementation (`deepseek_v4.layers.moe.MoEImpl`, e.g. `parallel.moe_impl(mesh, rules)`)."""
-  return Options(indexer_stage=tcfg.indexer_stage, remat=tcfg.remat, moe=moe)
+def step_options(tcfg: TrainConfig, base: Options | None = None) -> Options:
+  """The trunk options of a training step: `base` (the run's options: MoE implementation,
+  kernels, build-time fields; default `Options()`) with the indexer stage and remat of `tcfg`.
+  A `base` that sets either to another non-default value than `tcfg` is a ValueError."""
+  base = Options() if base is None else base
+  default = Options()
+  for name in ("indexer_stage", "remat"):
+    mine, theirs = getattr(base, name), getattr(tcfg, name)
+    if mine != getattr(default, name) and mine != theirs:
+      raise ValueError(f"options {name}={mine!r} disagrees with the TrainConfig's {name}="
+                       f"{theirs!r}; a training step takes {name} from its TrainConfig")
+  return base.replace(indexer_stage=tcfg.indexer_stage, remat=tcfg.remat)
 
 
 def mtp_targets(targets: jax.Array, segments: jax.Array | None = None) -> jax.Array:
@@ -383,7 +393,8 @@ def mtp_targets(targets: jax.Array, segments: jax.Array | None = None) -> jax.Ar
 
 
 def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
-            mtp_weight: float | jax.Array | None = None, moe=None) -> tuple[jax.Array, dict]:
+            mtp_weight: float | jax.Array | None = None, options: Options | None = None
+            ) -> tuple[jax.Array, dict]:
   """Total training loss and its parts.
 
   Args:
@@ -394,7 +405,8 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
       "aligned")`: document id per token and position inside the document; attention stays
       inside a document and MTP targets across a document boundary are ignored)}.
     tcfg: run settings (loss weights, indexer stage, remat, CE chunk).
-    moe: the MoE implementation (`MoEImpl`; None = local), see `options`.
+    options: the run's `Options` (default `model.options`); the indexer stage and remat come
+      from `tcfg` (see `step_options`).
     mtp_weight: lambda of the MTP loss (default tcfg.mtp_weight).
   Returns:
     (loss, aux) with aux = {lm_loss, mtp_loss, balance_loss, indexer_loss, loads [L, E],
@@ -411,8 +423,8 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
     segments = segments.astype(jnp.int32)
   positions = default_positions(ids, None if positions is None else positions.astype(jnp.int32),
                                 segments)
-  opts = options(tcfg, moe)
-  streams, outs, _ = model.trunk(ids, positions, segments=segments, opts=opts)
+  opts = step_options(tcfg, model.options if options is None else options)
+  streams, outs, _ = model.trunk(ids, positions, segments=segments, options=opts)
   head = model.head.weight[...]
   lm_sum, ntok = losses.chunked_cross_entropy(model.final_hidden(streams), head, targets,
                                               tcfg.ce_chunk)
@@ -440,12 +452,13 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
 
 
 # ----- the step -----------------------------------------------------------------------------------
-def _grads(model: Transformer, wrt, batch: dict, tcfg: TrainConfig, mtp_weight, moe=None):
+def _grads(model: Transformer, wrt, batch: dict, tcfg: TrainConfig, mtp_weight,
+           options: Options | None = None):
   """Loss, aux and gradients, averaged over `grad_accum` micro-batches (a lax.scan)."""
   graphdef, params, rest = nnx.split(model, wrt, ...)
 
   def pure_loss(params, mb):
-    return loss_fn(nnx.merge(graphdef, params, rest), mb, tcfg, mtp_weight, moe)
+    return loss_fn(nnx.merge(graphdef, params, rest), mb, tcfg, mtp_weight, options)
 
   grad_fn = jax.value_and_grad(pure_loss, has_aux=True)
   A = tcfg.grad_accum
@@ -500,9 +513,10 @@ def _apply_update(model: Transformer, optimizer: nnx.Optimizer, grads, loads: ja
 
 
 def _train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict, mtp_weight,
-                tcfg: TrainConfig, moe=None, apply=True) -> dict[str, jax.Array]:
-  loss, aux, grads = _grads(model, optimizer.wrt, batch, tcfg, mtp_weight, moe)
-  grads = freeze_mask(grads, tcfg, model.cfg)
+                tcfg: TrainConfig, options: Options | None = None,
+                apply=True) -> dict[str, jax.Array]:
+  loss, aux, grads = _grads(model, optimizer.wrt, batch, tcfg, mtp_weight, options)
+  grads = freeze_mask(grads, tcfg, model.cfg, model.options.scan_layers)
   lr = wsd_schedule(tcfg)(optimizer.step[...])
   grad_norm = optax.tree.norm(grads)
   loads = aux["loads"]
@@ -526,7 +540,7 @@ def _train_step(model: Transformer, optimizer: nnx.Optimizer, batch: dict, mtp_w
               grad_norm=grad_norm, lr=lr, load_imbalance=imbalance, tokens=aux["tokens"])
 
 
-train_step = nnx.jit(_train_step, static_argnames=("tcfg", "moe"),
+train_step = nnx.jit(_train_step, static_argnames=("tcfg", "options"),
                      donate_argnames=("model", "optimizer"))
 train_step.__doc__ = """One optimizer step (jitted; `model` and `optimizer` are donated).
 
@@ -535,7 +549,8 @@ Args:
   batch: see `loss_fn`; leading axis batch_size (split into grad_accum micro-batches).
   mtp_weight: lambda of the MTP loss for this step (a traced scalar: no recompiles).
   tcfg: run settings (static).
-  moe: the MoE implementation (static; default local), e.g. `parallel.moe_impl(mesh, rules)`.
+  options: the run's `Options` (static; default `model.options`), e.g. `parallel.options(mesh,
+    rules)`; the indexer stage and remat come from `tcfg`.
   apply: False computes the metrics without changing the model or optimizer. Pass it as a bool
     in every call (True / False) and both share one compiled program (`trainer.fit` measures
     the parameters it is about to save this way); left at its default, the update is

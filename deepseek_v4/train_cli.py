@@ -10,7 +10,7 @@ demo corpus), with checkpoints, metrics.jsonl and loss.png in --out.
 
 With `--init DIR` the architecture is DIR/config.json's; a `--preset`, `--config` or `--set` that
 contradicts it is refused (only fields that change how the model runs, not what it computes, such
-as dtype or attn_block, may be set).
+as dtype or init_std, may be set; run options such as --kernel-impl or --attn-block are flags).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from deepseek_v4 import train, trainer
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   cli.add_config_arguments(parser, default_preset="tiny")
+  cli.add_options_arguments(parser, ("kernel_impl", "attn_block", "scan_layers"))
   p = parser.add_argument
   p("--demo", action="store_true",
     help="the demo: a tiny V4 (every layer kind) on the embedded stdlib corpus, then a sample")
@@ -139,8 +140,7 @@ def train_config_from_args(args: argparse.Namespace, base: train.TrainConfig) ->
 
 # ModelConfig fields that change how the model runs, not what it computes: `--set` may change them
 # with `--init` (every other field comes from the checkpoint's config.json).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attn_block", "init_std", "scan_layers", "kernel_impl",
-                  "max_position_embeddings")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "init_std", "max_position_embeddings")
 
 
 def _contradictions(ckpt, other, skip=()) -> list[str]:
@@ -186,7 +186,8 @@ def _init_from(folder: str):
   from flax import nnx
 
   def init(model):
-    src = load_hf_checkpoint(folder, config=model.cfg, dtype=model.cfg.param_dtype)
+    src = load_hf_checkpoint(folder, config=model.cfg, dtype=model.cfg.param_dtype,
+                             options=model.options)
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
     for path, var in nnx.to_flat_state(nnx.state(src)):
@@ -218,11 +219,12 @@ def _keep_tokenizer(spec: str, out: str) -> None:
     shutil.copyfile(src, dst)
 
 
-def _abstract_model(cfg, tcfg: train.TrainConfig):
+def _abstract_model(cfg, tcfg: train.TrainConfig, options):
   """The model the run trains (LoRA-wrapped if asked), shapes only: nothing is computed."""
   from deepseek_v4 import abstract
 
-  return abstract.model(train.training_model_config(cfg, tcfg), lora=train.lora_spec(tcfg))
+  return abstract.model(train.training_model_config(cfg, tcfg), lora=train.lora_spec(tcfg),
+                        options=options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -242,14 +244,16 @@ def run(args: argparse.Namespace) -> int:
   tcfg = train_config_from_args(args, base)
   divergence = _divergence(args)
   trainer.check_settings(cfg, tcfg)
-  model = _abstract_model(cfg, tcfg)
+  options = cli.options_from_args(args)
+  model = _abstract_model(cfg, tcfg, options)
   trainer.check_freeze(model, tcfg)  # before any data is read or anything compiles
   if args.print_groups:
     from flax import nnx
 
     from deepseek_v4 import optim
 
-    rows = optim.describe(nnx.state(model, train.trainable_filter(tcfg, model.cfg)), cfg)
+    rows = optim.describe(model, cfg, wrt=train.trainable_filter(tcfg, model.cfg,
+                                                                options.scan_layers))
     # A stack of scanned layers trains as one tensor; the slices of its frozen layers do not.
     frozen = trainer.frozen_name(tcfg)
     print(optim.format_groups([r for r in rows if not frozen(r["name"])]))
@@ -276,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
   try:
     result = trainer.fit(cfg, tcfg, rows, out, resume=resume, resume_step=args.resume_step,
                          progress=not args.no_progress, divergence=divergence,
-                         init_model=_init_from(args.init) if args.init else None, val=val)
+                         init_model=_init_from(args.init) if args.init else None, val=val,
+                         options=options)
   except trainer.TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -33,6 +33,7 @@ from deepseek_v4 import data as data_lib
 from deepseek_v4 import evaluate, layout, train
 from deepseek_v4.checkpoint.io import Checkpointer
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.options import Options
 
 
 @jax.jit
@@ -232,7 +233,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
         log: Callable[[str], None] | None = None, init_model: Callable | None = None,
         callback: Callable[[int, object], None] | None = None,
         divergence: DivergenceCheck = DivergenceCheck(),
-        val: evaluate.ValidationSet | None = None) -> RunResult:
+        val: evaluate.ValidationSet | None = None,
+        options: Options = Options()) -> RunResult:
   """Trains for `tcfg.steps` optimizer steps (or until `stop_after`), checkpointing in `out_dir`.
 
   Args:
@@ -253,6 +255,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
     divergence: when the run counts as diverged (see `DivergenceCheck`).
     val: held-out rows (`evaluate.load_split`): their loss and bits per byte are logged (val_loss,
       val_bpb) every `tcfg.eval_every` steps and at the last step, and reported at the end.
+    options: the model's `Options` (kernels, attn_block, scan_layers): it is built with them and
+      every step and evaluation runs with them (`model.options`).
   Raises:
     TrainingDiverged: the loss or gradient norm is NaN / inf or far above its running level;
       checkpoints from before it are kept, the diverged state is never saved.
@@ -266,7 +270,7 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
   check_resume(out_dir, resume)
   if len(rows) < tcfg.batch_size:
     log(f"note: {len(rows)} rows < batch_size {tcfg.batch_size}; rows repeat within a batch")
-  model, optimizer = train.build(cfg, tcfg)
+  model, optimizer = train.build(cfg, tcfg, options=options)
   check_freeze(model, tcfg)
   if init_model is not None:
     init_model(model)
@@ -341,7 +345,7 @@ def parameter_names(model) -> list[str]:
   stacked parameter of scanned layers gives one name per layer), as freeze patterns see them."""
   names = []
   for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    names += [n for n, _ in layout.official(model.cfg, path)]
+    names += [n for n, _ in layout.official(model.cfg, path, model.options.scan_layers)]
   return names
 
 

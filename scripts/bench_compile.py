@@ -32,20 +32,22 @@ NARROW = dict(
   d_model=64, num_heads=4, head_dim=64, rope_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16,
   window=16, index_heads=2, index_head_dim=32, index_topk=8, num_experts=8, experts_per_token=2,
   moe_inter_dim=32, vocab_size=512, max_position_embeddings=4096, rope_original_max_position=512,
-  attn_block=64,
 )
+RUN = dict(attn_block=64)  # deepseek_v4.Options fields
 
 
 def _config(layers: int, overrides: list[str]):
+  """(ModelConfig, Options): each field=value goes to whichever of the two has the field."""
   import deepseek_v4
 
-  flash = deepseek_v4.flash()
-  kw = dict(NARROW, compress_ratios=flash.compress_ratios[:layers])
-  for item in overrides:  # plain field=value (works on every checkout of the repo)
+  flash, base = deepseek_v4.flash(), deepseek_v4.Options()
+  kw, run = dict(NARROW, compress_ratios=flash.compress_ratios[:layers]), dict(RUN)
+  for item in overrides:  # plain field=value
     key, _, value = item.partition("=")
-    old = getattr(flash, key)
-    kw[key] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
-  return deepseek_v4.flash(**kw)
+    target, old = (run, getattr(base, key)) if hasattr(base, key) else (kw, getattr(flash, key))
+    target[key] = ((value.lower() in ("1", "true", "yes")) if isinstance(old, bool)
+                   else type(old)(value))
+  return deepseek_v4.flash(**kw), base.replace(**run)
 
 
 def _peak_rss() -> int:
@@ -62,16 +64,16 @@ def _child(layers: int, program: str, overrides: list[str], seq: int) -> dict:
   from deepseek_v4 import train
   from deepseek_v4.model import Transformer
 
-  cfg = _config(layers, overrides)
+  cfg, options = _config(layers, overrides)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, seq + 1)), jnp.int32)
   if program == "forward":
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    model = Transformer(cfg, rngs=nnx.Rngs(0), options=options)
     graphdef, state = nnx.split(model)
     fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
     args = (state, ids[:, :-1])
   else:
     tcfg = train.TrainConfig(seq_len=seq, batch_size=2, remat="full")
-    model, opt = train.build(cfg, tcfg)
+    model, opt = train.build(cfg, tcfg, options=options)
     graphdef, state = nnx.split((model, opt))
     batch = train.as_batch(np.asarray(ids[:, :-1]), np.asarray(ids[:, 1:]))
 
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
   p.add_argument("--programs", default="forward,train_step")
   p.add_argument("--seq", type=int, default=128, help="tokens per row (batch 2)")
   p.add_argument("--set", dest="overrides", action="append", default=[],
-                 help="ModelConfig field=value (repeatable)")
+                 help="ModelConfig or Options field=value (repeatable)")
   p.add_argument("--tag", default="current", help="name of this run in the JSON (e.g. before)")
   p.add_argument("--out", default=DEFAULT_OUT)
   p.add_argument("--child", nargs=2, metavar=("LAYERS", "PROGRAM"), help=argparse.SUPPRESS)

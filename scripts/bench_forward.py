@@ -53,7 +53,7 @@ MODEL = dict(
   compress_ratios=(0, 4, 128, 4), index_heads=8, index_head_dim=64, index_topk=512, num_experts=8,
   experts_per_token=2, moe_inter_dim=256, window=128, num_hash_layers=1,
   rope_original_max_position=65536, rope_factor=16.0, vocab_size=1024,
-  max_position_embeddings=65536, attn_block=128, num_mtp_layers=0,
+  max_position_embeddings=65536, num_mtp_layers=0,
 )
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kernels_pallas.indexer_topk import ops as idx_ops  # noqa: E402
-from kernels_pallas.sparse_attention import ops  # noqa: E402
+from kernels_pallas.sparse_attention import ops, sources  # noqa: E402
 
 PRESETS = {"flash": dict(N=64, P=512), "pro": dict(N=128, P=1024)}
 H, W, I, J = 512, 128, 64, 128
@@ -80,9 +80,12 @@ def prefill_cases(preset: str, T: int, impl: str, reps: int):
   for kind, ratio in (("csa", CSA), ("hca", HCA)):
     comp = jax.random.normal(k[2], (1, T // ratio, H), bf)
     idx = _csa_idx(k[3], 1, T, P) if kind == "csa" else None
-    kw = dict(scale=H**-0.5, window=W, block=256, comp_ratio=ratio, impl=impl)
-    fwd = jax.jit(lambda q, kv, c, i: ops.sparse_attention(q, pos, kv, sink, comp=c, comp_idx=i,
-                                                           **kw))
+    def fwd(q, kv, c, i, ratio=ratio):
+      entries = sources.VisibleEntries(c, ratio) if i is None else sources.PickedEntries(c, i)
+      keys = sources.KeySources(sources.Band(kv, W), entries=entries)
+      return ops.sparse_attention(q, pos, sink, keys, scale=H**-0.5, block=256, impl=impl)
+
+    fwd = jax.jit(fwd)
     loss = lambda q, kv, c, i: jnp.sum(fwd(q, kv, c, i).astype(jnp.float32))
     fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     win, ent = _pairs(T, ratio, P if kind == "csa" else None)
@@ -115,8 +118,9 @@ def decode_case(preset: str, B: int, ctx: int, impl: str, reps: int):
   pos = jnp.full((B, 1), ctx, jnp.int32)
   sink = jnp.zeros((N,), jnp.float32)
   f = jax.jit(lambda q, kv, ring, comp, idx: ops.sparse_attention(
-    q, pos, kv, sink, scale=H**-0.5, window=W, block=1, prefix_kv=ring, prefix_pos=ring_pos,
-    comp=comp, comp_idx=idx, comp_ratio=CSA, impl=impl))
+    q, pos, sink, sources.KeySources(sources.Band(kv, W), ring=sources.Ring(ring, ring_pos),
+                                     entries=sources.PickedEntries(comp, idx)),
+    scale=H**-0.5, block=1, impl=impl))
   keys = W + min(P, (ctx + 1) // CSA)  # ring (W - 1 in window) + own token + picks, ~ W + P
   flops = 4 * N * H * keys * B
   nbytes = B * (keys * H * 2 + 2 * N * H * 2)  # K=V rows read + q read + out written

@@ -67,7 +67,9 @@ def main(argv=None) -> None:
                            learning_rate=args.lr, warmup_steps=1, freeze=tuple(args.freeze))
   opt = train.make_optimizer(model, tcfg)
   step = parallel.jit_train_step(functools.partial(train._train_step, tcfg=tcfg), model, opt,
-                                 mesh, args.rules, capacity_factor=args.capacity_factor)
+                                 mesh, args.rules,
+                                 options=parallel.options(mesh, args.rules,
+                                                          capacity_factor=args.capacity_factor))
   rng = np.random.default_rng(0)  # the same global batch on every process; each keeps its shards
   for i in range(args.steps):
     ids = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)

@@ -30,11 +30,11 @@ def batch(cfg, B: int = 8, T: int = 32, seed: int = 1) -> dict[str, np.ndarray]:
   return {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
 
 
-def lm_step(model, optimizer, batch, moe=None) -> dict:
+def lm_step(model, optimizer, batch, options=None) -> dict:
   """One optimizer step on next-token cross-entropy; updates model and optimizer in place."""
 
   def loss_fn(model):
-    logits = model(batch["inputs"], opts=deepseek_v4.Options(moe=moe))
+    logits = model(batch["inputs"], options=options)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)
     return jnp.mean(nll)

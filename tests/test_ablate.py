@@ -27,7 +27,7 @@ def _spec(variants, **top):
 @pytest.mark.parametrize("variants, match", [
   ({"a": {}, "b": {"num_mtp_layer": 0}},
    "variant 'b': unknown field 'num_mtp_layer'.*did you mean num_mtp_layers"),
-  ({"a": {}, "b": {"kernel_impl": "magic"}}, "variant 'b', field 'kernel_impl' = 'magic'"),
+  ({"a": {}, "b": {"score_func": "magic"}}, "variant 'b', field 'score_func' = 'magic'"),
   ({"a": {}, "b": {"num_hash_layers": 7}}, "variant 'b', field 'num_hash_layers' = 7"),
   ({"a": {}, "b": {"learning_rate": -1}}, "variant 'b', field 'learning_rate' = -1"),
   ({"a": {}, "b": {"steps": 10}}, "variant 'b', field 'steps': every variant shares it"),

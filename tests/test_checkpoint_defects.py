@@ -133,7 +133,7 @@ def test_unexpected_tensor_error_names_the_file(model, tmp_path):
 
 
 def test_bad_expert_ids_name_the_file_and_official_name(model, tmp_path):
-  assert model.cfg.scan_layers  # the leaf is a scanned stack: the message must not use its path
+  assert model.options.scan_layers  # the leaf is a scanned stack: the message must not use its path
   tensors = to_hub_tensors(model)
   ids = tensors["layers.1.ffn.gate.tid2eid"]
   ids[7, 0] = model.cfg.num_experts

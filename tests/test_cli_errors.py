@@ -153,8 +153,8 @@ def test_init_takes_the_architecture_from_the_checkpoint(init_dir):
   cfg_from = config.ModelConfig.from_hf
   assert got == cfg_from(path)
   # Fields that change how the model runs, not what it computes, may still be set.
-  got = train_cli.init_config(_args("--init", path, "--set", "attn_block=8"))
-  assert got.attn_block == 8 and got.window == 4
+  got = train_cli.init_config(_args("--init", path, "--set", "init_std=0.5"))
+  assert got.init_std == 0.5 and got.window == 4
   # A --config equal to the checkpoint's (the documented `--config ckpt/ --init ckpt/`) is fine.
   assert train_cli.init_config(_args("--init", path, "--config", path)) == cfg_from(path)
 

@@ -44,7 +44,7 @@ def test_fixture_null_ids_read_as_v4_defaults():
   raised TypeError (int(None))."""
   hf = _fixture("tiny_null_ids")
   assert hf["bos_token_id"] is None and hf["eos_token_id"] is None
-  cfg = ModelConfig.from_hf(fixture_path("tiny_null_ids"), attn_block=16)
+  cfg = ModelConfig.from_hf(fixture_path("tiny_null_ids"))
   assert (cfg.bos_token_id, cfg.eos_token_id) == (0, 1)
   import deepseek_v4
 
@@ -53,7 +53,7 @@ def test_fixture_null_ids_read_as_v4_defaults():
 
 def test_fixture_list_eos_gives_its_first_id(tmp_path):
   assert _fixture("tiny_list_eos")["eos_token_id"] == [1, 5]
-  cfg = ModelConfig.from_hf(fixture_path("tiny_list_eos"), attn_block=16)
+  cfg = ModelConfig.from_hf(fixture_path("tiny_list_eos"))
   assert cfg.eos_token_id == 1 and cfg.bos_token_id == 0
   hf = _fixture("tiny_list_eos")
   hf["eos_token_id"] = [7, 1]
@@ -265,3 +265,36 @@ def test_config_of_another_model_type_is_refused(tmp_path, model_type):
     ModelConfig.from_hf(path)
   without = {k: v for k, v in hf.items() if k != "model_type"}  # a hub config may omit it
   assert ModelConfig.from_hf(without) == ModelConfig.from_hf(hf)
+
+
+# ----- run choices that moved from ModelConfig to Options (deepseek_v4/options.py) ----------------
+def test_old_config_json_with_run_choices_loads_and_drops_them(tmp_path, caplog):
+  """A config.json this project wrote before the run choices moved to `Options` still carries
+  them under "deepseek_v4_jax": it reads as the same architecture, one INFO line names them."""
+  import logging
+
+  import deepseek_v4
+
+  cfg = deepseek_v4.tiny()
+  hf = cfg.to_hf()
+  hf["deepseek_v4_jax"].update(kernel_impl="pallas", scan_layers=False, attn_block=16,
+                               keep_quantized="experts")
+  with caplog.at_level(logging.INFO, logger="deepseek_v4.options"):
+    got = ModelConfig.from_hf(_write(tmp_path, hf))
+  assert got == cfg
+  lines = [r.getMessage() for r in caplog.records if r.name == "deepseek_v4.options"]
+  assert len(lines) == 1 and all(r.levelno == logging.INFO for r in caplog.records
+                                 if r.name == "deepseek_v4.options")
+  for name in ("kernel_impl", "scan_layers", "attn_block", "keep_quantized", "Options"):
+    assert name in lines[0], (name, lines[0])
+
+
+def test_to_hf_writes_no_run_choices():
+  import deepseek_v4
+
+  hf = deepseek_v4.tiny().to_hf()
+  text = json.dumps(hf)
+  for name in ("kernel_impl", "scan_layers", "attn_block", "keep_quantized"):
+    assert name not in text, name
+  assert set(hf["deepseek_v4_jax"]) == {"init_std", "residual", "attention", "hca_ratio",
+                                        "router_bias"}

@@ -48,7 +48,6 @@ NAN, INF = float("nan"), float("inf")
   (dict(compress_rope_theta=0.5), ("compress_rope_theta", "0.5")),
   (dict(rope_factor=0.5), ("rope_factor", "0.5")),
   (dict(max_position_embeddings=-1), ("max_position_embeddings", "-1")),
-  (dict(attn_block=16.5), ("attn_block", "16.5")),
   (dict(score_func=True), ("score_func", "True")),
   (dict(dtype="float64"), ("dtype", "float64")),
 ], ids=lambda v: "-".join(f"{k}={v}" for k, v in v.items()) if isinstance(v, dict) else None)

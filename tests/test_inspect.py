@@ -14,7 +14,6 @@ import deepseek_v4 as dsv4
 from deepseek_v4 import inspect as tour
 from deepseek_v4 import layout
 from deepseek_v4.checkpoint.convert import from_hub_tensors, to_hub_tensors
-from deepseek_v4.model import Options
 from tests.recording import recorded_attention_inputs, recorded_selections
 from tests.tolerances import F32_FUNCTION, rel_err
 
@@ -102,7 +101,8 @@ def test_attention_input_of_a_scanned_layer_is_the_forwards():
   (same weights) and what its attention layer received in an unscanned forward."""
   cfg = dsv4.tiny(compress_ratios=(0, 0, 4, 16, 4, 16, 4), hc_sinkhorn_iters=3)
   scanned = dsv4.Transformer(cfg, rngs=nnx.Rngs(0))
-  unrolled = from_hub_tensors(cfg.replace(scan_layers=False), to_hub_tensors(scanned))
+  unrolled = from_hub_tensors(cfg, to_hub_tensors(scanned),
+                              options=dsv4.Options(scan_layers=False))
   groups = layout.layer_groups(cfg)
   where = [layout.locate(cfg, i) for i in range(cfg.num_layers)]
   assert {(r, s) for g, r, s in where if groups[g].scanned} == {(0, 0), (1, 0), (0, 1), (1, 1)}
@@ -138,8 +138,9 @@ def test_capture_costs_nothing_unless_asked(model, ids):
   def outputs(**kw):
     return jax.tree.leaves(jax.eval_shape(lambda i: model.trunk(i, **kw), ids))
 
-  plain, off, on = outputs(), outputs(opts=Options(capture=False)), outputs(opts=Options(
-    capture=True))
+  plain = outputs()
+  off = outputs(options=model.options.replace(capture=False))
+  on = outputs(options=model.options.replace(capture=True))
   assert len(plain) == len(off)
   extra = len(on) - len(off)
   assert extra == model.cfg.num_layers

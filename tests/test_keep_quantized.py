@@ -54,7 +54,7 @@ def test_kept_experts_are_fp4_leaves(kept):
   cfg = kept.cfg
   E, F, D = cfg.num_experts, cfg.moe_inter_dim, cfg.d_model
   e = kept.layer(3).ffn.experts
-  assert cfg.keep_quantized == "experts"
+  assert kept.options.keep_quantized == "experts"
   assert isinstance(e.w1, KeptWeight) and not isinstance(e.w1, nnx.Param)
   assert (e.w1[...].dtype, e.w1[...].shape) == (jnp.uint8, (E, F, D // 2))
   assert (e.w2[...].dtype, e.w2[...].shape) == (jnp.uint8, (E, D, F // 2))
@@ -124,10 +124,10 @@ def test_bad_option_values_are_refused(folder, tiny_cfg, tmp_path):
   with pytest.raises(ValueError, match=r"keep_quantized='fp4'; expected one of None, 'experts'"):
     load_hf_checkpoint(folder, keep_quantized="fp4")
   with pytest.raises(ValueError, match=r"keep_quantized='all'"):
-    deepseek_v4.tiny(keep_quantized="all")
+    deepseek_v4.Options(keep_quantized="all")
   with pytest.raises(ValueError, match="inference-only"):
-    plan.make_plan(tiny_cfg.replace(keep_quantized="experts"), {}, settings=plan.Settings(
-      train=True))
+    plan.make_plan(tiny_cfg, {}, settings=plan.Settings(train=True),
+                   options=deepseek_v4.Options(keep_quantized="experts"))
   model = deepseek_v4.Transformer(tiny_cfg, rngs=nnx.Rngs(0))
   save_hf_checkpoint(model, tmp_path / "fp8", quantize="fp8")
   with pytest.raises(CheckpointError, match=r"experts\.0\.w[123]\.weight.* stored as fp8"):
@@ -158,7 +158,7 @@ def test_plan_bytes_equal_the_loaded_leaves(kept, dequantized):
   """plan's parameter + buffer lines are the loaded model's bytes, kept or not; kept FP4 experts
   cost 0.5 + 1/32 byte per weight."""
   for model in (kept, dequantized):
-    p = plan.make_plan(model.cfg, {}, settings=plan.Settings(seq=64))
+    p = plan.make_plan(model.cfg, {}, settings=plan.Settings(seq=64), options=model.options)
     lines = dict((label.split(" (")[0], b) for label, b, _ in p.lines)
     assert lines["parameters"] + lines["router bias + hash tables"] == _state_bytes(model)
   cfg = kept.cfg
@@ -166,7 +166,7 @@ def test_plan_bytes_equal_the_loaded_leaves(kept, dequantized):
   saved = _state_bytes(dequantized) - _state_bytes(kept)
   assert saved == weights * (4 - 0.5 - 1 / 32)
   decoded = [b for label, b, _ in plan.make_plan(cfg, {}, settings=plan.Settings(
-    seq=64, gmm="tiled")).lines if label.startswith("decoded")]
+    seq=64, gmm="tiled"), options=kept.options).lines if label.startswith("decoded")]
   assert decoded == [3 * cfg.moe_inter_dim * cfg.d_model * 4]
 
 
@@ -175,11 +175,12 @@ def test_summary_counts_the_logical_weights_and_the_held_bytes(kept, dequantized
   weights are the same, only stored differently), and the bytes actually held."""
   from deepseek_v4 import summary
 
-  a, b = summary.count_params(kept.cfg), summary.count_params(dequantized.cfg)
+  a, b = summary.count_params(kept.cfg, "experts"), summary.count_params(dequantized.cfg)
   assert (a.total, a.active, a.mtp_total) == (b.total, b.active, b.mtp_total)
   state = nnx.state(kept, nnx.Param, KeptWeight)
   assert a.param_bytes == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  assert "routed experts kept FP4" in summary.format_summary(summary.summarize(kept.cfg))
+  assert "routed experts kept FP4" in summary.format_summary(
+    summary.summarize(kept.cfg, keep_quantized=kept.options.keep_quantized))
 
 
 @pytest.mark.slow
@@ -196,6 +197,7 @@ def test_sharded_load_and_generate(folder, kept):
   ref_ids, ref_logits = decoding.generate(kept, ids, 3, return_logits=True)
   with sharding.use(mesh, "fsdp_ep"):
     out_ids, logits = decoding.generate(model, ids, 3, return_logits=True,
-                                        moe=parallel.moe_impl(mesh, "fsdp_ep"))
+                                        options=parallel.options(mesh, "fsdp_ep",
+                                                                 keep_quantized="experts"))
   np.testing.assert_array_equal(np.asarray(out_ids), np.asarray(ref_ids))
   assert rel_err(logits, ref_logits) <= F32_SHARDED_REL

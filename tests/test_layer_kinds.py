@@ -55,14 +55,16 @@ class StridedPool(kinds.AttentionKind):
   def _entries(self, attn, blocks):  # blocks [B, n, s, D] -> entries [B, n, H]
     return attn.pool(jnp.mean(blocks.astype(jnp.float32), axis=2).astype(blocks.dtype))
 
-  def full_entries(self, attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage, impl):
+  def full_entries(self, attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage, impl,
+                   block):
     B, T, D = x.shape
     n = T // self.stride
     comp = self._entries(attn, x[:, : n * self.stride].reshape(B, n, self.stride, D))
     seg = None if segments is None else segments[:, : n * self.stride: self.stride]
     return kinds.EntrySources(comp=comp, comp_seg=seg)
 
-  def extend_entries(self, attn, x, cq, positions, cos, sin, freqs, n_valid, cache, impl):
+  def extend_entries(self, attn, x, cq, positions, cos, sin, freqs, n_valid, cache, impl,
+                     block):
     s, (B, T, D) = self.stride, x.shape
     start = positions[:, 0]
     base = start // s * s

@@ -153,7 +153,7 @@ def _hub_style(cfg: ModelConfig) -> dict:
 
 def _not_in_hf(cfg: ModelConfig) -> dict:
   """Run settings that no config.json carries."""
-  return dict(attn_block=cfg.attn_block, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+  return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
               init_std=cfg.init_std)
 
 
@@ -187,7 +187,7 @@ def test_from_hf_tiny_spec_kwargs():
                      "beta_fast": 32.0, "beta_slow": 1.0},
     max_position_embeddings=64, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
     tie_word_embeddings=False)
-  cfg = ModelConfig.from_hf(kw, attn_block=16)
+  cfg = ModelConfig.from_hf(kw)
   assert cfg == deepseek_v4.tiny(max_position_embeddings=64)
 
 
@@ -195,7 +195,7 @@ def test_from_hf_reads_a_file(tmp_path):
   import json
 
   (tmp_path / "config.json").write_text(json.dumps(_hub_style(deepseek_v4.tiny())))
-  assert ModelConfig.from_hf(tmp_path, attn_block=16) == deepseek_v4.tiny()
+  assert ModelConfig.from_hf(tmp_path) == deepseek_v4.tiny()
 
 
 # ----- presets ------------------------------------------------------------------------------------

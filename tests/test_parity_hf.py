@@ -31,8 +31,8 @@ pytestmark = pytest.mark.parity
 LENGTHS = [1, 2, 3, 4, 5, 6, 7, 15, 16, 17, 37, 64]
 
 
-def _model(cfg, seed=0):
-  return randomize_params(deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(seed)), seed)
+def _model(cfg, seed=0, options=deepseek_v4.Options()):
+  return randomize_params(deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(seed), options=options), seed)
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,8 @@ def test_logits_match_transformers_at_real_selection_scale():
   transformers' own scores, such queries are rare, and every other position's logits match."""
   from tests.recording import recorded_selections
 
-  cfg = deepseek_v4.tiny(**REAL_SCALE, scan_layers=False)
-  model = _model(cfg, seed=7)
+  cfg = deepseek_v4.tiny(**REAL_SCALE)
+  model = _model(cfg, seed=7, options=deepseek_v4.Options(scan_layers=False, attn_block=16))
   T = 4096
   ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, T)).astype(np.int32)
   with recorded_selections() as ours_picks:

@@ -263,12 +263,12 @@ def test_prefill_decode_and_generate_equal_single_device(mesh_name):
   model = parallel.init_model(cfg, mesh, rules)
   c = cache_lib.init_cache(cfg, 8, 32)
   c = jax.device_put(c, sharding.cache_shardings(c, mesh, rules))
-  moe = parallel.moe_impl(mesh, rules)
+  options = parallel.options(mesh, rules)
   with sharding.use(mesh, rules):
     pre, c = decoding.prefill(model, c, sharding.shard_batch(ids, mesh, rules), logits="last",
-                              moe=moe)
-    dec, c = decoding.decode_step(model, c, nxt, moe=moe)
-    out_ids, logits = decoding.generate(model, ids, 4, return_logits=True, moe=moe)
+                              options=options)
+    dec, c = decoding.decode_step(model, c, nxt, options=options)
+    out_ids, logits = decoding.generate(model, ids, 4, return_logits=True, options=options)
   for leaf, want in zip(jax.tree.leaves(c), jax.tree.leaves(sharding.cache_shardings(c, mesh,
                                                                                       rules))):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)  # the cache stays batch-sharded
@@ -286,7 +286,7 @@ def test_sharded_generate_partitions_without_replicating(capfd, no_compilation_c
   warnings. Two causes: the grouped output projection (its weight's first axis is FSDP-sharded,
   so the partitioner split the product over groups and replicated the batch-sharded activations
   around it; now pinned batch-sharded) and the local MoE's global sort of batch-sharded tokens
-  (decoding now takes the expert-parallel `moe=` as training does)."""
+  (decoding now takes the expert-parallel `Options` as training does)."""
   decoding = pytest.importorskip("deepseek_v4.decoding")
   cfg = steps.CFG_SMALL
   ids = steps.batch(cfg, B=8, T=16)["inputs"]
@@ -297,7 +297,7 @@ def test_sharded_generate_partitions_without_replicating(capfd, no_compilation_c
     model = parallel.init_model(cfg, mesh, rules)
     capfd.readouterr()
     with sharding.use(mesh, rules):
-      out = decoding.generate(model, ids, 3, moe=parallel.moe_impl(mesh, rules))
+      out = decoding.generate(model, ids, 3, options=parallel.options(mesh, rules))
     err = capfd.readouterr().err
     assert "Involuntary full rematerialization" not in err, (name, err[:2000])
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))

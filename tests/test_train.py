@@ -18,6 +18,7 @@ from deepseek_v4 import losses, train, trainer
 from deepseek_v4 import model as model_lib
 from deepseek_v4.layers import moe
 from kernels_pallas.sparse_attention.reference import sparse_attention
+from tests.attention_keys import keys
 from tests.tolerances import F32_FUNCTION, F32_MODEL_REL, rel_err
 
 # A 3-layer tiny (SWA+hash, CSA, HCA; MTP on): every layer kind, cheaper to compile.
@@ -155,10 +156,10 @@ def test_indexer_loss_matches_numpy(sparse):
   # (docs/architecture.md#indexer-training).
   jq, jpos, jcomp = jnp.asarray(q), jnp.asarray(pos), jnp.asarray(comp)
   jidx = None if idx is None else jnp.asarray(idx)
-  _, lse = sparse_attention(jq, jpos, jnp.asarray(kv), jnp.asarray(sink), scale=0.3, window=W,
-                            block=8, comp=jcomp, comp_idx=jidx, comp_ratio=4, return_lse=True)
-  ours = losses.indexer_kl_from_attention(jq, lse, jcomp, jnp.asarray(iq), jnp.asarray(iw),
-                                          jnp.asarray(ik), jidx, jpos, scale=0.3, ratio=4, block=8)
+  k = keys(jnp.asarray(kv), W, comp=jcomp, comp_idx=jidx, comp_ratio=4)
+  _, lse = sparse_attention(jq, jpos, jnp.asarray(sink), k, scale=0.3, block=8, return_lse=True)
+  ours = losses.indexer_kl_from_attention(jq, lse, k.entries, jnp.asarray(iq), jnp.asarray(iw),
+                                          jnp.asarray(ik), jpos, scale=0.3, block=8)
   ref = _np_indexer_loss(q, pos, kv, sink, comp, iq, iw, ik, idx, 0.3, W, 4)
   assert int(ours[1]) == ref[1]
   assert rel_err(ours[0], ref[0]) < F32_FUNCTION

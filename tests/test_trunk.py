@@ -32,7 +32,7 @@ def test_groups_of_the_presets():
   pro = layout.layer_groups(deepseek_v4.pro())
   assert [(g.ratios, g.count) for g in pro] == [((128,), 2), ((4,), 1), ((128, 4), 29)]
   assert [g.count for g in layout.layer_groups(CFG)] == [2, 1, 2]
-  flat = layout.layer_groups(CFG.replace(scan_layers=False))
+  flat = layout.layer_groups(CFG, scan_layers=False)
   assert [g.count for g in flat] == [1] * CFG.num_layers
 
 
@@ -69,7 +69,8 @@ def test_every_key_path_form_names_the_same_official_tensors():
 def _pair():
   """The scanned model and an unrolled one holding the same weights (through hub names)."""
   scanned = deepseek_v4.Transformer(CFG, rngs=nnx.Rngs(0))
-  unrolled = from_hub_tensors(CFG.replace(scan_layers=False), to_hub_tensors(scanned))
+  unrolled = from_hub_tensors(CFG, to_hub_tensors(scanned),
+                              options=deepseek_v4.Options(scan_layers=False))
   return scanned, unrolled
 
 
@@ -92,7 +93,7 @@ def test_scanned_and_unrolled_decode_equal_the_forward():
   ids = _ids()
   a = scanned(ids)
   for model in (scanned, unrolled):  # decode through the same trunk, cache scanned alongside
-    cache = deepseek_v4.init_cache(model.cfg, 2, 48)
+    cache = deepseek_v4.init_cache(model, 2, 48)
     pre, cache = deepseek_v4.prefill(model, cache, ids[:, :30], chunk_size=7)
     assert rel_err(pre, a[:, :30]) < F32_MODEL_REL
     for t in range(30, 37):
@@ -170,7 +171,8 @@ def test_indexer_stages_on_aligned_packed_rows_equal_each_document(stage):
 
   def kl(ids, segments=None):
     x, outs, _ = model.trunk(jnp.asarray(ids), segments=None if segments is None else
-                             jnp.asarray(segments), opts=deepseek_v4.Options(indexer_stage=stage))
+                             jnp.asarray(segments),
+                             options=deepseek_v4.Options(indexer_stage=stage))
     return np.asarray(outs[0].indexer_kl, np.float64)
 
   packed = kl(ids, seg)

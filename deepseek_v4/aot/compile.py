@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 
+from deepseek_v4.options import Options
 from kernels_pallas import common as kernel_common
 
 # ----- GPU kernel resources -----------------------------------------------------------------------
@@ -247,6 +248,8 @@ def attention_program(attention, target: str, kind: str, *, N: int, P: int, deco
   """
   import jax.numpy as jnp
 
+  from kernels_pallas.sparse_attention import sources
+
   if kind not in KIND_RATIOS:
     raise ValueError(f"unknown layer kind {kind!r}; expected one of {tuple(KIND_RATIOS)}")
   f32, i32 = jnp.float32, jnp.int32
@@ -264,14 +267,16 @@ def attention_program(attention, target: str, kind: str, *, N: int, P: int, deco
     args.append(sd((B, T, P), i32))
 
   def attend(q, pos, kv, sink, *rest):
-    kw = dict(prefix_kv=rest[0], prefix_pos=rest[1]) if decode else {}
-    rest = rest[2:] if decode else rest
-    if kind != "window":
-      kw.update(comp=rest[0], comp_ratio=KIND_RATIOS[kind])
-    if kind == "csa":
-      kw["comp_idx"] = rest[1]
-    return attention(q, pos, kv, sink, scale=H**-0.5, window=window, block=64, return_lse=True,
-                     **kw)
+    ring = None
+    if decode:
+      ring, rest = sources.Ring(rest[0], rest[1]), rest[2:]
+    entries = None
+    if kind == "hca":
+      entries = sources.VisibleEntries(rest[0], KIND_RATIOS[kind])
+    elif kind == "csa":
+      entries = sources.PickedEntries(rest[0], rest[1])
+    keys = sources.KeySources(sources.Band(kv, window), ring=ring, entries=entries)
+    return attention(q, pos, sink, keys, scale=H**-0.5, block=64, return_lse=True)
 
   if not grad:
     return attend, args
@@ -386,7 +391,8 @@ class CompileReport:
 
 
 def _plan(cfg, sizes: dict[str, int], rules: str, program: str, batch: int, seq: int,
-          chunk: int | None, tcfg, capacity_factor: float | None, platform: str, t, headroom):
+          chunk: int | None, tcfg, capacity_factor: float | None, platform: str, t, headroom,
+          options: Options = Options()):
   """plan's estimate of the same run (deepseek_v4.plan.make_plan)."""
   from deepseek_v4 import plan as plan_lib
   from deepseek_v4.layers.moe_ep import default_all_to_all
@@ -408,7 +414,7 @@ def _plan(cfg, sizes: dict[str, int], rules: str, program: str, batch: int, seq:
     step = {"forward": seq, "prefill": chunk or seq, "decode": 1}[program]
     settings = plan_lib.Settings(prefill_chunk=step, **common)
   p = plan_lib.make_plan(cfg, sizes, rules, settings, device_memory=t.memory_bytes,
-                         headroom=headroom)
+                         headroom=headroom, options=options)
   lines = list(p.lines)
   if program == "forward":  # a forward without a cache: plan's cache line does not apply
     lines = [line for line in lines if not line[0].startswith("KV cache")]
@@ -424,10 +430,11 @@ def _placed(tree, shardings):
 
 def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
                   chunk: int | None = None, tcfg=None, capacity_factor: float | None = None,
-                  gmm: str = "auto"):
+                  gmm: str = "auto", options: Options = Options()):
   """(jitted function, abstract arguments) of `program`, from the abstract model
-  (deepseek_v4/abstract.py) and sharded as a run shards it; trace it under `sharding.use(mesh,
-  rules)` and the target's `targets.compiling_for`.
+  (deepseek_v4/abstract.py, built with `options`) and sharded as a run shards it; trace it under
+  `sharding.use(mesh, rules)` and the target's `targets.compiling_for`. The program runs with
+  `options` and the MoE of the mesh (`parallel.moe_impl` with `capacity_factor` and `gmm`).
 
   * "forward": `parallel.forward_program` (as `parallel.jit_forward`) on ids [batch, seq].
   * "prefill" / "decode": decoding's one chunk step (`decoding._extend_jit`, as `prefill` and
@@ -448,44 +455,45 @@ def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
 
   from deepseek_v4 import abstract, decoding, parallel, sharding, train
   from deepseek_v4 import cache as cache_lib
-  from deepseek_v4.model import Options
 
   if program not in PROGRAMS:
     raise ValueError(f"unknown program {program!r}; expected one of {PROGRAMS}")
   rules = sharding.get_rules(rules)
-  moe = parallel.moe_impl(mesh, rules, capacity_factor=capacity_factor, gmm=gmm)
+  run = options.replace(moe=parallel.moe_impl(mesh, rules, capacity_factor=capacity_factor,
+                                              gmm=gmm))
   i32 = jnp.int32
   if program == "train":
     if tcfg is None:
       raise ValueError("the train program needs its train.TrainConfig (tcfg)")
-    graphdef, state = nnx.split(abstract.train_state(cfg, tcfg))
+    graphdef, state = nnx.split(abstract.train_state(cfg, tcfg, options))
     shardings = sharding.state_shardings(state, mesh, rules)
     ids = jax.ShapeDtypeStruct((batch, seq), i32,
                                sharding=sharding.batch_sharding(mesh, rules, (batch, seq)))
     batch_abs = {"inputs": ids, "targets": ids}
     fn = parallel.train_step_program(functools.partial(train._train_step, tcfg=tcfg), graphdef,
-                                     shardings, mesh, rules, batch_abs, 1, moe=moe,
+                                     shardings, mesh, rules, batch_abs, 1, options=run,
                                      keep_unused=True)
     mtp = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
     return fn, (_placed(state, shardings), batch_abs, mtp)
 
-  graphdef, state = parallel.abstract_model(cfg, mesh, rules)
+  graphdef, state = parallel.abstract_model(cfg, mesh, rules, options=options)
   shardings = jax.tree.map(lambda a: a.sharding, state)
   if program == "forward":
     fn = parallel.forward_program(graphdef, shardings, mesh, rules, (batch, seq), cfg.vocab_size,
-                                  opts=Options(moe=moe), keep_unused=True)
+                                  options=run, keep_unused=True)
     ids = jax.ShapeDtypeStruct((batch, seq), i32,
                                sharding=sharding.batch_sharding(mesh, rules, (batch, seq)))
     return fn, (state, ids)
 
   T = 1 if program == "decode" else (chunk or seq)
-  cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, seq))
+  cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, seq,
+                                                      scan_layers=options.scan_layers))
   cache_sh = sharding.cache_shardings(cache, mesh, rules)
   rows = NamedSharding(mesh, sharding.logical_to_spec(("batch", None), (batch, T), mesh,
                                                       rules.activations, strict=False))
   n_sh = NamedSharding(mesh, PartitionSpec(*rows.spec[:1]))
   extend = functools.partial(decoding._extend_jit.__wrapped__, graphdef,
-                             last_only=program == "prefill", moe=moe)
+                             last_only=program == "prefill", options=run)
   fn = jax.jit(lambda st, c, i, n: extend(st, c, i, n),
                in_shardings=(shardings, cache_sh, rows, n_sh), out_shardings=(None, cache_sh),
                donate_argnums=(1,), keep_unused=True)
@@ -531,13 +539,13 @@ def compile_program(cfg, *, target: str, program: str = "forward", devices: int 
                     mesh: str | dict[str, int] | None = None, rules: str | None = None,
                     batch: int = 1, seq: int = 4096, chunk: int | None = None, tcfg=None,
                     capacity_factor: float | None = None, kernels: bool = True,
-                    headroom: float = 0.1, dump_dir: str | None = None) -> CompileReport:
+                    headroom: float = 0.1, dump_dir: str | None = None,
+                    options: Options = Options()) -> CompileReport:
   """Builds `program` for `cfg` abstractly (no weights), compiles it for `devices` compile-only
   devices of `target` and reports XLA's per-device memory beside plan's.
 
   Args:
-    cfg: the ModelConfig (e.g. `deepseek_v4.flash(...)`, with `kernel_impl="pallas"` to compile
-      the Pallas kernels).
+    cfg: the ModelConfig (e.g. `deepseek_v4.flash(...)`).
     target: "h100", "h200", "tpu-v5e", "tpu-v5p" or "tpu-v6e" (deepseek_v4.aot.targets).
     program: one of PROGRAMS (see CompileReport.program).
     devices: the device count; mesh: axis sizes over them (default: plan's recommended mesh).
@@ -549,6 +557,8 @@ def compile_program(cfg, *, target: str, program: str = "forward", devices: int 
     kernels: GPU targets: read each Pallas kernel's resources (ptxas; adds a few seconds).
     headroom: the share of device memory the verdict keeps free (as plan's --headroom).
     dump_dir: keep XLA's dump (GPU kernels) there.
+    options: the run's `Options` (`Options(kernel_impl="pallas")` compiles the Pallas kernels;
+      attn_block, scan_layers); the MoE comes from the mesh and `capacity_factor`.
 
   Raises:
     ValueError: an unknown target or program, a bad mesh, rules or sizes (named).
@@ -580,13 +590,13 @@ def compile_program(cfg, *, target: str, program: str = "forward", devices: int 
   rules = rules or plan_lib.default_rules(sizes)
   sharding.get_rules(rules)  # an unknown name is refused here, by name
   plan_bytes, plan_lines, plan_notes = _plan(cfg, sizes, rules, program, batch, seq, chunk, tcfg,
-                                             capacity_factor, t.platform, t, headroom)
+                                             capacity_factor, t.platform, t, headroom, options)
   kern: list[KernelResources] = []
   error = None
   stats = None
   start = time.perf_counter()
   lowered = lower_program(cfg, target, m, rules, program, batch=batch, seq=seq, chunk=chunk,
-                          tcfg=tcfg, capacity_factor=capacity_factor)
+                          tcfg=tcfg, capacity_factor=capacity_factor, options=options)
   lower_s = time.perf_counter() - start
   with targets.compiling_for(target, m), sharding.use(m, rules):
     start = time.perf_counter()
@@ -602,7 +612,7 @@ def compile_program(cfg, *, target: str, program: str = "forward", devices: int 
   get = lambda name: int(getattr(stats, name, 0) or 0)
   return CompileReport(
     target=target, devices=devices, mesh=sizes, rules=rules, program=program, batch=batch,
-    seq=seq, chunk=chunk if program == "prefill" else None, kernel_impl=cfg.kernel_impl,
+    seq=seq, chunk=chunk if program == "prefill" else None, kernel_impl=options.kernel_impl,
     argument_bytes=get("argument_size_in_bytes"), temp_bytes=get("temp_size_in_bytes"),
     output_bytes=get("output_size_in_bytes"), alias_bytes=get("alias_size_in_bytes"),
     compile_seconds=compile_s, lower_seconds=lower_s, device_memory=t.memory_bytes,

@@ -33,6 +33,7 @@ from deepseek_v4.config_hf import fields_to_hf
 from deepseek_v4.layers.moe import KeptWeight
 from deepseek_v4.layers.params import HashTable, RouterBias
 from deepseek_v4.model import Transformer
+from deepseek_v4.options import Options
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,11 @@ def _leaves(state) -> Iterator[tuple[str, nnx.Variable]]:
       yield layout.path_name(path), var
 
 
-def _hub_names(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def _hub_names(model: Transformer, name: str, shape: tuple[int, ...]) -> np.ndarray:
   """The hub tensors held by our leaf `name`: an object array over the leaf's leading axes that
   index separate tensors (the stacked-layers axis of scanned layers, then the expert axis)."""
-  per_layer = layout.official_names(cfg, name)  # [(official name, stacked index or None)]
+  # [(official name, stacked index or None)] in the layer layout the model was built with
+  per_layer = layout.official_names(model.cfg, name, model.options.scan_layers)
   stacked = per_layer[0][1] is not None
   rows = []
   for official, _ in per_layer:
@@ -72,7 +74,7 @@ def _hub_names(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> np.ndarra
 
 def leaf_table(abstract: Transformer) -> dict[str, np.ndarray]:
   """Our leaf path -> the hub names it holds (see `_hub_names`), for every checkpoint leaf."""
-  return {name: _hub_names(abstract.cfg, name, tuple(var.shape))
+  return {name: _hub_names(abstract, name, tuple(var.shape))
           for name, var in _leaves(nnx.state(abstract))}
 
 
@@ -80,7 +82,7 @@ def expected_tensors(abstract: Transformer) -> dict[str, tuple[tuple[int, ...], 
   """Hub name -> (shape, our leaf path) for every tensor a checkpoint of this model holds."""
   out: dict[str, tuple[tuple[int, ...], str]] = {}
   for name, var in _leaves(nnx.state(abstract)):
-    names = _hub_names(abstract.cfg, name, tuple(var.shape))
+    names = _hub_names(abstract, name, tuple(var.shape))
     for hub in names.ravel() if names.ndim else [names.item()]:
       out[hub] = (tuple(var.shape)[names.ndim:], name)
   return out
@@ -93,7 +95,7 @@ def to_hub_tensors(model: Transformer) -> dict[str, np.ndarray]:
     value = np.asarray(jax.device_get(var[...]))
     if isinstance(var, HashTable):
       value = value.astype(np.int64)  # hub and transformers store tid2eid as int64
-    names = _hub_names(model.cfg, name, value.shape)
+    names = _hub_names(model, name, value.shape)
     for idx in np.ndindex(names.shape):
       out[names[idx]] = np.ascontiguousarray(value[idx])
   return out
@@ -152,8 +154,9 @@ def _check_expert_ids(tensors: dict, names: np.ndarray, num_experts: int) -> Non
 
 
 def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=None,
-                     rules=None) -> Transformer:
-  """A model of `cfg` holding exactly `tensors` (hub names); validates names and shapes.
+                     rules=None, options: Options = Options()) -> Transformer:
+  """A model of `cfg` built with `options` (`Transformer(cfg, options=...)`) holding exactly
+  `tensors` (hub names); validates names and shapes.
 
   With `mesh` (a `sharding.make_mesh` mesh) each tensor goes straight into its shards by the
   `rules` table (default "fsdp"); no device ever holds a whole tensor.
@@ -163,7 +166,7 @@ def from_hub_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *, mesh=N
     # transformers has no MTP module, so its save_pretrained writes none (docs/architecture.md#mtp).
     log.warning("checkpoint has no mtp.* tensors: loading without the MTP module")
     cfg = dataclasses.replace(cfg, num_mtp_layers=0)
-  abstract = abstract_lib.model(cfg)
+  abstract = abstract_lib.model(cfg, options=options)
   expected = expected_tensors(abstract)
   _check(tensors, expected)
   graphdef, state = nnx.split(abstract)
@@ -202,7 +205,8 @@ def _host_block(tensors: dict[str, np.ndarray], names: np.ndarray,
 def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
                        config: ModelConfig | None = None, *, mesh=None, rules=None,
                        num_layers: int | None = None, mtp: bool = True,
-                       keep_quantized: str | None = None) -> Transformer:
+                       keep_quantized: str | None = None,
+                       options: Options | None = None) -> Transformer:
   """Loads a folder with `config.json` and `*.safetensors` (hub or transformers naming, plain or
   FP8/FP4-quantized as published, docs/architecture.md#fp8-fp4), reading tensor by tensor.
 
@@ -216,8 +220,10 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
       the returned model's config says so.
     keep_quantized: None (dequantize everything) or "experts": the routed experts stay in their
       stored FP4 form (codes and scales copied byte for byte, never decoded on the host) and are
-      decoded inside the MoE (`ModelConfig.keep_quantized`; inference only). The checkpoint's
-      experts must be FP4.
+      decoded inside the MoE (`Options.keep_quantized`; inference only). The checkpoint's
+      experts must be FP4. A shorthand for `options=Options(keep_quantized=...)`.
+    options: the model's `Options` (build-time fields: scan_layers, keep_quantized); the
+      returned model runs with them by default.
   Returns:
     A ready `Transformer`. Any problem (a corrupt or truncated file, an index that disagrees with
     the files, a scale grid that does not fit, a NaN FP8 value, a tensor the config does not
@@ -226,10 +232,17 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32,
   path = os.fspath(path)
   cfg = config or ckpt_files.read_config(path)
   name = jnp.dtype(dtype).name
-  cfg = dataclasses.replace(cfg, dtype=name, param_dtype=name, keep_quantized=keep_quantized)
+  options = Options() if options is None else options
+  if keep_quantized is not None:
+    if options.keep_quantized not in (None, keep_quantized):
+      raise ValueError(f"keep_quantized={keep_quantized!r} but options.keep_quantized="
+                       f"{options.keep_quantized!r}; give it once")
+    options = options.replace(keep_quantized=keep_quantized)
+  cfg = dataclasses.replace(cfg, dtype=name, param_dtype=name)
   cfg, keep = ckpt_files.layer_subset(cfg, num_layers, mtp)
-  tensors = ckpt_files.hub_tensors(path, dtype=dtype, keep=keep, keep_quantized=keep_quantized)
-  return from_hub_tensors(cfg, tensors, mesh=mesh, rules=rules)
+  tensors = ckpt_files.hub_tensors(path, dtype=dtype, keep=keep,
+                                   keep_quantized=options.keep_quantized)
+  return from_hub_tensors(cfg, tensors, mesh=mesh, rules=rules, options=options)
 
 
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,

@@ -119,7 +119,7 @@ def layer_subset(cfg: ModelConfig, num_layers: int | None, mtp: bool
 
 
 def kept_names(keep_quantized: str | None) -> Callable[[str], bool]:
-  """The hub names `ModelConfig.keep_quantized` keeps as stored (routed experts for "experts")."""
+  """The hub names `Options.keep_quantized` keeps as stored (routed experts for "experts")."""
   if keep_quantized is None:
     return lambda name: False
   return lambda name: _EXPERTS.search(name) is not None

@@ -26,6 +26,7 @@ from flax import nnx
 
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.model import Transformer
+from deepseek_v4.options import BUILD_FIELDS, Options, drop_former_config_fields
 
 # TrainConfig fields that change the structure of the saved state (which parameters exist or get
 # optimizer state); others (learning rate, steps, logging) may change between runs.
@@ -93,6 +94,7 @@ class Checkpointer:
       "data_state": data_state or {},
       "rng": None if rng is None else np.asarray(jax.random.key_data(rng)).tolist(),
       "model_config": model.cfg.to_dict(),
+      "options": model.options.build(),  # the build-time fields the saved tree was made with
       "train_config": None if train_config is None else _jsonable(
         dataclasses.asdict(train_config)),
       "extra": extra or {},
@@ -139,7 +141,7 @@ class Checkpointer:
     # as `restore_model` builds it.
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
                 if f.default is not dataclasses.MISSING}
-    saved = {**defaults, **meta["model_config"]}
+    saved = {**defaults, **drop_former_config_fields(meta["model_config"], self.directory)}
     problems = config_diff(saved, cfg.to_dict())
     if train_config is not None and meta.get("train_config") is not None:
       cur = dataclasses.asdict(train_config)
@@ -163,6 +165,12 @@ class Checkpointer:
     step = self._step(step)
     meta = self.read_meta(step)
     self.check_compatible(meta, model.cfg, train_config)
+    built = _saved_options(meta).build()
+    if built != model.options.build():
+      raise CheckpointMismatch(
+        f"checkpoint in {self.directory!r} (step {meta['step']}) holds a model built with "
+        f"{built}; this model was built with {model.options.build()} (deepseek_v4.Options): "
+        "build it with the checkpoint's")
     mstate = nnx.state(model)
     items = {"model": ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(mstate))),
              "meta": ocp.args.JsonRestore()}
@@ -184,7 +192,8 @@ class Checkpointer:
 
 
 def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh=None,
-                  rules=None, merge_lora: bool = True) -> tuple[Transformer, dict]:
+                  rules=None, merge_lora: bool = True,
+                  options: Options | None = None) -> tuple[Transformer, dict]:
   """(model, meta) of a training checkpoint folder (latest step, or `step`), built from its saved
   config; no optimizer.
 
@@ -192,7 +201,8 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
   (`deepseek_v4.sharding`), whatever devices or mesh wrote them: without an explicit target,
   Orbax puts each array back on the devices it was saved from and refuses ("Topology mismatch")
   when this process has fewer. LoRA adapters in the checkpoint are merged into the weights
-  (`merge_lora=False` keeps them; needs no mesh).
+  (`merge_lora=False` keeps them; needs no mesh). The model is built with `options` (default:
+  the build-time fields the checkpoint was saved with, `Options.build`, else `Options()`).
   """
   if (mesh is None) != (rules is None):
     raise ValueError("restore_model: mesh and rules go together")
@@ -201,14 +211,16 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
   ck = Checkpointer(directory)
   try:
     meta = ck.read_meta(step)
-    cfg = ModelConfig(**meta["model_config"])
+    options = options or _saved_options(meta)
+    cfg = ModelConfig(**drop_former_config_fields(meta["model_config"], os.fspath(directory)))
     run = meta.get("train_config") or {}
     adapters = bool(run.get("lora_rank"))
     if adapters and mesh is not None:
       raise ValueError(f"{directory}: a LoRA checkpoint restores on one device (mesh=None); "
                        "merge and shard it afterwards")
 
-    model = abstract.model(cfg, lora=(run["lora_targets"], run["lora_rank"], run["lora_alpha"])
+    model = abstract.model(cfg, options=options,
+                           lora=(run["lora_targets"], run["lora_rank"], run["lora_alpha"])
                            if adapters else None)
     state = nnx.state(model)
     if mesh is None:
@@ -230,10 +242,17 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
   return model, meta
 
 
+def _saved_options(meta: dict) -> Options:
+  """The build-time options of a checkpoint: saved under "options", or (checkpoints written
+  before `Options`) inside the model config."""
+  saved = meta.get("options") or meta["model_config"]
+  return Options(**{k: saved[k] for k in BUILD_FIELDS if k in saved})
+
+
 def load_model(directory: str | os.PathLike, step: int | None = None, *, mesh=None,
-               rules=None) -> Transformer:
+               rules=None, options: Options | None = None) -> Transformer:
   """The model of a training checkpoint folder (see `restore_model`; LoRA adapters merged)."""
-  return restore_model(directory, step, mesh=mesh, rules=rules)[0]
+  return restore_model(directory, step, mesh=mesh, rules=rules, options=options)[0]
 
 
 __all__ = ["Checkpointer", "CheckpointMismatch", "config_diff", "load_model", "restore_model"]

@@ -26,7 +26,9 @@ from deepseek_v4.layers.norms import RMSNorm, rms_norm
 from deepseek_v4.layers.params import Linear, param
 from deepseek_v4.layers.rope import apply_rope, inv_freq, rope_angles
 from deepseek_v4.losses import indexer_kl_from_attention
+from deepseek_v4.options import Options
 from kernels_pallas.sparse_attention import ops as attention_ops
+from kernels_pallas.sparse_attention import sources
 
 _BTGI = ("batch", "seq", None, None)  # activation layout of the grouped output projection
 
@@ -94,15 +96,21 @@ class Attention(nnx.Module):
     the same kernel."""
     return self.kind.window(self.cfg, span)
 
-  def core(self, q, positions, kv, *, window: int, impl: str, comp=None, comp_idx=None,
-           prefix_kv=None, prefix_pos=None, segments=None, comp_seg=None,
+  def core(self, q, positions, keys: sources.KeySources, *, impl: str, block: int,
            return_lse: bool = False):
     """The joint softmax over window, compressed entries and sink (kernels_pallas seam)."""
-    return attention_ops.sparse_attention(
-      q, positions, kv, self.attn_sink[...], scale=self.scale, window=window,
-      block=self.cfg.attn_block, prefix_kv=prefix_kv, prefix_pos=prefix_pos, comp=comp,
-      comp_idx=comp_idx, comp_ratio=self.ratio, segments=segments, comp_seg=comp_seg,
-      return_lse=return_lse, impl=impl)
+    return attention_ops.sparse_attention(q, positions, self.attn_sink[...], keys,
+                                          scale=self.scale, block=block,
+                                          return_lse=return_lse, impl=impl)
+
+  def _entries(self, comp, idx, comp_seg=None):
+    """The compressed key source: each query's picks (CSA), or every visible entry (HCA, and the
+    CSA layers' dense indexer warm-up); None without entries (a sliding layer)."""
+    if comp is None:
+      return None
+    if idx is None:
+      return sources.VisibleEntries(comp, self.ratio, comp_seg)
+    return sources.PickedEntries(comp, idx, comp_seg)
 
   @property
   def scale(self) -> float:
@@ -111,7 +119,8 @@ class Attention(nnx.Module):
   def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], *,
                segments: Int[Array, "B T"] | None = None, cache=None,
                n_valid: Int[Array, "B"] | None = None, indexer_stage: str = "off",
-               impl: str | None = None) -> tuple[Array, Any, Array]:
+               impl: str = Options.kernel_impl, block: int = Options.attn_block
+               ) -> tuple[Array, Any, Array]:
     """One attention layer: the full sequence from position 0, or a chunk against a cache.
 
     Args:
@@ -126,21 +135,21 @@ class Attention(nnx.Module):
       indexer_stage: "off" (inference / ordinary training), "dense" (warm-up: every visible
         entry, the indexer learns the attention's entry distribution) or "sparse" (top-k; the
         indexer learns on its own picks), docs/architecture.md#indexer-training. Full sequence only.
-      impl: kernel implementation (default `cfg.kernel_impl`).
+      impl / block: kernel implementation and queries per block (`Options.kernel_impl`,
+        `Options.attn_block`; the Block passes its options').
     Returns:
       (output [B, T, D], new LayerCache or None, indexer KL (sum over queries, query count) [2]).
     """
-    impl = impl or self.cfg.kernel_impl
     if cache is not None and indexer_stage != "off":
       raise ValueError(f"indexer_stage={indexer_stage!r} needs the full sequence, not a cache")
     # The scope names the layer kind in HLO metadata (scripts/bench_forward.py --profile).
     with jax.named_scope(f"attention_{self.kind.name}"):
       if cache is not None:
-        y, new = self._extend(x, positions, n_valid, cache, impl)
+        y, new = self._extend(x, positions, n_valid, cache, impl, block)
         return y, new, jnp.zeros((2,), jnp.float32)
-      return self._full(x, positions, segments, indexer_stage, impl)
+      return self._full(x, positions, segments, indexer_stage, impl, block)
 
-  def _full(self, x, positions, segments, stage: str, impl: str):
+  def _full(self, x, positions, segments, stage: str, impl: str, block: int):
     freqs = self.freqs
     cos, sin = rope_angles(positions, freqs)
     cq, q, kv = self.project_qkv(x, cos, sin)
@@ -150,22 +159,21 @@ class Attention(nnx.Module):
       B, T = positions.shape
       row_pos, doc_pos = jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype), (B, T)), positions
     src = self.kind.full_entries(self, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage,
-                                 impl)
+                                 impl, block)
     train_indexer = stage != "off" and src.indexer is not None
-    o = self.core(q, row_pos, kv, window=self.window(x.shape[1]), impl=impl, comp=src.comp,
-                  comp_idx=src.comp_idx, segments=segments,
-                  comp_seg=src.comp_seg, return_lse=train_indexer)
+    entries = self._entries(src.comp, src.comp_idx, src.comp_seg)
+    keys = sources.KeySources(sources.Band(kv, self.window(x.shape[1]), segments), entries=entries)
+    o = self.core(q, row_pos, keys, impl=impl, block=block, return_lse=train_indexer)
     kl = jnp.zeros((2,), jnp.float32)
     if train_indexer:
       o, lse = o
       sg = jax.lax.stop_gradient
       iq, iw, ikeys = src.indexer
-      kl = indexer_kl_from_attention(
-        sg(q), sg(lse), sg(src.comp), iq, iw, ikeys, src.comp_idx, row_pos, scale=self.scale,
-        ratio=self.ratio, block=self.cfg.attn_block, segments=segments, comp_seg=src.comp_seg)
+      kl = indexer_kl_from_attention(sg(q), sg(lse), sg(entries), iq, iw, ikeys, row_pos,
+                                     scale=self.scale, block=block, segments=segments)
     return self.output(o, cos, sin), None, kl
 
-  def _extend(self, x, positions, n_valid, cache, impl: str):
+  def _extend(self, x, positions, n_valid, cache, impl: str, block: int):
     """Cached attention of a chunk (decode step: T = 1), docs/architecture.md#decode-update.
 
     Order: compressors first, so an entry closed by token t is visible to t; then attention over
@@ -176,10 +184,11 @@ class Attention(nnx.Module):
     cos, sin = rope_angles(positions, freqs)
     cq, q, kv = self.project_qkv(x, cos, sin)
     src, new = self.kind.extend_entries(self, x, cq, positions, cos, sin, freqs, n_valid, cache,
-                                        impl)
-    o = self.core(q, positions, kv, window=self.window(cache.window.kv.shape[1]), impl=impl,
-                  comp=src.comp, comp_idx=src.comp_idx, prefix_kv=cache.window.kv,
-                  prefix_pos=cache.window.pos)
+                                        impl, block)
+    keys = sources.KeySources(sources.Band(kv, self.window(cache.window.kv.shape[1])),
+                              ring=sources.Ring(cache.window.kv, cache.window.pos),
+                              entries=self._entries(src.comp, src.comp_idx))
+    o = self.core(q, positions, keys, impl=impl, block=block)
     new["window"] = write_window(cache.window, kv, positions, n_valid)
     return self.output(o, cos, sin), cache.replace(**new)
 

@@ -82,12 +82,14 @@ class _Compressed(AttentionKind):
     return {"compressor": Compressor(cfg.d_model, self.ratio, cfg.head_dim, self.overlap,
                                      cfg.rms_eps, **lin)}
 
-  def full_entries(self, attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage, impl):
+  def full_entries(self, attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage, impl,
+                   block):
     comp = attn.compressor(x, freqs, doc_pos, segments)  # [B, T // m, H]
     comp_seg = None if segments is None else segments[:, : comp.shape[1] * self.ratio: self.ratio]
     return EntrySources(comp=comp, comp_seg=comp_seg)
 
-  def extend_entries(self, attn, x, cq, positions, cos, sin, freqs, n_valid, cache, impl):
+  def extend_entries(self, attn, x, cq, positions, cos, sin, freqs, n_valid, cache, impl,
+                     block):
     comp, state = attn.compressor.extend(x, positions[:, 0], n_valid, cache.compressor,
                                          cache.entries, freqs)
     return EntrySources(comp=comp), {"compressor": state, "entries": comp}
@@ -171,23 +173,26 @@ class CSA(_Compressed):
   def build(self, cfg, lin: dict, rngs) -> dict:
     return {**super().build(cfg, lin, rngs), "indexer": Indexer(cfg, self.ratio, rngs=rngs)}
 
-  def full_entries(self, attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage, impl):
+  def full_entries(self, attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage, impl,
+                   block):
     src = super().full_entries(attn, x, cq, cos, sin, freqs, row_pos, doc_pos, segments, stage,
-                               impl)
+                               impl, block)
     # The indexer reads detached inputs: it learns only from its own loss
     # (docs/architecture.md#indexer-training).
     sg = jax.lax.stop_gradient
     ikeys, iq, iw = attn.indexer.encode(sg(x), sg(cq), cos, sin, freqs, segments, doc_pos)
     idx = None
     if stage != "dense":  # dense warm-up: every visible entry, no selection
-      idx = sg(attn.indexer.select(iq, iw, ikeys, row_pos, segments, src.comp_seg, impl=impl))
+      idx = sg(attn.indexer.select(iq, iw, ikeys, row_pos, segments, src.comp_seg, impl=impl,
+                                     block=block))
     return dataclasses.replace(src, comp_idx=idx, indexer=(iq, iw, ikeys))
 
-  def extend_entries(self, attn, x, cq, positions, cos, sin, freqs, n_valid, cache, impl):
+  def extend_entries(self, attn, x, cq, positions, cos, sin, freqs, n_valid, cache, impl,
+                     block):
     src, new = super().extend_entries(attn, x, cq, positions, cos, sin, freqs, n_valid, cache,
-                                      impl)
+                                      impl, block)
     idx, new["index_keys"], new["indexer"] = attn.indexer.extend(
-      x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys, impl)
+      x, cq, positions, cos, sin, freqs, n_valid, cache.indexer, cache.index_keys, impl, block)
     return dataclasses.replace(src, comp_idx=idx), new
 
   def init_cache(self, cfg, batch, max_len, dtype) -> dict:

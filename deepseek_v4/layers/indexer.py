@@ -19,6 +19,7 @@ from deepseek_v4.config import ModelConfig
 from deepseek_v4.layers.compressor import Compressor
 from deepseek_v4.layers.params import Linear
 from deepseek_v4.layers.rope import apply_rope
+from deepseek_v4.options import Options
 from kernels_pallas.indexer_topk import ops as indexer_ops
 
 
@@ -30,8 +31,6 @@ class Indexer(nnx.Module):
     self.heads = cfg.index_heads
     self.head_dim = cfg.index_head_dim
     self.topk = cfg.index_topk
-    self.block = cfg.attn_block
-    self.impl = cfg.kernel_impl
     pd = jax.numpy.dtype(cfg.param_dtype)
     self.wq_b = Linear(cfg.q_lora_rank, self.heads * self.head_dim,
                        axes=("index_heads", "q_lora"), std=cfg.init_std, param_dtype=pd, rngs=rngs)
@@ -51,12 +50,12 @@ class Indexer(nnx.Module):
     return q, w
 
   def select(self, q: Array, w: Array, keys: Array, positions: Array, q_seg: Array | None = None,
-             k_seg: Array | None = None, impl: str | None = None) -> Array:
-    """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk); `impl` is the
-    kernel implementation (default `cfg.kernel_impl`, like the attention's)."""
+             k_seg: Array | None = None, impl: str = Options.kernel_impl,
+             block: int = Options.attn_block) -> Array:
+    """Top-k indices [B, T, min(k_I, C)] with -1 for none (see indexer_topk); `impl` and `block`
+    are the kernel implementation and queries per block (`Options`, like the attention's)."""
     return indexer_ops.indexer_topk(q, w, keys, positions, ratio=self.ratio, topk=self.topk,
-                                    block=self.block, q_seg=q_seg, k_seg=k_seg,
-                                    impl=impl or self.impl)
+                                    block=block, q_seg=q_seg, k_seg=k_seg, impl=impl)
 
   def encode(self, x: Array, cq: Array, cos: Array, sin: Array, freqs: np.ndarray,
              segments: Array | None = None, doc_positions: Array | None = None):
@@ -70,7 +69,8 @@ class Indexer(nnx.Module):
     return keys, q, w
 
   def extend(self, x: Array, cq: Array, positions: Array, cos: Array, sin: Array,
-             freqs: np.ndarray, n_valid: Array, state, keys: Array, impl: str | None = None):
+             freqs: np.ndarray, n_valid: Array, state, keys: Array, impl: str = Options.kernel_impl,
+             block: int = Options.attn_block):
     """Decode / chunked-prefill step (docs/architecture.md#decode-update step 3): stores the keys
     of every indexer window the chunk closes, then selects among all stored keys (visibility from
     `positions`).
@@ -79,4 +79,5 @@ class Indexer(nnx.Module):
     """
     keys, state = self.compressor.extend(x, positions[:, 0], n_valid, state, keys, freqs)
     q, w = self.queries(x, cq, cos, sin)
-    return jax.lax.stop_gradient(self.select(q, w, keys, positions, impl=impl)), keys, state
+    idx = self.select(q, w, keys, positions, impl=impl, block=block)
+    return jax.lax.stop_gradient(idx), keys, state

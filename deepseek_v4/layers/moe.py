@@ -92,7 +92,7 @@ def routed_experts(x: Float[Array, "T D"], idx: Int[Array, "T X"], w: Float[Arra
 
 class KeptWeight(nnx.Variable):
   """A weight held in its released low-precision form (packed FP4 codes or E8M0 scales,
-  `ModelConfig.keep_quantized`): inference-only data, never a gradient-trained `nnx.Param`."""
+  `Options.keep_quantized`): inference-only data, never a gradient-trained `nnx.Param`."""
 
 
 def _fp4_weight(rngs: nnx.Rngs, shape: tuple[int, int, int], std: float,
@@ -113,15 +113,15 @@ def _fp4_weight(rngs: nnx.Rngs, shape: tuple[int, int, int], std: float,
 class Experts(nnx.Module):
   """Stacked routed experts: w1, w3 [E, F, D] and w2 [E, D, F].
 
-  With `cfg.keep_quantized == "experts"` each of them is held as stored in the official
+  With `keep_quantized == "experts"` (`Options.keep_quantized`) each of them is held as stored in the official
   checkpoints (docs/architecture.md#fp8-fp4): `w1` the packed FP4 codes [E, F, D/2] uint8 and
   `w1_scale` the E8M0 scales [E, F, D/32] (likewise w3; w2 [E, D, F/2] and [E, D, F/32]); the MoE
   decodes them one expert at a time (layers/moe_ffn.py).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, keep_quantized: str | None = None):
     E, F, D = cfg.num_experts, cfg.moe_inter_dim, cfg.d_model
-    self.kept = cfg.keep_quantized == "experts"
+    self.kept = keep_quantized == "experts"
     shapes = {"w1": ((E, F, D), ("expert", "mlp", "embed")),
               "w3": ((E, F, D), ("expert", "mlp", "embed")),
               "w2": ((E, D, F), ("expert", "embed", "mlp"))}
@@ -187,10 +187,11 @@ class Gate(nnx.Module):
 class MoE(nnx.Module):
   """y = sum_k w_k Expert_{idx_k}(x) + Shared(x) (docs/architecture.md#moe-output)."""
 
-  def __init__(self, cfg: ModelConfig, hashed: bool, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, hashed: bool, *, rngs: nnx.Rngs,
+               keep_quantized: str | None = None):
     self.cfg = cfg
     self.gate = Gate(cfg, hashed, rngs=rngs)
-    self.experts = Experts(cfg, rngs=rngs)
+    self.experts = Experts(cfg, rngs=rngs, keep_quantized=keep_quantized)
     self.shared_experts = nnx.data(
       SharedExpert(cfg, rngs=rngs) if cfg.num_shared_experts else None)
 

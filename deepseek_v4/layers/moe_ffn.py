@@ -5,7 +5,7 @@ Shared by the local MoE (layers/moe.py) and the expert-parallel MoE (layers/moe_
 one code path forward and backward; `gmm` names the grouped-matmul implementation
 (kernels_pallas/moe_gmm/ops.py: "auto", "tiled", "ragged_dot", "reference").
 
-Routed experts may also be kept as released (`ModelConfig.keep_quantized="experts"`,
+Routed experts may also be kept as released (`Options.keep_quantized="experts"`,
 docs/architecture.md#fp8-fp4): each weight is an `Fp4Weight` (packed E2M1 codes + 1x32 E8M0 scales)
 and the FFN decodes it with `deepseek_v4/quant_codecs.py` inside the computation, one tile's expert
 at a time on the tiled

@@ -330,16 +330,18 @@ def describe(model_or_state, cfg: ModelConfig | None = None, wrt=nnx.Param) -> l
 
   `blocks` lists the shapes of the independent matrices Muon orthogonalizes separately.
   """
-  state = model_or_state
+  state, scan_layers = model_or_state, True
   if isinstance(model_or_state, nnx.Module):
     cfg = cfg or model_or_state.cfg
+    options = getattr(model_or_state, "options", None)
+    scan_layers = True if options is None else options.scan_layers
     state = nnx.state(model_or_state, wrt)
   blocks_fn = matrix_blocks(cfg) if cfg is not None else (lambda n, s: MatrixBlocks())
   rows = []
   for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]:
     # Official per-layer names (`layers.7.attn.wq_a.weight`): a stack of scanned layers is one
     # tensor but one row per layer, each orthogonalized on its own (the stacked axis is a batch).
-    for name, r in layout.official(cfg, path):
+    for name, r in layout.official(cfg, path, scan_layers):
       shape = tuple(var.shape)[r is not None:]
       label, why = param_group(name, len(shape))
       blocks = []

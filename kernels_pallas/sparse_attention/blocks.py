@@ -1,7 +1,7 @@
 """Tile sizes of the sparse-attention Pallas kernels (kernel.py): one `Tile` per kernel, per target.
 
 Four kernels, four tiles: the forward, the backward's dQ and dKV kernels, and the forward of a
-decode step (a call with a decode ring, `prefix_kv`). Triton keeps a program's matmul operands in
+decode step (a call with a decode ring, `keys.ring`). Triton keeps a program's matmul operands in
 shared memory and its accumulators in registers, and at V4's head dim (512) both run out: an
 [64, 512] f32 accumulator alone is 128 registers a thread at 8 warps. So the tiles are chosen per
 target by compiling them: `scripts/tune_kernel_blocks.py` compiles candidates for the

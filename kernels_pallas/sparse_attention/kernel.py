@@ -7,7 +7,7 @@ prefill) and the token's own key set is walked in `block_k` chunks with an onlin
 seeded with the sink (m = sink, l = 1): the sink joins max and denominator, never the numerator.
 Key sources, in order, each a loop of masked loads:
   band    the token's window among the T new tokens: row indices (t - W, t], masked by position;
-  prefix  the decode ring (`prefix_kv`, position < 0 = empty);
+  prefix  the decode ring (`keys.ring`, position < 0 = empty);
   HCA     the compressed entries below floor((p_t + 1) / m), contiguous; the loop stops at the last
           visible chunk (causal block skipping);
   CSA     the token's own top-k entries, gathered by index (-1 = none).
@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.common import PAD_POSITION
 from kernels_pallas.sparse_attention.blocks import BlockSizes, Tile
+from kernels_pallas.sparse_attention.sources import KeySources, PickedEntries, VisibleEntries
 
 NEG_INF = float("-inf")
 # Bound on the backward's per-slot CSA gradient buffer: tokens per chunk shrink to stay within it.
@@ -460,22 +461,19 @@ def _pad_axis(x, axis, size, value):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None, prefix_pos=None,
-                     comp=None, comp_idx=None, comp_ratio=0, segments=None, comp_seg=None,
-                     return_lse=False, backend="gpu", interpret=False,
-                     block_sizes: BlockSizes | None = None):
+def sparse_attention(q, q_pos, sink, keys: KeySources, *, scale, block, return_lse=False,
+                     backend="gpu", interpret=False, block_sizes: BlockSizes | None = None):
   """The Pallas path of `ops.sparse_attention` (same arguments; `block` is the reference's scan
   step and unused here: the kernel tiles by `block_sizes`). Differentiable (custom_vjp)."""
   del block
   if backend == "tpu":
     from kernels_pallas.sparse_attention import kernel_tpu
 
-    return kernel_tpu.sparse_attention(
-      q, q_pos, kv, sink, scale=scale, window=window, prefix_kv=prefix_kv, prefix_pos=prefix_pos,
-      comp=comp, comp_idx=comp_idx, comp_ratio=comp_ratio, segments=segments, comp_seg=comp_seg,
-      return_lse=return_lse, interpret=interpret)
+    return kernel_tpu.sparse_attention(q, q_pos, sink, keys, scale=scale, return_lse=return_lse,
+                                       interpret=interpret)
   bs = block_sizes or BlockSizes.default()
   B, T, N, H = q.shape
+  band, ring, entries = keys.band, keys.ring, keys.without_unusable_entries().entries
   i32 = jnp.int32
   kpad = bs.key_multiple  # every kernel's key block divides the padded key-side lengths
   # Compiled Triton dots take operands of at least 16 rows and columns: pad heads and width so.
@@ -486,30 +484,31 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, block, prefix_kv=None
   bh = bs.head_multiple(max(_pow2(N), least))
   Np, Hp = pl.cdiv(N, bh) * bh, max(_pow2(H), least)
   ints = dict(kpos=q_pos.astype(i32),
-              kseg=jnp.zeros((B, T), i32) if segments is None else segments.astype(i32),
+              kseg=jnp.zeros((B, T), i32) if band.segments is None else band.segments.astype(i32),
               ppos=None, cseg=None, idx=None)
   qx = _pad_axis(_pad_axis(q, 2, Np, 0), 3, Hp, 0)
-  kvx = _pad_axis(kv, 2, Hp, 0)
+  kvx = _pad_axis(band.kv, 2, Hp, 0)
   sinkx = _pad_axis(sink.astype(jnp.float32), 0, Np, 0)
   S = 0
   pkv = None
-  if prefix_kv is not None:
-    S = max(pl.cdiv(prefix_kv.shape[1], kpad), least_chunks) * kpad
-    pkv = _pad_axis(_pad_axis(prefix_kv, 2, Hp, 0), 1, S, 0)
-    ints["ppos"] = _pad_axis(prefix_pos.astype(i32), 1, S, PAD_POSITION)
+  if ring is not None:
+    S = max(pl.cdiv(ring.kv.shape[1], kpad), least_chunks) * kpad
+    pkv = _pad_axis(_pad_axis(ring.kv, 2, Hp, 0), 1, S, 0)
+    ints["ppos"] = _pad_axis(ring.pos.astype(i32), 1, S, PAD_POSITION)
   C = P = 0
   compx = None
-  has_comp = comp is not None and comp.shape[1] > 0
-  if has_comp and (comp_idx is None or comp_idx.shape[-1] > 0):
-    C = pl.cdiv(comp.shape[1], kpad) * kpad
-    compx = _pad_axis(_pad_axis(comp, 2, Hp, 0), 1, C, 0)
-    cseg = jnp.zeros(comp.shape[:2], i32) if comp_seg is None else comp_seg.astype(i32)
+  if entries is not None:
+    C = pl.cdiv(entries.kv.shape[1], kpad) * kpad
+    compx = _pad_axis(_pad_axis(entries.kv, 2, Hp, 0), 1, C, 0)
+    cseg = (jnp.zeros(entries.kv.shape[:2], i32) if entries.segments is None
+            else entries.segments.astype(i32))
     ints["cseg"] = _pad_axis(cseg, 1, C, -(2**31) + 1)  # padding matches no document
-    if comp_idx is not None:
-      P = max(pl.cdiv(comp_idx.shape[-1], kpad), least_chunks) * kpad
-      ints["idx"] = _pad_axis(comp_idx.astype(i32), 2, P, -1)
-  meta = _Meta(scale=float(scale), window=int(window), T=T, S=S, C=C, P=P, ratio=int(comp_ratio),
-               hca=comp_idx is None, bk=kpad)  # each kernel sets its own bk
+    if isinstance(entries, PickedEntries):
+      P = max(pl.cdiv(entries.picks.shape[-1], kpad), least_chunks) * kpad
+      ints["idx"] = _pad_axis(entries.picks.astype(i32), 2, P, -1)
+  ratio = entries.ratio if isinstance(entries, VisibleEntries) else 0
+  meta = _Meta(scale=float(scale), window=band.window, T=T, S=S, C=C, P=P, ratio=ratio,
+               hca=isinstance(entries, VisibleEntries), bk=kpad)  # each kernel sets its own bk
   out, lse = _core(meta, bs, interpret, qx, sinkx, kvx, pkv, compx, ints)
   out, lse = out[:, :, :N, :H], lse[:, :, :N]
   return (out, lse) if return_lse else out

@@ -10,8 +10,9 @@ sources, each with its own logits and mask, joined in one softmax seeded with th
         [i * BLOCK_Q, i * BLOCK_Q + Lp + BLOCK_Q): the copy starts on a tile boundary;
   CSA   the token's own top-k entries, gathered row by row by DMA from a float32 copy of the
         entries in HBM (Mosaic cannot DMA one row of a bf16 tile), the addresses read from the
-        block's `[BLOCK_Q, P]` slice of `comp_idx`, which the pipeline copies into SMEM per grid
-        step (never the whole index array: Flash at T=1024 would already fill the 1 MiB SMEM);
+        block's `[BLOCK_Q, P]` slice of the picks (`PickedEntries.picks`), which the pipeline
+        copies into SMEM per grid step (never the whole index array: Flash at T=1024 would
+        already fill the 1 MiB SMEM);
         the next token's rows are fetched while the current token computes (two buffers);
   HCA   every entry of the row (C = T / 128, small) in VMEM, masked by visibility.
 The window mask uses what the model guarantees (kernel.py's GPU body does the same): along a row
@@ -24,12 +25,13 @@ sum instead of a transpose (cheap at N <= 128, and every TPU generation lowers i
 
 Backward: the reference's VJP (`jax.vjp` of `reference.sparse_attention`) under this forward
 (STYLE.md §6), through `jax.custom_vjp`: the residuals are the inputs, so nothing of the forward is
-saved. The decode ring (`prefix_kv`) and packed documents (`segments`) are not covered here;
-`why_unsupported` says so, and such calls run the reference (logged).
+saved. The decode ring (`keys.ring`) and packed documents (`keys.band.segments`) are not covered
+here; `why_unsupported` says so, and such calls run the reference (logged).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -39,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.sparse_attention import reference
+from kernels_pallas.sparse_attention.sources import KeySources, PickedEntries
 
 NEG_INF = float("-inf")
 # Query tokens per program: a multiple of 16, so that the band copy starts on a bf16 tile row.
@@ -95,20 +98,21 @@ def why_unsupported(q_shape: tuple[int, ...], dtype, *, window: int, kind: str,
     q_shape: (B, T, N, H) of the queries.
     dtype: the queries' (and K=V's) dtype.
     window: W.
-    kind: "sliding" (no entries), "csa" (comp + comp_idx) or "hca" (comp, no comp_idx).
-    num_picks: P, comp_idx.shape[-1] (CSA).
-    num_entries: C, comp.shape[1] (CSA, HCA).
-    prefix: a decode ring (`prefix_kv`) is given.
-    segments: packed documents (`segments`) are given.
+    kind: "sliding" (no entries), "csa" (`PickedEntries`) or "hca" (`VisibleEntries`): the
+      `KeySources.kind` of the call (`why_unsupported_keys` reads it and the numbers below).
+    num_picks: P, the picks' last axis (CSA).
+    num_entries: C, the entries' count (CSA, HCA).
+    prefix: a decode ring (`keys.ring`) is given.
+    segments: packed documents (`keys.band.segments`) are given.
   """
   if kind not in KINDS:
     raise ValueError(f"kernel_tpu: kind must be one of {KINDS}, got {kind!r}")
   if len(q_shape) != 4:
     raise ValueError(f"kernel_tpu: q_shape must be (B, T, N, H), got {q_shape}")
   if prefix:
-    return "the decode ring (prefix_kv) is not covered by the TPU body"
+    return "the decode ring (keys.ring) is not covered by the TPU body"
   if segments:
-    return "packed documents (segments) are not covered by the TPU body"
+    return "packed documents (keys.band.segments) are not covered by the TPU body"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
     return f"dtype {jnp.dtype(dtype)} (the TPU body takes float32 or bfloat16)"
   if kind == "csa" and 2 * BLOCK_Q * num_picks * 4 > SMEM_LIMIT:
@@ -300,18 +304,19 @@ def _forward(q, q_pos, kv, sink, comp, comp_idx, *, kind, scale, window, ratio, 
   return o[:, :T], lse[:, :T]
 
 
-def layer_kind(comp, comp_idx) -> str:
-  """"sliding", "csa" or "hca" for the arguments of a call (no entries or picks = sliding)."""
-  if comp is None or comp.shape[1] == 0:
-    return "sliding"
-  if comp_idx is None:
-    return "hca"
-  return "csa" if comp_idx.shape[-1] > 0 else "sliding"
+def why_unsupported_keys(q_shape: tuple[int, ...], dtype, keys: KeySources) -> str | None:
+  """`why_unsupported` of a call's queries (shape, dtype) and key sources (ops.py's dispatcher)."""
+  used = keys.without_unusable_entries()
+  e = used.entries
+  return why_unsupported(
+    q_shape, dtype, window=keys.band.window, kind=used.kind,
+    num_picks=e.picks.shape[-1] if isinstance(e, PickedEntries) else 0,
+    num_entries=0 if e is None else e.kv.shape[1], prefix=keys.ring is not None,
+    segments=keys.band.segments is not None)
 
 
-def sparse_attention(q, q_pos, kv, sink, *, scale, window, prefix_kv=None, prefix_pos=None,
-                     comp=None, comp_idx=None, comp_ratio=0, segments=None, comp_seg=None,
-                     return_lse=False, interpret=False, block=None):
+def sparse_attention(q, q_pos, sink, keys: KeySources, *, scale, return_lse=False,
+                     interpret=False, block=None):
   """The TPU path of `ops.sparse_attention` (same arguments; `block` is the reference's scan step,
   used only where the reference runs: the backward, and calls `why_unsupported` refuses, which run
   the reference whole and log it). Differentiable: the reference's VJP under the Pallas forward.
@@ -319,28 +324,24 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, prefix_kv=None, prefi
   The positions of each row must be `q_pos[:, :1] + arange(T)` (what the model passes).
   """
   B, T, N, H = q.shape
-  kind = layer_kind(comp, comp_idx)
-  ref_kw = dict(scale=scale, window=window, block=block or min(256, T), prefix_kv=prefix_kv,
-                prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx, comp_ratio=comp_ratio,
-                segments=segments, comp_seg=comp_seg, return_lse=True)
-  why = why_unsupported(q.shape, q.dtype, window=window, kind=kind,
-                        num_picks=0 if comp_idx is None else comp_idx.shape[-1],
-                        num_entries=0 if comp is None else comp.shape[1],
-                        prefix=prefix_kv is not None, segments=segments is not None)
+  ref_kw = dict(scale=scale, block=block or min(256, T), return_lse=True)
+  why = why_unsupported_keys(q.shape, q.dtype, keys)
   if why is not None:
     logging.getLogger("kernels_pallas").warning(
       "sparse_attention: the TPU body does not cover this call (%s); it runs the reference", why)
-    out = reference.sparse_attention(q, q_pos, kv, sink, **ref_kw)
+    out = reference.sparse_attention(q, q_pos, sink, keys, **ref_kw)
     return out if return_lse else out[0]
-  if kind == "sliding":  # entries no query can use (T < ratio, or zero picks) drop out
-    comp = comp_idx = None
-    ref_kw.update(comp=None, comp_idx=None)
-  comp_dummy = comp if comp is not None else jnp.zeros((B, 0, H), kv.dtype)
+  keys = keys.without_unusable_entries()  # entries no query can use (T < ratio, no picks) drop out
+  kind, band, entries = keys.kind, keys.band, keys.entries
+  comp = None if entries is None else entries.kv
+  comp_idx = entries.picks if kind == "csa" else None
+  ratio = entries.ratio if kind == "hca" else 0
+  comp_dummy = comp if comp is not None else jnp.zeros((B, 0, H), band.kv.dtype)
 
   @jax.custom_vjp
   def attn(q, q_pos, kv, sink, comp, comp_idx):
     return _forward(q, q_pos, kv, sink, None if kind == "sliding" else comp, comp_idx,
-                    kind=kind, scale=scale, window=window, ratio=comp_ratio, interpret=interpret)
+                    kind=kind, scale=scale, window=band.window, ratio=ratio, interpret=interpret)
 
   def fwd(q, q_pos, kv, sink, comp, comp_idx):
     return attn(q, q_pos, kv, sink, comp, comp_idx), (q, q_pos, kv, sink, comp, comp_idx)
@@ -349,14 +350,15 @@ def sparse_attention(q, q_pos, kv, sink, *, scale, window, prefix_kv=None, prefi
     q, q_pos, kv, sink, comp, comp_idx = res
 
     def ref(q, kv, sink, comp):
+      e = None if kind == "sliding" else dataclasses.replace(entries, kv=comp)
       return reference.sparse_attention(
-        q, q_pos, kv, sink, **{**ref_kw, "comp": None if kind == "sliding" else comp,
-                               "comp_idx": comp_idx})
+        q, q_pos, sink, dataclasses.replace(keys, band=dataclasses.replace(band, kv=kv), entries=e),
+        **ref_kw)
 
     _, vjp = jax.vjp(ref, q, kv, sink, comp)
     dq, dkv, dsink, dcomp = vjp(cts)
     return dq, None, dkv, dsink, dcomp, None
 
   attn.defvjp(fwd, bwd)
-  out, lse = attn(q, q_pos, kv, sink, comp_dummy, comp_idx)
+  out, lse = attn(q, q_pos, band.kv, sink, comp_dummy, comp_idx)
   return (out, lse) if return_lse else out

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from kernels_pallas import common
 from kernels_pallas.common import PAD_POSITION, from_blocks, pad_to_blocks, to_blocks
+from kernels_pallas.sparse_attention.sources import KeySources, PickedEntries
 
 
 # p.v of values shared by the step's queries / gathered per query.
@@ -42,46 +43,34 @@ def _window_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
 def sparse_attention(
   q: Float[Array, "B T N H"],
   q_pos: Int[Array, "B T"],
-  kv: Float[Array, "B T H"],
   sink: Float[Array, "N"],
+  keys: KeySources,
   *,
   scale: float,
-  window: int,
   block: int,
-  prefix_kv: Float[Array, "B S H"] | None = None,
-  prefix_pos: Int[Array, "B S"] | None = None,
-  comp: Float[Array, "B C H"] | None = None,
-  comp_idx: Int[Array, "B T P"] | None = None,
-  comp_ratio: int = 0,
-  segments: Int[Array, "B T"] | None = None,
-  comp_seg: Int[Array, "B C"] | None = None,
   return_lse: bool = False,
 ) -> Array | tuple[Array, Array]:
-  """Attention of T new queries over window keys, compressed entries and the sink.
+  """Attention of T new queries over their key sources and the sink.
 
   Args:
     q: queries (normed, roped).
-    q_pos: absolute positions of the queries; `kv[:, i]` is the K=V vector of the same token.
-    kv: K=V vectors of the T new tokens (they are the band of the window branch).
+    q_pos: absolute positions of the queries; `keys.band.kv[:, i]` is the K=V of the same token.
     sink: per-head sink logits (not scaled).
+    keys: the band (the T new tokens' K=V, window W, optional documents), an optional cache ring
+      and optional compressed entries with their selection (HCA: every visible entry, CSA: each
+      query's picks); see `sources.py`.
     scale: softmax scale for q.k.
-    window: W.
     block: queries per scan step (at most: `scan_step` caps it on CPU).
-    prefix_kv / prefix_pos: older window keys (a decode cache ring), positions < 0 = empty slot.
-    comp: compressed entries (normed, roped), or None for a sliding-only layer.
-    comp_idx: CSA: selected entry indices per query (-1 = none). None with `comp` = HCA: every
-      entry with index < floor((p_t + 1) / comp_ratio) is visible.
-    comp_ratio: m of the entries (HCA visibility).
-    segments: packed documents: the document id of each new token; a query then only sees keys
-      and entries of its own document (`comp_seg` = document of each entry). Full-sequence use
-      only (not with `prefix_kv`).
     return_lse: also return the log-sum-exp of the full softmax denominator, sink included, in
       units of scaled logits: `exp(scale * q.k - lse)` is the probability of key k.
   Returns:
     [B, T, N, H] in q's dtype; with `return_lse`, (that, lse [B, T, N] float32).
   """
   B, T, N, H = q.shape
-  block = min(scan_step(block, comp_idx is not None), T)
+  kv, window, segments = keys.band.kv, keys.band.window, keys.band.segments
+  ring, entries = keys.ring, keys.entries
+  picked = isinstance(entries, PickedEntries)
+  block = min(scan_step(block, picked), T)
   f32 = jnp.float32
   qp, nb = pad_to_blocks(q, block, 1, 0)
   pp, _ = pad_to_blocks(q_pos, block, 1, PAD_POSITION)
@@ -89,8 +78,8 @@ def sparse_attention(
   kv_pad = jnp.pad(pad_to_blocks(kv, block, 1, 0)[0], ((0, 0), (window, 0), (0, 0)))
   kpos_pad = jnp.pad(pp, ((0, 0), (window, 0)), constant_values=PAD_POSITION)
   xs = {"q": to_blocks(qp, block), "pos": to_blocks(pp, block), "b": jnp.arange(nb)}
-  if comp_idx is not None:
-    xs["idx"] = to_blocks(pad_to_blocks(comp_idx, block, 1, -1)[0], block)
+  if picked:
+    xs["idx"] = to_blocks(pad_to_blocks(entries.picks, block, 1, -1)[0], block)
   if segments is not None:
     sp, _ = pad_to_blocks(segments, block, 1, -1)
     xs["seg"] = to_blocks(sp, block)
@@ -109,23 +98,24 @@ def sparse_attention(
       mask = mask & (x["seg"][:, :, None] == kbseg[:, None, :])
     # One (logits [B, Q, N, K], mask [B, Q, K], values, p.v einsum) per key source.
     parts = [(jnp.einsum("BQNH,BKH->BQNK", qb, kb), mask, kb, _SHARED)]
-    if prefix_kv is not None:
-      pk = prefix_kv.astype(f32)
-      parts.append((jnp.einsum("BQNH,BKH->BQNK", qb, pk), _window_mask(pos, prefix_pos, window),
+    if ring is not None:
+      pk = ring.kv.astype(f32)
+      parts.append((jnp.einsum("BQNH,BKH->BQNK", qb, pk), _window_mask(pos, ring.pos, window),
                     pk, _SHARED))
-    if comp is not None and comp.shape[1] > 0:
-      c32 = comp.astype(f32)
-      if comp_idx is None:  # HCA: all visible entries, dense over the (short) entry axis
-        visible = jnp.arange(comp.shape[1])[None, None, :] < ((pos + 1) // comp_ratio)[:, :, None]
+    if entries is not None and entries.kv.shape[1] > 0:
+      c32 = entries.kv.astype(f32)
+      if not picked:  # HCA: all visible entries, dense over the (short) entry axis
+        C = entries.kv.shape[1]
+        visible = jnp.arange(C)[None, None, :] < ((pos + 1) // entries.ratio)[:, :, None]
         if segments is not None:
-          visible = visible & (x["seg"][:, :, None] == comp_seg[:, None, :])
+          visible = visible & (x["seg"][:, :, None] == entries.segments[:, None, :])
         parts.append((jnp.einsum("BQNH,BCH->BQNC", qb, c32), visible, c32, _SHARED))
       elif x["idx"].shape[-1] > 0:  # CSA: gather each query's own selected entries
         idx = x["idx"]  # [B, Q, P]
         g = jax.vmap(lambda cb, ib: cb[jnp.maximum(ib, 0)])(c32, idx)  # [B, Q, P, H]
         valid = idx >= 0
         if segments is not None:
-          own = jax.vmap(lambda sb, ib: sb[jnp.maximum(ib, 0)])(comp_seg, idx)  # [B, Q, P]
+          own = jax.vmap(lambda sb, ib: sb[jnp.maximum(ib, 0)])(entries.segments, idx)  # [B, Q, P]
           valid = valid & (own == x["seg"][:, :, None])
         parts.append((jnp.einsum("BQNH,BQPH->BQNP", qb, g), valid, g, _PER_QUERY))
     # Each source is masked and exponentiated on its own (no concatenated [B, Q, N, K_total]).

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.aot
 backend.require("h100", module=True)
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--preset", "tiny", "--layers", "3", "--set", "kernel_impl=pallas", "--set",
+TINY = ["--preset", "tiny", "--layers", "3", "--kernel-impl", "pallas", "--set",
         "num_mtp_layers=0", "--batch", "2", "--seq", "32"]
 
 

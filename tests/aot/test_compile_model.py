@@ -34,7 +34,9 @@ from deepseek_v4.aot import compile as aot  # noqa: E402
 # learned routing, and an MTP block (which the forward never reads but a run holds): compile time
 # on two cores grows with depth, the checks do not. The training and sharded cases drop the MTP.
 CFG = deepseek_v4.tiny(compress_ratios=(4, 16), num_hash_layers=1, hc_sinkhorn_iters=2,
-                       num_mtp_layers=1, kernel_impl="pallas")
+                       num_mtp_layers=1)
+# The Pallas kernels, at the query block tiny() used to carry.
+PALLAS = deepseek_v4.Options(kernel_impl="pallas", attn_block=16)
 CFG_NO_MTP = CFG.replace(num_mtp_layers=0)
 # The H100 training step, the slowest compile here (XLA:GPU codegen for every fusion of the forward,
 # backward and optimizer): one CSA layer, which runs the forward, dQ and band-dKV kernels
@@ -93,7 +95,7 @@ def _check_gpu_kernels(r, must_include):
 
 
 def test_forward_compiles_for_h100_with_the_pallas_kernels():
-  r = aot.compile_program(CFG, target="h100", program="forward", batch=B, seq=T)
+  r = aot.compile_program(CFG, target="h100", program="forward", batch=B, seq=T, options=PALLAS)
   assert r.error is None
   assert r.argument_bytes == _expected_forward_args("h100", {}, "fsdp")
   assert r.temp_bytes > 0 and r.output_bytes == B * T * CFG.vocab_size * 4  # float32 logits
@@ -104,7 +106,7 @@ def test_forward_compiles_for_h100_with_the_pallas_kernels():
 
 def test_train_step_compiles_for_h100_with_the_pallas_kernels():
   tcfg = train.TrainConfig(seq_len=T, batch_size=B, optimizer="muon_v4")
-  r = aot.compile_program(CFG_CSA, target="h100", program="train", batch=B, seq=T, tcfg=tcfg)
+  r = aot.compile_program(CFG_CSA, target="h100", program="train", batch=B, seq=T, tcfg=tcfg, options=PALLAS)
   assert r.error is None, r.error
   assert r.argument_bytes == _expected_train_args("h100", {}, "fsdp", tcfg, CFG_CSA)
   assert r.alias_bytes > 0  # parameters and optimizer state are donated and updated in place
@@ -116,7 +118,8 @@ def test_train_step_compiles_for_h100_with_the_pallas_kernels():
 def test_decode_step_compiles_expert_parallel_over_2_h100s():
   sizes = dict(expert=2)
   r = aot.compile_program(CFG_NO_MTP, target="h100", program="decode", devices=2,
-                          mesh="expert=2", rules="fsdp_ep", batch=B * 2, seq=64, kernels=False)
+                          mesh="expert=2", rules="fsdp_ep", batch=B * 2, seq=64, kernels=False,
+                          options=PALLAS)
   assert r.error is None, r.error
   assert r.mesh == sharding.mesh_shape(**sizes, num_devices=2)
   mesh = _mesh("h100", sizes)
@@ -137,7 +140,7 @@ def test_decode_step_compiles_expert_parallel_over_2_h100s():
 
 
 def test_forward_compiles_for_tpu_v5p_with_the_pallas_kernels():
-  r = aot.compile_program(CFG, target="tpu-v5p", program="forward", batch=B, seq=T)
+  r = aot.compile_program(CFG, target="tpu-v5p", program="forward", batch=B, seq=T, options=PALLAS)
   assert r.error is None, r.error
   # The TPU pads arrays to its memory tiles ((8, 128) for 32-bit), so only bounds hold there; a
   # dropped parameter (the MTP block) would take it below the unpadded sum.
@@ -149,7 +152,7 @@ def test_forward_compiles_for_tpu_v5p_with_the_pallas_kernels():
 def test_train_step_compiles_for_tpu_v5p_with_the_pallas_kernels():
   tcfg = train.TrainConfig(seq_len=T, batch_size=B, optimizer="adamw", lora_rank=4)
   r = aot.compile_program(CFG_NO_MTP, target="tpu-v5p", program="train", batch=B, seq=T,
-                          tcfg=tcfg)
+                          tcfg=tcfg, options=PALLAS)
   assert r.error is None, r.error
   expected = _expected_train_args("tpu-v5p", {}, "fsdp", tcfg, CFG_NO_MTP)
   assert expected <= r.argument_bytes < 2 * expected  # TPU tile padding, as above

@@ -25,7 +25,7 @@ backend.require("h100", "h200", module=True)
 
 from deepseek_v4.aot import compile as aot_compile  # noqa: E402
 from kernels_pallas.indexer_topk import ops as idx_ops  # noqa: E402
-from kernels_pallas.sparse_attention import ops  # noqa: E402
+from kernels_pallas.sparse_attention import ops, sources  # noqa: E402
 
 PRESETS = aot_compile.KERNEL_PRESETS  # V4-Flash / V4-Pro heads and top-k; shapes: aot/compile.py
 H = aot_compile.HEAD_DIM
@@ -86,8 +86,10 @@ def test_auto_compiles_what_it_picks():
   fn, args = _attention("h100", "csa", **PRESETS["flash"], decode=False, impl="auto")
   with targets.compiling_for("h100"):
     q = jnp.zeros((1, 1, 64, H), bf16)
-    idx = jnp.zeros((1, 1, 8), i32)
-    assert ops.auto_impl(q, window=aot_compile.WINDOW, comp=q[0], comp_idx=idx) == "pallas"
+    kv = jnp.zeros((1, 1, H), bf16)
+    picks = sources.PickedEntries(kv, jnp.zeros((1, 1, 8), i32))
+    keys = sources.KeySources(sources.Band(kv, aot_compile.WINDOW), entries=picks)
+    assert ops.auto_impl(q, keys) == "pallas"
   _assert_fits("h100", _resources("h100", fn, args), {FWD, DQ, BAND})
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.aot
 
 backend.require("tpu-v5e", "tpu-v5p", "tpu-v6e", module=True)
 
-from kernels_pallas.sparse_attention import kernel_tpu, ops  # noqa: E402
+from kernels_pallas.sparse_attention import kernel_tpu, ops, sources  # noqa: E402
 
 # config.flash() / config.pro(): query heads and indexer top-k; both: head dim 512, window 128,
 # CSA ratio 4, HCA ratio 128.
@@ -46,13 +46,13 @@ def _args(target, kind, N, P, T, B=1):
 
 def _attend(kind, window=W):
   def attend(q, pos, kv, sink, *rest):
-    kw = {}
-    if kind != "sliding":
-      kw.update(comp=rest[0], comp_ratio=RATIOS[kind])
-    if kind == "csa":
-      kw["comp_idx"] = rest[1]
-    return kernel_tpu.sparse_attention(q, pos, kv, sink, scale=H**-0.5, window=window,
-                                       return_lse=True, **kw)
+    entries = None
+    if kind == "hca":
+      entries = sources.VisibleEntries(rest[0], RATIOS[kind])
+    elif kind == "csa":
+      entries = sources.PickedEntries(rest[0], rest[1])
+    keys = sources.KeySources(sources.Band(kv, window), entries=entries)
+    return kernel_tpu.sparse_attention(q, pos, sink, keys, scale=H**-0.5, return_lse=True)
 
   return attend
 
@@ -113,8 +113,8 @@ def test_through_ops_impl_pallas():
   mesh, args = _args("tpu-v5p", "csa", T=1024, **PRESETS["flash"])
 
   def attend(q, pos, kv, sink, comp, idx):
-    return ops.sparse_attention(q, pos, kv, sink, scale=H**-0.5, window=W, block=64, comp=comp,
-                                comp_idx=idx, comp_ratio=4, impl="pallas")
+    keys = sources.KeySources(sources.Band(kv, W), entries=sources.PickedEntries(comp, idx))
+    return ops.sparse_attention(q, pos, sink, keys, scale=H**-0.5, block=64, impl="pallas")
 
   assert KERNEL in _compile("tpu-v5p", attend, mesh, args).as_text()
 

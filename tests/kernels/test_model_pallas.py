@@ -1,14 +1,14 @@
-"""The whole tiny model with `kernel_impl="pallas"` (interpreted on CPU) equals
+"""The whole tiny model with `Options(kernel_impl="pallas")` (interpreted on CPU) equals
 `kernel_impl="reference"` (issue 13): forward logits, loss gradients, prefill + decode.
 
 Both models hold the same random non-trivial weights (`randomize_params`), copied with `nnx.update`;
-only `cfg.kernel_impl` differs, so the attention (`sparse_attention`) and the lightning indexer
+only `Options.kernel_impl` differs, so the attention (`sparse_attention`) and the lightning indexer
 (`indexer_topk`) run their Pallas bodies in one and their references in the other. A counter on the
 kernel modules proves the Pallas path actually ran (a silent fall-back to the reference would pass
 every comparison).
 
-T = 37 is not a multiple of `attn_block` (16) and longer than the window (8); it gives 9 CSA
-entries against index_topk = 4 (the selection is a real choice) and 2 HCA entries (ratio 16).
+T = 37 is not a multiple of `Options.attn_block` (16 here) and longer than the window (8); it gives
+9 CSA entries against index_topk = 4 (the selection is a real choice) and 2 HCA entries (ratio 16).
 Compilation dominates the time on CPU, so each test compiles one program per implementation.
 """
 
@@ -23,7 +23,7 @@ from flax import nnx
 import deepseek_v4
 from deepseek_v4 import cache as cache_lib
 from deepseek_v4 import decoding, train
-from deepseek_v4.model import Options
+from deepseek_v4.options import Options
 from kernels_pallas.indexer_topk import kernel as indexer_kernel
 from kernels_pallas.indexer_topk import ops as indexer_ops
 from kernels_pallas.sparse_attention import kernel as attention_kernel
@@ -33,17 +33,20 @@ from tests.tolerances import F32_DECODE_REL, F32_KERNEL_GRAD_REL, rel_err
 T = 37
 CSA, HCA = 4, 16  # tiny()'s compression ratios
 DECODE_STEPS = 3
+BLOCK = 16  # queries per attention/indexer block: T spans several blocks and a partial one
 
 
 @pytest.fixture(scope="module")
 def models():
   """(reference model, pallas model) with identical weights."""
   cfg = deepseek_v4.tiny()
-  assert T % cfg.attn_block and T > cfg.window and T >= HCA and T // CSA > cfg.index_topk
+  assert T % BLOCK and T > cfg.window and T >= HCA and T // CSA > cfg.index_topk
   assert set(cfg.compress_ratios) == {0, CSA, HCA}
-  ref = randomize_params(deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0)), seed=0)
+  ref = randomize_params(deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0),
+                                                 options=Options(attn_block=BLOCK)), seed=0)
   # Another init seed: the copy, not the init, makes the two equal.
-  pal = deepseek_v4.Transformer(cfg.replace(kernel_impl="pallas"), rngs=nnx.Rngs(1))
+  pal = deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(1),
+                                options=Options(kernel_impl="pallas", attn_block=BLOCK))
   nnx.update(pal, nnx.state(ref))
   return ref, pal
 
@@ -166,14 +169,15 @@ def test_prefill_and_decode_pallas_equal_reference(models, pallas_calls):
 
 
 def test_options_kernel_impl_reaches_attention_and_indexer(models, pallas_calls):
-  """`Options(kernel_impl=...)` overrides `cfg.kernel_impl` for both kernels (traced only)."""
+  """`Options(kernel_impl=...)` at the call overrides the model's own `options.kernel_impl` for
+  both kernels (traced only)."""
   ref, pal = models
   ids = jnp.asarray(_tokens(3, (1, T)))
 
   def trace(model, impl):
     graphdef, state = nnx.split(model)
-    jax.eval_shape(lambda s: nnx.merge(graphdef, s).trunk(ids, opts=Options(kernel_impl=impl))[0],
-                   state)
+    options = Options(kernel_impl=impl, attn_block=BLOCK)
+    jax.eval_shape(lambda s: nnx.merge(graphdef, s).trunk(ids, options=options)[0], state)
 
   trace(pal, "reference")
   assert not pallas_calls, dict(pallas_calls)

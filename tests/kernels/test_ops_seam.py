@@ -11,6 +11,7 @@ from kernels_pallas.indexer_topk import ops as idx_ops
 from kernels_pallas.indexer_topk import reference as idx_ref
 from kernels_pallas.sparse_attention import ops
 from kernels_pallas.sparse_attention import reference
+from tests.attention_keys import keys
 from tests.tolerances import F32_FUNCTION, rel_err
 
 SCALE = 0.37
@@ -43,37 +44,38 @@ def _dense_lse(q, pos, kv, sink, comp, idx, window):
 
 def test_reference_lse_is_the_full_denominator():
   q, pos, kv, sink, comp, idx = _inputs(0)
-  out, lse = ops.sparse_attention(q, pos, kv, sink, scale=SCALE, window=4, block=4, comp=comp,
-                                  comp_idx=idx, return_lse=True, impl="reference")
+  k = keys(kv, 4, comp=comp, comp_idx=idx)
+  out, lse = ops.sparse_attention(q, pos, sink, k, scale=SCALE, block=4, return_lse=True,
+                                  impl="reference")
   assert out.shape == q.shape and lse.shape == q.shape[:3] and lse.dtype == jnp.float32
   assert rel_err(lse, _dense_lse(q, pos, kv, sink, comp, idx, 4)) < F32_FUNCTION
-  plain = ops.sparse_attention(q, pos, kv, sink, scale=SCALE, window=4, block=4, comp=comp,
-                               comp_idx=idx, impl="reference")
+  plain = ops.sparse_attention(q, pos, sink, k, scale=SCALE, block=4, impl="reference")
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(out))
 
 
 def test_reference_impl_is_the_reference():
   q, pos, kv, sink, comp, _ = _inputs(1)
-  kw = dict(scale=SCALE, window=3, block=4, comp=comp, comp_ratio=2)
+  k = keys(kv, 3, comp=comp, comp_ratio=2)
   np.testing.assert_array_equal(
-    np.asarray(ops.sparse_attention(q, pos, kv, sink, **kw, impl="reference")),
-    np.asarray(reference.sparse_attention(q, pos, kv, sink, **kw)))
+    np.asarray(ops.sparse_attention(q, pos, sink, k, scale=SCALE, block=4, impl="reference")),
+    np.asarray(reference.sparse_attention(q, pos, sink, k, scale=SCALE, block=4)))
 
 
 @pytest.mark.parametrize("change, message", [
   (dict(q=jnp.zeros((2, 11, 8))), "q must be"),
   (dict(kv=jnp.zeros((2, 10, 8))), "kv must be"),
   (dict(sink=jnp.zeros((4,))), "sink must be"),
-  (dict(window=0), "window and block"),
-  (dict(prefix_kv=jnp.zeros((2, 4, 8))), "go together"),
-  (dict(comp_ratio=0), "comp_ratio"),
-  (dict(comp_idx=jnp.zeros((2, 11, 2), jnp.int32), comp=None), "need comp"),
+  (dict(block=0), "block must be"),
+  (dict(scale=0.0), "scale must be"),
   (dict(impl="triton"), "impl must be"),
-], ids=["q-rank", "kv-len", "sink", "window", "prefix-pair", "hca-ratio", "idx-no-comp", "impl"])
+], ids=["q-rank", "kv-len", "sink", "block", "scale", "impl"])
 def test_sparse_attention_rejects_bad_inputs(change, message):
+  """The op's own checks: the queries against the key sources (each record checks itself when
+  built: tests/kernels/test_sources.py)."""
   q, pos, kv, sink, comp, _ = _inputs(2)
-  args = dict(q=q, q_pos=pos, kv=kv, sink=sink, scale=SCALE, window=3, block=4, comp=comp,
-              comp_ratio=2, impl="reference")
+  kv = change.pop("kv", kv)
+  args = dict(q=q, q_pos=pos, sink=sink, keys=keys(kv, 3, comp=comp, comp_ratio=2), scale=SCALE,
+              block=4, impl="reference")
   args.update(change)
   with pytest.raises(ValueError, match=message):
     ops.sparse_attention(**args)
@@ -83,9 +85,10 @@ def test_pallas_on_cpu_interprets():
   if jax.default_backend() != "cpu":
     pytest.skip("CPU-only rule")
   q, pos, kv, sink, _, _ = _inputs(3)
-  kw = dict(scale=SCALE, window=3, block=4)
-  a = ops.sparse_attention(q, pos, kv, sink, **kw, impl="pallas")
-  assert rel_err(a, ops.sparse_attention(q, pos, kv, sink, **kw, impl="reference")) < F32_FUNCTION
+  kw = dict(scale=SCALE, block=4)
+  a = ops.sparse_attention(q, pos, sink, keys(kv, 3), **kw, impl="pallas")
+  b = ops.sparse_attention(q, pos, sink, keys(kv, 3), **kw, impl="reference")
+  assert rel_err(a, b) < F32_FUNCTION
 
 
 def test_auto_runs_the_reference_on_cpu():
@@ -115,29 +118,42 @@ def _q(H=512, N=64, dtype=jnp.bfloat16):
   return jnp.zeros((1, 2, N, H), dtype)
 
 
+def _band(q, window=128):
+  """The window-only key sources of queries q."""
+  return keys(jnp.zeros((*q.shape[:2], q.shape[-1]), q.dtype), window)
+
+
+def auto(q):
+  return ops.auto_impl(q, _band(q))
+
+
+def why_not(q):
+  return ops.why_not_pallas("gpu", q, _band(q))
+
+
 def test_auto_on_gpu_picks_pallas_only_within_the_compiled_widths():
   """bf16 up to Flash/Pro's head dim 512 -> the kernels (tests/aot compiles them); wider heads,
   float32 (its dots spill) or an integer dtype -> the reference, with the reason."""
   with target_platform("gpu"):
-    assert ops.auto_impl(_q(), window=128) == "pallas"
-    assert ops.auto_impl(_q(96, 4), window=128) == "pallas"  # tiny: padded to 16 x 128
-    assert ops.auto_impl(_q(96, 4, jnp.float32), window=128) == "reference"
-    assert "float32" in ops.why_not_pallas("gpu", _q(dtype=jnp.float32), window=128)
-    assert ops.auto_impl(_q(1024), window=128) == "reference"
-    assert "head dim 1024" in ops.why_not_pallas("gpu", _q(1024), window=128)
-    assert ops.auto_impl(_q(dtype=jnp.int8), window=128) == "reference"
-    assert "int8" in ops.why_not_pallas("gpu", _q(dtype=jnp.int8), window=128)
+    assert auto(_q()) == "pallas"
+    assert auto(_q(96, 4)) == "pallas"  # tiny: padded to 16 x 128
+    assert auto(_q(96, 4, jnp.float32)) == "reference"
+    assert "float32" in why_not(_q(dtype=jnp.float32))
+    assert auto(_q(1024)) == "reference"
+    assert "head dim 1024" in why_not(_q(1024))
+    assert auto(_q(dtype=jnp.int8)) == "reference"
+    assert "int8" in why_not(_q(dtype=jnp.int8))
 
 
 def test_auto_on_gpu_refusal_runs_the_reference():
   """On a GPU target a call the kernels were not compiled for runs the reference (bit-equal): had
   "auto" picked the GPU body, this CPU host could not have run it uninterpreted."""
   q, pos, kv, sink, comp, idx = _inputs(9, T=5, N=2, H=1024, C=3, P=2)
-  kw = dict(scale=SCALE, window=3, block=4, comp=comp, comp_idx=idx)
+  k = keys(kv, 3, comp=comp, comp_idx=idx)
   with target_platform("gpu"):
-    auto = ops.sparse_attention(q, pos, kv, sink, **kw, impl="auto")
+    auto = ops.sparse_attention(q, pos, sink, k, scale=SCALE, block=4, impl="auto")
   np.testing.assert_array_equal(np.asarray(auto), np.asarray(reference.sparse_attention(
-    q, pos, kv, sink, **kw)))
+    q, pos, sink, k, scale=SCALE, block=4)))
 
 
 def test_auto_on_tpu_follows_the_tpu_body():
@@ -146,12 +162,13 @@ def test_auto_on_tpu_follows_the_tpu_body():
 
   q = _q()
   ring = jnp.zeros((1, 128, 512), jnp.bfloat16)
+  with_ring = keys(_band(q).band.kv, 128, prefix_kv=ring, prefix_pos=jnp.zeros((1, 128), jnp.int32))
   with target_platform("tpu"):
-    assert ops.auto_impl(q, window=128, prefix_kv=ring) == "reference"
+    assert ops.auto_impl(q, with_ring) == "reference"
     expect = kernel_tpu.why_unsupported(q.shape, q.dtype, window=128, kind="sliding")
-    assert ops.auto_impl(q, window=128) == ("pallas" if expect is None else "reference")
+    assert auto(q) == ("pallas" if expect is None else "reference")
   with target_platform("cpu"):
-    assert ops.auto_impl(q, window=128) == "reference"
+    assert auto(q) == "reference"
 
 
 def test_indexer_auto_picks():
@@ -182,7 +199,7 @@ def test_every_auto_choice_is_logged_once_at_info(caplog):
   with caplog.at_level(logging.DEBUG, logger="kernels_pallas"):
     for _ in range(2):
       with target_platform("gpu"):
-        assert ops.auto_impl(_q(96, 4, jnp.float32), window=128) == "reference"
+        assert auto(_q(96, 4, jnp.float32)) == "reference"
         assert idx_ops.auto_impl(jnp.zeros((1, 2, 4, 16), jnp.float32)) == "reference"
       with target_platform("tpu"):
         assert gmm_ops.resolve_impl("auto") == "ragged_dot"

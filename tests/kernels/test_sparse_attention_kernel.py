@@ -13,6 +13,7 @@ from kernels_pallas.common import PAD_POSITION
 from kernels_pallas.indexer_topk import kernel as idx_kernel
 from kernels_pallas.sparse_attention import kernel, ops, reference
 from kernels_pallas.sparse_attention.blocks import BlockSizes, Tile
+from tests.attention_keys import keys
 from tests.tolerances import BF16, F32_FUNCTION, F32_KERNEL_GRAD_REL, rel_err
 
 SCALE = 0.37
@@ -47,10 +48,11 @@ class _Cases:
     comp = jnp.asarray(rng.normal(size=(B, max(C, 1), H)), dtype)[:, :C]
     return rng, q, pos, kv, sink, comp
 
-  def _both(self, q, pos, kv, sink, **kw):
-    common = dict(scale=SCALE, window=kw.pop("window", 5), block=4, return_lse=True, **kw)
-    ref = reference.sparse_attention(q, pos, kv, sink, **common)
-    ours = kernel.sparse_attention(q, pos, kv, sink, **common, interpret=self.INTERPRET,
+  def _both(self, q, pos, kv, sink, window=5, **kw):
+    k = keys(kv, window, **kw)
+    common = dict(scale=SCALE, block=4, return_lse=True)
+    ref = reference.sparse_attention(q, pos, sink, k, **common)
+    ours = kernel.sparse_attention(q, pos, sink, k, **common, interpret=self.INTERPRET,
                                    block_sizes=self.BS)
     return ours, ref
 
@@ -126,7 +128,7 @@ class _Cases:
       kw2 = dict(kw, comp=comp)
       if kind == "prefix":
         kw2.update(prefix_kv=extra, prefix_pos=ppos)
-      o, lse = fn(q, pos, kv, sink, scale=SCALE, window=5, block=4, return_lse=True, **kw2, **more)
+      o, lse = fn(q, pos, sink, keys(kv, 5, **kw2), scale=SCALE, block=4, return_lse=True, **more)
       # Both outputs carry a cotangent: lse's gradient path is checked too.
       return jnp.sum(jnp.sin(o.astype(jnp.float32))) + 0.3 * jnp.sum(jnp.cos(lse))
 
@@ -165,9 +167,9 @@ def test_ops_pallas_path_switches():
   kv = jnp.asarray(rng.normal(size=(1, 6, 8)), jnp.float32)
   sink = jnp.zeros((2,), jnp.float32)
   pos = jnp.arange(6, dtype=jnp.int32)[None]
-  kw = dict(scale=SCALE, window=3, block=4)
-  a = ops.sparse_attention(q, pos, kv, sink, **kw, impl="pallas", interpret=True)
-  b = ops.sparse_attention(q, pos, kv, sink, **kw, impl="reference")
+  kw = dict(scale=SCALE, block=4)
+  a = ops.sparse_attention(q, pos, sink, keys(kv, 3), **kw, impl="pallas", interpret=True)
+  b = ops.sparse_attention(q, pos, sink, keys(kv, 3), **kw, impl="reference")
   assert rel_err(a, b) < F32_FUNCTION
 
 
@@ -189,8 +191,8 @@ def test_native_flash_shapes(dtype):
         else None)
 
   def loss(fn, q, kv, sink, comp, **more):
-    o = fn(q, pos, kv, sink, scale=H**-0.5, window=128, block=64, comp=comp, comp_idx=idx,
-           comp_ratio=4, **more)
+    o = fn(q, pos, sink, keys(kv, 128, comp=comp, comp_idx=idx), scale=H**-0.5, block=64,
+           **more)
     return jnp.sum(jnp.sin(o.astype(jnp.float32))), o
 
   (_, o_ref), g_ref = jax.value_and_grad(functools.partial(loss, reference.sparse_attention),
@@ -219,8 +221,8 @@ def test_mixed_tiles_match_the_reference():
   idx = jnp.asarray(_csa_indices(rng, B, T, C, 5, 4))
   for extra in (dict(comp_idx=idx), {}):  # CSA, HCA
     def loss(fn, q, kv, sink, comp, **more):
-      o, lse = fn(q, pos, kv, sink, scale=SCALE, window=5, block=4, comp=comp, comp_ratio=4,
-                  return_lse=True, **extra, **more)
+      o, lse = fn(q, pos, sink, keys(kv, 5, comp=comp, comp_ratio=4, **extra), scale=SCALE,
+                  block=4, return_lse=True, **more)
       return jnp.sum(jnp.sin(o)) + 0.3 * jnp.sum(jnp.cos(lse))
 
     ref = jax.grad(functools.partial(loss, reference.sparse_attention), argnums=range(4))(
@@ -232,10 +234,10 @@ def test_mixed_tiles_match_the_reference():
   # Decode: one token against a ring (the decode tile).
   ring = jnp.asarray(rng.normal(size=(B, 6, H)), jnp.float32)
   ring_pos = jnp.asarray([[3, 4, 5, 0, 1, 2], [2, PAD_POSITION, 0, 1, PAD_POSITION, 3]], jnp.int32)
-  kw = dict(scale=SCALE, window=6, block=1, prefix_kv=ring, prefix_pos=ring_pos, comp=comp,
-            comp_idx=idx[:, :1], comp_ratio=4, return_lse=True)
-  ref = reference.sparse_attention(q[:, :1], pos[:, :1] + 6, kv[:, :1], sink, **kw)
-  ours = kernel.sparse_attention(q[:, :1], pos[:, :1] + 6, kv[:, :1], sink, **kw, interpret=True,
+  k = keys(kv[:, :1], 6, prefix_kv=ring, prefix_pos=ring_pos, comp=comp, comp_idx=idx[:, :1])
+  kw = dict(scale=SCALE, block=1, return_lse=True)
+  ref = reference.sparse_attention(q[:, :1], pos[:, :1] + 6, sink, k, **kw)
+  ours = kernel.sparse_attention(q[:, :1], pos[:, :1] + 6, sink, k, **kw, interpret=True,
                                  block_sizes=bs)
   assert rel_err(ours[0], ref[0]) < F32_FUNCTION and rel_err(ours[1], ref[1]) < F32_FUNCTION
 

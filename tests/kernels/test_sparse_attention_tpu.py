@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.sparse_attention import kernel_tpu, reference
+from tests.attention_keys import keys
 from tests.tolerances import BF16, F32_FUNCTION, F32_KERNEL_GRAD_REL, rel_err
 
 
@@ -36,11 +37,9 @@ def _case(kind, *, B=2, T=37, N=4, H=8, P=3, ratio=None, seed=0, dtype=jnp.float
 
 
 def _both(x, kw, window, scale=0.3):
-  args = (x["q"], x["pos"], x["kv"], x["sink"])
-  ref = reference.sparse_attention(*args, scale=scale, window=window, block=8, return_lse=True,
-                                   **kw)
-  ours = kernel_tpu.sparse_attention(*args, scale=scale, window=window, return_lse=True,
-                                     interpret=True, **kw)
+  args = (x["q"], x["pos"], x["sink"], keys(x["kv"], window, **kw))
+  ref = reference.sparse_attention(*args, scale=scale, block=8, return_lse=True)
+  ours = kernel_tpu.sparse_attention(*args, scale=scale, return_lse=True, interpret=True)
   return ours, ref
 
 
@@ -54,8 +53,8 @@ def test_forward_matches_reference(kind, window):
   assert rel_err(o, o_ref) < F32_FUNCTION
   assert rel_err(lse, lse_ref) < F32_FUNCTION
   if kind != "sliding":  # the entries change the result: the test sees a dropped source
-    o_win = reference.sparse_attention(x["q"], x["pos"], x["kv"], x["sink"], scale=0.3,
-                                       window=window, block=8)
+    o_win = reference.sparse_attention(x["q"], x["pos"], x["sink"], keys(x["kv"], window),
+                                       scale=0.3, block=8)
     assert rel_err(o_win, o_ref) > 1e-2
 
 
@@ -75,7 +74,7 @@ def test_gradients_are_the_reference_vjp(kind):
   comp = kw.pop("comp", None)
 
   def loss(fn, q, kv, sink, comp, **more):
-    o, lse = fn(q, x["pos"], kv, sink, scale=0.3, window=6, return_lse=True, comp=comp, **kw,
+    o, lse = fn(q, x["pos"], sink, keys(kv, 6, comp=comp, **kw), scale=0.3, return_lse=True,
                 **more)
     return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(lse))
 
@@ -93,9 +92,9 @@ def test_uncovered_calls_run_the_reference():
   """Segments (and a decode ring) are refused by the predicate and run the reference whole."""
   x, kw = _case("sliding", T=16)
   seg = jnp.asarray([[0] * 8 + [1] * 8] * 2, jnp.int32)
-  args = (x["q"], x["pos"], x["kv"], x["sink"])
-  ours = kernel_tpu.sparse_attention(*args, scale=0.3, window=6, segments=seg, interpret=True)
-  ref = reference.sparse_attention(*args, scale=0.3, window=6, block=8, segments=seg)
+  args = (x["q"], x["pos"], x["sink"], keys(x["kv"], 6, segments=seg))
+  ours = kernel_tpu.sparse_attention(*args, scale=0.3, interpret=True)
+  ref = reference.sparse_attention(*args, scale=0.3, block=8)
   assert rel_err(ours, ref) < F32_FUNCTION
 
 
@@ -107,7 +106,7 @@ def test_why_unsupported():
                                       num_entries=entries) is None
     assert kernel_tpu.supported(flash, bf, window=128, kind=kind, num_picks=picks,
                                 num_entries=entries)
-  assert "prefix_kv" in kernel_tpu.why_unsupported(flash, bf, window=128, kind="sliding",
+  assert "keys.ring" in kernel_tpu.why_unsupported(flash, bf, window=128, kind="sliding",
                                                    prefix=True)
   assert "segments" in kernel_tpu.why_unsupported(flash, bf, window=128, kind="csa",
                                                   num_picks=512, num_entries=2048, segments=True)
@@ -131,12 +130,13 @@ def test_why_unsupported():
 def test_no_usable_entries_is_the_window():
   """T below the ratio (no entry yet, C = 0) and zero picks (P = 0) run as the sliding window."""
   x, _ = _case("sliding", T=7)
-  args = (x["q"], x["pos"], x["kv"], x["sink"])
-  ref = reference.sparse_attention(*args, scale=0.3, window=4, block=8)
+  args = (x["q"], x["pos"], x["sink"])
+  ref = reference.sparse_attention(*args, keys(x["kv"], 4), scale=0.3, block=8)
   B, _, _, H = x["q"].shape
   for kw in (dict(comp=jnp.zeros((B, 0, H)), comp_ratio=8),
              dict(comp=jnp.ones((B, 1, H)), comp_idx=jnp.zeros((B, 7, 0), jnp.int32),
                   comp_ratio=4)):
-    assert kernel_tpu.layer_kind(kw["comp"], kw.get("comp_idx")) == "sliding"
-    ours = kernel_tpu.sparse_attention(*args, scale=0.3, window=4, interpret=True, **kw)
+    k = keys(x["kv"], 4, **kw)
+    assert k.kind != "sliding" and k.without_unusable_entries().kind == "sliding"
+    ours = kernel_tpu.sparse_attention(*args, k, scale=0.3, interpret=True)
     assert rel_err(ours, ref) < F32_FUNCTION

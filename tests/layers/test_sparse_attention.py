@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.sparse_attention.reference import sparse_attention
+from tests.attention_keys import keys
 from tests.tolerances import F32_FUNCTION
 
 SCALE = 0.37
@@ -60,9 +61,9 @@ def _inputs(seed, B=2, T=37, N=3, H=8, C=0):
 @functools.partial(jax.jit, static_argnames=("window", "block", "comp_ratio"))
 def _ours(q, q_pos, kv, sink, window, block, prefix_kv=None, prefix_pos=None, comp=None,
           comp_idx=None, comp_ratio=0):
-  return sparse_attention(q, q_pos, kv, sink, scale=SCALE, window=window, block=block,
-                          prefix_kv=prefix_kv, prefix_pos=prefix_pos, comp=comp,
-                          comp_idx=comp_idx, comp_ratio=comp_ratio)
+  k = keys(kv, window, prefix_kv=prefix_kv, prefix_pos=prefix_pos, comp=comp, comp_idx=comp_idx,
+           comp_ratio=comp_ratio)
+  return sparse_attention(q, q_pos, sink, k, scale=SCALE, block=block)
 
 
 def _csa_indices(seed, B, T, C, P, m):
