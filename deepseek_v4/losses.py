@@ -3,7 +3,7 @@
 aux-loss-free bias, and the lightning-indexer KL loss (V3.2 recipe,
 docs/architecture.md#indexer-training).
 
-Every function here is pure JAX; `train.py` wires them to the model.
+Every function here is pure JAX; `deepseek_v4.train` wires them to the model.
 """
 
 from __future__ import annotations

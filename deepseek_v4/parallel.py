@@ -175,7 +175,7 @@ def jit_train_step(step: Callable, model, optimizer, mesh: Mesh, rules: str | Ru
   (`train_step_program`).
 
   `step` is plain NNX code that updates `model` and `optimizer` in place (not jitted itself), e.g.
-  `functools.partial(train._train_step, tcfg=tcfg)`; it receives the run's whole `Options` as the
+  `functools.partial(train.train_step_fn, tcfg=tcfg)`; it receives the run's whole `Options` as the
   keyword `options` (default: the model's own with the MoE of the mesh, `moe_impl`). In and out: parameters and optimizer state
   by the rule table (state donated), every batch leaf [B, ...] by the batch axes, `extra`
   arguments (scalars such as a loss weight) replicated; metrics come back replicated. The

@@ -11,10 +11,11 @@ What is exact and what is estimated:
 * exact (shapes x dtypes / shards): parameters, router buffers, gradients (trained parameters,
   parameter dtype), optimizer state, KV cache (the `deepseek_v4.cache` pytree: window rings,
   compressed entries, indexer keys in the compute dtype, float32 compressor tails; batch-sharded).
-* optimizer: DeepSeek's recipe as train.py builds it: Muon (one momentum buffer) for matrices,
-  AdamW (two moments) for the embedding, LM head and every vector; `--optimizer adamw` puts all on
-  AdamW. Moments in `--moment-dtype` (train.py: float32). Frozen parameters (`--freeze REGEX`,
-  re.search on dotted paths, as TrainConfig.freeze) have neither gradients nor state.
+* optimizer: DeepSeek's recipe as train/optimizer.py builds it: Muon (one momentum buffer) for
+  matrices, AdamW (two moments) for the embedding, LM head and every vector; `--optimizer adamw`
+  puts all on AdamW. Moments in `--moment-dtype` (train/optimizer.py: float32). Frozen parameters
+  (`--freeze REGEX`, re.search on dotted paths, as TrainConfig.freeze) have neither gradients nor
+  state.
 * estimated (activations): a block's attention and its MoE run one after the other, so one
   block's peak is the larger of the two working sets. Attention: the block's intermediates per
   token (mHC streams in float32, projections, the shared expert's float32 SwiGLU) and the

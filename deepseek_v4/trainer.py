@@ -372,7 +372,7 @@ def frozen_name(tcfg: train.TrainConfig):
   dense indexer stage nothing inside the trained tensors is held."""
   if tcfg.lora_rank or tcfg.indexer_stage == "dense":
     return lambda name: False
-  patterns = train._freeze_patterns(tcfg)  # noqa: SLF001 - the one definition of the patterns
+  patterns = train.freeze_patterns(tcfg)  # the one definition of the patterns
   return lambda name: any(p.search(name) for p in patterns)
 
 

@@ -79,7 +79,7 @@ def _child(layers: int, program: str, overrides: list[str], seq: int) -> dict:
 
     def step(st, b):
       m, o = nnx.merge(graphdef, st)
-      metrics = train._train_step(m, o, b, 0.3, tcfg)
+      metrics = train.train_step_fn(m, o, b, 0.3, tcfg)
       return nnx.state((m, o)), metrics
 
     fn = jax.jit(step)

@@ -12,7 +12,7 @@ at reduced depths (Flash's first layers, the same layer kinds and scanned period
   compared with plan's figure for that same truncated model.
 
 The ratio is XLA / plan. Rows the project cannot run are listed, not compiled (bfloat16 Muon
-momentum: train.py builds float32 moments).
+momentum: train/optimizer.py builds float32 moments).
 
 Prints a table and writes benchmarks/results/plan_vs_compiler.json (rows measured by earlier
 invocations are kept, so rows can be run one per process: --rows NAME).
@@ -66,7 +66,7 @@ ROWS = (
   Row("train-16-bf16", "full fine-tuning, 2 x 8 x H200, bf16 momentum, capacity 1.25",
       dict(expert=16), dict(train=True, batch=16, seq=4096, moment_dtype="bfloat16",
                             capacity_factor=1.25),
-      compilable="train.py builds float32 Muon momentum only"),
+      compilable="train/optimizer.py builds float32 Muon momentum only"),
   Row("train-16-frozen", "fine-tuning, routed experts frozen, 2 x 8 x H200, capacity 1.25",
       dict(expert=16), dict(train=True, batch=16, seq=4096, freeze=(r"ffn\.experts\.",),
                             capacity_factor=1.25)),

@@ -66,7 +66,7 @@ def main(argv=None) -> None:
   tcfg = train.TrainConfig(seq_len=args.seq, batch_size=args.batch, steps=args.steps,
                            learning_rate=args.lr, warmup_steps=1, freeze=tuple(args.freeze))
   opt = train.make_optimizer(model, tcfg)
-  step = parallel.jit_train_step(functools.partial(train._train_step, tcfg=tcfg), model, opt,
+  step = parallel.jit_train_step(functools.partial(train.train_step_fn, tcfg=tcfg), model, opt,
                                  mesh, args.rules,
                                  options=parallel.options(mesh, args.rules,
                                                           capacity_factor=args.capacity_factor))

@@ -1,7 +1,7 @@
 """Shared pieces of the sharding tests: a reduced tiny config, a batch and a plain LM train step.
 
 The step is deliberately simple (next-token cross-entropy, SGD with momentum): it checks that the
-sharded and the single-device step agree, not the training recipe (that is train.py's job).
+sharded and the single-device step agree, not the training recipe (that is deepseek_v4.train's job).
 SGD keeps the comparison meaningful: Adam's first step, g / (|g| + eps), amplifies rounding
 noise in near-zero gradients.
 """

@@ -305,7 +305,8 @@ def test_sharded_generate_partitions_without_replicating(capfd, no_compilation_c
 
 @pytest.mark.slow
 def test_train_py_step_sharded_equals_single_device():
-  """train.py's own step (Muon/AdamW, balance loss, router-bias update) under jit_train_step.
+  """deepseek_v4.train's own step (Muon/AdamW, balance loss, router-bias update) under
+  jit_train_step.
 
   Compared: every metric (loss parts, the global gradient norm, load imbalance) and the router
   biases. Parameters after the step are not compared leaf by leaf: AdamW with eps=1e-20 and Muon
@@ -320,12 +321,12 @@ def test_train_py_step_sharded_equals_single_device():
   b = steps.batch(cfg)
   ref_model = nnx.clone(_reference(cfg)["model"])
   ref_opt = train.make_optimizer(ref_model, tcfg)
-  ref = nnx.jit(train._train_step, static_argnames=("tcfg",))(ref_model, ref_opt, b, 0.3, tcfg)
+  ref = nnx.jit(train.train_step_fn, static_argnames=("tcfg",))(ref_model, ref_opt, b, 0.3, tcfg)
   sizes, rules = MESHES[FAST]
   mesh = sharding.make_mesh(**sizes)
   model = parallel.init_model(cfg, mesh, rules)
   opt = train.make_optimizer(model, tcfg)
-  step = parallel.jit_train_step(functools.partial(train._train_step, tcfg=tcfg), model, opt,
+  step = parallel.jit_train_step(functools.partial(train.train_step_fn, tcfg=tcfg), model, opt,
                                  mesh, rules, donate=False)
   got = step(model, opt, {k: sharding.shard_batch(v, mesh, rules) for k, v in b.items()},
              jnp.float32(0.3))

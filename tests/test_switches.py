@@ -240,7 +240,7 @@ def test_adamw_optimizer_is_adamw_on_every_parameter_with_its_own_rate():
   params = {"layers": {"0": {"attn": {"wq_a": {"weight": jnp.asarray(
     rng.normal(size=(32, 64)), jnp.float32)}}}}, "embed": {"weight": jnp.ones((4, 8))}}
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-  tx = train._transform(cfg, tcfg)
+  tx = train.gradient_transform(cfg, tcfg)
   upd, _ = tx.update(grads, tx.init(params), params)
   # AdamW's first step: -lr (g / |g| + wd p), a sign step on the matrix too (Muon's would be
   # an orthogonalized matrix).
@@ -248,7 +248,7 @@ def test_adamw_optimizer_is_adamw_on_every_parameter_with_its_own_rate():
   want = jax.tree.map(lambda g, p: -lr * (jnp.sign(g) + wd * p), grads, params)
   for u, v in zip(jax.tree.leaves(upd), jax.tree.leaves(want)):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-9)
-  muon = train._transform(cfg, tcfg.replace(optimizer="muon_v4"))
+  muon = train.gradient_transform(cfg, tcfg.replace(optimizer="muon_v4"))
   upd_m, _ = muon.update(grads, muon.init(params), params)
   assert not np.allclose(upd_m["layers"]["0"]["attn"]["wq_a"]["weight"],
                          upd["layers"]["0"]["attn"]["wq_a"]["weight"])

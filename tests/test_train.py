@@ -17,6 +17,7 @@ from deepseek_v4 import data as data_lib
 from deepseek_v4 import losses, train, trainer
 from deepseek_v4 import model as model_lib
 from deepseek_v4.layers import moe
+from deepseek_v4.train.step import _grads  # the step's micro-batch accumulation, tested alone
 from kernels_pallas.sparse_attention.reference import sparse_attention
 from tests.attention_keys import keys
 from tests.tolerances import F32_FUNCTION, F32_MODEL_REL, rel_err
@@ -219,7 +220,7 @@ def test_grad_accumulation_equals_one_batch():
     tcfg = train.TrainConfig(seq_len=32, batch_size=4, grad_accum=accum, warmup_steps=1)
     model, _ = train.build(cfg, tcfg)
     graphdef, params, rest = nnx.split(model, train.trainable_filter(tcfg), ...)
-    loss, aux, grads = jax.jit(lambda p, b: train._grads(
+    loss, aux, grads = jax.jit(lambda p, b: _grads(
       nnx.merge(graphdef, p, rest), train.trainable_filter(tcfg), b, tcfg, 0.3))(params, batch)
     out.append((loss, grads))
   assert rel_err(out[0][0], out[1][0]) < F32_FUNCTION

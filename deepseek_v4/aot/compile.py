@@ -440,7 +440,7 @@ def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
   * "prefill" / "decode": decoding's one chunk step (`decoding._extend_jit`, as `prefill` and
     `decode_step` run it) of `chunk` tokens (default seq; decode: 1) per row into a cache of
     capacity `seq`, the cache donated; prefill returns the last real token's logits.
-  * "train": `parallel.train_step_program` (as `parallel.jit_train_step`) of `train._train_step`
+  * "train": `parallel.train_step_program` (as `parallel.jit_train_step`) of `train.train_step_fn`
     with `tcfg` on [batch, seq], parameters and optimizer state donated.
 
   Build it outside any mesh context (see `abstract.build`). Unused arguments are kept
@@ -470,7 +470,7 @@ def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
     ids = jax.ShapeDtypeStruct((batch, seq), i32,
                                sharding=sharding.batch_sharding(mesh, rules, (batch, seq)))
     batch_abs = {"inputs": ids, "targets": ids}
-    fn = parallel.train_step_program(functools.partial(train._train_step, tcfg=tcfg), graphdef,
+    fn = parallel.train_step_program(functools.partial(train.train_step_fn, tcfg=tcfg), graphdef,
                                      shardings, mesh, rules, batch_abs, 1, options=run,
                                      keep_unused=True)
     mtp = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))

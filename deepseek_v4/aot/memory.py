@@ -8,7 +8,7 @@ same rule table a real run uses:
   `settings.batch` rows into a cache of `settings.seq` tokens, returning the logits of each row's
   last token and the new cache (the cache donated): `decoding._extend_jit` as `prefill` and
   `generate` run it. A decode step is the same program with one token, so this is the peak.
-* training: `train._train_step` (loss, gradients, the DeepSeek optimizer's update, the
+* training: `train.train_step_fn` (loss, gradients, the DeepSeek optimizer's update, the
   router-bias update), with the parameters and optimizer state donated, as
   `parallel.jit_train_step` runs it.
 
@@ -95,9 +95,9 @@ def lower(cfg: ModelConfig, mesh_sizes: dict[str, int], settings: plan_lib.Setti
     return aot_compile.lower_program(cfg, target, mesh, rules, "prefill",
                                      chunk=min(s.prefill_chunk, s.seq), **common)
   if s.moment_dtype != "float32" or s.param_dtype not in (None, cfg.param_dtype):
-    raise ValueError(f"moment_dtype={s.moment_dtype!r}, param_dtype={s.param_dtype!r}: train.py "
-                     "builds float32 moments and the config's parameter dtype; such a row cannot "
-                     "be compiled")
+    raise ValueError(f"moment_dtype={s.moment_dtype!r}, param_dtype={s.param_dtype!r}: "
+                     "deepseek_v4.train builds float32 moments and the config's parameter dtype; "
+                     "such a row cannot be compiled")
   return aot_compile.lower_program(cfg, target, mesh, rules, "train", tcfg=_train_config(s),
                                    **common)
 
