@@ -16,6 +16,7 @@ Python round trip beyond the callback itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import numbers
@@ -27,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_v4 import sharding
+from deepseek_v4 import parallel, sharding
 from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.model import under_trace
@@ -323,10 +324,12 @@ def _prefill_in_loop(model, cache: Cache, ids: Array, lengths: Array, chunk: int
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_new", "sampler", "max_len", "chunk",
-                                             "stream", "keep_logits", "options"))
+                                             "stream", "keep_logits", "options", "layout"))
 def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: int,
                   sampler: Sampler, max_len: int, chunk: int, stream, keep_logits: bool,
-                  options: Options | None = None):
+                  options: Options | None = None, layout=None):
+  # `layout`: the active `sharding.use(mesh, rules)` (or None), which `constrain` reads while
+  # tracing; a static argument so that another layout compiles its own program.
   model = nnx.merge(graphdef, state)
   B, T = ids.shape
   rows = jnp.arange(B)
@@ -347,8 +350,8 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
     if keep_logits:
       scores = jax.lax.dynamic_update_slice_in_dim(scores, logits[:, None], i, axis=1)
     done = done | jnp.isin(nxt, stops)
-    if stream is not None:
-      jax.debug.callback(stream, i, nxt, done, ordered=True)
+    if stream is not None:  # JAX orders callbacks on one device only (see `generate`'s stream)
+      jax.debug.callback(stream, i, nxt, done, ordered=layout is None)
     return nxt, done, out, scores, key
 
   done = jnp.zeros((B,), bool)
@@ -368,7 +371,7 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
     return i + 1, cache, tok, done, out, scores, key
 
   s = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, tok, done, out, scores, key))
-  return s[4], s[5]
+  return sharding.constrain(s[4], ("batch", None)), sharding.constrain(s[5], ("batch", None, None))
 
 
 def _as_prompts(prompt_ids, lengths) -> tuple[np.ndarray, np.ndarray]:
@@ -407,7 +410,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              stop_tokens: int | Sequence[int] = (), *, lengths=None, pad_id: int | None = None,
              max_len: int | None = None, prefill_chunk: int | None = None,
              stream: Callable | None = None, return_logits: bool = False,
-             options: Options | None = None):
+             options: Options | None = None, mesh: jax.sharding.Mesh | None = None,
+             rules: str | sharding.Rules | None = None):
   """Greedy or sampled continuation of a batch of prompts, the whole loop under one jit.
 
   Args:
@@ -429,18 +433,33 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     prefill_chunk: prefill in chunks of this many tokens (bounds prefill memory).
     stream: optional `fn(step, tokens [B], done [B])`, called from inside the jitted loop as
       each token is produced (an ordered `jax.debug.callback`). Pass the same function object
-      across calls to reuse the compiled loop.
+      across calls to reuse the compiled loop. On a mesh (`mesh=` or `sharding.use`) JAX
+      allows no ordered callback over several devices, so calls may come out of order: each
+      carries its step index (`generate_cli.printer` puts them back in order).
     return_logits: also return the float32 logits [B, N, V] each token was drawn from (before
       temperature / filtering; zeros after a row has stopped).
     options: the run's `Options` (see `prefill`); on a mesh whose rules split the experts, pass
       `parallel.options(mesh, rules)` (the local MoE's global sort of a batch-sharded token set
       cannot be partitioned, and XLA replicates it).
+    mesh, rules: run on this device mesh (`sharding.make_mesh`) by this rule table (`"fsdp"`,
+      `"fsdp_tp"`, `"fsdp_ep"` or a `sharding.Rules`), both or neither. The parameters are put
+      in their shards (no copy where they already are: `parallel.init_model`,
+      `checkpoint.io.load_model(..., mesh=, rules=)`, `load_hf_checkpoint(..., mesh=, rules=)`);
+      the prompts, the cache and the output are split over the rules' batch axes where B divides
+      them, else replicated (a single prompt is); `options` defaults to the model's own with the
+      mesh's MoE (`parallel.moe_impl`: expert-parallel when the rules split the experts). Tokens
+      equal the one-device run's up to float rounding of the sharded sums. Without `mesh`, an
+      enclosing `sharding.use(mesh, rules)` is followed (then pass `options` yourself).
   Returns:
     int32 [B, T + N]: row b holds its prompt (`lengths[b]` tokens), then its generated tokens
     (up to and including a stop token), then `pad_id` to the end of the row. With
     `return_logits`, the pair (ids, logits).
   """
   cfg: ModelConfig = model.cfg
+  if (mesh is None) != (rules is None):
+    raise ValueError(f"generate: mesh and rules go together; got mesh={mesh!r}, rules={rules!r}")
+  if rules is not None:
+    rules = sharding.get_rules(rules)  # an unknown name fails here, naming the known ones
   ids, lengths = _as_prompts(prompt_ids, lengths)
   B, T = ids.shape
   if not (isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
@@ -475,11 +494,16 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
   padded = np.zeros((B, Tp), np.int32)
   padded[:, :T] = np.where(np.arange(T)[None, :] < lengths[:, None], ids, 0)
   graphdef, state = nnx.split(model)
-  out, scores = _generate_jit(
-    graphdef, state, sharding.place_batch(padded), sharding.place_batch(lengths),
-    jnp.asarray(stops),
-    jnp.int32(pad_id), jax.random.key(seed), n_new=N, sampler=sampler, max_len=max_len,
-    chunk=chunk, stream=stream, keep_logits=bool(return_logits), options=options)
+  if mesh is not None:
+    state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
+    if options is None:
+      options = model.options.replace(moe=parallel.moe_impl(mesh, rules))
+  with contextlib.nullcontext() if mesh is None else sharding.use(mesh, rules):
+    out, scores = _generate_jit(
+      graphdef, state, sharding.place_batch(padded), sharding.place_batch(lengths),
+      jnp.asarray(stops), jnp.int32(pad_id), jax.random.key(seed), n_new=N, sampler=sampler,
+      max_len=max_len, chunk=chunk, stream=stream, keep_logits=bool(return_logits),
+      options=options, layout=sharding.context.current())
   out = out[:, :T + N]  # generated tokens sit at lengths[b] + i < T + N
   return (out, scores) if return_logits else out
 
