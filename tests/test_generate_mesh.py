@@ -129,3 +129,14 @@ def test_generate_bad_mesh_arguments(run_dir):
     decoding.generate(model, [[1, 2]], 2, mesh=mesh)
   with pytest.raises(ValueError, match=r"unknown sharding rules 'zero3'; known: \['fsdp'"):
     decoding.generate(model, [[1, 2]], 2, mesh=mesh, rules="zero3")
+
+
+def test_printer_puts_unordered_steps_back_in_order():
+  """On a mesh the stream callbacks are unordered: the CLI's printer prints by step index."""
+  tok = tokenizer.ByteTokenizer()
+  ids = tok.encode("héllo") + [tok.eos_id, 7]
+  text = io.StringIO()
+  stream = generate_cli.printer(tokenizer.StreamDecoder(tok, skip_special_tokens=True), text)
+  for step in (2, 0, 5, 1, 4, 3, 6, 7):  # the stop token (step 6) ends the text
+    stream(step, np.array([ids[step]]), np.array([step >= 6]))
+  assert text.getvalue() == "héllo"
