@@ -137,8 +137,8 @@ _OPTION_FLAGS = {
   "scan_layers": dict(type=arg_type(_bool), default=True, metavar="BOOL",
                       help="stack repeated layers under lax.scan (default true; false unrolls)"),
   "keep_quantized": dict(choices=["experts"], default=None,
-                         help="inference with the routed experts kept in FP4 "
-                         "(load_hf_checkpoint(keep_quantized='experts'))"),
+                         help="routed experts kept as their FP4 codes (inference, or LoRA "
+                         "training: QLoRA; load_hf_checkpoint(keep_quantized='experts'))"),
 }
 
 

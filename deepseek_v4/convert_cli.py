@@ -12,8 +12,9 @@ layout of `checkpoint.io.Checkpointer`: `checkpoint.io.load_model(OUT_DIR)` and 
 --checkpoint OUT_DIR` read it.
 
 ORBAX_DIR is such a folder or a `train --out` folder (its latest checkpoint, or --step N; LoRA
-adapters are merged); OUT_FOLDER gets config.json and hub-named safetensors (`save_hf_checkpoint`,
-optionally FP8 / FP4-expert quantized in the official format).
+adapters are merged; over routed experts kept as FP4 codes only the adapted experts are
+requantized, `lora.strip_lora`); OUT_FOLDER gets config.json and hub-named safetensors
+(`save_hf_checkpoint`, optionally FP8 / FP4-expert quantized in the official format).
 
 The output is written into a temporary folder next to it and renamed into place only when complete,
 so a failed or interrupted conversion never leaves a half-written OUT. An existing non-empty OUT is
@@ -263,8 +264,13 @@ def to_hub(args: argparse.Namespace, src: str, out) -> None:
   from deepseek_v4.checkpoint.safetensors_io import list_checkpoint
 
   start = time.perf_counter()
-  # Onto this process's first device, whatever mesh wrote it (LoRA adapters merged).
-  model, meta = restore_model(src, args.step)
+  from deepseek_v4 import lora
+
+  # Onto this process's first device, whatever mesh wrote it; LoRA adapters merged. Routed
+  # experts kept as FP4 codes (QLoRA): only those with a nonzero adapter are requantized, the
+  # others keep the bytes they were loaded with.
+  model, meta = restore_model(src, args.step, merge_lora=False)
+  lora.strip_lora(model, requantize_experts=model.options.keep_quantized == "experts")
   step = meta["step"]
   cfg = model.cfg
   if args.dtype is not None and not cfg.dtype == cfg.param_dtype == args.dtype:

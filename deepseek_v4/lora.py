@@ -9,9 +9,16 @@ The adapters are `nnx.LoRAParam`s, so a filter selects them for training. `merge
 adapters into the weights (for export or fast inference); `unmerge_lora` takes them out again.
 
 Targets are matched by module name (`wq_a`, `wq_b`, `wkv`, `wo_b`, `head`, `shared_experts.w1`,
-...) on modules the model calls as `Linear`s. `wo_a` (read as a grouped weight), compressor
-projections and stacked experts are read as raw weights by the layers and cannot take an adapter
-(so `wkv` means the attention's K=V projection, never a compressor's).
+...) on modules the model calls as `Linear`s. `wo_a` (read as a grouped weight) and compressor
+projections are read as raw weights by the layers and cannot take an adapter (so `wkv` means the
+attention's K=V projection, never a compressor's).
+
+The target `experts` gives the routed experts one small adapter per expert and weight
+(`layers.moe.ExpertAdapters`: A [E, in, r], B [E, r, out]), applied inside the expert loop. Over
+experts kept as their released FP4 codes (`Options.keep_quantized="experts"`, QLoRA) the codes
+stay frozen bytes: merging an adapted expert needs a requantization, which `strip_lora` does only
+when asked (`requantize_experts=True`, as `convert --to hub --quantize fp4-experts` does): the
+experts whose adapter is exactly zero keep their original bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from flax import nnx
 
 from deepseek_v4 import layout
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.layers.moe import ExpertAdapters, Experts
 from deepseek_v4.layers.params import Linear
 from deepseek_v4.model import Transformer
 from deepseek_v4.options import Options
@@ -90,6 +98,12 @@ def apply_lora(model: nnx.Module, targets: Iterable[str], *, rank: int, alpha: f
   if rank < 1:
     raise ValueError(f"rank={rank} must be >= 1")
   targets = tuple(targets)
+  wrapped = []
+  if "experts" in targets:
+    targets = tuple(t for t in targets if t != "experts")
+    wrapped += _adapt_experts(model, rank, alpha, rngs)
+  if not targets:
+    return wrapped
   matching = [(n, p, m) for n, p, m in _named_linears(model) if _matches(n, targets)]
   # Same-named projections the layers read raw (a compressor's `wkv`) are skipped.
   found = [(n, p, m) for n, p, m in matching if not _RAW_WEIGHT.search(n)]
@@ -98,8 +112,8 @@ def apply_lora(model: nnx.Module, targets: Iterable[str], *, rank: int, alpha: f
       if any(_matches(n, [t]) for n, _, _ in matching):
         raise ValueError(f"LoRA cannot wrap {t!r}: the layers read these weights directly")
       known = sorted({n.split(".")[-1] for n, _, _ in _named_linears(model)})
-      raise ValueError(f"LoRA target {t!r} matches no Linear module; known names: {known}")
-  wrapped = []
+      raise ValueError(f"LoRA target {t!r} matches no Linear module; known names: "
+                       f"{known + ['experts']}")
   for name, path, module in found:
     if isinstance(module, LoRALinear):
       continue
@@ -109,6 +123,25 @@ def apply_lora(model: nnx.Module, targets: Iterable[str], *, rank: int, alpha: f
     setattr(parent, path[-1], LoRALinear(module, rank, alpha, rngs=rngs))
     wrapped.extend(_official(model, name))
   return wrapped
+
+
+def _routed_experts(model: nnx.Module):
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, Experts):
+      yield layout.path_name(path), module
+
+
+def _adapt_experts(model: nnx.Module, rank: int, alpha: float, rngs: nnx.Rngs) -> list[str]:
+  """Gives every routed-expert stack its `ExpertAdapters`; returns their official names."""
+  found = list(_routed_experts(model))
+  if not found:
+    raise ValueError("LoRA target 'experts' matches no routed experts in this model")
+  names = []
+  for name, module in found:
+    if module.lora is None:
+      module.lora = ExpertAdapters(module.logical_shapes(), rank, alpha, rngs=rngs)
+      names.extend(_official(model, name))
+  return names
 
 
 def build_model(cfg: ModelConfig, lora: tuple[Sequence[str], int, float] | None, *, rngs,
@@ -135,8 +168,66 @@ def lora_modules(model: nnx.Module) -> list[LoRALinear]:
   return [m for _, _, m in _named_linears(model) if isinstance(m, LoRALinear)]
 
 
+def adapted_experts(experts: Experts) -> list[tuple[int, ...]]:
+  """The (layer index in a scanned stack..., expert) positions whose adapter is not exactly zero
+  (an expert never routed to keeps B = 0 under AdamW and Muon, so its update is zero)."""
+  if experts.lora is None:
+    return []
+  nonzero = sum(jnp.any(d != 0, axis=(-2, -1)) for d in experts.lora.deltas().values())
+  return [tuple(int(i) for i in ix) for ix in zip(*jax.device_get(jnp.nonzero(nonzero)))]
+
+
+def _kept_refusal(name: str, count: int) -> ValueError:
+  return ValueError(
+    f"{name}: {count} routed experts carry a nonzero LoRA update but are kept as FP4 codes "
+    "(keep_quantized='experts'); merging them needs a requantization: call "
+    "strip_lora(model, requantize_experts=True) (what `convert --to hub --quantize fp4-experts` "
+    "does: only the adapted experts are requantized, the others keep their bytes), or load the "
+    "base with keep_quantized=None to merge in float")
+
+
+def _merge_experts(model: nnx.Module, sign: float, requantize: bool = False) -> None:
+  """Adds (`sign` 1) or removes (-1) the routed experts' adapter updates in their weights."""
+  for name, e in _routed_experts(model):
+    if e.lora is None or e.lora.merged == (sign > 0):
+      continue
+    if e.kept:
+      todo = adapted_experts(e)
+      if todo and not requantize:
+        raise _kept_refusal(name, len(todo))
+      _requantize_experts(e, todo)
+    else:
+      for w, d in e.lora.deltas().items():
+        var = getattr(e, w)
+        var.set_value((var[...].astype(jnp.float32) + sign * d).astype(var.dtype))
+    e.lora.merged = sign > 0
+
+
+def _requantize_experts(e: Experts, positions: list[tuple[int, ...]]) -> None:
+  """W_e <- FP4(decode(W_e) + delta_e) for the adapted experts only (quant_codecs'
+  quantizer); every other expert keeps its codes and scales byte for byte."""
+  import numpy as np
+
+  from deepseek_v4 import quant_codecs
+
+  deltas = {w: np.asarray(d) for w, d in e.lora.deltas().items()}
+  for w in ("w1", "w2", "w3"):
+    codes, scale = np.array(getattr(e, w)[...]), np.array(getattr(e, f"{w}_scale")[...])
+    for ix in positions:
+      base = np.asarray(quant_codecs.dequantize_fp4(codes[ix], scale[ix]), np.float32)
+      c, s = quant_codecs.quantize_fp4(base + deltas[w][ix])
+      codes[ix], scale[ix] = c.view(np.uint8), s
+    getattr(e, w).set_value(jnp.asarray(codes))
+    getattr(e, f"{w}_scale").set_value(jnp.asarray(scale))
+
+
 def merge_lora(model: nnx.Module) -> None:
-  """W <- W + (alpha/r) B A for every adapter not yet merged (the adapters are kept)."""
+  """W <- W + (alpha/r) B A for every adapter not yet merged (the adapters are kept).
+
+  Raises:
+    ValueError: routed experts kept as FP4 codes carry a nonzero update (see `strip_lora`).
+  """
+  _merge_experts(model, 1.0)
   for m in lora_modules(model):
     if not m.merged:
       m.weight.set_value((m.weight[...].astype(jnp.float32) + m.delta()).astype(m.weight.dtype))
@@ -145,15 +236,26 @@ def merge_lora(model: nnx.Module) -> None:
 
 def unmerge_lora(model: nnx.Module) -> None:
   """Inverse of `merge_lora`: W <- W - (alpha/r) B A."""
+  _merge_experts(model, -1.0)
   for m in lora_modules(model):
     if m.merged:
       m.weight.set_value((m.weight[...].astype(jnp.float32) - m.delta()).astype(m.weight.dtype))
       m.merged = False
 
 
-def strip_lora(model: nnx.Module) -> None:
-  """Merges the adapters and puts plain Linears back (the base model's exact parameter tree)."""
+def strip_lora(model: nnx.Module, requantize_experts: bool = False) -> None:
+  """Merges the adapters and puts plain Linears back (the base model's exact parameter tree).
+
+  Args:
+    requantize_experts: routed experts kept as FP4 codes with a nonzero adapter update get
+      requantized (`quant_codecs.quantize_fp4` of the decoded weight plus the update; lossy by
+      the FP4 rounding); the experts whose update is zero keep their bytes. Without it such
+      experts are refused (ValueError naming the way out).
+  """
+  _merge_experts(model, 1.0, requantize=requantize_experts)
   merge_lora(model)
+  for _, e in _routed_experts(model):
+    e.lora = None
   for name, path, module in list(_named_linears(model)):
     if isinstance(module, LoRALinear):
       parent = model

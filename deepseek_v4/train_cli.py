@@ -29,7 +29,8 @@ from deepseek_v4 import train, trainer
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   cli.add_config_arguments(parser, default_preset="tiny")
-  cli.add_options_arguments(parser, ("kernel_impl", "attn_block", "scan_layers"))
+  cli.add_options_arguments(parser, ("kernel_impl", "attn_block", "scan_layers",
+                                     "keep_quantized"))
   p = parser.add_argument
   p("--demo", action="store_true",
     help="the demo: a tiny V4 (every layer kind) on the embedded stdlib corpus, then a sample")

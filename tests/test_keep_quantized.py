@@ -109,15 +109,16 @@ def test_generate_equals_the_dequantized_load(kept, dequantized):
   assert err <= F32_DECODE_REL
 
 
-def test_gradients_are_refused(kept):
-  """Kept experts are inference constants: any gradient through them raises, naming the way out."""
+def test_gradients_flow_through_the_kept_experts(kept):
+  """Kept experts are frozen data, yet differentiable in the rows (QLoRA, tests/test_qlora.py):
+  the gradient equals the float path's on the decoded weights."""
   w = kept.layer(4).ffn.experts.weights()
+  full = [jax.vmap(lambda c, s: moe_ffn.decode_fp4(moe_ffn.Fp4Weight(c, s), jnp.float32))(*x)
+          for x in w]
   sizes = jnp.asarray([2, 1, 0, 0, 0, 0, 0, 1], jnp.int32)
-  xs = jnp.ones((4, kept.cfg.d_model), jnp.float32)
-  f = lambda x: jnp.sum(moe_ffn.expert_ffn(x, sizes, *w, 10.0, "tiled"))  # noqa: E731
-  f(xs)  # the forward runs
-  with pytest.raises(moe_ffn.InferenceOnlyError, match="inference-only.*keep_quantized=None"):
-    jax.grad(f)(xs)
+  xs = jnp.asarray(np.random.default_rng(2).normal(size=(4, kept.cfg.d_model)), jnp.float32)
+  f = lambda x, ws: jnp.sum(jnp.sin(moe_ffn.expert_ffn(x, sizes, *ws, 10.0, "tiled")))  # noqa: E731
+  assert rel_err(jax.grad(f)(xs, w), jax.grad(f)(xs, full)) <= F32_FUNCTION
 
 
 def test_bad_option_values_are_refused(folder, tiny_cfg, tmp_path):

@@ -29,3 +29,9 @@ F32_KERNEL_GRAD_REL = 1e-4
 # plan's per-device memory vs XLA's compiled per-device memory (arguments + outputs - aliased +
 # temporaries), |XLA / plan - 1|, as issue 24 asks.
 PLAN_VS_COMPILER_REL = 0.15
+# float32 LoRA gradients of the whole model with the routed experts kept FP4 vs the same LoRA on
+# the dequantized float base (relative): the same decoded weights, but the adapters run inside the
+# expert loop (x A B) instead of merged into the weight (x (W + A B)^T), and the backward is a
+# custom VJP instead of autodiff, so only the summation order differs; through a module stack
+# like F32_MODEL_REL.
+F32_QLORA_GRAD_REL = 1e-4

@@ -23,7 +23,7 @@ from deepseek_v4.layers import moe_ep, moe_ffn
 from deepseek_v4.layers.moe_ffn import swiglu
 from deepseek_v4.layers.params import HashTable, Linear, RouterBias, normal, param
 
-__all__ = ["Experts", "KeptWeight", "MoE", "MoEImpl", "routed_experts", "swiglu"]
+__all__ = ["ExpertAdapters", "Experts", "KeptWeight", "MoE", "MoEImpl", "routed_experts", "swiglu"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,22 +77,25 @@ def combine_weights(scores: Array, idx: Array, scale: float, normalize: bool) ->
 
 
 def routed_experts(x: Float[Array, "T D"], idx: Int[Array, "T X"], w: Float[Array, "T X"],
-                   w1: Array, w2: Array, w3: Array, limit: float, gmm: str = "auto") -> Array:
+                   w1: Array, w2: Array, w3: Array, limit: float, gmm: str = "auto",
+                   lora: moe_ffn.ExpertLoRA | None = None, lora_scale: float = 1.0) -> Array:
   """sum_k w_k * Expert_{idx_k}(x), [T, D] float32, as grouped matmuls over expert-sorted pairs.
 
-  w1, w3: [E, F, D]; w2: [E, D, F] (checkpoint layouts). `gmm` picks the grouped matmul.
+  w1, w3: [E, F, D]; w2: [E, D, F] (checkpoint layouts). `gmm` picks the grouped matmul; `lora`
+  adds per-expert adapters (`moe_ffn.expert_ffn`).
   """
   X = idx.shape[1]
   E = w1.shape[0]
   order, sizes, _ = moe_ffn.sort_by(idx.reshape(-1), E)  # dispatch: pairs grouped by expert
-  ys = moe_ffn.expert_ffn(x[order // X], sizes, w1, w2, w3, limit, gmm)  # [T*X, D]
+  ys = moe_ffn.expert_ffn(x[order // X], sizes, w1, w2, w3, limit, gmm, lora, lora_scale)
   y = jnp.zeros_like(ys).at[order].set(ys, unique_indices=True)  # pairs token-major again
   return moe_ffn.combine(y, w)  # weighted sum of each token's k outputs, float32
 
 
 class KeptWeight(nnx.Variable):
   """A weight held in its released low-precision form (packed FP4 codes or E8M0 scales,
-  `Options.keep_quantized`): inference-only data, never a gradient-trained `nnx.Param`."""
+  `Options.keep_quantized`): frozen data, never an `nnx.Param` (so never an optimizer target);
+  gradients flow through its decoded values to the activations and adapters only."""
 
 
 def _fp4_weight(rngs: nnx.Rngs, shape: tuple[int, int, int], std: float,
@@ -134,12 +137,57 @@ class Experts(nnx.Module):
         setattr(self, name, param(normal(rngs, shape, cfg.init_std, jnp.dtype(cfg.param_dtype)),
                                   axes))
 
+    self.lora = nnx.data(None)  # `ExpertAdapters` once deepseek_v4/lora.py targets "experts"
+
+  def logical_shapes(self) -> dict[str, tuple[int, ...]]:
+    """The weights' logical shapes ([..., E, out, in]; a scanned stack leads with its layers),
+    whether held as floats or as packed FP4 codes (two values per byte)."""
+    shapes = {}
+    for name in ("w1", "w2", "w3"):
+      *lead, last = getattr(self, name).shape
+      shapes[name] = (*lead, 2 * last if self.kept else last)
+    return shapes
+
+  def adapters(self) -> tuple[moe_ffn.ExpertLoRA | None, float]:
+    """(the experts' LoRA arrays or None, their scale alpha / r)."""
+    if self.lora is None or self.lora.merged:
+      return None, 1.0
+    return self.lora.arrays(), self.lora.scale
+
   def weights(self) -> tuple:
     """(w1, w2, w3): arrays, or `moe_ffn.Fp4Weight`s when kept quantized."""
     if not self.kept:
       return self.w1[...], self.w2[...], self.w3[...]
     return tuple(moe_ffn.Fp4Weight(getattr(self, n)[...], getattr(self, f"{n}_scale")[...])
                  for n in ("w1", "w2", "w3"))
+
+
+class ExpertAdapters(nnx.Module):
+  """LoRA on the routed experts (deepseek_v4/lora.py): per expert e and weight w in (w1, w2, w3)
+  `w_e += scale (A_e B_e)^T`, with A [..., E, in, L] random and B [..., E, L, out] zero at the
+  start, both `nnx.LoRAParam`s. Applied inside the expert loop (layers/moe_ffn.py), so over kept
+  FP4 experts no merged weight is ever formed."""
+
+  def __init__(self, shapes: dict[str, tuple[int, ...]], rank: int, alpha: float, *,
+               rngs: nnx.Rngs):
+    self.scale = alpha / rank
+    self.merged = False  # whether the updates are in the experts' weights (lora.merge_lora)
+    for name, (*lead, out_features, in_features) in shapes.items():
+      std = 1.0 / rank ** 0.5 / in_features ** 0.5
+      a = std * jax.random.normal(rngs.params(), (*lead, in_features, rank), jnp.float32)
+      setattr(self, f"{name}_lora_a", nnx.LoRAParam(a))
+      setattr(self, f"{name}_lora_b", nnx.LoRAParam(jnp.zeros((*lead, rank, out_features),
+                                                              jnp.float32)))
+
+  def arrays(self) -> moe_ffn.ExpertLoRA:
+    return moe_ffn.ExpertLoRA(*(getattr(self, f"{n}_lora_{ab}")[...]
+                                for n in ("w1", "w2", "w3") for ab in "ab"))
+
+  def deltas(self) -> dict[str, jax.Array]:
+    """Each weight's update `scale (A B)^T` [..., E, out, in], float32."""
+    return {n: self.scale * jnp.einsum("...IL,...LO->...OI", getattr(self, f"{n}_lora_a")[...],
+                                       getattr(self, f"{n}_lora_b")[...])
+            for n in ("w1", "w2", "w3")}
 
 
 class SharedExpert(nnx.Module):
@@ -213,8 +261,13 @@ class MoE(nnx.Module):
     flat = x.reshape(B * T, D)
     scores, idx, w = self.route(flat, ids.reshape(-1))
     experts = (*self.experts.weights(), self.cfg.swiglu_limit)
+    lora, lora_scale = self.experts.adapters()
     if impl.expert_parallel is None:
-      y = routed_experts(flat, idx, w, *experts, gmm=impl.gmm)
+      y = routed_experts(flat, idx, w, *experts, gmm=impl.gmm, lora=lora, lora_scale=lora_scale)
+    elif lora is not None:
+      raise ValueError("LoRA on the routed experts (target 'experts') runs without expert "
+                       "parallelism only; drop 'experts' from the LoRA targets or run without "
+                       "an expert mesh axis")
     else:
       y = moe_ep.routed_experts_ep(flat, idx, w, *experts, impl.expert_parallel, gmm=impl.gmm)
     if self.shared_experts is not None:

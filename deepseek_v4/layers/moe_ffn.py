@@ -8,10 +8,11 @@ one code path forward and backward; `gmm` names the grouped-matmul implementatio
 Routed experts may also be kept as released (`Options.keep_quantized="experts"`,
 docs/architecture.md#fp8-fp4): each weight is an `Fp4Weight` (packed E2M1 codes + 1x32 E8M0 scales)
 and the FFN decodes it with `deepseek_v4/quant_codecs.py` inside the computation, one tile's expert
-at a time on the tiled
-path. This is the one place a layer dequantizes (STYLE.md §7 keeps dequantization in the loader):
-the point is that a decoded copy of every expert never exists. Kept experts are inference-only:
-differentiating through them raises (`InferenceOnlyError`).
+at a time on the tiled path. This is the one place a layer dequantizes (STYLE.md §7 keeps
+dequantization in the loader): the point is that a decoded copy of every expert never exists. Kept
+experts are frozen data: the backward decodes each expert again inside its tile loop, so gradients
+reach the activations and the experts' LoRA adapters (`ExpertLoRA`) while no decoded expert is
+saved for the backward.
 """
 
 from __future__ import annotations
@@ -68,48 +69,88 @@ def decode_fp4(w: Fp4Weight, dtype) -> Array:
   return quant_codecs.dequantize_fp4(w.codes, w.scale, dtype=jnp.dtype(dtype))
 
 
-class InferenceOnlyError(TypeError):
-  """Differentiation through routed experts kept quantized (`keep_quantized="experts"`)."""
+class ExpertLoRA(NamedTuple):
+  """Low-rank adapters of the routed experts, one per expert and weight (deepseek_v4/lora.py):
+  `x W_e^T + scale (x A_e) B_e`. a1 [E, D, L], b1 [E, L, F] (w1); a2 [E, F, L], b2 [E, L, D]
+  (w2); a3, b3 like w1. One expert's slice (no E axis) inside the tile loop."""
+
+  a1: Array
+  b1: Array
+  a2: Array
+  b2: Array
+  a3: Array
+  b3: Array
 
 
-def _inference_only(fn):
-  """`fn` with reverse-mode differentiation refused by a clear error (forward unchanged)."""
-  @jax.custom_vjp
-  def guarded(*args):
-    return fn(*args)
+def lora_delta(a: Float[Array, "E I L"], b: Float[Array, "E L O"], scale: float) -> Array:
+  """The weight update `scale (A_e B_e)^T` of every expert, [E, O, I] float32 (checkpoint
+  layout)."""
+  return scale * jnp.einsum("EIL,ELO->EOI", a.astype(jnp.float32), b.astype(jnp.float32))
 
-  def bwd(_, g):
-    raise InferenceOnlyError(
-      "the routed experts are kept quantized (keep_quantized='experts'), which is inference-only: "
-      "gradients through them are not supported. Load with keep_quantized=None to train or "
-      "fine-tune.")
 
-  guarded.defvjp(lambda *args: (fn(*args), None), bwd)
-  return guarded
+def _project(x: Array, w: Array, a: Array | None, b: Array | None, scale: float) -> Array:
+  """`x w^T (+ scale (x a) b)` in float32 for one tile and one expert (w [O, I])."""
+  y = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  if a is None:
+    return y
+  h = jnp.einsum("TI,IL->TL", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+  return y + scale * jnp.einsum("TL,LO->TO", h, b.astype(jnp.float32))
+
+
+def _adapted_swiglu(xt: Array, ws: tuple[Array, Array, Array], ad, *, limit: float,
+                    scale: float) -> Array:
+  """One tile of one expert: the clamped SwiGLU FFN with its adapters (if any), float32."""
+  w1, w2, w3 = ws
+  a = ExpertLoRA(*([None] * 6)) if ad == () else ad
+  g = _project(xt, w1, a.a1, a.b1, scale)
+  v = _project(xt, w3, a.a3, a.b3, scale)
+  h = swiglu(g, v, limit).astype(xt.dtype)
+  return _project(h, w2, a.a2, a.b2, scale)
 
 
 def expert_ffn(xs: Float[Array, "R D"], sizes: Int[Array, "E"], w1: Float[Array, "E F D"],
                w2: Float[Array, "E D F"], w3: Float[Array, "E F D"], limit: float,
-               gmm: str = "auto") -> Float[Array, "R D"]:
+               gmm: str = "auto", lora: ExpertLoRA | None = None,
+               lora_scale: float = 1.0) -> Float[Array, "R D"]:
   """Expert_{e(r)}(xs[r]) for rows sorted by expert (`sizes` rows each; rows past them give 0).
 
   Weights stay in the checkpoint layouts (w1, w3 [E, F, D]; w2 [E, D, F]): the grouped matmul
   contracts their last dimension, so no transposed copy is made. SwiGLU runs in float32; the
   "tiled" path runs the whole FFN in one loop over row tiles (kernels_pallas/moe_gmm/tiled.py).
+  `lora` (with `lora_scale`) adds per-expert adapters: over float weights as the merged weight
+  `w + lora_delta` (differentiable), over kept FP4 weights inside the tile loop.
   """
   if isinstance(w1, Fp4Weight):
-    return kept_expert_ffn(xs, sizes, w1, w2, w3, limit, gmm)
+    return kept_expert_ffn(xs, sizes, w1, w2, w3, limit, gmm, lora, lora_scale)
+  if lora is not None:
+    w1, w2, w3 = (w.astype(jnp.float32) + lora_delta(a, b, lora_scale)
+                  for w, a, b in ((w1, lora.a1, lora.b1), (w2, lora.a2, lora.b2),
+                                  (w3, lora.a3, lora.b3)))
   return gmm_ops.grouped_swiglu_ffn(xs, w1, w2, w3, sizes, limit=limit, impl=gmm)
 
 
 def kept_expert_ffn(xs: Float[Array, "R D"], sizes: Int[Array, "E"], w1: Fp4Weight,
-                    w2: Fp4Weight, w3: Fp4Weight, limit: float,
-                    gmm: str = "auto") -> Float[Array, "R D"]:
-  """`expert_ffn` over FP4-kept experts, decoded inside the computation (see the module doc):
-  on "tiled" each expert once, at its first tile; on "ragged_dot"/"reference" all experts of this
-  call (one layer) up front.
-  Forward only: differentiation raises `InferenceOnlyError`."""
-  decode = functools.partial(decode_fp4, dtype=xs.dtype)
-  run = functools.partial(gmm_ops.grouped_swiglu_ffn_decoded, decode=decode, limit=limit,
-                          impl=gmm)
-  return _inference_only(run)(xs, w1, w2, w3, sizes)
+                    w2: Fp4Weight, w3: Fp4Weight, limit: float, gmm: str = "auto",
+                    lora: ExpertLoRA | None = None,
+                    lora_scale: float = 1.0) -> Float[Array, "R D"]:
+  """`expert_ffn` over FP4-kept experts, decoded inside the computation (see the module doc).
+
+  The codes and scales are frozen data; gradients flow to `xs` and to `lora`. Forward: on
+  "tiled" each expert is decoded once, at its first tile; on "ragged_dot"/"reference" (without
+  adapters) all experts of this call (one layer) up front. Backward: always the tile loop of
+  `kernels_pallas/moe_gmm/tiled.stored_ffn`, which decodes each expert again, so no decoded
+  expert weight is saved between the forward and the backward.
+  """
+  dt = xs.dtype
+
+  def decode(ws):  # one expert's (w1, w2, w3) as stored -> its matrices in the compute dtype
+    return tuple(decode_fp4(w, dt) for w in ws)
+
+  forward = None
+  if lora is None and gmm_ops.resolve_impl(gmm) != "tiled":
+    def forward(x, s, stored, _):
+      one = functools.partial(decode_fp4, dtype=dt)
+      return gmm_ops.grouped_swiglu_ffn_decoded(x, *stored, s, decode=one, limit=limit, impl=gmm)
+  tile_fn = functools.partial(_adapted_swiglu, limit=limit, scale=lora_scale)
+  return gmm_ops.grouped_ffn_stored(xs, (w1, w2, w3), () if lora is None else lora, sizes,
+                                    decode=decode, tile_fn=tile_fn, forward=forward)

@@ -116,9 +116,35 @@ def gradient_transform(cfg: ModelConfig, tcfg: TrainConfig, scan_layers: bool = 
   return optax.chain(tx, hold)
 
 
+def check_kept(model: Transformer, tcfg: TrainConfig) -> None:
+  """Refuses a run that would train weights held as their released FP4 codes
+  (`Options.keep_quantized`): they are frozen data, so only LoRA (whose adapters train, QLoRA)
+  or a run whose freeze patterns cover every kept weight can use them."""
+  if not model.options.keep_quantized or tcfg.lora_rank or tcfg.indexer_stage == "dense":
+    return
+  from deepseek_v4.layers.moe import KeptWeight
+
+  compiled = freeze_patterns(tcfg)
+  names = [n for path, _ in nnx.to_flat_state(nnx.state(model, KeptWeight))
+           for n, _ in layout.official(model.cfg, path, model.options.scan_layers)]
+  trained = [n.removesuffix("_scale") for n in names if not any(p.search(n) for p in compiled)]
+  if trained:
+    raise ValueError(
+      f"keep_quantized={model.options.keep_quantized!r} holds the routed experts as frozen FP4 "
+      f"codes, which cannot be trained, but this run would train them ({trained[0]!r} and "
+      f"{len(set(trained)) - 1} more are not frozen): fine-tune with LoRA (--lora-rank R), "
+      r"freeze them (--freeze 'ffn\.experts\.'), or load with keep_quantized=None for a full "
+      "fine-tune")
+
+
 def make_optimizer(model: Transformer, tcfg: TrainConfig) -> nnx.Optimizer:
   """nnx.Optimizer over the trainable parameters with DeepSeek's Muon/AdamW split (or AdamW
-  everywhere with tcfg.optimizer="adamw")."""
+  everywhere with tcfg.optimizer="adamw").
+
+  Raises:
+    ValueError: the run would train routed experts kept as FP4 codes (`check_kept`).
+  """
+  check_kept(model, tcfg)
   scan_layers = model.options.scan_layers
   wrt = trainable_filter(tcfg, model.cfg, scan_layers)
   if not nnx.state(model, wrt):

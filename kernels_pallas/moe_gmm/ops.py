@@ -186,3 +186,43 @@ def grouped_swiglu_ffn_decoded(
     return grouped_swiglu_ffn(x, *full, group_sizes, limit=limit, impl=impl, tile=tile)
   return tiled.swiglu_ffn_decoded(x, w1, w2, w3, group_sizes.astype(jnp.int32),
                                   tile or tiled.default_tile(M, E), float(limit), decode)
+
+
+def grouped_ffn_stored(
+  x: Float[Array, "M D"],
+  stored: Any,
+  adapters: Any,
+  group_sizes: Int[Array, "E"],
+  *,
+  decode: Callable[[Any], Any],
+  tile_fn: Callable[[Array, Any, Any], Array],
+  forward: Callable | None = None,
+  tile: int | None = None,
+) -> Float[Array, "M D"]:
+  """An expert FFN over frozen stored weights with trainable per-expert adapters, differentiable
+  in `x` and `adapters` (`tiled.stored_ffn`: the backward decodes each expert again inside its
+  tile loop, so no decoded weight is saved for it).
+
+  Args:
+    stored: pytree of arrays sharing a leading expert axis E (frozen: zero cotangent).
+    adapters: pytree of arrays with the same leading axis E (trained), or `()`.
+    decode: one expert's `stored` leaves -> the weights `tile_fn` reads.
+    tile_fn: `(x_tile [t, D], decoded weights, one expert's adapters) -> [t, D]` float32.
+    forward: optional replacement of the forward tile loop, `(x, group_sizes, stored, adapters)
+      -> [M, D]` (the same function, e.g. over every expert decoded at once).
+  Returns:
+    [M, D] in x's dtype.
+  """
+  E = {a.shape[0] for a in jax.tree.leaves((stored, adapters))}
+  if len(E) != 1 or x.ndim != 2:
+    raise ValueError(f"grouped_ffn_stored: need x [M, D] and stored/adapter leaves with one "
+                     f"leading expert axis; got x {x.shape}, leading axes {sorted(E)}")
+  E = E.pop()
+  if group_sizes.shape != (E,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"grouped_ffn_stored: group_sizes must be integer [E={E}], got "
+                     f"{group_sizes.dtype}{list(group_sizes.shape)}")
+  M = x.shape[0]
+  if M == 0:
+    return jnp.zeros_like(x)
+  return tiled.stored_ffn(x, group_sizes.astype(jnp.int32), stored, adapters,
+                          tile or tiled.default_tile(M, E), decode, tile_fn, forward)

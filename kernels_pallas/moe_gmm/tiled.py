@@ -303,3 +303,83 @@ def swiglu_ffn_decoded(x: Float[Array, "M D"], w1: Any, w2: Any, w3: Any,
 
   return _ffn_loop(x, group_sizes, tile, limit, expert, *jax.tree.leaves((w1, w2, w3)),
                    reuse=True)
+
+
+# ----- stored weights with trainable per-expert adapters: forward and backward ------------------
+def _stored_loop(xp: Array, tiles: Tiles, stored: Any, decode: Callable[[Any], Any],
+                 step: Callable, init: Any, *like: Array) -> Any:
+  """fori_loop over the tiles in use with `carry = (last expert, its decoded weights, acc)`:
+  decodes an expert when its first tile comes (an expert's tiles are consecutive) and calls
+  `step(t, e, ws, acc) -> acc`. Only one expert's decoded weights exist at a time."""
+  def expert(e):
+    return decode(jax.tree.map(lambda a: a[e], stored))
+
+  def body(t, carry):
+    last, ws, acc = carry
+    e = tiles.expert[t]
+    ws = jax.lax.cond(e == last, lambda: ws, lambda: expert(e))
+    return e, ws, step(t, e, ws, acc)
+
+  shapes = jax.eval_shape(expert, tiles.expert[0])
+  ws = jax.tree.map(lambda a: _zeros(a.shape, a.dtype, xp, *like), shapes)
+  last = tiles.expert[0] * 0 - 1  # no expert yet (shares the layout's mesh axes)
+  return jax.lax.fori_loop(0, tiles.used, body, (last, ws, init))[2]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def stored_ffn(x: Float[Array, "M D"], group_sizes: Int[Array, "E"], stored: Any, adapters: Any,
+               tile: int, decode: Callable[[Any], Any], tile_fn: Callable,
+               forward: Callable | None = None) -> Float[Array, "M D"]:
+  """Rows through `tile_fn(x_tile, decode(stored[e]), adapters[e])` of their expert e, over
+  weights kept in a stored form (`stored`: a pytree of arrays with a leading expert axis, e.g.
+  FP4 codes and scales) with small trainable per-expert `adapters` (a pytree with a leading
+  expert axis, or `()`).
+
+  Differentiable in `x` and `adapters`; `stored` is frozen data (zero cotangent). The forward
+  saves only its inputs; the backward is a second tile loop that decodes each expert again and
+  differentiates one tile at a time (`jax.vjp` of `tile_fn`), so no decoded expert weight is ever
+  a residual and at most one expert's decoded weights are alive. `forward(x, group_sizes,
+  stored, adapters)`, when given, replaces the forward loop (e.g. a grouped matmul over all
+  experts decoded at once on accelerators); the backward is the tile loop either way.
+  """
+  if forward is not None:
+    return forward(x, group_sizes, stored, adapters)
+  tiles = tile_layout(group_sizes, x.shape[0], tile)
+  xp = pad_rows(x, tiles, tile)
+  like = jax.tree.leaves((stored, adapters))
+
+  def step(t, e, ws, yp):
+    ad = jax.tree.map(lambda a: a[e], adapters)
+    return yp.at[t].set(tile_fn(xp[t], ws, ad).astype(yp.dtype))
+
+  yp = _stored_loop(xp, tiles, stored, decode, step, _zeros(xp.shape, x.dtype, xp, *like), *like)
+  return unpad_rows(yp, tiles)
+
+
+def _stored_fwd(x, group_sizes, stored, adapters, tile, decode, tile_fn, forward):
+  y = stored_ffn(x, group_sizes, stored, adapters, tile, decode, tile_fn, forward)
+  return y, (x, group_sizes, stored, adapters)  # inputs only: the backward decodes again
+
+
+def _stored_bwd(tile, decode, tile_fn, forward, res, dy):
+  x, group_sizes, stored, adapters = res
+  tiles = tile_layout(group_sizes, x.shape[0], tile)
+  xp, dp = pad_rows(x, tiles, tile), pad_rows(dy.astype(x.dtype), tiles, tile)
+  like = jax.tree.leaves((stored, adapters))
+
+  def step(t, e, ws, acc):
+    dxp, dad = acc
+    ad = jax.tree.map(lambda a: a[e], adapters)
+    _, vjp = jax.vjp(lambda xt, a: tile_fn(xt, ws, a), xp[t], ad)  # recomputes this tile
+    dxt, dad_e = vjp(dp[t].astype(jnp.float32))
+    dad = jax.tree.map(lambda acc_, g: acc_.at[e].add(g.astype(jnp.float32)), dad, dad_e)
+    return dxp.at[t].set(dxt.astype(dxp.dtype)), dad
+
+  init = (_zeros(xp.shape, x.dtype, xp, dp, *like),
+          jax.tree.map(lambda a: _zeros(a.shape, jnp.float32, xp, dp, *like), adapters))
+  dxp, dad = _stored_loop(xp, tiles, stored, decode, step, init, dp, *like)
+  dad = jax.tree.map(lambda g, a: g.astype(a.dtype), dad, adapters)
+  return unpad_rows(dxp, tiles), None, None, dad
+
+
+stored_ffn.defvjp(_stored_fwd, _stored_bwd)
