@@ -182,6 +182,8 @@ class Settings:
   prefill_chunk: int = 8192
   ce_chunk: int = 1024
   gmm: str = "tiled"  # grouped-matmul path (kernels_pallas/moe_gmm): what "auto" runs on GPU
+  lora_rank: int = 0  # LoRA training (only the adapters train; QLoRA with kept FP4 experts)
+  lora_targets: tuple[str, ...] = ("wq_a", "wq_b", "wkv", "wo_b")  # as TrainConfig.lora_targets
 
 
 @dataclasses.dataclass
@@ -240,7 +242,7 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
   largest = (0.0, "")
   per_layer = [0.0] * cfg.num_layers  # local parameter bytes of each trunk layer
   per_layer_trained = [0.0] * cfg.num_layers
-  for path, var in summary.abstract_state(cfg, options.keep_quantized):
+  for path, var in _abstract_leaves(cfg, s, options):
     name = layout.path_name(path)
     shape = tuple(var.shape)
     spec = sharding.logical_to_spec(sharding.variable_names(var), shape, sizes, table, what=name)
@@ -260,7 +262,7 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
       largest = (local * item, name)
     hits = [p.pattern for p in frozen if p.search(name)]
     matched.update(hits)
-    if not s.train or hits:
+    if not s.train or hits or not _trained(var, s):
       continue
     tot["n_trained"] += math.prod(shape)
     tot["grads"] += local * item
@@ -283,6 +285,65 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
               (f"optimizer state ({s.optimizer}, {s.moment_dtype} moments)", tot["opt"], "exact")]
   notes = [f"largest parameter shard: {largest[1]} ({gb(largest[0])})"]
   return lines, notes, (per_layer, per_layer_trained)
+
+
+# ----- LoRA and QLoRA training (issue 21: LoRA over kept FP4 experts) ----------------------------
+def lora_spec(s: Settings) -> tuple[tuple[str, ...], int, float] | None:
+  """(targets, rank, alpha) of a LoRA plan (alpha does not change memory), None without LoRA."""
+  return (s.lora_targets, s.lora_rank, 1.0) if s.lora_rank else None
+
+
+def _abstract_leaves(cfg: ModelConfig, s: Settings, options: Options):
+  """(official path, abstract variable) of every leaf of the planned model: the model as
+  `summary.abstract_state` gives it, or, for a LoRA plan, the LoRA-wrapped model of
+  `lora.build_model` split the same way (the adapters of scanned layers stacked like them)."""
+  from flax import nnx
+
+  from deepseek_v4 import abstract, summary
+
+  if not s.lora_rank:
+    return summary.abstract_state(cfg, options.keep_quantized)
+  model = abstract.model(cfg, lora=lora_spec(s), options=Options(
+    keep_quantized=options.keep_quantized))
+  out = []
+  for path, stacked in nnx.to_flat_state(nnx.state(model)):
+    for name, r in layout.official(cfg, path):
+      official = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+      var = stacked
+      if r is not None:  # one layer of a stack: drop the leading `layers` axis
+        value = stacked.get_value()
+        names = stacked.get_metadata().get("out_sharding")
+        var = stacked.replace(jax.ShapeDtypeStruct(value.shape[1:], value.dtype),
+                              out_sharding=tuple(names[1:]) if names else names)
+      out.append((official, var))
+  return out
+
+
+def _trained(var, s: Settings) -> bool:
+  """Whether a (not frozen) parameter trains: with LoRA only the adapters do."""
+  from flax import nnx
+
+  return not s.lora_rank or isinstance(var, nnx.LoRAParam)
+
+
+def check_kept_training(s: Settings, options: Options) -> None:
+  """A training plan over routed experts kept as FP4 codes is a LoRA plan (QLoRA): the codes
+  are frozen data (train/optimizer.py `check_kept` refuses training them)."""
+  if s.train and options.keep_quantized and not s.lora_rank:
+    raise ValueError(f"keep_quantized={options.keep_quantized!r} holds the routed experts as "
+                     "frozen FP4 codes, which cannot be trained: plan a LoRA run over them "
+                     "(--lora-rank R, QLoRA) or load them in param_dtype (keep_quantized=None)")
+  if s.lora_rank < 0:
+    raise ValueError(f"lora_rank={s.lora_rank} must be >= 0 (0: no LoRA)")
+
+
+def check_expert_adapters(s: Settings, sizes: dict[str, int], rules: str) -> None:
+  """Adapters on the routed experts run without expert parallelism only (layers/moe.py)."""
+  r = sharding.get_rules(rules)
+  if s.lora_rank and "experts" in s.lora_targets and r.expert_parallel and sizes["expert"] > 1:
+    raise ValueError(f"LoRA target 'experts' runs without expert parallelism only, but the mesh "
+                     f"has expert={sizes['expert']} under rules {rules!r}: drop 'experts' from "
+                     "the targets or plan a mesh without an expert axis")
 
 
 def scan_step_bytes(cfg: ModelConfig, per_layer: list[float]) -> float:
@@ -467,9 +528,8 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
     raise ValueError(f"remat={s.remat!r} (full|none), optimizer={s.optimizer!r} (muon|adamw)")
   _check_capacity_factor(s.capacity_factor)
   cfg = cfg if s.param_dtype is None else cfg.replace(param_dtype=s.param_dtype)
-  if s.train and options.keep_quantized:
-    raise ValueError(f"keep_quantized={options.keep_quantized!r} is inference-only; a training "
-                     "plan needs the experts in param_dtype (keep_quantized=None)")
+  check_kept_training(s, options)
+  check_expert_adapters(s, sizes, rules)
   lines, notes, (per_layer, trained) = state_lines(cfg, sizes, rules, s, options)
   act, act_notes = activation_lines(cfg, sizes, rules, s, scan_step_bytes(cfg, per_layer),
                                     scan_step_bytes(cfg, trained), options)

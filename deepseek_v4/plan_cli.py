@@ -2,6 +2,8 @@
 
   python -m deepseek_v4 plan --preset flash --devices 64 --train --device-memory 141GB
   python -m deepseek_v4 plan --config config.json --mesh fsdp=8,expert=8 --json plan.json
+  python -m deepseek_v4 plan --preset flash --devices 4 --train --lora-rank 16 \
+      --keep-quantized experts --seq 8192 --batch 4 --device-memory 141GB     # QLoRA
 
 The flags map onto `plan.Settings` and `plan.make_plan`; what is exact and what is estimated is
 described in deepseek_v4/plan.py and docs/plan.md.
@@ -43,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--capacity-factor", type=cli.arg_type(plan.parse_capacity_factor),
                       default=None, help="expert-parallel MoE capacity factor (default: dropless)")
   parser.add_argument("--prefill-chunk", type=cli.positive_int, default=8192)
+  parser.add_argument("--lora-rank", type=cli.positive_int, default=0,
+                      help="--train: a LoRA run of this rank (only the adapters train; with "
+                      "--keep-quantized experts: QLoRA over the released FP4 experts)")
+  parser.add_argument("--lora-targets", default=None, help="comma-separated LoRA targets "
+                      "(default wq_a,wq_b,wkv,wo_b; 'experts' adds the routed experts)")
   cli.add_options_arguments(parser, ("keep_quantized", "attn_block"))
   parser.add_argument("--gmm", choices=plan.GMM_PATHS, default="tiled",
                       help="grouped-matmul path of the routed experts (default tiled, what "
@@ -54,6 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fraction of device memory kept free for XLA, in [0, 1) "
                       "(default 0.1)")
   parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+
+
+def _lora_settings(args: argparse.Namespace) -> dict:
+  if (args.lora_rank or args.lora_targets) and not args.train:
+    raise ValueError("--lora-rank / --lora-targets plan a training run; add --train")
+  if args.lora_targets and not args.lora_rank:
+    raise ValueError(f"--lora-targets {args.lora_targets}: give --lora-rank R too")
+  out = {"lora_rank": args.lora_rank}
+  if args.lora_targets:
+    out["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
+  return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                            grad_accum=args.grad_accum, remat=args.remat, optimizer=args.optimizer,
                            moment_dtype=args.moment_dtype, param_dtype=args.param_dtype,
                            freeze=tuple(args.freeze), capacity_factor=args.capacity_factor,
-                           prefill_chunk=args.prefill_chunk, gmm=args.gmm)
+                           prefill_chunk=args.prefill_chunk, gmm=args.gmm,
+                           **_lora_settings(args))
   result = plan.make_plan(cfg, sizes, args.rules, settings, name=name or "custom",
                           device_memory=args.device_memory, headroom=args.headroom,
                           options=options)
