@@ -228,3 +228,57 @@ def test_train_cli_qlora_lowers_the_loss_keeps_the_bytes_and_exports(folder, cfg
   for k in experts:
     np.testing.assert_array_equal(np.asarray(read_array(a[k])).view(np.uint8),
                                   np.asarray(read_array(b[k])).view(np.uint8), err_msg=k)
+
+
+# ----- plan --train --lora-rank R --keep-quantized experts ---------------------------------------
+def _bytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("keep_quantized", ["experts", None])
+def test_plan_lora_state_equals_the_abstract_train_state(cfg, keep_quantized):
+  """plan's parameters, gradients and optimizer state of a (Q)LoRA run equal the bytes of the
+  run's own abstract model and optimizer (`abstract.train_state`, as `train.build` makes them)."""
+  from deepseek_v4 import abstract, plan
+
+  options = deepseek_v4.Options(keep_quantized=keep_quantized)
+  s = plan.Settings(train=True, batch=2, seq=64, lora_rank=4, lora_targets=TARGETS)
+  p = plan.make_plan(cfg, {}, settings=s, options=options)
+  lines = {label.split(" (")[0]: b for label, b, _ in p.lines}
+  tcfg = train.TrainConfig(lora_rank=4, lora_targets=TARGETS)
+  model, opt = abstract.train_state(cfg, tcfg, options)
+  assert lines["parameters"] + lines["router bias + hash tables"] == _bytes(nnx.state(model))
+  assert lines["gradients"] == _bytes(nnx.state(model, nnx.LoRAParam))
+  moments = [x for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if x.ndim > 0]
+  assert lines["optimizer state"] == _bytes(moments)
+  if keep_quantized:
+    assert any(label.startswith("decoded FP4 experts") for label, _, _ in p.lines)
+
+
+def test_plan_refuses_what_cannot_run(cfg):
+  from deepseek_v4 import plan
+
+  kept = deepseek_v4.Options(keep_quantized="experts")
+  with pytest.raises(ValueError, match=r"frozen FP4 codes, which cannot be trained.*--lora-rank"):
+    plan.make_plan(cfg, {}, settings=plan.Settings(train=True, batch=2, seq=64), options=kept)
+  with pytest.raises(ValueError, match=r"'experts' runs without expert parallelism.*expert=2"):
+    plan.make_plan(cfg, {"expert": 2}, "fsdp_ep", plan.Settings(
+      train=True, batch=2, seq=64, lora_rank=4, lora_targets=("experts",)), options=kept)
+
+
+def test_plan_flash_qlora_fits_four_h200():
+  """The issue's goal: LoRA on V4-Flash at 8K tokens per row, experts kept FP4, on 4 x H200
+  (141 GB); the routed experts take 4.25 bits per weight, spread over expert=4."""
+  from deepseek_v4 import plan
+
+  cfg = deepseek_v4.flash()
+  s = plan.Settings(train=True, batch=4, seq=8192, lora_rank=16)
+  p = plan.make_plan(cfg, plan.default_mesh(cfg, 4, train=True), settings=s, name="flash",
+                     device_memory=plan.parse_bytes("141GB"),
+                     options=deepseek_v4.Options(keep_quantized="experts"))
+  print("\n" + plan.format_plan(p))
+  assert p.mesh["expert"] == 4 and p.fits
+  L = cfg.num_layers + cfg.num_mtp_layers
+  experts = 3 * cfg.num_experts * cfg.moe_inter_dim * cfg.d_model * L * (0.5 + 1 / 32) / 4
+  params = dict((label.split(" (")[0], b) for label, b, _ in p.lines)["parameters"]
+  assert experts < params < experts + 20e9  # + the replicated bf16 attention, shared, embeddings
