@@ -22,7 +22,7 @@ from deepseek_v4.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from deepseek_v4.checkpoint.safetensors_io import list_checkpoint, read_array
 from deepseek_v4.layers import moe_ffn
 from deepseek_v4.layers.moe import KeptWeight
-from tests.tolerances import F32_FUNCTION, F32_QLORA_GRAD_REL, rel_err
+from tests.tolerances import F32_FUNCTION, F32_QLORA_GRAD_REL, F32_SHARDED_REL, rel_err
 
 TARGETS = ("wq_a", "wkv", "shared_experts.w1", "experts")
 
@@ -282,3 +282,33 @@ def test_plan_flash_qlora_fits_four_h200():
   experts = 3 * cfg.num_experts * cfg.moe_inter_dim * cfg.d_model * L * (0.5 + 1 / 32) / 4
   params = dict((label.split(" (")[0], b) for label, b, _ in p.lines)["parameters"]
   assert experts < params < experts + 20e9  # + the replicated bf16 attention, shared, embeddings
+
+
+@pytest.mark.slow  # two whole-model gradient compiles, one of them over 8 devices
+def test_qlora_gradients_on_an_expert_parallel_mesh(folder, cfg):
+  """Kept experts split over expert=4 (fsdp_ep), run through the expert-parallel MoE: the LoRA
+  gradients equal the one-device kept model's."""
+  from deepseek_v4 import parallel, sharding
+
+  targets = ("wq_a", "wkv", "shared_experts.w1")
+  one = _adapted(folder, "experts", targets)
+  mesh = sharding.make_mesh(fsdp=2, expert=4)
+  model = load_hf_checkpoint(folder, keep_quantized="experts", mesh=mesh, rules="fsdp_ep")
+  lora.apply_lora(model, targets, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+  nnx.update(model, nnx.state(one, nnx.LoRAParam))
+  ids = _ids(cfg, 8, 12)
+  ep = parallel.options(mesh, "fsdp_ep", keep_quantized="experts")
+
+  def loss(m, options):
+    logits = m(ids, options=options)[:, :-1]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+
+  want = dict(nnx.to_flat_state(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(
+    one, None)))
+  with sharding.use(mesh, "fsdp_ep"):
+    got = dict(nnx.to_flat_state(nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(
+      0, nnx.LoRAParam)), static_argnums=1)(model, ep)))
+  assert got.keys() == want.keys()
+  worst = max(rel_err(got[p][...], want[p][...]) for p in got)
+  print(f"\nQLoRA on expert=4 x fsdp=2 vs one device: worst rel err of the gradients {worst:.1e}")
+  assert worst <= F32_SHARDED_REL
