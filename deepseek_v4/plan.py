@@ -15,7 +15,8 @@ What is exact and what is estimated:
   matrices, AdamW (two moments) for the embedding, LM head and every vector; `--optimizer adamw`
   puts all on AdamW. Moments in `--moment-dtype` (train/optimizer.py: float32). Frozen parameters
   (`--freeze REGEX`, re.search on dotted paths, as TrainConfig.freeze) have neither gradients nor
-  state.
+  state. A LoRA plan (`--lora-rank R`) counts the LoRA-wrapped model (lora.build_model) and trains
+  only its adapters; over kept FP4 experts (QLoRA) the codes and scales are frozen parameters.
 * estimated (activations): a block's attention and its MoE run one after the other, so one
   block's peak is the larger of the two working sets. Attention: the block's intermediates per
   token (mHC streams in float32, projections, the shared expert's float32 SwiGLU) and the
@@ -230,7 +231,6 @@ def _is_adamw(path: str, ndim: int) -> bool:
 def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings,
                 options: Options = Options()):
   """(lines, notes) for parameters, buffers, gradients and optimizer state."""
-  from deepseek_v4 import summary
   from deepseek_v4.layers.moe import KeptWeight
   from deepseek_v4.layers.params import HashTable, RouterBias
 

@@ -138,7 +138,7 @@ def test_adapter_gradients_equal_the_dequantized_base(folder, cfg):
   assert got.keys() == want.keys()
   assert any("experts" in str(p) and "lora" in str(p) for p in got)
   worst = max(rel_err(got[p][...], want[p][...]) for p in got)
-  print(f"\nQLoRA vs LoRA on the dequantized base: worst rel err of the adapter gradients {worst:.1e}")
+  print(f"\nQLoRA vs LoRA on the dequantized base: worst rel err of the gradients {worst:.1e}")
   assert worst <= F32_QLORA_GRAD_REL
   for p in got:
     assert float(jnp.max(jnp.abs(want[p][...]))) > 0, p  # every adapter gets a gradient

@@ -146,11 +146,11 @@ def kept_expert_ffn(xs: Float[Array, "R D"], sizes: Int[Array, "E"], w1: Fp4Weig
   def decode(ws):  # one expert's (w1, w2, w3) as stored -> its matrices in the compute dtype
     return tuple(decode_fp4(w, dt) for w in ws)
 
-  forward = None
-  if lora is None and gmm_ops.resolve_impl(gmm) != "tiled":
-    def forward(x, s, stored, _):
-      one = functools.partial(decode_fp4, dtype=dt)
-      return gmm_ops.grouped_swiglu_ffn_decoded(x, *stored, s, decode=one, limit=limit, impl=gmm)
+  def every_expert(x, s, stored, _):  # the forward over all experts decoded at once
+    one = functools.partial(decode_fp4, dtype=dt)
+    return gmm_ops.grouped_swiglu_ffn_decoded(x, *stored, s, decode=one, limit=limit, impl=gmm)
+
+  forward = every_expert if lora is None and gmm_ops.resolve_impl(gmm) != "tiled" else None
   tile_fn = functools.partial(_adapted_swiglu, limit=limit, scale=lora_scale)
   return gmm_ops.grouped_ffn_stored(xs, (w1, w2, w3), () if lora is None else lora, sizes,
                                     decode=decode, tile_fn=tile_fn, forward=forward)
