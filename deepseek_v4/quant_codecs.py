@@ -86,11 +86,22 @@ def unpack_fp4(packed: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(codes.astype(jnp.uint4), jnp.float4_e2m1fn)
 
 
+# The 16 E2M1 values by code (sign bit 3): a table lookup decodes them about 1.6x faster on
+# XLA:CPU than a float4 conversion (measured at 32 x 512 x 512, 134 -> 83 ms), and exactly.
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype", "offset"))
 def dequantize_fp4(packed: jax.Array, scale: jax.Array, dtype=jnp.float32,
                    offset: tuple[int, int] = (0, 0)) -> jax.Array:
   """Packed E2M1 `packed` [m, n/2] times its 1x32 E8M0 `scale` [m, ceil(n/32)] -> [m, n]."""
   ct = _compute_dtype(dtype)
+  m, n = packed.shape[0], 2 * packed.shape[1]
+  if offset == (0, 0) and n % FP4_BLOCK[1] == 0:  # whole blocks: a lookup and a broadcast
+    u = jax.lax.bitcast_convert_type(packed, jnp.uint8) if packed.dtype == jnp.int8 else packed
+    codes = jnp.stack([u & 0xF, u >> 4], axis=-1).reshape(m, n)  # low nibble first
+    w = jnp.asarray(_E2M1, ct)[codes].reshape(m, n // 32, 32)  # [m, blocks, 32]
+    return (w * scale.astype(ct)[:, :, None]).reshape(m, n).astype(dtype)
   w = unpack_fp4(packed)
   s = _expand(scale.astype(ct), FP4_BLOCK, w.shape, offset)
   return (w.astype(ct) * s).astype(dtype)
