@@ -183,6 +183,19 @@ def test_merge_refuses_and_strip_requantizes_only_adapted_experts(folder):
           assert not np.array_equal(nc[x], c[x])
 
 
+def test_strip_merges_expert_adapters_into_a_float_base(folder, cfg):
+  """Over float experts the adapters merge into the weights: the same logits after `strip_lora`
+  (the base model's parameter tree, adapters gone)."""
+  from tests.tolerances import F32_MODEL_REL
+
+  model = _adapted(folder, None)
+  ids = _ids(cfg)
+  before = model(ids)
+  lora.strip_lora(model)
+  assert not nnx.state(model, nnx.LoRAParam)
+  assert rel_err(model(ids), before) <= F32_MODEL_REL
+
+
 def test_training_the_kept_weights_is_refused(folder, cfg):
   """A full fine-tune over kept experts would silently leave them untouched: refused by name;
   freezing them (or LoRA) is accepted."""
