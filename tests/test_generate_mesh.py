@@ -97,7 +97,8 @@ def test_generate_cli_on_a_mesh_equals_one_device(run_dir, monkeypatch):
   assert generate_cli.run(args, out=text) == 0
   (model, gen_args, kwargs, out), = calls
   mesh, rules = kwargs["mesh"], kwargs["rules"]
-  assert dict(mesh.shape) == dict(data=1, fsdp=8, expert=1, tensor=1) and rules == "fsdp"
+  assert dict(mesh.shape) == dict(data=1, fsdp=8, context=1, expert=1, tensor=1)
+  assert rules == "fsdp"
   _check_in_shards(model, mesh, rules)
   tok = tokenizer.ByteTokenizer()
   prompt = tok.encode("def f(x):")
@@ -109,7 +110,8 @@ def test_generate_cli_on_a_mesh_equals_one_device(run_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("flags, message", [
-  (["--mesh", "fsdp=4"], "--mesh fsdp=4: mesh data=1,fsdp=4,expert=1,tensor=1 has 4 devices, "
+  (["--mesh", "fsdp=4"], "--mesh fsdp=4: mesh data=1,fsdp=4,context=1,expert=1,tensor=1 has 4 "
+                         "devices, "
                          "but 8 devices are available"),
   (["--mesh", "fsdp=4,pipe=2"], "--mesh fsdp=4,pipe=2: mesh entry 'pipe=2': expected AXIS=SIZE"),
   (["--mesh", "fsdp=8", "--rules", "zero3"], "--rules 'zero3': unknown; known: ['fsdp', "
