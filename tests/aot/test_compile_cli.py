@@ -61,7 +61,7 @@ def _error(capsys, argv) -> tuple[int, str]:
 @pytest.mark.parametrize("argv, status, message", [
   (["--target", "h300"], 2, "invalid choice: 'h300'"),
   (["--target", "h100", "--devices", "8", "--mesh", "expert=3"], 2,
-   "mesh data=1,fsdp=1,expert=3,tensor=1 has 3 devices, but 8 devices"),
+   "mesh data=1,fsdp=1,context=1,expert=3,tensor=1 has 3 devices, but 8 devices"),
   (["--target", "h100", "--mesh", "experts=8"], 2, "mesh entry 'experts=8': expected AXIS=SIZE"),
   (["--target", "h100", "--program", "forward", "--optimizer", "adamw"], 2,
    "--optimizer apply to --program train only"),
