@@ -6,10 +6,10 @@ N x the lcm of the compression ratios, so no compression window straddles two sl
 the devices exchange, on the paper's two-stage scheme (docs/architecture.md#layer-kinds):
 
 1. a neighbour exchange: each device sends the next one the tail of its slice that the next
-   slice's first queries and compressor windows read: the last W - 1 K=V vectors (sliding band),
-   and in a CSA layer the previous window's first-half values and gate logits of the main and the
-   indexer compressors (float32; docs/architecture.md#compressor). HCA windows never overlap, so
-   an HCA layer sends only the band.
+   slice's first queries and compressor windows read, as the layer's attention input (width D)
+   with its positions, rotary positions and document ids (int32): the last W - 1 tokens for the
+   sliding band, or a whole window of m if more (CSA's overlapping compressors read the window
+   before the slice; docs/architecture.md#compressor). HCA windows never overlap.
 2. an all-gather over the N devices of the layer's compressed entries (T / m of width c) and, in a
    CSA layer, of the indexer keys (T / 4 of width c_I): every query may select any earlier entry.
 
@@ -75,16 +75,15 @@ def exchanges(cfg: ModelConfig, seq: int, devices: int, dtype=None) -> list[Laye
   dtype), compressor halves in float32."""
   T = padded_length(cfg, seq, devices)
   act = np.dtype(dtype or cfg.dtype).itemsize
-  H, J, W = cfg.head_dim, cfg.index_head_dim, cfg.window
+  H, J = cfg.head_dim, cfg.index_head_dim
   rows: dict[object, list] = {}
   for kind in cfg.layer_kinds:
     if kind in rows:
       rows[kind][1] += 1
       continue
     band = min(kind.window(cfg, T), T) - 1  # keys before a slice's first query
-    neighbour = band * H * act
-    if kind.ratio and getattr(kind, "overlap", False):  # CSA: previous window's first halves
-      neighbour += kind.ratio * 2 * (H + J) * 4
+    halo = max(band, kind.ratio if getattr(kind, "overlap", False) else 0)  # CSA: a window
+    neighbour = halo * (cfg.d_model * act + 3 * 4)  # x, and row/rotary positions, documents
     entries = T // kind.ratio * H * act if kind.ratio else 0
     keys = T // kind.ratio * J * act if kind.trains_indexer else 0
     label = kind.label + (f" (m={kind.ratio})" if kind.name == "hca" else "")

@@ -31,10 +31,10 @@ def test_flash_exchange_is_the_papers_arithmetic_at_1m_tokens():
   for e in ex.values():
     assert e.ring_kv == 1024 * MIB
     assert e.received(8) == e.gathered * 7 / 8  # the other seven slices
-  # stage 1: the 127 K=V vectors before a slice (bf16, c = 512), and in CSA the previous window's
-  # first halves of the main (512) and indexer (128) compressors: 4 tokens x 2 (values, logits)
-  assert ex["HCA (m=128)"].neighbour == 127 * 512 * 2
-  assert ex["CSA"].neighbour == 127 * 512 * 2 + 4 * 2 * (512 + 128) * 4
+  # stage 1: the 127 tokens before a slice (W = 128; CSA's window of 4 is inside them): their
+  # attention input (bf16, D = 4096) and three int32 positions / document ids
+  for e in ex.values():
+    assert e.neighbour == 127 * (4096 * 2 + 12)
 
 
 def test_gathered_buffers_are_the_cache_arrays_at_the_full_length():
@@ -79,8 +79,7 @@ def test_context_plan_by_hand():
   nbytes = lambda a: 0 if a is None else math.prod(a.shape) * np.dtype(a.dtype).itemsize
   gathered = max(nbytes(c.layer(i).entries) + nbytes(c.layer(i).index_keys)
                  for i in range(cfg.num_layers))
-  H, J, W = cfg.head_dim, cfg.index_head_dim, cfg.window
-  neighbour = (W - 1) * H * act + 4 * 2 * (H + J) * 4  # CSA's: band + overlap halves
+  neighbour = (cfg.window - 1) * (D * act + 12)  # the band's tokens: x and 3 int32
   assert _line(cp, "one block") == pytest.approx(_line(one, "one block") + gathered + neighbour)
   # the cache: entries and indexer keys split 4 ways, rings and compressor tails whole
   leaves = jax.tree_util.tree_leaves_with_path(c)
