@@ -91,7 +91,7 @@ class Block(nnx.Module):
     y, new_cache, kl = self.attn(
       a, positions, segments=segments, cache=cache,
       n_valid=n_valid, indexer_stage=options.indexer_stage, impl=options.kernel_impl,
-      block=options.attn_block)
+      block=options.attn_block, context=options.context)
     x = mhc.hc_expand(x, y, post, comb)
     pre, post, comb = self._site(x, "ffn")
     u = self.ffn_norm(mhc.hc_collapse(x, pre))

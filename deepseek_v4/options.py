@@ -45,6 +45,9 @@ class Options:
     moe: the MoE implementation (`deepseek_v4.layers.moe.MoEImpl`, e.g. from
       `parallel.options(mesh, rules)`); None = the local default (every expert on each device's
       tokens).
+    context: the context-parallel layout (`deepseek_v4.layers.context_parallel.ContextParallel`,
+      from `parallel.options(mesh, rules)` when the mesh has a `context` axis): full-sequence
+      attention then runs on sequence slices (docs/context_parallel.md); None = one slice.
     kernel_impl: attention/indexer implementation behind `kernels_pallas/*/ops.py`: "reference"
       (pure JAX, the oracle), "pallas", or "auto" (Pallas on GPU/TPU, the reference elsewhere).
     attn_block: queries per block in the gather-based attention and the indexer (a memory knob:
@@ -66,6 +69,7 @@ class Options:
   """
 
   moe: Any = None
+  context: Any = None
   kernel_impl: Literal["reference", "pallas", "auto"] = "reference"
   attn_block: int = 128
   scan_layers: bool = True
@@ -121,6 +125,11 @@ def _validate(o: Options) -> None:
     hash(o.moe)
   except TypeError:
     raise ValueError(f"moe={o.moe!r} must be hashable (an MoEImpl, static under jit)") from None
+  try:
+    hash(o.context)
+  except TypeError:
+    raise ValueError(f"context={o.context!r} must be hashable (a ContextParallel layout, static "
+                     "under jit)") from None
 
 
 def drop_former_config_fields(fields: dict[str, Any], source: str) -> dict[str, Any]:

@@ -20,9 +20,10 @@ from typing import Callable
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_v4 import abstract
-from deepseek_v4.layers import moe_ep
+from deepseek_v4.layers import context_parallel, moe_ep
 from deepseek_v4.layers.moe import MoEImpl
 from deepseek_v4.model import Transformer
 from deepseek_v4.options import Options
@@ -58,15 +59,19 @@ def moe_impl(mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = 
 def options(mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = None,
             gmm: str = "auto", **fields) -> Options:
   """The whole `Options` of a run on `mesh` under `rules`: the MoE implementation of the
-  strategy (`moe_impl`) and the other `fields` (kernel_impl, attn_block, scan_layers, ...)."""
-  return Options(moe=moe_impl(mesh, rules, capacity_factor=capacity_factor, gmm=gmm), **fields)
+  strategy (`moe_impl`), the context-parallel layout when the rules split the sequence over a
+  mesh axis (`context_parallel_layout`), and the other `fields` (kernel_impl, attn_block, ...)."""
+  return Options(moe=moe_impl(mesh, rules, capacity_factor=capacity_factor, gmm=gmm),
+                 context=context_parallel.context_parallel_layout(mesh, get_rules(rules)),
+                 **fields)
 
 
 def _mesh_options(model, mesh: Mesh, rules, options: Options | None) -> Options:
   """`options` as given, else the model's own options with the MoE of the mesh."""
   if options is not None:
     return options
-  return model.options.replace(moe=moe_impl(mesh, rules))
+  return model.options.replace(moe=moe_impl(mesh, rules),
+                               context=context_parallel.context_parallel_layout(mesh, rules))
 
 
 def init_model(cfg, mesh: Mesh, rules: str | Rules, *, seed: int = 0,
@@ -102,14 +107,15 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
                     vocab_size: int, *, options: Options, keep_unused: bool = False):
   """`fn(state, ids) -> logits` jitted with explicit shardings, for ids of `shape` [B, T].
 
-  In: `state` (of `graphdef`) by `shardings`, ids by batch. Out: logits [B, T, V] by (batch, seq,
-  vocab) activation rules. Works from a real model's split or an abstract one
+  In: `state` (of `graphdef`) by `shardings`, ids by (batch, seq). Out: logits [B, T, V] by
+  (batch, seq, vocab) activation rules: with a `context` axis (rule `seq`) and T divisible by it,
+  the sequence stays split from the ids to the logits (docs/context_parallel.md). Works from a real model's split or an abstract one
   (`abstract.model`), which is how the ahead-of-time compiler (deepseek_v4/aot) builds the same
   program. Trace it under `use(mesh, rules)`. `keep_unused`: keep parameters the forward never
   reads (the MTP block) as arguments, as a run holds them.
   """
   rules = get_rules(rules)
-  in_ids = batch_sharding(mesh, rules, shape)
+  in_ids = _token_sharding(mesh, rules, shape)
   out = NamedSharding(mesh, logical_to_spec(("batch", "seq", "vocab"), (*shape, vocab_size), mesh,
                                             rules.activations, strict=False))
 
@@ -117,6 +123,16 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
     return nnx.merge(graphdef, state)(ids, options=options)
 
   return jax.jit(fn, in_shardings=(shardings, in_ids), out_shardings=out, keep_unused=keep_unused)
+
+
+def _token_sharding(mesh: Mesh, rules: Rules, shape: tuple[int, ...]) -> NamedSharding:
+  """[B, T, ...] inputs: B over the batch axes (strict), T over the sequence's (`seq`: the
+  context axis) where it divides, the rest replicated."""
+  names = ("batch", "seq", *(None,) * (len(shape) - 2))[: len(shape)]
+  batch = batch_sharding(mesh, rules, shape).spec
+  seq = logical_to_spec(names, shape, mesh, rules.activations, strict=False)
+  return NamedSharding(mesh, P(batch[0], *seq[1:])) if len(shape) > 1 else NamedSharding(mesh,
+                                                                                         batch)
 
 
 def jit_forward(model, mesh: Mesh, rules: str | Rules, *, options: Options | None = None):
@@ -162,7 +178,7 @@ def train_step_program(step: Callable, graphdef, shardings, mesh: Mesh, rules: s
     metrics = step(model, optimizer, batch, *extra, options=options)
     return nnx.state((model, optimizer)), metrics
 
-  batch_in = jax.tree.map(lambda x: batch_sharding(mesh, rules, x.shape), batch)
+  batch_in = jax.tree.map(lambda x: _token_sharding(mesh, rules, x.shape), batch)
   extra_in = (replicated(mesh),) * n_extra
   return jax.jit(fn, in_shardings=(shardings, batch_in, *extra_in),
                  out_shardings=(shardings, replicated(mesh)),

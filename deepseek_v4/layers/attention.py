@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int
 from deepseek_v4 import sharding
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.kinds import AttentionKind
+from deepseek_v4.layers import context_parallel
 from deepseek_v4.layers.norms import RMSNorm, rms_norm
 from deepseek_v4.layers.params import Linear, param
 from deepseek_v4.layers.rope import apply_rope, inv_freq, rope_angles
@@ -119,8 +120,8 @@ class Attention(nnx.Module):
   def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], *,
                segments: Int[Array, "B T"] | None = None, cache=None,
                n_valid: Int[Array, "B"] | None = None, indexer_stage: str = "off",
-               impl: str = Options.kernel_impl, block: int = Options.attn_block
-               ) -> tuple[Array, Any, Array]:
+               impl: str = Options.kernel_impl, block: int = Options.attn_block,
+               context=Options.context) -> tuple[Array, Any, Array]:
     """One attention layer: the full sequence from position 0, or a chunk against a cache.
 
     Args:
@@ -137,6 +138,8 @@ class Attention(nnx.Module):
         indexer learns on its own picks), docs/architecture.md#indexer-training. Full sequence only.
       impl / block: kernel implementation and queries per block (`Options.kernel_impl`,
         `Options.attn_block`; the Block passes its options').
+      context: `Options.context`: a full sequence then runs context-parallel, sliced along the
+        sequence over the layout's mesh axis (layers/context_parallel.py).
     Returns:
       (output [B, T, D], new LayerCache or None, indexer KL (sum over queries, query count) [2]).
     """
@@ -147,6 +150,9 @@ class Attention(nnx.Module):
       if cache is not None:
         y, new = self._extend(x, positions, n_valid, cache, impl, block)
         return y, new, jnp.zeros((2,), jnp.float32)
+      if context is not None:
+        return context_parallel.full_attention(self, x, positions, segments, context,
+                                               stage=indexer_stage, impl=impl, block=block)
       return self._full(x, positions, segments, indexer_stage, impl, block)
 
   def _full(self, x, positions, segments, stage: str, impl: str, block: int):

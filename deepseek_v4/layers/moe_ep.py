@@ -127,10 +127,16 @@ def expert_parallel_layout(mesh: Mesh, rules: str | sharding.Rules,
   if not isinstance(expert_axis, str):
     raise ValueError(f"rules {r.name}: 'expert' must map to one mesh axis for expert "
                      f"parallelism, got {expert_axis!r}")
-  batch = dict(r.activations)["batch"]
-  token_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
-  if expert_axis not in token_axes:
-    raise ValueError(f"rules {r.name}: the activation 'batch' axes {token_axes} must include the "
+  def axes(name):
+    target = dict(r.activations)[name]
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+  # Tokens [B*T] flattened from [B, T]: batch-major, so the batch axes, then the sequence's
+  # (context parallelism), are the token dimension's axes.
+  batch = axes("batch")
+  token_axes = batch + tuple(a for a in axes("seq") if a in mesh.shape and mesh.shape[a] > 1)
+  if expert_axis not in batch:
+    raise ValueError(f"rules {r.name}: the activation 'batch' axes {batch} must include the "
                      f"expert axis {expert_axis!r} (tokens are exchanged along it)")
   if all_to_all is None:
     all_to_all = default_all_to_all(mesh.devices.flat[0].platform)

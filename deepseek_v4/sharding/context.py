@@ -44,6 +44,17 @@ def use(mesh: Mesh, rules: str | Rules):
     _CONTEXT.reset(token)
 
 
+@contextlib.contextmanager
+def suspended():
+  """No activation layouts while tracing inside it: for per-device code under a fully manual
+  `jax.shard_map` (layers/context_parallel.py), where a whole-mesh constraint has no meaning."""
+  token = _CONTEXT.set(None)
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
 def current() -> _Context | None:
   """The active `use(mesh, rules)` context (mesh and rules), or None: what a trace will read."""
   return _CONTEXT.get()

@@ -1,4 +1,4 @@
-"""The device mesh (axes `data, fsdp, expert, tensor`) and the multi-process runtime."""
+"""The device mesh (axes `data, fsdp, context, expert, tensor`) and the multi-process runtime."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from deepseek_v4.sharding.rules import MESH_AXES, _fmt
 
 # ----- mesh --------------------------------------------------------------------------------------
 def parse_mesh(text: str) -> dict[str, int]:
-  """`"fsdp=8,expert=2"` -> {"data": 1, "fsdp": 8, "expert": 2, "tensor": 1}."""
+  """`"fsdp=8,expert=2"` -> {"data": 1, "fsdp": 8, "context": 1, "expert": 2, "tensor": 1}."""
   sizes = dict.fromkeys(MESH_AXES, 1)
   for item in filter(None, (s.strip() for s in text.split(","))):
     name, sep, value = item.partition("=")
@@ -29,10 +29,10 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
-def mesh_shape(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
-               num_devices: int) -> dict[str, int]:
+def mesh_shape(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
+               context: int = 1, *, num_devices: int) -> dict[str, int]:
   """Axis sizes with at most one `-1` filled in; checks the product equals `num_devices`."""
-  sizes = dict(data=data, fsdp=fsdp, expert=expert, tensor=tensor)
+  sizes = dict(data=data, fsdp=fsdp, context=context, expert=expert, tensor=tensor)
   free = [k for k, v in sizes.items() if v == -1]
   if len(free) > 1:
     raise ValueError(f"mesh {_fmt(sizes)}: at most one axis may be -1")
@@ -52,18 +52,21 @@ def mesh_shape(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *
   return sizes
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 4-axis mesh `(data, fsdp, expert, tensor)` over all devices (every process's, if several).
+def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, context: int = 1,
+              *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 5-axis mesh `(data, fsdp, context, expert, tensor)` over all devices (every process's, if
+  several).
 
   Axis order puts `tensor` innermost, so tensor- and expert-parallel groups stay inside a host
-  (NVLink) and `data`, outermost, crosses hosts. One axis may be -1: "all remaining devices".
+  (NVLink) and `data`, outermost, crosses hosts; `context` (the sequence, whose neighbour
+  exchange and entry all-gather are light) sits between. One axis may be -1: "all remaining
+  devices".
 
   Raises:
     ValueError: the product of the sizes differs from the device count (both are named).
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(data, fsdp, expert, tensor, num_devices=len(devices))
+  sizes = mesh_shape(data, fsdp, expert, tensor, context, num_devices=len(devices))
   return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
                        axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

@@ -1,10 +1,14 @@
 """Logical-axis rule tables and their resolution to PartitionSpecs (STYLE §5).
 
-This package is the only place that names physical mesh axes: `("data", "fsdp", "expert",
-"tensor")`.
+This package is the only place that names physical mesh axes: `("data", "fsdp", "context",
+"expert", "tensor")`.
 
   * data:   pure data parallelism; parameters are replicated along it (across hosts, typically).
   * fsdp:   data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3).
+  * context: context (sequence) parallelism: each device holds a contiguous slice of the sequence
+            (activation rule `seq`); attention exchanges boundary tokens and compressed entries
+            (layers/context_parallel.py, docs/context_parallel.md). Parameters are replicated
+            along it.
   * expert: expert parallelism; each device holds E / expert routed experts and tokens move to
             them with an all-to-all (layers/moe_ep.py). The axis also carries batch.
   * tensor: Megatron-style tensor parallelism over heads, FFN width and vocabulary.
@@ -31,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_v4 import layout
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 AxisRule = tuple[str, "str | tuple[str, ...] | None"]
 
@@ -80,7 +84,7 @@ def _table(names: Sequence[str], **placed) -> tuple[AxisRule, ...]:
 RULES_fsdp = Rules(
   name="fsdp",
   params=_table(_PARAM_NAMES, embed="fsdp", q_lora="fsdp", o_lora="fsdp", hc_embed="fsdp"),
-  activations=_table(_ACT_NAMES, batch=("data", "fsdp")),
+  activations=_table(_ACT_NAMES, batch=("data", "fsdp"), seq="context"),
 )
 
 # FSDP + tensor parallelism: heads, FFN width, output groups and vocabulary split over `tensor`
@@ -90,8 +94,8 @@ RULES_fsdp_tp = Rules(
   params=_table(_PARAM_NAMES, embed="fsdp", q_lora="fsdp", hc_embed="fsdp", o_group_in="fsdp",
                 q_heads="tensor", heads="tensor", index_heads="tensor", o_lora="tensor",
                 mlp="tensor", vocab="tensor"),
-  activations=_table(_ACT_NAMES, batch=("data", "fsdp"), heads="tensor", mlp="tensor",
-                     vocab="tensor"),
+  activations=_table(_ACT_NAMES, batch=("data", "fsdp"), seq="context", heads="tensor",
+                     mlp="tensor", vocab="tensor"),
 )
 
 # FSDP + expert parallelism: routed experts split over `expert`, tokens over (data, fsdp, expert);
@@ -101,7 +105,8 @@ RULES_fsdp_ep = Rules(
   params=_table(_PARAM_NAMES, expert="expert", embed=("fsdp", "expert"),
                 q_lora=("fsdp", "expert"), o_lora=("fsdp", "expert"),
                 hc_embed=("fsdp", "expert")),
-  activations=_table(_ACT_NAMES, batch=("data", "fsdp", "expert"), expert="expert"),
+  activations=_table(_ACT_NAMES, batch=("data", "fsdp", "expert"), seq="context",
+                     expert="expert"),
 )
 
 RULES: dict[str, Rules] = {r.name: r for r in (RULES_fsdp, RULES_fsdp_tp, RULES_fsdp_ep)}

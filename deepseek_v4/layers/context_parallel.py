@@ -1,0 +1,212 @@
+"""Context-parallel attention (docs/context_parallel.md): a full sequence sliced along a mesh
+axis, each device holding one contiguous slice, in the V4 paper's two stages.
+
+  1. Neighbour exchange: each device receives the last `halo` tokens of the previous slice (their
+     attention input, `jax.lax.ppermute`): W - 1 of them for the sliding band, and CSA's
+     compressors also need the whole window before the slice (its first halves pool into the
+     slice's first entry). The slice's queries then run against the band of halo + slice.
+  2. Entry exchange: each device compresses its own windows (a slice length is a multiple of the
+     ratio, so no window straddles two devices), and the compressed entries, their documents and
+     the indexer keys are all-gathered over the axis (`jax.lax.all_gather`). The indexer's top-k
+     and the sparse attention then run locally for the slice's queries at their global positions.
+
+Everything else in the model is token-wise and stays on its slice (GSPMD, the activation rule
+`seq` -> the axis). The sequence is padded at its end to a multiple of (devices * ratio) inside
+each layer; padding comes after every real token, so causality keeps it out of their outputs.
+All of it is differentiable (the transposes of ppermute and all_gather are the reverse
+permutation and a reduce-scatter), so training runs context-parallel too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int
+
+from deepseek_v4 import sharding
+from deepseek_v4.layers.attention_kinds import CSA, HCA, Sliding
+from deepseek_v4.layers.rope import rope_angles
+from kernels_pallas.sparse_attention import sources
+
+# Document id of the missing halo before the first slice: no real document has it.
+_NO_DOCUMENT = -(2**31)
+# Row position of that missing halo: negative positions are never keys (kernels' band mask).
+_NO_POSITION = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+  """Where the sequence is split: `axis` of `mesh` (the activation rule of "seq"); the batch
+  dimension stays on `batch_axes` (the rule of "batch") inside the per-device code."""
+
+  mesh: Mesh
+  axis: str
+  batch_axes: tuple[str, ...] = ()
+
+  @property
+  def size(self) -> int:
+    return self.mesh.shape[self.axis]
+
+
+def context_parallel_layout(mesh: Mesh, rules: str | sharding.Rules) -> ContextParallel | None:
+  """The layout of `rules` on `mesh`: None unless the activation rule "seq" names a mesh axis of
+  size > 1."""
+  r = sharding.get_rules(rules)
+  table = dict(r.activations)
+  seq = table["seq"]
+  axes = (seq,) if isinstance(seq, str) else tuple(seq or ())
+  axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+  if not axes:
+    return None
+  if len(axes) > 1:
+    raise ValueError(f"rules {r.name}: 'seq' maps to mesh axes {axes}; context parallelism "
+                     "splits the sequence over one axis")
+  batch = table["batch"]
+  batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+  return ContextParallel(mesh, axes[0], tuple(a for a in batch if a in mesh.shape))
+
+
+def halo_sizes(attn, window: int) -> tuple[int, int]:
+  """(tokens of the previous slice each device needs, of which the compressors read the last):
+  W - 1 for the band; a whole window of m for an overlapping (CSA) compressor."""
+  comp = attn.ratio if attn.compressor is not None and attn.compressor.overlap else 0
+  return max(window - 1, comp, 0), comp
+
+
+def _check(attn, T: int, slice_len: int, halo: int, window: int, stage: str) -> None:
+  if not isinstance(attn.kind, (Sliding, CSA, HCA)):
+    raise ValueError(f"context parallelism runs sliding, CSA and HCA layers; layer kind "
+                     f"{attn.kind.name!r} has no context-parallel path")
+  if stage != "off":
+    raise ValueError(f"indexer_stage={stage!r}: the indexer's training loss is not "
+                     "context-parallel; train the indexer on one slice (indexer_stage='off' here)")
+  if halo > slice_len:
+    raise ValueError(f"context parallelism: a {attn.kind.name} layer needs the last {halo} "
+                     f"tokens of the previous slice (window {window}), but each device holds "
+                     f"{slice_len} tokens (T={T} padded over the context axis); use fewer "
+                     "context devices or a longer sequence")
+
+
+def _pad(x, row, rope, seg, pad: int):
+  """Appends `pad` tokens after the sequence: zeros, positions continuing, a new document."""
+  if not pad:
+    return x, row, rope, seg
+  more = jnp.arange(1, pad + 1, dtype=row.dtype)[None, :]
+  x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+  row = jnp.concatenate([row, row[:, -1:] + more], axis=1)
+  rope = jnp.concatenate([rope, rope[:, -1:] + more], axis=1)
+  if seg is not None:
+    seg = jnp.concatenate([seg, jnp.broadcast_to(seg[:, -1:] + 1, (seg.shape[0], pad))], axis=1)
+  return x, row, rope, seg
+
+
+def full_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
+                   segments: Int[Array, "B T"] | None, cp: ContextParallel, *, stage: str,
+                   impl: str, block: int):
+  """`Attention._full` with the sequence split over `cp.axis`; same (output, None, KL) result.
+
+  x, positions and segments are the layer's global arrays (GSPMD places them); the per-device
+  work runs under `jax.shard_map`, manual over every mesh axis: the slice along `cp.axis`, the
+  batch along `cp.batch_axes` where they divide it, the layer's parameters whole.
+  """
+  B, T, _ = x.shape
+  n = cp.size
+  m = max(attn.ratio, 1)
+  window = attn.window(T)
+  pad = -T % (n * m)
+  Tl = (T + pad) // n
+  halo, comp_halo = halo_sizes(attn, window)
+  _check(attn, T, Tl, halo, window, stage)
+  row = positions if segments is None else jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype),
+                                                            (B, T))
+  x, row, rope, seg = _pad(x, row, positions, segments, pad)
+  docs = seg is not None
+  if seg is None:  # the compressors always run with documents, to cut the missing halo off
+    seg = jnp.zeros_like(row)
+
+  nb = 1
+  for a in cp.batch_axes:
+    nb *= cp.mesh.shape[a]
+  b_axes = cp.batch_axes if cp.batch_axes and B % nb == 0 else None
+  spec = P(b_axes, cp.axis)
+  graphdef, params = nnx.split(attn)
+
+  def body(params, x, row, rope, seg):
+    layer = nnx.merge(graphdef, params)
+    y = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n, halo=halo,
+                         comp_halo=comp_halo, window=window, impl=impl, block=block)
+    return y
+
+  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), P(b_axes, cp.axis, None), spec, spec,
+                                                    spec),
+                      out_specs=P(b_axes, cp.axis, None), check_vma=False)
+  with sharding.context.suspended():
+    y = run(params, x, row, rope, seg)
+  return y[:, :T], None, jnp.zeros((2,), jnp.float32)
+
+
+def _previous(a: Array, halo: int, axis: str, n: int, fill) -> Array:
+  """The last `halo` tokens (axis 1) of the previous device's slice; `fill` on the first."""
+  got = jax.lax.ppermute(a[:, a.shape[1] - halo:], axis, [(i, i + 1) for i in range(n - 1)])
+  return jnp.where(jax.lax.axis_index(axis) == 0, jnp.asarray(fill, a.dtype), got)
+
+
+def _gather(a: Array, axis: str) -> Array:
+  """Every device's slice of `a` along axis 1, in device order."""
+  return jax.lax.all_gather(a, axis, axis=1, tiled=True)
+
+
+def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, halo: int,
+                     comp_halo: int, window: int, impl: str, block: int) -> Array:
+  """One device's attention output [B, Tl, D] for its slice (x, positions, documents local)."""
+  if halo:  # stage 1: the previous slice's last tokens
+    x = jnp.concatenate([_previous(x, halo, axis, n, 0), x], axis=1)
+    row = jnp.concatenate([_previous(row, halo, axis, n, _NO_POSITION), row], axis=1)
+    rope = jnp.concatenate([_previous(rope, halo, axis, n, 0), rope], axis=1)
+    seg = jnp.concatenate([_previous(seg, halo, axis, n, _NO_DOCUMENT), seg], axis=1)
+  freqs = attn.freqs
+  cos, sin = rope_angles(rope, freqs)
+  cq, q, kv = attn.project_qkv(x, cos, sin)
+  band_seg = seg if docs else None
+  entries = None
+  if attn.compressor is not None:
+    entries = _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, docs=docs, axis=axis,
+                       halo=halo, comp_halo=comp_halo, impl=impl, block=block)
+  keys = sources.KeySources(sources.Band(kv, window, band_seg), entries=entries)
+  o = attn.core(q, row, keys, impl=impl, block=block)
+  return attn.output(o, cos, sin)[:, halo:]
+
+
+def _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, *, docs: bool, axis: str, halo: int,
+             comp_halo: int, impl: str, block: int):
+  """Stage 2: this slice's compressed entries (and CSA's indexer keys), all-gathered, and the
+  selection of the slice's queries (plus the halo's, discarded) among them."""
+  m = attn.ratio
+
+  def compress(compressor, inputs):
+    # The compressor reads its own overlap from the halo: windows start at a multiple of m
+    # (the slice does), and the entry of the halo's window is the previous device's.
+    lead = m if compressor.overlap else 0
+    s = halo - lead
+    out = compressor(inputs[:, s:], freqs, rope[:, s:], seg[:, s:])
+    return _gather(out[:, lead // m:], axis)  # [B, C, width]
+
+  comp = compress(attn.compressor, x)
+  comp_seg = _gather(seg[:, halo::m], axis) if docs else None
+  idx = None
+  if attn.indexer is not None:
+    # The indexer reads detached inputs (docs/architecture.md#indexer-training).
+    sg = jax.lax.stop_gradient
+    ikeys = compress(attn.indexer.compressor, sg(x))
+    iq, iw = attn.indexer.queries(sg(x), sg(cq), cos, sin)
+    idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg, impl=impl,
+                                 block=block))
+  return attn._entries(comp, idx, comp_seg)
+
+
+__all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_sizes"]
