@@ -670,9 +670,15 @@ def context_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Setting
   inference the prefilled cache by `context_cache_lines`."""
   from deepseek_v4 import plan_context
 
-  lines, notes, (per_layer, trained) = state_lines(cfg, sizes, rules, s, options)
-  act, act_notes = context_activation_lines(cfg, sizes, rules, s, scan_step_bytes(cfg, per_layer),
-                                            scan_step_bytes(cfg, trained), options)
+  lines, notes, (local, _) = state_lines(cfg, sizes, rules, s, options)
+  # A layer runs on its weights gathered along the context axis: the rule tables replicate
+  # parameters along it (nothing to gather), aot.long_context.zero_over_context shards them, and
+  # then every layer, scanned or not, holds a gathered copy while it runs.
+  _, _, (per_layer, trained) = state_lines(cfg, {**sizes, "context": 1}, rules, s, options)
+  step, step_trained = scan_step_bytes(cfg, per_layer), scan_step_bytes(cfg, trained)
+  if per_layer != local:
+    step, step_trained = max(step, *per_layer), max(step_trained, *trained)
+  act, act_notes = context_activation_lines(cfg, sizes, rules, s, step, step_trained, options)
   lines += act
   if not s.train:
     lines += context_cache_lines(cfg, sizes, rules, s)

@@ -6,10 +6,11 @@ N x the lcm of the compression ratios, so no compression window straddles two sl
 the devices exchange, on the paper's two-stage scheme (docs/architecture.md#layer-kinds):
 
 1. a neighbour exchange: each device sends the next one the tail of its slice that the next
-   slice's first queries and compressor windows read, as the layer's attention input (width D)
-   with its positions, rotary positions and document ids (int32): the last W - 1 tokens for the
-   sliding band, or a whole window of m if more (CSA's overlapping compressors read the window
-   before the slice; docs/architecture.md#compressor). HCA windows never overlap.
+   slice's first queries and compressor windows read, as the layer's attention input (width D):
+   the last W - 1 tokens for the sliding band, or a whole window of m if more (CSA's overlapping
+   compressors read the window before the slice; docs/architecture.md#compressor). HCA windows
+   never overlap. (Their positions are computed where they are needed; packed documents add 4
+   bytes per halo token for the document ids, not counted here.)
 2. an all-gather over the N devices of the layer's compressed entries (T / m of width c) and, in a
    CSA layer, of the indexer keys (T / 4 of width c_I): every query may select any earlier entry.
 
@@ -83,7 +84,7 @@ def exchanges(cfg: ModelConfig, seq: int, devices: int, dtype=None) -> list[Laye
       continue
     band = min(kind.window(cfg, T), T) - 1  # keys before a slice's first query
     halo = max(band, kind.ratio if getattr(kind, "overlap", False) else 0)  # CSA: a window
-    neighbour = halo * (cfg.d_model * act + 3 * 4)  # x, and row/rotary positions, documents
+    neighbour = halo * cfg.d_model * act  # the layer's input x
     entries = T // kind.ratio * H * act if kind.ratio else 0
     keys = T // kind.ratio * J * act if kind.trains_indexer else 0
     label = kind.label + (f" (m={kind.ratio})" if kind.name == "hca" else "")

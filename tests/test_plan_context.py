@@ -32,9 +32,9 @@ def test_flash_exchange_is_the_papers_arithmetic_at_1m_tokens():
     assert e.ring_kv == 1024 * MIB
     assert e.received(8) == e.gathered * 7 / 8  # the other seven slices
   # stage 1: the 127 tokens before a slice (W = 128; CSA's window of 4 is inside them): their
-  # attention input (bf16, D = 4096) and three int32 positions / document ids
+  # attention input (bf16, D = 4096)
   for e in ex.values():
-    assert e.neighbour == 127 * (4096 * 2 + 12)
+    assert e.neighbour == 127 * 4096 * 2
 
 
 def test_gathered_buffers_are_the_cache_arrays_at_the_full_length():
@@ -79,7 +79,7 @@ def test_context_plan_by_hand():
   nbytes = lambda a: 0 if a is None else math.prod(a.shape) * np.dtype(a.dtype).itemsize
   gathered = max(nbytes(c.layer(i).entries) + nbytes(c.layer(i).index_keys)
                  for i in range(cfg.num_layers))
-  neighbour = (cfg.window - 1) * (D * act + 12)  # the band's tokens: x and 3 int32
+  neighbour = (cfg.window - 1) * D * act  # the band's tokens' attention input
   assert _line(cp, "one block") == pytest.approx(_line(one, "one block") + gathered + neighbour)
   # the cache: entries and indexer keys split 4 ways, rings and compressor tails whole
   leaves = jax.tree_util.tree_leaves_with_path(c)
@@ -188,3 +188,17 @@ def test_collectives_counted_from_the_compiled_program():
   assert scatter[0].computation != gather[0].computation  # inside the loop body, listed once
   with pytest.raises(ValueError, match="element type 'q7'"):
     collectives.collectives("  %x = q7[4]{0} all-gather(%y), replica_groups={{0,1}}")
+
+
+@pytest.mark.parametrize("groups, size", [("{{0,1,2,3},{4,5,6,7}}", 4), ("[2,4]<=[8]", 4),
+                                          ("mesh['axis_0'=8,'axis_1'=2] {'axis_0'}", 8),
+                                          ("{}", 16)])
+def test_collective_group_spellings(groups, size):
+  """XLA prints replica groups four ways; an all-gather's operand is its result / group size."""
+  from deepseek_v4.aot import collectives
+
+  text = ("HloModule m, num_partitions=16\n\nENTRY %main (p: bf16[4,8]) -> bf16[64,8] {\n"
+          f"  %ag = bf16[64,8]{{1,0}} all-gather(%p), replica_groups={groups}, dimensions={{0}}\n}}")
+  (c,) = collectives.collectives(text)
+  assert (c.group, c.result_bytes, c.operand_bytes, c.computation) == (size, 1024, 1024 // size,
+                                                                       "main")

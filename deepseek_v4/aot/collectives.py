@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import re
 
 OPS = ("all-gather", "collective-permute", "all-reduce", "reduce-scatter", "all-to-all",
@@ -45,6 +46,7 @@ class Collective:
     operand_bytes: bytes one device sends in (its piece); result_bytes: what it holds after.
     group: devices per replica group (1 when the text names none).
     shapes: the result's array types as printed ("bf16[262144,512]", ...).
+    source: the JAX operation it came from (the `op_name` of its metadata), or "".
   """
 
   op: str
@@ -54,6 +56,7 @@ class Collective:
   result_bytes: int
   group: int
   shapes: tuple[str, ...]
+  source: str = ""
 
 
 def _bytes(dtype: str, dims: str) -> int:
@@ -65,20 +68,29 @@ def _bytes(dtype: str, dims: str) -> int:
   return n * _BITS[dtype] // 8
 
 
-def _group_size(line: str) -> int:
+def _group_size(line: str, partitions: int) -> int:
+  """Devices per replica group, in each of XLA's spellings: explicit `{{0,1,..},..}`, iota
+  `[groups,size]<=[..]`, named `mesh['a'=8,'b'=1] {'a'}`, or `{}` (every partition)."""
   m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
   if m:
     return len([x for x in m[1].split(",") if x])
-  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)  # iota form: [groups, size]<=[...]
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
   if m:
     return int(m[2])
-  m = re.search(r"source_target_pairs=", line)
-  return 2 if m else 1
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m[1]))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m[2]))
+  if re.search(r"replica_groups=\{\}", line):
+    return partitions
+  return 2 if "source_target_pairs=" in line else 1
 
 
 def collectives(hlo_text: str) -> list[Collective]:
   """Every collective of an optimized HLO module's text (`compiled.as_text()`), in order."""
   out, computation = [], ""
+  partitions = re.search(r"num_partitions=(\d+)", hlo_text)
+  partitions = int(partitions[1]) if partitions else 1
   for line in hlo_text.splitlines():
     header = _HEADER.match(line)
     if header and not line.startswith(" "):
@@ -89,7 +101,7 @@ def collectives(hlo_text: str) -> list[Collective]:
       continue
     shapes = _SHAPE.findall(m["type"])
     sizes = [_bytes(t, d) for t, d in shapes]
-    op, group = m["op"], _group_size(line)
+    op, group = m["op"], _group_size(line, partitions)
     printed = tuple(f"{t}[{d}]" for t, d in shapes)
     if m["start"]:  # async: (operand(s), result(s), context...) as one tuple
       operand, result = sizes[0], sizes[1] if len(sizes) > 1 else sizes[0]
@@ -98,7 +110,9 @@ def collectives(hlo_text: str) -> list[Collective]:
       result = sum(sizes)
       operand = {"all-gather": result // max(group, 1),
                  "reduce-scatter": result * group}.get(op, result)
-    out.append(Collective(op, m["name"], computation, operand, result, group, printed))
+    source = re.search(r'op_name="([^"]*)"', line)
+    out.append(Collective(op, m["name"], computation, operand, result, group, printed,
+                          source[1] if source else ""))
   return out
 
 
