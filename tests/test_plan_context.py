@@ -202,3 +202,43 @@ def test_collective_group_spellings(groups, size):
   (c,) = collectives.collectives(text)
   assert (c.group, c.result_bytes, c.operand_bytes, c.computation) == (size, 1024, 1024 // size,
                                                                        "main")
+
+
+# A small-width model with Flash's layer kinds (window 128, CSA top-k below the visible entries,
+# HCA at 128): realistic shapes for the exchange, cheap to compile.
+SMALL = dict(d_model=128, num_heads=8, head_dim=64, rope_dim=32, q_lora_rank=64, o_groups=2,
+             o_lora_rank=32, compress_ratios=(0, 4, 128), index_heads=4, index_head_dim=32,
+             index_topk=64, num_experts=4, experts_per_token=2, moe_inter_dim=64, window=128,
+             num_hash_layers=1, vocab_size=256, max_position_embeddings=4096, num_mtp_layers=0)
+
+
+def test_compiled_context_parallel_exchange_is_plans():
+  """The context-parallel prefill compiled for the 8 CPU devices (context=8): per layer kind, the
+  attention's collectives are one permute of the halo's attention input and one all-gather per
+  compressed array, of exactly plan_context's bytes."""
+  import collections
+
+  from deepseek_v4 import parallel, sharding
+  from deepseek_v4.aot import collectives, long_context
+
+  cfg = deepseek_v4.tiny(**SMALL)
+  T = 2048
+  mesh = sharding.make_mesh(context=8, devices=jax.devices()[:8])
+  graphdef, state = parallel.abstract_model(cfg, mesh, "fsdp")
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+  fn = long_context.prefill_program(graphdef, shardings, mesh, "fsdp", (1, T),
+                                    options=parallel.options(mesh, "fsdp"))
+  ids = jax.ShapeDtypeStruct((1, T), np.int32)
+  with sharding.use(mesh, "fsdp"):
+    text = fn.lower(state, ids).compile().as_text()
+  seen = collections.defaultdict(lambda: collections.defaultdict(set))
+  for c in collectives.collectives(text):
+    for kind in ("sliding", "csa", "hca"):
+      if f"attention_{kind}/shard_map/" in c.source:
+        seen[kind][c.op].add((c.result_bytes, c.group))
+  halo = cfg.window - 1  # the CSA window (4) is inside the band's 127 tokens
+  for e in plan_context.exchanges(cfg, T, 8):
+    kind = e.kind.split()[0].lower()
+    # x's halo, and where XLA does not recompute them, the halo's int32 positions or documents
+    assert seen[kind]["collective-permute"] - {(halo * 4, 2)} == {(e.neighbour, 2)}, kind
+    assert seen[kind]["all-gather"] == {(b, 8) for b in (e.entries, e.index_keys) if b}, kind
