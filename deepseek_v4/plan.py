@@ -671,10 +671,14 @@ def context_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Setting
   from deepseek_v4 import plan_context
 
   lines, notes, (local, _) = state_lines(cfg, sizes, rules, s, options)
-  # A layer runs on its weights gathered along the context axis: the rule tables replicate
-  # parameters along it (nothing to gather), aot.long_context.zero_over_context shards them, and
-  # then every layer, scanned or not, holds a gathered copy while it runs.
-  _, _, (per_layer, trained) = state_lines(cfg, {**sizes, "context": 1}, rules, s, options)
+  # A layer runs on its weights gathered along the context axis, its routed experts excepted
+  # (they stay split where the rules split them): the rule tables replicate parameters along
+  # the axis (nothing to gather); aot.long_context.zero_over_context shards them, and then every
+  # layer, scanned or not, holds a gathered copy while it runs.
+  r = sharding.get_rules(rules)
+  drop = lambda t: tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "context")
+  gathered = r.replace(params=tuple((n, t if n == "expert" else drop(t)) for n, t in r.params))
+  _, _, (per_layer, trained) = state_lines(cfg, sizes, gathered, s, options)
   step, step_trained = scan_step_bytes(cfg, per_layer), scan_step_bytes(cfg, trained)
   if per_layer != local:
     step, step_trained = max(step, *per_layer), max(step_trained, *trained)
@@ -684,12 +688,14 @@ def context_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Setting
     lines += context_cache_lines(cfg, sizes, rules, s)
   notes = act_notes + notes + plan_context.format_exchanges(cfg, s.seq,
                                                             sizes["context"]).split("\n")
-  return Plan(name, sizes, rules, s, lines, notes, device_memory, headroom)
+  return Plan(name, sizes, sharding.get_rules(rules).name, s, lines, notes, device_memory,
+              headroom)
 
 
 def format_plan(p: Plan) -> str:
   n = math.prod(p.mesh.values())
-  mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+  # the context axis is shown only when it splits the sequence (plans without it read as before)
+  mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items() if k != "context" or v > 1)
   mode = "fine-tuning" if p.settings.train else "inference"
   out = [f"plan: {p.name} {mode} on {n} devices, mesh {mesh}, rules {p.rules}",
          *(f"  {x}" for x in p.notes), ""]

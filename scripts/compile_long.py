@@ -5,7 +5,8 @@ with `long_context.zero_over_context("fsdp_ep")`; the rule tables alone replicat
 the context axis, 582 GB per GPU):
 
 * prefill of 1,048,576 tokens (the trunk and the last token's logits), compiled at `--layers`
-  truncations of Flash (default 5 and 7: the scanned [HCA, CSA] period once and twice more) and
+  truncations of Flash (default 7 and 9: the scanned [HCA, CSA] period twice and three times,
+  laid out as in the 43-layer model) and
   extrapolated linearly to all 43 layers, as docs/plan.md does for its inference rows;
 * LoRA training (rank 8, base frozen) of 131,072 tokens, compiled at `--train-layers` layers.
 
@@ -43,7 +44,7 @@ def _exchange(report) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--layers", default="5,7")
+  p.add_argument("--layers", default="7,9")
   p.add_argument("--train-layers", type=int, default=4)
   p.add_argument("--seq", type=int, default=1 << 20)
   p.add_argument("--train-seq", type=int, default=1 << 17)

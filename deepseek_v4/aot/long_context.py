@@ -59,6 +59,30 @@ def zero_over_context(rules):
   return r.replace(name=f"{r.name}+zero_context", params=params)
 
 
+def experts_over_context(rules):
+  """`zero_over_context(rules)` with the routed experts split along the context axis as well
+  (expert parallelism over the devices that hold the sequence: each keeps E / N whole experts
+  and tokens move to them, instead of every device gathering a layer's experts). A layout for
+  `plan` to weigh: layers/moe_ep.py exchanges tokens only along a batch axis today, so it is not
+  compiled here."""
+  r = zero_over_context(rules)
+  seq = dict(r.activations)["seq"]
+  axes = (seq,) if isinstance(seq, str) else tuple(seq)
+
+  def more(target):
+    have = (target,) if isinstance(target, str) else tuple(target or ())
+    return have + tuple(a for a in axes if a not in have)
+
+  params = tuple((n, more(t) if n == "expert" else t) for n, t in r.params)
+  return r.replace(name=f"{sharding_name(rules)}+experts_context", params=params)
+
+
+def sharding_name(rules) -> str:
+  from deepseek_v4 import sharding
+
+  return sharding.get_rules(rules).name
+
+
 def prefill_program(graphdef, shardings, mesh, rules, shape: tuple[int, int], *,
                     options: Options, keep_unused: bool = True):
   """`fn(state, ids) -> [B, V]` float32 logits of each row's last token, the trunk run on the
@@ -151,10 +175,12 @@ def _plan(cfg, sizes, rules, program, batch, seq, tcfg, capacity_factor, platfor
 
 def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: str, seq: int, *,
                  batch: int = 1, tcfg=None, capacity_factor: float | None = None,
-                 options: Options = Options()) -> LongReport:
+                 options: Options = Options(), compiler_options: dict | None = None
+                 ) -> LongReport:
   """Compile `program` ("prefill" or "train") of `batch` rows of `seq` tokens for compile-only
   devices of `target` on a mesh of `mesh_sizes` under `rules` (a name or a Rules table, e.g.
-  `zero_over_context("fsdp_ep")`), and report (module docstring).
+  `zero_over_context("fsdp_ep")`), and report (module docstring). `compiler_options` go to
+  XLA (e.g. {"xla_dump_to": dir} for `aot.memory.largest_temporaries`).
 
   Raises:
     ValueError: an unknown program, or a train program without its TrainConfig.
@@ -205,7 +231,7 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
     lowered = fn.lower(*args)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options or {})
     compile_s = time.perf_counter() - start
   m = compiled.memory_analysis()
   return LongReport(
