@@ -575,7 +575,7 @@ def _token_shards(sizes: dict[str, int], rules: str) -> int:
 
 def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings,
                              step_params: float = 0.0, step_trained: float = 0.0,
-                             options: Options = Options()):
+                             options: Options = Options(), gathered_weights: float = 0.0):
   """`activation_lines` with each row's sequence split over the `context` axis (N devices).
 
   Token-wise intermediates (streams, projections, the MoE) hold T / N tokens per device. A layer's
@@ -583,7 +583,9 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
   slice's tail (neighbour exchange) and the layer's compressed entries and indexer keys gathered
   at the full length; its query blocks score and gather against all T / m entries (the indexer's
   scores and the top-k gather, `attention_block_bytes` at the full length). Training keeps the
-  gathered buffers' cotangents too (the backward reduce-scatters them).
+  gathered buffers' cotangents too (the backward reduce-scatters them). `gathered_weights`: a
+  scan step's weights gathered along the context axis beyond its local shard (nearly all routed
+  experts), alive with the MoE's buffers, not the attention's (XLA's buffer assignment).
   """
   from deepseek_v4 import plan_context
 
@@ -616,6 +618,7 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
   t_l = -(-(s.batch // (s.grad_accum if s.train else 1)) * chunk // token_shards)
   moe = passes * ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
                                  s.gmm) if ep else 0.0
+  moe += gathered_weights
   if s.train:
     full = s.remat == "full"
     tokens = n * per_block * (2 if full else 1)
@@ -640,7 +643,9 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
     head = f"rows/device {rows}, cache capacity {T:,} tokens, sequence split {N} ways"
   block = (f"one block: attention {gb(work)} (tokens {gb(tokens)}, query blocks at the full "
            f"length {gb(query_block)}, context exchange {gb(exchange)}), MoE all-to-all "
-           f"({s.all_to_all}, {s.gmm} gmm, {cf}) {gb(moe)}")
+           f"({s.all_to_all}, {s.gmm} gmm, {cf}) {gb(moe)}"
+           + (f" with the layers' weights gathered along context {gb(gathered_weights)}"
+              if gathered_weights else ""))
   return lines, [head, block]
 
 
@@ -679,10 +684,12 @@ def context_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Setting
   drop = lambda t: tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "context")
   gathered = r.replace(params=tuple((n, t if n == "expert" else drop(t)) for n, t in r.params))
   _, _, (per_layer, trained) = state_lines(cfg, sizes, gathered, s, options)
-  step, step_trained = scan_step_bytes(cfg, per_layer), scan_step_bytes(cfg, trained)
+  step, step_trained = scan_step_bytes(cfg, local), scan_step_bytes(cfg, trained)
+  gather = 0.0  # the gathered copy: alive while its layer's MoE runs (XLA's buffer assignment)
   if per_layer != local:
-    step, step_trained = max(step, *per_layer), max(step_trained, *trained)
-  act, act_notes = context_activation_lines(cfg, sizes, rules, s, step, step_trained, options)
+    gather = max(scan_step_bytes(cfg, per_layer), *per_layer) - step
+  act, act_notes = context_activation_lines(cfg, sizes, rules, s, step, step_trained, options,
+                                            gather)
   lines += act
   if not s.train:
     lines += context_cache_lines(cfg, sizes, rules, s)
