@@ -198,7 +198,8 @@ def test_collective_group_spellings(groups, size):
   from deepseek_v4.aot import collectives
 
   text = ("HloModule m, num_partitions=16\n\nENTRY %main (p: bf16[4,8]) -> bf16[64,8] {\n"
-          f"  %ag = bf16[64,8]{{1,0}} all-gather(%p), replica_groups={groups}, dimensions={{0}}\n}}")
+          f"  %ag = bf16[64,8]{{1,0}} all-gather(%p), replica_groups={groups}, "
+          "dimensions={0}\n}")
   (c,) = collectives.collectives(text)
   assert (c.group, c.result_bytes, c.operand_bytes, c.computation) == (size, 1024, 1024 // size,
                                                                        "main")
