@@ -111,8 +111,9 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
   (batch, seq, vocab) activation rules: with a `context` axis (rule `seq`) and T divisible by it,
   the sequence stays split from the ids to the logits (docs/context_parallel.md). Works from a
   real model's split or an abstract one (`abstract.model`), which is how the ahead-of-time
-  compiler (deepseek_v4/aot) builds the same program. Trace it under `use(mesh, rules)`. `keep_unused`: keep parameters the forward never
-  reads (the MTP block) as arguments, as a run holds them.
+  compiler (deepseek_v4/aot) builds the same program. Trace it under `use(mesh, rules)`.
+  `keep_unused`: keep parameters the forward never reads (the MTP block) as arguments, as a run
+  holds them.
   """
   rules = get_rules(rules)
   in_ids = _token_sharding(mesh, rules, shape)
