@@ -156,7 +156,7 @@ def _tail_state(compressor, x: Float[Array, "B T D"], n_valid: Array, empty, fre
   start = jnp.maximum(n_valid // m * m - lead, 0)  # [B], a multiple of m
   xp = jnp.pad(x, ((0, 0), (0, lead + m), (0, 0)))
   tail = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, lead + m, 0))(xp, start)
-  dummy = jnp.zeros((B, 2 + lead // m, empty.pending_c.shape[-1]), jnp.float32)
+  dummy = jnp.zeros((B, 1, compressor.norm.weight.shape[0]), jnp.float32)  # entries: not kept
   _, state = compressor.extend(tail, start, n_valid - start, empty, dummy, freqs)
   return state
 
