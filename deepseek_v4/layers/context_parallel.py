@@ -72,11 +72,11 @@ def context_parallel_layout(mesh: Mesh, rules: str | sharding.Rules) -> ContextP
   return ContextParallel(mesh, axes[0], tuple(a for a in batch if a in mesh.shape))
 
 
-def halo_sizes(attn, window: int) -> tuple[int, int]:
-  """(tokens of the previous slice each device needs, of which the compressors read the last):
-  W - 1 for the band; a whole window of m for an overlapping (CSA) compressor."""
+def halo_size(attn, window: int) -> int:
+  """Tokens of the previous slice each device needs: W - 1 for the band, and a whole window of m
+  for an overlapping (CSA) compressor."""
   comp = attn.ratio if attn.compressor is not None and attn.compressor.overlap else 0
-  return max(window - 1, comp, 0), comp
+  return max(window - 1, comp, 0)
 
 
 def _check(attn, T: int, slice_len: int, halo: int, window: int, stage: str) -> None:
@@ -152,7 +152,7 @@ def _tail_state(compressor, x: Float[Array, "B T D"], n_valid: Array, empty, fre
   (CSA's overlap needs its first halves) and its open one, whose entries are not kept."""
   m = compressor.ratio
   lead = m if compressor.overlap else 0
-  B, T, _ = x.shape
+  B = x.shape[0]
   start = jnp.maximum(n_valid // m * m - lead, 0)  # [B], a multiple of m
   xp = jnp.pad(x, ((0, 0), (0, lead + m), (0, 0)))
   tail = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, lead + m, 0))(xp, start)
@@ -176,7 +176,7 @@ def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl:
   window = attn.window(T)
   pad = -T % (n * m)
   Tl = (T + pad) // n
-  halo, _ = halo_sizes(attn, window)
+  halo = halo_size(attn, window)
   _check(attn, T, Tl, halo, window, stage)
   row = positions if segments is None else jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype),
                                                             (B, T))
@@ -272,5 +272,5 @@ def _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, *, docs: bool, axis: 
   return attn._entries(comp, idx, comp_seg), ikeys
 
 
-__all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_sizes",
+__all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_size",
            "prefill_attention"]
