@@ -37,16 +37,23 @@ from deepseek_v4.options import Options
 
 # ----- the model on a chunk ---------------------------------------------------------------------
 def forward_chunk(model, cache: Cache, ids: Int[Array, "B T"], n_valid: Int[Array, "B"],
-                  options: Options | None = None) -> tuple[Float[Array, "B T D"], Cache]:
+                  options: Options | None = None, *, whole_prompt: bool = False
+                  ) -> tuple[Float[Array, "B T D"], Cache]:
   """Final hidden states (after the mHC head and final norm) of a chunk, and the new cache.
 
   Row b's tokens get positions `cache.lengths[b] + arange(T)`; its tokens past `n_valid[b]` are
   padding: their outputs are garbage and they change nothing in the cache. The model's one
   trunk runs the chunk, with the cache scanned alongside the stacked layers. `options`: the
   run's `Options` (e.g. `parallel.options(mesh, rules)` on a mesh that splits the experts; None =
-  `model.options`).
+  `model.options`). `whole_prompt`: the chunk is a whole prompt into an empty cache, so a
+  context-parallel `options.context` splits it along the sequence (docs/context_parallel.md);
+  otherwise the context layout is dropped.
   """
   T = ids.shape[1]
+  if options is not None and options.context is not None and not whole_prompt:
+    # Context parallelism splits a whole prompt from position 0 (`prefill`); other chunks and
+    # decode steps run on the gathered cache as usual.
+    options = options.replace(context=None)
   positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
   x, _, groups = model.trunk(ids, positions, cache=cache, n_valid=n_valid, options=options)
   new_cache = cache.replace(groups=groups, lengths=cache.lengths + n_valid)
@@ -58,12 +65,12 @@ def _last_valid(h: Float[Array, "B T D"], n_valid: Int[Array, "B"]) -> Array:
   return h[jnp.arange(h.shape[0]), jnp.maximum(n_valid - 1, 0)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "last_only", "options"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "last_only", "options", "whole_prompt"),
                    donate_argnames=("cache",))
 def _extend_jit(graphdef, state, cache, ids, n_valid, last_only: bool,
-                options: Options | None = None):
+                options: Options | None = None, whole_prompt: bool = False):
   model = nnx.merge(graphdef, state)
-  h, cache = forward_chunk(model, cache, ids, n_valid, options)
+  h, cache = forward_chunk(model, cache, ids, n_valid, options, whole_prompt=whole_prompt)
   if last_only:  # [B, D] -> [B, V]; the head always sees [B, T, D] (its sharding names)
     return model.logits(_last_valid(h, n_valid)[:, None])[:, 0], cache
   return model.logits(h), cache
@@ -169,6 +176,18 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
   if chunk < 1:
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
   n_chunks = -(-T // chunk)
+  whole = options is not None and options.context is not None
+  if whole:  # context-parallel: one chunk from position 0 (docs/context_parallel.md)
+    if n_chunks > 1:
+      raise ValueError(f"chunk_size={chunk_size} with a context-parallel options.context: the "
+                       f"prompt of T={T} tokens is split along the sequence in one chunk; pass "
+                       "chunk_size=None")
+    if traced:
+      bad = bad | (cache.lengths != 0)
+    elif np.asarray(cache.lengths).any():
+      raise ValueError(f"context-parallel prefill fills an empty cache, but it holds "
+                       f"{np.asarray(cache.lengths).tolist()} tokens per row; continue with "
+                       "options.replace(context=None)")
   real = xp.where(xp.arange(T)[None, :] < lengths[:, None], ids, 0).astype(xp.int32)
   padded = xp.pad(real, ((0, 0), (0, n_chunks * chunk - T)))  # [B, n_chunks * chunk]
   graphdef, state = nnx.split(model)
@@ -177,7 +196,7 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
     n_valid = xp.clip(lengths - c * chunk, 0, chunk).astype(xp.int32)
     part = jnp.asarray(padded[:, c * chunk:(c + 1) * chunk])
     out, cache = _extend_jit(graphdef, state, cache, part, jnp.asarray(n_valid),
-                             last_only=logits == "last", options=options)
+                             last_only=logits == "last", options=options, whole_prompt=whole)
     if logits == "last":
       has = jnp.asarray(n_valid > 0)[:, None]
       last = out if last is None else jnp.where(has, out, last)

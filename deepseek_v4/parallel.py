@@ -109,10 +109,11 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
 
   In: `state` (of `graphdef`) by `shardings`, ids by (batch, seq). Out: logits [B, T, V] by
   (batch, seq, vocab) activation rules: with a `context` axis (rule `seq`) and T divisible by it,
-  the sequence stays split from the ids to the logits (docs/context_parallel.md). Works from a real model's split or an abstract one
-  (`abstract.model`), which is how the ahead-of-time compiler (deepseek_v4/aot) builds the same
-  program. Trace it under `use(mesh, rules)`. `keep_unused`: keep parameters the forward never
-  reads (the MTP block) as arguments, as a run holds them.
+  the sequence stays split from the ids to the logits (docs/context_parallel.md). Works from a
+  real model's split or an abstract one (`abstract.model`), which is how the ahead-of-time
+  compiler (deepseek_v4/aot) builds the same program. Trace it under `use(mesh, rules)`.
+  `keep_unused`: keep parameters the forward never reads (the MTP block) as arguments, as a run
+  holds them.
   """
   rules = get_rules(rules)
   in_ids = _token_sharding(mesh, rules, shape)
@@ -128,11 +129,12 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
 def _token_sharding(mesh: Mesh, rules: Rules, shape: tuple[int, ...]) -> NamedSharding:
   """[B, T, ...] inputs: B over the batch axes (strict), T over the sequence's (`seq`: the
   context axis) where it divides, the rest replicated."""
-  names = ("batch", "seq", *(None,) * (len(shape) - 2))[: len(shape)]
   batch = batch_sharding(mesh, rules, shape).spec
+  if len(shape) < 2:
+    return NamedSharding(mesh, batch)
+  names = ("batch", "seq") + (None,) * (len(shape) - 2)
   seq = logical_to_spec(names, shape, mesh, rules.activations, strict=False)
-  return NamedSharding(mesh, P(batch[0], *seq[1:])) if len(shape) > 1 else NamedSharding(mesh,
-                                                                                         batch)
+  return NamedSharding(mesh, P(batch[0], *seq[1:]))
 
 
 def jit_forward(model, mesh: Mesh, rules: str | Rules, *, options: Options | None = None):

@@ -76,8 +76,9 @@ def _state_rel_err(ours: dict, ref: dict) -> float:
 def test_make_mesh_axes_and_fill():
   mesh = sharding.make_mesh(fsdp=-1, tensor=2)
   assert mesh.axis_names == sharding.MESH_AXES
-  assert dict(mesh.shape) == dict(data=1, fsdp=4, expert=1, tensor=2)
-  assert sharding.parse_mesh("fsdp=8,expert=2") == dict(data=1, fsdp=8, expert=2, tensor=1)
+  assert dict(mesh.shape) == dict(data=1, fsdp=4, context=1, expert=1, tensor=2)
+  assert sharding.parse_mesh("fsdp=8,expert=2") == dict(data=1, fsdp=8, context=1, expert=2,
+                                                        tensor=1)
 
 
 def test_mesh_size_must_match_device_count():

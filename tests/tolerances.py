@@ -35,3 +35,10 @@ PLAN_VS_COMPILER_REL = 0.15
 # custom VJP instead of autodiff, so only the summation order differs; through a module stack
 # like F32_MODEL_REL.
 F32_QLORA_GRAD_REL = 1e-4
+# context-parallel (sequence split over a `context` mesh axis) vs the one-device forward, float32
+# (relative): the same sums, only the padding and the gathered entries' layout differ, as issue
+# 23 asks.
+F32_CONTEXT_PARALLEL_REL = 1e-5
+# context-parallel gradients vs the one-device gradients, float32 (relative, per parameter): the
+# shard_map transposes sum the parameters' per-device gradients in another order, as issue 23 asks.
+F32_CONTEXT_PARALLEL_GRAD_REL = 1e-4

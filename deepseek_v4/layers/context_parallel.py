@@ -30,6 +30,7 @@ from jaxtyping import Array, Float, Int
 
 from deepseek_v4 import sharding
 from deepseek_v4.layers.attention_kinds import CSA, HCA, Sliding
+from deepseek_v4.layers.compressor import store_entries
 from deepseek_v4.layers.rope import rope_angles
 from kernels_pallas.sparse_attention import sources
 
@@ -71,11 +72,11 @@ def context_parallel_layout(mesh: Mesh, rules: str | sharding.Rules) -> ContextP
   return ContextParallel(mesh, axes[0], tuple(a for a in batch if a in mesh.shape))
 
 
-def halo_sizes(attn, window: int) -> tuple[int, int]:
-  """(tokens of the previous slice each device needs, of which the compressors read the last):
-  W - 1 for the band; a whole window of m for an overlapping (CSA) compressor."""
+def halo_size(attn, window: int) -> int:
+  """Tokens of the previous slice each device needs: W - 1 for the band, and a whole window of m
+  for an overlapping (CSA) compressor."""
   comp = attn.ratio if attn.compressor is not None and attn.compressor.overlap else 0
-  return max(window - 1, comp, 0), comp
+  return max(window - 1, comp, 0)
 
 
 def _check(attn, T: int, slice_len: int, halo: int, window: int, stage: str) -> None:
@@ -108,7 +109,62 @@ def _pad(x, row, rope, seg, pad: int):
 def full_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
                    segments: Int[Array, "B T"] | None, cp: ContextParallel, *, stage: str,
                    impl: str, block: int):
-  """`Attention._full` with the sequence split over `cp.axis`; same (output, None, KL) result.
+  """`Attention._full` with the sequence split over `cp.axis`; same (output, None, KL) result."""
+  y, _ = _run(attn, x, positions, segments, cp, stage=stage, impl=impl, block=block)
+  return y, None, jnp.zeros((2,), jnp.float32)
+
+
+def prefill_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
+                      n_valid: Int[Array, "B"], cache, cp: ContextParallel, *, impl: str,
+                      block: int):
+  """A context-parallel prefill of a whole prompt into an empty layer cache, for a chunk at
+  positions 0..T-1 (row b's first n_valid[b] tokens real): (output [B, T, D], the chunk's K=V
+  [B, T, H] for the caller's window ring, the new cache fields but the window).
+
+  The attention is `full_attention`'s (right padding comes after every real token, so it changes
+  no real output). The cache ends gathered (every device holds all of it, like a plain decode
+  cache): the entries and indexer keys the all-gather already brought, the window ring from the
+  last W real tokens' K=V, and each compressor's tail (the open window and, for CSA, the last
+  closed window's first halves) recomputed from the last <= 2m real tokens.
+  """
+  y, (kv, comp, ikeys) = _run(attn, x, positions, None, cp, stage="off", impl=impl, block=block,
+                              parts=True)
+  new = {}
+  if attn.compressor is not None:
+    new["compressor"] = _tail_state(attn.compressor, x, n_valid, cache.compressor, attn.freqs)
+    new["entries"] = _store_closed(cache.entries, comp, attn.ratio, n_valid)
+  if attn.indexer is not None:
+    sg = jax.lax.stop_gradient
+    new["indexer"] = _tail_state(attn.indexer.compressor, sg(x), n_valid, cache.indexer,
+                                 attn.freqs)
+    new["index_keys"] = _store_closed(cache.index_keys, ikeys, attn.ratio, n_valid)
+  return y, kv[:, : x.shape[1]], new
+
+
+def _store_closed(buf: Float[Array, "B C W"], entries: Array, ratio: int, n_valid: Array):
+  """The entries of the windows each row's real tokens close, written at their indices."""
+  entry = jnp.arange(entries.shape[1])[None, :]
+  return store_entries(buf, entries, entry, (entry + 1) * ratio <= n_valid[:, None])
+
+
+def _tail_state(compressor, x: Float[Array, "B T D"], n_valid: Array, empty, freqs):
+  """The compressor state after a row's n_valid tokens: `empty` fed the row's last closed window
+  (CSA's overlap needs its first halves) and its open one, whose entries are not kept."""
+  m = compressor.ratio
+  lead = m if compressor.overlap else 0
+  B = x.shape[0]
+  start = jnp.maximum(n_valid // m * m - lead, 0)  # [B], a multiple of m
+  xp = jnp.pad(x, ((0, 0), (0, lead + m), (0, 0)))
+  tail = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, lead + m, 0))(xp, start)
+  dummy = jnp.zeros((B, 1, compressor.norm.weight.shape[0]), jnp.float32)  # entries: not kept
+  _, state = compressor.extend(tail, start, n_valid - start, empty, dummy, freqs)
+  return state
+
+
+def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl: str, block: int,
+         parts: bool = False):
+  """The output [B, T, D] and, with `parts`, (K=V [B, T_pad, H], entries, indexer keys: all
+  gathered, None where the layer has none).
 
   x, positions and segments are the layer's global arrays (GSPMD places them); the per-device
   work runs under `jax.shard_map`, manual over every mesh axis: the slice along `cp.axis`, the
@@ -120,7 +176,7 @@ def full_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
   window = attn.window(T)
   pad = -T % (n * m)
   Tl = (T + pad) // n
-  halo, comp_halo = halo_sizes(attn, window)
+  halo = halo_size(attn, window)
   _check(attn, T, Tl, halo, window, stage)
   row = positions if segments is None else jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype),
                                                             (B, T))
@@ -133,21 +189,25 @@ def full_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
   for a in cp.batch_axes:
     nb *= cp.mesh.shape[a]
   b_axes = cp.batch_axes if cp.batch_axes and B % nb == 0 else None
-  spec = P(b_axes, cp.axis)
+  spec, spec3, whole = P(b_axes, cp.axis), P(b_axes, cp.axis, None), P(b_axes, None, None)
   graphdef, params = nnx.split(attn)
 
   def body(params, x, row, rope, seg):
     layer = nnx.merge(graphdef, params)
-    y = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n, halo=halo,
-                         comp_halo=comp_halo, window=window, impl=impl, block=block)
-    return y
+    y, more = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n,
+                               halo=halo, window=window, impl=impl, block=block)
+    return (y, more) if parts else y
 
-  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), P(b_axes, cp.axis, None), spec, spec,
-                                                    spec),
-                      out_specs=P(b_axes, cp.axis, None), check_vma=False)
+  more_specs = (spec3, None if attn.compressor is None else whole,
+                None if attn.indexer is None else whole)
+  # check_vma=False: the kernels' loops carry values that vary over the manual axes; every
+  # collective here is explicit, and the parameters' gradient is the sum over devices.
+  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), spec3, spec, spec, spec),
+                      out_specs=(spec3, more_specs) if parts else spec3, check_vma=False)
   with sharding.context.suspended():
-    y = run(params, x, row, rope, seg)
-  return y[:, :T], None, jnp.zeros((2,), jnp.float32)
+    out = run(params, x, row, rope, seg)
+  y, more = out if parts else (out, None)
+  return y[:, :T], more
 
 
 def _previous(a: Array, halo: int, axis: str, n: int, fill) -> Array:
@@ -162,8 +222,9 @@ def _gather(a: Array, axis: str) -> Array:
 
 
 def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, halo: int,
-                     comp_halo: int, window: int, impl: str, block: int) -> Array:
-  """One device's attention output [B, Tl, D] for its slice (x, positions, documents local)."""
+                     window: int, impl: str, block: int):
+  """One device's attention output [B, Tl, D] for its slice (x, positions, documents local), and
+  (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys)."""
   if halo:  # stage 1: the previous slice's last tokens
     x = jnp.concatenate([_previous(x, halo, axis, n, 0), x], axis=1)
     row = jnp.concatenate([_previous(row, halo, axis, n, _NO_POSITION), row], axis=1)
@@ -173,19 +234,21 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   cos, sin = rope_angles(rope, freqs)
   cq, q, kv = attn.project_qkv(x, cos, sin)
   band_seg = seg if docs else None
-  entries = None
+  entries, ikeys = None, None
   if attn.compressor is not None:
-    entries = _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, docs=docs, axis=axis,
-                       halo=halo, comp_halo=comp_halo, impl=impl, block=block)
+    entries, ikeys = _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, docs=docs,
+                              axis=axis, halo=halo, impl=impl, block=block)
   keys = sources.KeySources(sources.Band(kv, window, band_seg), entries=entries)
   o = attn.core(q, row, keys, impl=impl, block=block)
-  return attn.output(o, cos, sin)[:, halo:]
+  return attn.output(o, cos, sin)[:, halo:], (kv[:, halo:], None if entries is None
+                                              else entries.kv, ikeys)
 
 
 def _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, *, docs: bool, axis: str, halo: int,
-             comp_halo: int, impl: str, block: int):
+             impl: str, block: int):
   """Stage 2: this slice's compressed entries (and CSA's indexer keys), all-gathered, and the
-  selection of the slice's queries (plus the halo's, discarded) among them."""
+  selection of the slice's queries (plus the halo's, discarded) among them: (the key source,
+  the gathered indexer keys or None)."""
   m = attn.ratio
 
   def compress(compressor, inputs):
@@ -198,7 +261,7 @@ def _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, *, docs: bool, axis: 
 
   comp = compress(attn.compressor, x)
   comp_seg = _gather(seg[:, halo::m], axis) if docs else None
-  idx = None
+  idx, ikeys = None, None
   if attn.indexer is not None:
     # The indexer reads detached inputs (docs/architecture.md#indexer-training).
     sg = jax.lax.stop_gradient
@@ -206,7 +269,8 @@ def _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, *, docs: bool, axis: 
     iq, iw = attn.indexer.queries(sg(x), sg(cq), cos, sin)
     idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg, impl=impl,
                                  block=block))
-  return attn._entries(comp, idx, comp_seg)
+  return attn._entries(comp, idx, comp_seg), ikeys
 
 
-__all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_sizes"]
+__all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_size",
+           "prefill_attention"]

@@ -1,0 +1,223 @@
+"""Context parallelism (docs/context_parallel.md) on 8 simulated CPU devices: the sequence split
+over a `context` mesh axis gives the one-device numbers.
+
+Oracles: the one-device forward (logits, f32, within F32_CONTEXT_PARALLEL_REL), its gradients
+(F32_CONTEXT_PARALLEL_GRAD_REL), plain prefill + greedy decoding (token for token), and packed
+documents run one by one. Lengths are not multiples of 128, and 203 not of the device count
+either, so every layer pads its slices (to a multiple of devices x its ratio).
+
+The default run uses the one-CSA-layer model of the sharding tests at context=8 and context=4 x
+expert=2; the 3-layer model (one layer of each kind), the tiny preset, gradients, the train step
+and prefill + decode are `slow` (each compiles a whole context-parallel program: 40-150 s on 2
+shared cores).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import deepseek_v4
+from deepseek_v4 import cache as cache_lib
+from deepseek_v4 import decoding, parallel, sharding
+from deepseek_v4.layers import context_parallel
+from tests import sharded_steps as steps
+from tests.hf_oracle import randomize_params
+from tests.tolerances import F32_CONTEXT_PARALLEL_GRAD_REL, F32_CONTEXT_PARALLEL_REL, rel_err
+
+MESHES = {"context8": (dict(context=8), "fsdp"), "context4_ep2": (dict(context=4, expert=2),
+                                                                   "fsdp_ep")}
+
+
+def _model(cfg, seed: int = 1):
+  return randomize_params(deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0)), seed=seed)
+
+
+def _ids(cfg, B: int, T: int, seed: int = 2) -> np.ndarray:
+  return np.asarray(jax.random.randint(jax.random.key(seed), (B, T), 0, cfg.vocab_size), np.int32)
+
+
+def _assert_topk_selects(cfg, T: int):
+  """The CSA layers' top-k really chooses: late queries see more entries than k_I."""
+  assert any(k.name == "csa" for k in cfg.layer_kinds)
+  assert cfg.index_topk < T // 4, (cfg.index_topk, T)
+
+
+def _forward_matches(cfg, mesh_name: str, B: int, T: int):
+  sizes, rules = MESHES[mesh_name]
+  model = _model(cfg)
+  ids = _ids(cfg, B, T)
+  ref = np.asarray(model(jnp.asarray(ids)))
+  mesh = sharding.make_mesh(**sizes)
+  out = parallel.jit_forward(model, mesh, rules)(model, jnp.asarray(ids))
+  err = rel_err(out, ref)
+  print(f"\n{mesh_name} T={T}: logits rel err {err:.1e}, logits sharding {out.sharding.spec}")
+  assert err < F32_CONTEXT_PARALLEL_REL
+  return out
+
+
+def test_layout_from_mesh_and_rules():
+  mesh = sharding.make_mesh(context=4, expert=2)
+  cp = context_parallel.context_parallel_layout(mesh, "fsdp_ep")
+  assert (cp.axis, cp.size, cp.batch_axes) == ("context", 4, ("data", "fsdp", "expert"))
+  assert parallel.options(mesh, "fsdp_ep").context == cp
+  # the MoE's tokens [B*T] are split over the batch axes, then the sequence's
+  assert parallel.moe_impl(mesh, "fsdp_ep").expert_parallel.token_axes == (
+    "data", "fsdp", "expert", "context")
+  assert context_parallel.context_parallel_layout(sharding.make_mesh(fsdp=8), "fsdp") is None
+
+
+def test_forward_context8_equals_one_device():
+  """T = 200 (not a multiple of 128): padded to 256 inside the layer; the logits come back split
+  along `context`. The one-CSA-layer model (window, overlapping compressors, indexer top-k)."""
+  cfg = steps.CFG_SMALL
+  _assert_topk_selects(cfg, 200)
+  out = _forward_matches(cfg, "context8", 2, 200)
+  assert out.sharding.spec[1] == "context"
+
+
+@pytest.mark.parametrize("cfg", [pytest.param(steps.CFG_SMALL, id="csa"),
+                                 pytest.param(steps.CFG, id="3_kinds", marks=pytest.mark.slow)])
+def test_packed_documents_isolated_context4_expert2(cfg):
+  """Aligned packing (documents start at multiples of 16) over context=4 x expert=2 at T = 203
+  (not a multiple of 128 or of 8): slice boundaries (every 64 tokens with the HCA layer's
+  padding to 256, every 52 otherwise) fall inside documents; every document's logits equal its
+  own one-device forward."""
+  sizes, rules = MESHES["context4_ep2"]
+  model = _model(cfg)
+  lengths = (48, 48, 48, 48, 11)
+  T = sum(lengths)
+  ids = _ids(cfg, 1, T)
+  seg = np.repeat(np.arange(len(lengths)), lengths)[None].astype(np.int32)
+  mesh = sharding.make_mesh(**sizes)
+  opts = parallel.options(mesh, rules)
+
+  def packed(model, ids, seg):
+    x, _, _ = model.trunk(ids, segments=seg, options=opts)
+    return model.logits(model.final_hidden(x))
+
+  with sharding.use(mesh, rules):
+    out = np.asarray(nnx.jit(packed)(model, jnp.asarray(ids), jnp.asarray(seg)))
+  starts = np.cumsum((0,) + lengths)
+  alone = np.asarray(model(jnp.asarray(ids[0, :192].reshape(4, 48))))  # the four 48-token docs
+  last = np.asarray(model(jnp.asarray(ids[:, 192:])))
+  for d in range(4):
+    err = rel_err(out[0, starts[d]:starts[d + 1]], alone[d])
+    assert err < F32_CONTEXT_PARALLEL_REL, (d, err)
+  assert rel_err(out[0, 192:], last[0]) < F32_CONTEXT_PARALLEL_REL
+
+
+def test_clear_errors():
+  mesh = sharding.make_mesh(context=8)
+  opts = parallel.options(mesh, "fsdp")
+  cfg = steps.CFG_SMALL
+  model = _model(cfg)
+  with pytest.raises(ValueError, match="needs the last 7 tokens of the previous slice"):
+    model(jnp.zeros((1, 8), jnp.int32), options=opts)  # one token per device, W - 1 = 7
+  dense = _model(deepseek_v4.tiny(attention="dense", compress_ratios=(0,), num_mtp_layers=0,
+                                  num_hash_layers=0))
+  with pytest.raises(ValueError, match="layer kind 'dense' has no context-parallel path"):
+    dense(jnp.zeros((1, 256), jnp.int32), options=opts)  # its window is all of T
+  with pytest.raises(ValueError, match="indexer_stage='dense'"):
+    model(jnp.zeros((1, 128), jnp.int32), options=opts.replace(indexer_stage="dense"))
+  cache = cache_lib.init_cache(cfg, 1, 64)
+  with pytest.raises(ValueError, match="chunk_size=16 with a context-parallel"):
+    decoding.prefill(model, cache, np.zeros((1, 40), np.int32), chunk_size=16, options=opts)
+
+
+# ----- slow: the tiny preset, gradients, the train step, prefill + decode ------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("T", [203, 200])
+def test_forward_tiny_preset(mesh_name, T):
+  cfg = deepseek_v4.tiny()
+  _assert_topk_selects(cfg, T)
+  _forward_matches(cfg, mesh_name, 2, T)
+
+
+def _flat(tree) -> dict:
+  return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_gradients_equal_one_device(mesh_name):
+  """d(sum(logits * w)) / d(params) on the tiny preset at T = 203, every parameter within
+  F32_CONTEXT_PARALLEL_GRAD_REL of its one-device gradient (relative to its largest entry)."""
+  cfg = deepseek_v4.tiny()
+  sizes, rules = MESHES[mesh_name]
+  model = _model(cfg)
+  T = 203
+  ids = jnp.asarray(_ids(cfg, 1, T))
+  w = jax.random.normal(jax.random.key(3), (1, T, cfg.vocab_size))
+
+  def loss(model, ids, options=None):
+    return jnp.sum(model(ids, options=options) * w)
+
+  ref = _flat(nnx.jit(nnx.grad(loss))(model, ids))
+  mesh = sharding.make_mesh(**sizes)
+  opts = parallel.options(mesh, rules)
+  with sharding.use(mesh, rules):
+    got = _flat(nnx.jit(nnx.grad(lambda m, i: loss(m, i, opts)))(model, ids))
+  errs = {k: rel_err(got[k], v) for k, v in ref.items() if np.any(v)}
+  worst = max(errs, key=errs.get)
+  print(f"\n{mesh_name}: worst gradient {worst} {errs[worst]:.1e}")
+  assert errs[worst] < F32_CONTEXT_PARALLEL_GRAD_REL
+
+
+@pytest.mark.slow
+def test_train_step_context8_equals_one_device():
+  """`parallel.jit_train_step` with the batch split along the sequence: loss, gradients and the
+  updated parameters equal the one-device step (the 3-layer model, T = 192)."""
+  cfg = steps.CFG
+  b = steps.batch(cfg, B=2, T=192)
+  ref_model = _model(cfg)
+  ref_opt = steps.optimizer(ref_model)
+  ref_loss = float(nnx.jit(steps.lm_step)(ref_model, ref_opt, b)["loss"])
+  mesh = sharding.make_mesh(context=8)
+  model = parallel.init_model(cfg, mesh, "fsdp")
+  nnx.update(model, nnx.state(_model(cfg)))
+  opt = steps.optimizer(model)
+  step = parallel.jit_train_step(steps.lm_step, model, opt, mesh, "fsdp", donate=False)
+  loss = float(step(model, opt, b)["loss"])
+  assert abs(loss - ref_loss) / abs(ref_loss) < F32_CONTEXT_PARALLEL_REL
+  grads, ref_grads = steps.flat_gradients(opt), steps.flat_gradients(ref_opt)
+  worst = max(rel_err(grads[k], v) for k, v in ref_grads.items() if np.any(v))
+  assert worst < F32_CONTEXT_PARALLEL_GRAD_REL
+  params, ref_params = steps.flat_params(model), steps.flat_params(ref_model)
+  assert max(rel_err(params[k], v) for k, v in ref_params.items()) < F32_CONTEXT_PARALLEL_REL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_prefill_then_decode_equals_plain_decoding(mesh_name):
+  """A context-parallel prefill of prompts of 203 and 150 real tokens (right-padded) leaves the
+  cache of a plain prefill: the prefill logits agree, and 20 greedy decode steps from each cache
+  pick the same tokens with the same logits."""
+  cfg = deepseek_v4.tiny()
+  sizes, rules = MESHES[mesh_name]
+  model = _model(cfg)
+  T, steps_n = 203, 20
+  lengths = np.array([203, 150], np.int32)
+  ids = _ids(cfg, 2, T)
+  mesh = sharding.make_mesh(**sizes)
+  opts = parallel.options(mesh, rules)
+
+  def run(options):
+    cache = cache_lib.init_cache(cfg, 2, T + steps_n)
+    logits, cache = decoding.prefill(model, cache, ids, lengths, logits="last", options=options)
+    toks, all_logits = [], [np.asarray(logits)]
+    tok = jnp.argmax(logits, -1)
+    for _ in range(steps_n):
+      toks.append(np.asarray(tok))
+      logits, cache = decoding.decode_step(model, cache, tok, options=options)
+      all_logits.append(np.asarray(logits))
+      tok = jnp.argmax(logits, -1)
+    return np.stack(toks, 1), np.stack(all_logits, 1), cache
+
+  ref_toks, ref_logits, ref_cache = run(None)
+  with sharding.use(mesh, rules):
+    toks, logits, cache = run(opts)
+  np.testing.assert_array_equal(toks, ref_toks)
+  assert rel_err(logits, ref_logits) < F32_CONTEXT_PARALLEL_REL
