@@ -185,8 +185,9 @@ class Settings:
   gmm: str = "tiled"  # grouped-matmul path (kernels_pallas/moe_gmm): what "auto" runs on GPU
   lora_rank: int = 0  # LoRA training (only the adapters train; QLoRA with kept FP4 experts)
   lora_targets: tuple[str, ...] = ("wq_a", "wq_b", "wkv", "wo_b")  # as TrainConfig.lora_targets
-  # with a `context` mesh axis: the prefilled cache split along the sequence, or whole on each
-  context_cache: str = "sharded"  # ("sharded" | "replicated"); see context_plan
+  # with a `context` mesh axis: the prefilled cache whole on each device (what decoding.prefill
+  # leaves, docs/context_parallel.md#prefill) or split along the sequence; see context_plan
+  context_cache: str = "replicated"  # "replicated" | "sharded"
 
 
 @dataclasses.dataclass
@@ -544,7 +545,7 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
 
 
 # ----- context parallelism (docs/plan.md "Context parallelism") ---------------------------------
-CONTEXT_CACHES = ("sharded", "replicated")
+CONTEXT_CACHES = ("replicated", "sharded")
 
 
 def devices_per_context(devices: int, context: int) -> int:

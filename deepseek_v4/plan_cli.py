@@ -63,9 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--context-parallel", type=cli.positive_int, default=1, metavar="N",
                       help="split each row's sequence over N devices (a `context` mesh axis of "
                       "size N beside --mesh; --devices counts all of them); docs/plan.md")
-  parser.add_argument("--context-cache", choices=plan.CONTEXT_CACHES, default="sharded",
-                      help="with --context-parallel: the prefilled cache split along the "
-                      "sequence (default) or whole on every device")
+  parser.add_argument("--context-cache", choices=plan.CONTEXT_CACHES, default="replicated",
+                      help="with --context-parallel: the prefilled cache whole on every device "
+                      "(default, what decoding.prefill leaves) or split along the sequence")
   parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
 
 

@@ -68,7 +68,7 @@ def test_context_plan_by_hand():
   cfg = deepseek_v4.tiny()
   N, seq = 4, 500
   T = plan_context.padded_length(cfg, seq, N)
-  s = plan.Settings(batch=1, seq=seq, prefill_chunk=seq)
+  s = plan.Settings(batch=1, seq=seq, prefill_chunk=seq, context_cache="sharded")
   cp = plan.make_plan(cfg, dict(fsdp=2, context=N), "fsdp", s)
   one = plan.make_plan(cfg, dict(fsdp=2), "fsdp", plan.Settings(batch=1, seq=T,
                                                                  prefill_chunk=T // N))
@@ -86,8 +86,7 @@ def test_context_plan_by_hand():
   split = lambda path: any(getattr(k, "name", None) in ("entries", "index_keys") for k in path)
   want = sum(nbytes(a) / (N if split(p) else 1) for p, a in leaves)
   assert _line(cp, "KV cache") == pytest.approx(want)
-  rep = plan.make_plan(cfg, dict(fsdp=2, context=N), "fsdp",
-                       plan.Settings(batch=1, seq=seq, context_cache="replicated"))
+  rep = plan.make_plan(cfg, dict(fsdp=2, context=N), "fsdp", plan.Settings(batch=1, seq=seq))
   assert _line(rep, "KV cache") == cache.cache_bytes(c)
   assert cp.total == pytest.approx(sum(b for _, b, _ in cp.lines))
 
@@ -143,7 +142,7 @@ def test_cli(capsys):
   assert rc == 0
   assert "on 8 devices" in out and "context=4" in out and "sequence split 4 ways" in out
   assert "per-layer exchange, one row of 1,024 tokens over 4 devices" in out
-  assert "sharded over context" in out and "FITS" in out
+  assert "replicated over context" in out and "FITS" in out
   rc = cli.main(["plan", "--preset", "tiny", "--devices", "6", "--context-parallel", "4"])
   assert rc == cli.USAGE_ERROR
   assert "6 devices cannot hold a context axis of 4" in capsys.readouterr().err
