@@ -137,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in (one, cp):
       print(f"{T:>8} {r['mode']:>8} {r['compile_s']:>10.1f} {r['seconds']:>8.2f} "
             f"{r['bytes_per_device'] / 1e9:>10.3f} {err if r is cp else 0:>9.1e}  "
-            + ("  ".join(cells) if r is cp else ""))
+            + ("  ".join(cells) if r is cp else ""), flush=True)
     rows += [one, cp]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(model=MODEL, devices=DEVICES, jax=jax.__version__, rows=rows,
-                   **hugepages.status()), f, indent=2)
-  print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:  # after every length: a long run keeps what it measured
+      json.dump(dict(model=MODEL, devices=DEVICES, jax=jax.__version__, rows=rows,
+                     **hugepages.status()), f, indent=2)
+    print(f"wrote {args.out}", flush=True)
   return 0
 
 

@@ -242,3 +242,19 @@ def test_compiled_context_parallel_exchange_is_plans():
     # x's halo, and where XLA does not recompute them, the halo's int32 positions or documents
     assert seen[kind]["collective-permute"] - {(halo * 4, 2)} == {(e.neighbour, 2)}, kind
     assert seen[kind]["all-gather"] == {(b, 8) for b in (e.entries, e.index_keys) if b}, kind
+
+
+def test_combined_async_collectives_are_listed_per_array():
+  """XLA:GPU combines collectives: one all-gather-start of two arrays (operands, then results)
+  is two entries; a collective-permute-start's trailing u32[] contexts are not arrays."""
+  from deepseek_v4.aot import collectives
+
+  text = ("HloModule m, num_partitions=8\n\nENTRY %main (a: f32[4,8]) -> f32[32,8] {\n"
+          "  %s = (f32[4,8]{1,0}, bf16[2,16]{1,0}, f32[32,8]{1,0}, bf16[16,16]{1,0}) "
+          "all-gather-start(%a, %b), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}\n"
+          "  %p = (f32[3,8]{1,0}, f32[3,8]{1,0}, u32[], u32[]) collective-permute-start(%a), "
+          "source_target_pairs={{0,1}}\n}")
+  found = collectives.collectives(text)
+  assert [(c.op, c.result_bytes, c.operand_bytes) for c in found] == [
+    ("all-gather", 32 * 8 * 4, 4 * 8 * 4), ("all-gather", 16 * 16 * 2, 2 * 16 * 2),
+    ("collective-permute", 3 * 8 * 4, 3 * 8 * 4)]

@@ -45,7 +45,8 @@ class Collective:
       scanned layers, "main"-like for the entry).
     operand_bytes: bytes one device sends in (its piece); result_bytes: what it holds after.
     group: devices per replica group (1 when the text names none).
-    shapes: the result's array types as printed ("bf16[262144,512]", ...).
+    shapes: the result's array type as printed ("bf16[262144,512]"); a combined instruction
+      (several arrays in one, as XLA's combiners make them) is listed once per array.
     source: the JAX operation it came from (the `op_name` of its metadata), or "".
   """
 
@@ -99,20 +100,20 @@ def collectives(hlo_text: str) -> list[Collective]:
     m = _INSTR.match(line)
     if not m:
       continue
-    shapes = _SHAPE.findall(m["type"])
-    sizes = [_bytes(t, d) for t, d in shapes]
+    shapes = [(t, d) for t, d in _SHAPE.findall(m["type"])]
     op, group = m["op"], _group_size(line, partitions)
-    printed = tuple(f"{t}[{d}]" for t, d in shapes)
-    if m["start"]:  # async: (operand(s), result(s), context...) as one tuple
-      operand, result = sizes[0], sizes[1] if len(sizes) > 1 else sizes[0]
-      printed = printed[1:2] or printed
-    else:
-      result = sum(sizes)
+    if m["start"]:  # async: (operands..., results..., [u32[] contexts]) as one tuple
+      while len(shapes) > 2 and shapes[-1][1] == "":
+        shapes.pop()
+      shapes = shapes[len(shapes) // 2:] if len(shapes) > 1 else shapes
+    source = re.search(r'op_name="([^"]*)"', line)
+    # A combined collective (XLA merges several into one instruction) moves each array apart.
+    for t, d in shapes:
+      result = _bytes(t, d)
       operand = {"all-gather": result // max(group, 1),
                  "reduce-scatter": result * group}.get(op, result)
-    source = re.search(r'op_name="([^"]*)"', line)
-    out.append(Collective(op, m["name"], computation, operand, result, group, printed,
-                          source[1] if source else ""))
+      out.append(Collective(op, m["name"], computation, operand, result, group, (f"{t}[{d}]",),
+                            source[1] if source else ""))
   return out
 
 

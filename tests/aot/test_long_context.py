@@ -33,9 +33,12 @@ def test_context_parallel_prefill_on_8_h200_exchanges_what_plan_says():
       if f"attention_{kind}/shard_map/" in c.source:
         seen[kind][c.op].add((c.result_bytes, c.group))
   want = {e.kind.split()[0].lower(): e for e in plan_context.exchanges(cfg, T, 8)}
+  # XLA:GPU may fold one layer's halo permute into another's (one instruction, one source name):
+  # every halo permute found is x's halo (or its int32 positions), and at least one is found.
+  halo = cfg.window - 1
+  permutes = set().union(*(seen[kind]["collective-permute"] for kind in want))
+  assert permutes - {(halo * 4, 2)} == {(e.neighbour, 2) for e in want.values()}
   for kind, e in want.items():
-    halo = cfg.window - 1  # x's halo, and maybe its int32 positions (tests/test_plan_context)
-    assert seen[kind]["collective-permute"] - {(halo * 4, 2)} == {(e.neighbour, 2)}, kind
     gathered = {(b, 8) for b in (e.entries, e.index_keys) if b}
     assert seen[kind]["all-gather"] == gathered, kind
   assert 0 < r.total_bytes < targets.target("h200").memory_bytes
