@@ -185,6 +185,9 @@ class Settings:
   gmm: str = "tiled"  # grouped-matmul path (kernels_pallas/moe_gmm): what "auto" runs on GPU
   lora_rank: int = 0  # LoRA training (only the adapters train; QLoRA with kept FP4 experts)
   lora_targets: tuple[str, ...] = ("wq_a", "wq_b", "wkv", "wo_b")  # as TrainConfig.lora_targets
+  # with a `context` mesh axis: the prefilled cache whole on each device (what decoding.prefill
+  # leaves, docs/context_parallel.md#prefill) or split along the sequence; see context_plan
+  context_cache: str = "replicated"  # "replicated" | "sharded"
 
 
 @dataclasses.dataclass
@@ -530,6 +533,8 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
   cfg = cfg if s.param_dtype is None else cfg.replace(param_dtype=s.param_dtype)
   check_kept_training(s, options)
   check_expert_adapters(s, sizes, rules)
+  if sizes.get("context", 1) > 1:  # one sequence split over devices: its own activation model
+    return context_plan(cfg, sizes, rules, s, name, device_memory, headroom, options)
   lines, notes, (per_layer, trained) = state_lines(cfg, sizes, rules, s, options)
   act, act_notes = activation_lines(cfg, sizes, rules, s, scan_step_bytes(cfg, per_layer),
                                     scan_step_bytes(cfg, trained), options)
@@ -539,9 +544,166 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
   return Plan(name, sizes, rules, s, lines, act_notes + notes, device_memory, headroom)
 
 
+# ----- context parallelism (docs/plan.md "Context parallelism") ---------------------------------
+CONTEXT_CACHES = ("replicated", "sharded")
+
+
+def devices_per_context(devices: int, context: int) -> int:
+  """The devices of one context group's sequence slice: `devices` / `context` (an error naming
+  both when it does not divide)."""
+  if devices % context:
+    raise ValueError(f"{devices} devices cannot hold a context axis of {context}: expected a "
+                     f"device count that is a multiple of {context}")
+  return devices // context
+
+
+def with_context(sizes: dict[str, int], context: int) -> dict[str, int]:
+  """`sizes` with a `context` axis of size `context` (refused when it already has another)."""
+  if sizes.get("context", 1) not in (1, context):
+    raise ValueError(f"the mesh already has context={sizes['context']}, but context parallelism "
+                     f"{context} was asked for; give one of them")
+  return {**sizes, "context": context}
+
+
+def _token_shards(sizes: dict[str, int], rules: str) -> int:
+  """Devices the tokens of a step are split over inside the MoE's shard_map: the batch axes, and
+  the `context` axis, which splits the sequence (counted once if the rules already list it)."""
+  spec = sharding.logical_to_spec(("batch",), (math.prod(sizes.values()),), sizes,
+                                  sharding.get_rules(rules).activations, strict=False)
+  axes = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+  return _shards(spec, sizes) * (1 if "context" in axes else sizes.get("context", 1))
+
+
+def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings,
+                             step_params: float = 0.0, step_trained: float = 0.0,
+                             options: Options = Options(), gathered_weights: float = 0.0):
+  """`activation_lines` with each row's sequence split over the `context` axis (N devices).
+
+  Token-wise intermediates (streams, projections, the MoE) hold T / N tokens per device. A layer's
+  attention also holds what context parallelism adds (deepseek_v4/plan_context.py): the previous
+  slice's tail (neighbour exchange) and the layer's compressed entries and indexer keys gathered
+  at the full length; its query blocks score and gather against all T / m entries (the indexer's
+  scores and the top-k gather, `attention_block_bytes` at the full length). Training keeps the
+  gathered buffers' cotangents too (the backward reduce-scatters them). `gathered_weights`: a
+  scan step's weights gathered along the context axis beyond its local shard (nearly all routed
+  experts), alive with the MoE's buffers, not the attention's (XLA's buffer assignment).
+  """
+  from deepseek_v4 import plan_context
+
+  r = sharding.get_rules(rules)
+  ep = r.expert_parallel
+  N = sizes["context"]
+  tp_h = _act_shards(sizes, rules, "heads", cfg.num_heads)
+  tp_f = _act_shards(sizes, rules, "mlp", cfg.moe_inter_dim)
+  tp_v = _act_shards(sizes, rules, "vocab", cfg.vocab_size)
+  shards = _batch_shards(sizes, rules, s.batch, strict=False)  # one long row: not split
+  rows = s.batch // shards if s.batch % shards == 0 else s.batch
+  T = plan_context.padded_length(cfg, s.seq, N)
+  per_block = block_bytes_per_token(cfg, tp_h, tp_f, ep)
+  ep_shards = _shards((dict(r.params)["expert"],), sizes) if ep else 1
+  token_shards = _token_shards(sizes, rules)
+  stream = cfg.hc_mult * cfg.d_model * _itemsize(cfg.dtype)
+  L = cfg.num_layers + cfg.num_mtp_layers
+  cf = "dropless" if s.capacity_factor is None else f"capacity factor {s.capacity_factor}"
+  if s.train:
+    if rows % s.grad_accum:
+      raise ValueError(f"{rows} rows per device not divisible by grad_accum={s.grad_accum}")
+    rows //= s.grad_accum
+    chunk, passes = T, 2
+  else:
+    chunk, passes = plan_context.padded_length(cfg, min(s.prefill_chunk, T), N), 1
+  n = rows * chunk // N  # tokens per device in one forward
+  exchange = (plan_context.largest_gathered(cfg, T, N, rows) * passes
+              + plan_context.largest_neighbour(cfg, T, N, rows))
+  query_block = attention_block_bytes(cfg, rows, T, tp_h, options.attn_block)
+  t_l = -(-(s.batch // (s.grad_accum if s.train else 1)) * chunk // token_shards)
+  moe = passes * ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
+                                 s.gmm) if ep else 0.0
+  moe += gathered_weights
+  if s.train:
+    full = s.remat == "full"
+    tokens = n * per_block * (2 if full else 1)
+    work = tokens + 3 * query_block + exchange
+    grads32 = step_trained * 4 / _itemsize(cfg.param_dtype)
+    lines = [(f"saved activations ({L} blocks, remat {s.remat})",
+              L * n * (stream if full else per_block), "estimate"),
+             ("one block's backward (max of attention + exchange, MoE)", max(work, moe),
+              "estimate"),
+             ("one scan step: parameters + float32 weight gradients", step_params + grads32,
+              "estimate"),
+             ("logits (float32)", min(s.ce_chunk, n) * cfg.vocab_size * 4 * 3 / tp_v, "estimate")]
+    head = f"rows/device per micro-batch {rows}, {n // rows:,} of {T:,} tokens per device"
+  else:
+    tokens = n * per_block
+    work = tokens + query_block + exchange
+    lines = [(f"prefill chunk of {chunk} tokens ({chunk // N} per device): streams in and out",
+              2 * n * stream, "estimate"),
+             ("one block (max of attention + exchange, MoE)", max(work, moe), "estimate"),
+             ("one scan step's parameters", step_params, "estimate"),
+             ("logits (float32)", rows * cfg.vocab_size * 4 * 2 / tp_v, "estimate")]
+    head = f"rows/device {rows}, cache capacity {T:,} tokens, sequence split {N} ways"
+  block = (f"one block: attention {gb(work)} (tokens {gb(tokens)}, query blocks at the full "
+           f"length {gb(query_block)}, context exchange {gb(exchange)}), MoE all-to-all "
+           f"({s.all_to_all}, {s.gmm} gmm, {cf}) {gb(moe)}"
+           + (f" with the layers' weights gathered along context {gb(gathered_weights)}"
+              if gathered_weights else ""))
+  return lines, [head, block]
+
+
+def context_cache_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
+  """The prefilled cache of `s.batch` rows at the padded length: its entries and indexer keys
+  split along the sequence over `context` ("sharded") or whole on every device ("replicated");
+  the window rings and compressor tails are per row and not split."""
+  from deepseek_v4 import cache as cache_lib
+  from deepseek_v4 import plan_context
+
+  if s.context_cache not in CONTEXT_CACHES:
+    raise ValueError(f"context_cache={s.context_cache!r} must be one of {CONTEXT_CACHES}")
+  N = sizes["context"]
+  T = plan_context.padded_length(cfg, s.seq, N)
+  parts = cache_lib.byte_model(cfg, T)
+  split = N if s.context_cache == "sharded" else 1
+  per_row = sum(p.bytes / (split if p.stride else 1) for p in parts)
+  shards = _batch_shards(sizes, rules, s.batch, strict=False)
+  return [(f"KV cache ({s.batch} x {T} tokens, {cfg.dtype}, {s.context_cache} over context)",
+           s.batch * per_row / shards, "exact")]
+
+
+def context_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings, name: str,
+                 device_memory: int | None, headroom: float, options: Options) -> Plan:
+  """`make_plan` for a mesh with a `context` axis of size > 1 (each row's sequence split into
+  contiguous slices): state as `state_lines`, activations by `context_activation_lines`, and for
+  inference the prefilled cache by `context_cache_lines`."""
+  from deepseek_v4 import plan_context
+
+  lines, notes, (local, _) = state_lines(cfg, sizes, rules, s, options)
+  # A layer runs on its weights gathered along the context axis, its routed experts excepted
+  # (they stay split where the rules split them): the rule tables replicate parameters along
+  # the axis (nothing to gather); aot.long_context.zero_over_context shards them, and then every
+  # layer, scanned or not, holds a gathered copy while it runs.
+  r = sharding.get_rules(rules)
+  drop = lambda t: tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "context")
+  gathered = r.replace(params=tuple((n, t if n == "expert" else drop(t)) for n, t in r.params))
+  _, _, (per_layer, trained) = state_lines(cfg, sizes, gathered, s, options)
+  step, step_trained = scan_step_bytes(cfg, local), scan_step_bytes(cfg, trained)
+  gather = 0.0  # the gathered copy: alive while its layer's MoE runs (XLA's buffer assignment)
+  if per_layer != local:
+    gather = max(scan_step_bytes(cfg, per_layer), *per_layer) - step
+  act, act_notes = context_activation_lines(cfg, sizes, rules, s, step, step_trained, options,
+                                            gather)
+  lines += act
+  if not s.train:
+    lines += context_cache_lines(cfg, sizes, rules, s)
+  notes = act_notes + notes + plan_context.format_exchanges(cfg, s.seq,
+                                                            sizes["context"]).split("\n")
+  return Plan(name, sizes, sharding.get_rules(rules).name, s, lines, notes, device_memory,
+              headroom)
+
+
 def format_plan(p: Plan) -> str:
   n = math.prod(p.mesh.values())
-  mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+  # the context axis is shown only when it splits the sequence (plans without it read as before)
+  mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items() if k != "context" or v > 1)
   mode = "fine-tuning" if p.settings.train else "inference"
   out = [f"plan: {p.name} {mode} on {n} devices, mesh {mesh}, rules {p.rules}",
          *(f"  {x}" for x in p.notes), ""]

@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--headroom", type=cli.fraction, default=0.1,
                       help="fraction of device memory kept free for XLA, in [0, 1) "
                       "(default 0.1)")
+  parser.add_argument("--context-parallel", type=cli.positive_int, default=1, metavar="N",
+                      help="split each row's sequence over N devices (a `context` mesh axis of "
+                      "size N beside --mesh; --devices counts all of them); docs/plan.md")
+  parser.add_argument("--context-cache", choices=plan.CONTEXT_CACHES, default="replicated",
+                      help="with --context-parallel: the prefilled cache whole on every device "
+                      "(default, what decoding.prefill leaves) or split along the sequence")
   parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
 
 
@@ -82,15 +88,18 @@ def run(args: argparse.Namespace) -> int:
     n = math.prod(sizes.values())
     if args.devices is not None and args.devices != n:
       raise ValueError(f"--mesh {args.mesh} has {n} devices but --devices={args.devices}")
-  else:
-    sizes = plan.default_mesh(cfg, args.devices or 8, devices_per_host=args.devices_per_host,
+  else:  # the recommended mesh for the devices left once the sequence is split
+    devices = plan.devices_per_context(args.devices or 8, args.context_parallel)
+    sizes = plan.default_mesh(cfg, devices, devices_per_host=args.devices_per_host,
                               train=args.train)
+  if args.context_parallel > 1:
+    sizes = plan.with_context(sizes, args.context_parallel)
   settings = plan.Settings(train=args.train, batch=args.batch, seq=args.seq,
                            grad_accum=args.grad_accum, remat=args.remat, optimizer=args.optimizer,
                            moment_dtype=args.moment_dtype, param_dtype=args.param_dtype,
                            freeze=tuple(args.freeze), capacity_factor=args.capacity_factor,
                            prefill_chunk=args.prefill_chunk, gmm=args.gmm,
-                           **_lora_settings(args))
+                           context_cache=args.context_cache, **_lora_settings(args))
   result = plan.make_plan(cfg, sizes, args.rules, settings, name=name or "custom",
                           device_memory=args.device_memory, headroom=args.headroom,
                           options=options)
