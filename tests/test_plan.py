@@ -185,7 +185,7 @@ def test_duplicated_mesh_axis_is_refused(capsys):
   with pytest.raises(ValueError, match="names the axis 'expert' more than once"):
     plan.parse_mesh("expert=8,fsdp=2,expert=4")
   assert plan.parse_mesh("fsdp=2,expert=4") == dict(data=1, fsdp=2, context=1, expert=4,
-                                                            tensor=1)
+                                                     tensor=1)
   rc = cli.main(["plan", "--preset", "tiny", "--mesh", "expert=8,expert=4"])
   assert rc == cli.USAGE_ERROR and "'expert' more than once" in capsys.readouterr().err
 
