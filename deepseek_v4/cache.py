@@ -12,8 +12,9 @@ Per layer:
 
 Each row of the batch has its own length (its next position), so prompts of different lengths are
 right-padded and every row advances independently. The number of entries a row holds is
-`lengths // m` (the count is derived, never stored twice). MTP is not cached: generation never
-runs the MTP block.
+`lengths // m` (the count is derived, never stored twice). Plain generation never runs the MTP
+block and caches nothing for it; speculative decoding keeps the MTP block's own window ring in a
+separate `LayerCache` (`init_mtp_cache`, docs/speculative.md).
 """
 
 from __future__ import annotations
@@ -155,6 +156,15 @@ def init_cache(cfg, batch: int, max_len: int, dtype=None, *, scan_layers: bool |
     groups.append(slots)
   return Cache(groups=tuple(groups), lengths=jnp.zeros((batch,), jnp.int32),
                max_len=int(max_len), layer_groups=layer_groups)
+
+
+def init_mtp_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> LayerCache:
+  """An empty decode cache of the MTP block (its kind's window ring, `cfg.mtp_kind`) for
+  speculative decoding (docs/speculative.md). Its positions are the trunk cache's: MTP position i
+  holds the key of (X_i, token i+1)."""
+  if cfg.num_mtp_layers == 0:
+    raise ValueError("num_mtp_layers=0: the model has no MTP block to cache")
+  return init_layer_cache(cfg, cfg.mtp_kind, batch, max_len, jnp.dtype(dtype or cfg.dtype))
 
 
 def cache_bytes(cache) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from deepseek_v4 import parallel, sharding
+from deepseek_v4 import parallel, sharding, speculative
 from deepseek_v4.cache import Cache, init_cache
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.model import under_trace
@@ -430,7 +430,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              max_len: int | None = None, prefill_chunk: int | None = None,
              stream: Callable | None = None, return_logits: bool = False,
              options: Options | None = None, mesh: jax.sharding.Mesh | None = None,
-             rules: str | sharding.Rules | None = None):
+             rules: str | sharding.Rules | None = None, draft: str | None = None,
+             num_draft: int = 1, stats: bool = False):
   """Greedy or sampled continuation of a batch of prompts, the whole loop under one jit.
 
   Args:
@@ -469,16 +470,32 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
       mesh's MoE (`parallel.moe_impl`: expert-parallel when the rules split the experts). Tokens
       equal the one-device run's up to float rounding of the sharded sums. Without `mesh`, an
       enclosing `sharding.use(mesh, rules)` is followed (then pass `options` yourself).
+    draft: None (plain decoding) or "mtp": self-speculative decoding (`deepseek_v4.speculative`,
+      docs/speculative.md): the model's MTP block drafts `num_draft` tokens per round and the
+      trunk verifies them in one call; greedy output equals plain greedy, sampled output follows
+      the same distribution. `stream` is then called once per token index a round fills.
+    num_draft: k, drafts per round (1 .. speculative.MAX_DRAFT); the cache needs k positions
+      beyond the last token (default max_len grows by k).
+    stats: with `draft`, also return the speculative statistics (`speculative.stats_dict`:
+      acceptance per draft position, mean accepted length, tokens per verify call, tokens/s).
   Returns:
     int32 [B, T + N]: row b holds its prompt (`lengths[b]` tokens), then its generated tokens
     (up to and including a stop token), then `pad_id` to the end of the row. With
-    `return_logits`, the pair (ids, logits).
+    `return_logits`, the pair (ids, logits); with `stats`, the pair (ids, statistics).
   """
   cfg: ModelConfig = model.cfg
   if (mesh is None) != (rules is None):
     raise ValueError(f"generate: mesh and rules go together; got mesh={mesh!r}, rules={rules!r}")
   if rules is not None:
     rules = sharding.get_rules(rules)  # an unknown name fails here, naming the known ones
+  k = 0
+  if draft is not None:
+    k = speculative.check_draft(cfg, draft, num_draft)
+    if return_logits:
+      raise ValueError("return_logits=True is not supported with draft='mtp' (a round keeps "
+                       "several tokens); use plain decoding to get the logits")
+  elif stats:
+    raise ValueError("stats=True needs draft='mtp' (the statistics are the speculative ones)")
   ids, lengths = _as_prompts(prompt_ids, lengths)
   B, T = ids.shape
   if not (isinstance(max_new_tokens, (int, np.integer)) and not isinstance(max_new_tokens, bool)
@@ -494,11 +511,16 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     raise ValueError(f"prompt length {int(lengths.max())} + max_new_tokens {N} needs {need} "
                      f"positions; the model has max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
-  max_len = T + N if max_len is None else int(max_len)
+  max_len = T + N + k if max_len is None else int(max_len)
   max_len = min(max_len, cfg.max_position_embeddings)
   if need > max_len or T > max_len:
     raise ValueError(f"prompt length {max(T, int(lengths.max()))} + max_new_tokens {N} does not "
                      f"fit the cache capacity max_len={max_len}")
+  if k and need + k > max_len:
+    raise ValueError(f"num_draft={k}: the verify call looks {k} positions past the last token, "
+                     f"so prompt length {int(lengths.max())} + max_new_tokens {N} + num_draft "
+                     f"{k} needs {need + k} cache positions; the cache holds max_len={max_len} "
+                     f"(max_position_embeddings={cfg.max_position_embeddings})")
   pad_id = cfg.eos_token_id if pad_id is None else int(pad_id)
   stop_tokens = _as_stop_tokens(stop_tokens)
   for s in stop_tokens:
@@ -506,6 +528,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
       raise ValueError(f"stop token {s!r} is outside the vocabulary [0, {cfg.vocab_size})")
   if N == 0:  # nothing to generate: the prompts, laid out as a generated batch would be
     out = jnp.asarray(np.where(np.arange(T)[None, :] < lengths[:, None], ids, pad_id), jnp.int32)
+    if stats:
+      empty = np.zeros((k,), np.int64)
+      return out, speculative.stats_dict(k, np.zeros((B,), np.int64), np.zeros((B,), np.int64),
+                                         empty, empty, 0.0)
     return (out, jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)) if return_logits else out
   stops = np.asarray(list(stop_tokens) or [-1], np.int32)
   chunk = T if prefill_chunk is None else max(1, min(int(prefill_chunk), T))
@@ -517,6 +543,12 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
     if options is None:
       options = model.options.replace(moe=parallel.moe_impl(mesh, rules))
+  if k:
+    with contextlib.nullcontext() if mesh is None else sharding.use(mesh, rules):
+      out, info = speculative.generate(graphdef, state, padded, lengths, stops, pad_id, seed,
+                                       n_new=N, sampler=sampler, max_len=max_len, chunk=chunk,
+                                       num_draft=k, stream=stream, options=options)
+    return (out[:, :T + N], info) if stats else out[:, :T + N]
   with contextlib.nullcontext() if mesh is None else sharding.use(mesh, rules):
     out, scores = _generate_jit(
       graphdef, state, sharding.place_batch(padded), sharding.place_batch(lengths),

@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--rules", default=None, metavar="NAME",
                       help="with --mesh: the sharding rule table, fsdp | fsdp_tp | fsdp_ep "
                            "(default fsdp)")
+  parser.add_argument("--speculative", choices=("mtp",), default=None,
+                      help="self-speculative decoding: the MTP block drafts, the model verifies "
+                           "(docs/speculative.md); prints the acceptance statistics")
+  parser.add_argument("--num-draft", type=positive_int, default=1, metavar="K",
+                      help="with --speculative: tokens drafted per verify call (default 1)")
   from deepseek_v4 import cli
 
   cli.add_options_arguments(parser, ("kernel_impl", "attn_block", "keep_quantized"))
@@ -201,9 +206,13 @@ def _model(args: argparse.Namespace, mesh=None, rules=None):
 
 
 def run(args: argparse.Namespace, out=None) -> int:
+  import jax
+
   from deepseek_v4 import decoding, tokenizer
 
   out = out or sys.stdout
+  if args.num_draft != 1 and not args.speculative:
+    raise ValueError(f"--num-draft {args.num_draft} needs --speculative mtp")
   _check_prompt(args.prompt)
   _check_folder(args.checkpoint)
   mesh, rules = _mesh(args)
@@ -229,11 +238,19 @@ def run(args: argparse.Namespace, out=None) -> int:
     from deepseek_v4 import parallel
 
     options = options.replace(moe=parallel.moe_impl(mesh, rules))
-  decoding.generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops,
-                    stream=printer(dec, out), options=options, mesh=mesh, rules=rules
-                    ).block_until_ready()
+  spec = {}
+  if args.speculative:
+    spec = dict(draft=args.speculative, num_draft=args.num_draft, stats=True)
+  result = decoding.generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             stop_tokens=stops, stream=printer(dec, out), options=options,
+                             mesh=mesh, rules=rules, **spec)
+  jax.block_until_ready(result)
   out.write(dec.flush() + "\n")
+  if args.speculative:
+    from deepseek_v4 import speculative
+
+    out.write(speculative.format_stats(result[1]) + "\n")
   out.flush()
   return 0
 

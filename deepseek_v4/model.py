@@ -323,6 +323,24 @@ class Transformer(nnx.Module):
 
     return _rematted(run, options)(state, streams[:, :-1])
 
+  def mtp_decode(self, streams: Float[Array, "B T M D"], next_ids: Int[Array, "B T"],
+                 positions: Int[Array, "B T"], cache, n_valid: Int[Array, "B"],
+                 options: Options | None = None) -> tuple[Array, Array, Any]:
+    """The MTP block on a chunk against its own decode cache (`cache.init_mtp_cache`), for
+    speculative decoding (docs/speculative.md): position i combines the streams X_i with token
+    i+1 (`next_ids`) and predicts token i+2. Row b's first `n_valid[b]` positions are real.
+
+    Returns (hidden [B, T, D] after the MTP head and norm, the block's output streams
+    [B, T, M, D], which stand in for X_{i+1} when the block drafts again, and the new cache).
+    """
+    if not len(self.mtp):
+      raise ValueError("this config has num_mtp_layers=0; there is no MTP module")
+    options = self.run_options(options)
+    mtp = self.mtp[0]
+    z, out = Block.__call__(mtp, mtp.mix_inputs(streams, self.embed_tokens(next_ids)), next_ids,
+                            positions, cache=cache, n_valid=n_valid, options=options)
+    return _collapse_and_norm(mtp, self.cfg, z), z, out.cache
+
   def mtp_logits(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
                  positions: Int[Array, "B T"] | None = None,
                  segments: Int[Array, "B T"] | None = None) -> Array:
