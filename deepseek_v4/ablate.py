@@ -196,8 +196,13 @@ def load_data(spec: Spec, configs: dict[str, tuple[ModelConfig, TrainConfig]]):
   return out
 
 
-def _finish(run: Run, folder: str, result: trainer.RunResult) -> dict:
-  record = {"variant": run.variant, "seed": run.seed, "status": "done", "steps": result.steps,
+def _finish(run: Run, folder: str, result: trainer.RunResult, val=None) -> dict:
+  from deepseek_v4 import speculative
+
+  # Drafting quality of the MTP block (docs/speculative.md): None without MTP or held-out rows.
+  accept = (None if val is None or result.model is None else speculative.mtp_acceptance(
+    result.model, val.rows.inputs[:run.tcfg.eval_rows]))
+  record = {"mtp_acceptance": accept, "variant": run.variant, "seed": run.seed, "status": "done", "steps": result.steps,
             "tokens": result.steps * run.tcfg.batch_size * run.tcfg.seq_len,
             "val_loss": result.last_val_loss, "val_bpb": result.last_val_bpb,
             "train_loss": result.last_lm_loss, "tokens_per_s": result.tokens_per_s,
@@ -293,7 +298,7 @@ def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
             f"diverged in {os.path.join(folder, 'result.json')} (delete that folder to run it "
             f"again), going on with the grid. {one_line(e)}")
       else:
-        records.append(_finish(run, folder, result))
+        records.append(_finish(run, folder, result, val))
       if bar is not None:
         bar.update(1)
   finally:

@@ -28,7 +28,7 @@ from deepseek_v4.train import TrainConfig
 
 CSV_FIELDS = ("variant", "seed", "status", "steps", "tokens", "val_loss", "val_bpb",
               "train_loss", "tokens_per_s", "wall_s", "params_total", "params_active",
-              "flops_per_token", "train_flops")
+              "flops_per_token", "train_flops", "mtp_acceptance")
 
 
 def model_costs(cfg: ModelConfig, tcfg: TrainConfig) -> dict[str, float]:
@@ -69,6 +69,8 @@ def variant_rows(records: list[dict], variants: list[str], baseline: str) -> lis
            "tokens": statistics.fmean(r["tokens"] for r in runs.values()),
            "train_flops": sum(r["train_flops"] for r in runs.values()),
            "wall_s": sum(r["wall_s"] for r in runs.values())}
+    accepts = [r["mtp_acceptance"] for r in runs.values() if r.get("mtp_acceptance") is not None]
+    row["mtp_acceptance"] = statistics.fmean(accepts) if accepts else None
     for k in ("params_total", "params_active", "flops_per_token"):
       row[k] = next(iter(runs.values()))[k]
     row["diff"] = statistics.fmean(diffs) if diffs and v != baseline else float("nan")
@@ -80,6 +82,10 @@ def variant_rows(records: list[dict], variants: list[str], baseline: str) -> lis
 
 def _h(n: float) -> str:
   return summary.human(n).strip()
+
+
+def _accept(x) -> str:
+  return "-" if x is None else f"{x:.3f}"
 
 
 def format_markdown(spec, rows: list[dict], records: list[dict]) -> str:
@@ -99,8 +105,9 @@ def format_markdown(spec, rows: list[dict], records: list[dict]) -> str:
             f"Every run: {_h(tokens)} training tokens; seeds {seeds}. Validation loss: "
             "next-token nats per token on held-out documents, at the last step.", "",
             "| variant | changes | params total | params active | FLOPs/token | tokens/s | "
-            "val loss (mean ± std) | Δ vs baseline [95% CI] | val bits/byte | train compute |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "val loss (mean ± std) | Δ vs baseline [95% CI] | val bits/byte | train compute | "
+            "MTP acceptance |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     changes = ", ".join(f"{k}={v}" for k, v in variants[r["variant"]].items()) or "(base)"
     if r["variant"] == spec.baseline:
@@ -113,7 +120,8 @@ def format_markdown(spec, rows: list[dict], records: list[dict]) -> str:
     lines.append(f"| {r['variant']} | {changes} | {_h(r['params_total'])} | "
                  f"{_h(r['params_active'])} | {_h(r['flops_per_token'])} | "
                  f"{r['tokens_per_s']:,.0f} | {r['mean']:.4f}{std} (n={r['n']}) | {diff} | "
-                 f"{r['bpb']:.4f} | {_h(r['train_flops'])}FLOP, {r['wall_s']:.0f} s |")
+                 f"{r['bpb']:.4f} | {_h(r['train_flops'])}FLOP, {r['wall_s']:.0f} s | "
+                 f"{_accept(r.get('mtp_acceptance'))} |")
   diverged = [r for r in records if r.get("status") == "diverged"]
   if diverged:
     lines += ["", "Diverged (left out of the table and the statistics): " + "; ".join(
@@ -126,7 +134,10 @@ def format_markdown(spec, rows: list[dict], records: list[dict]) -> str:
             "Compute: FLOPs/token is the forward pass at the training length (attention "
             "included, MTP block's matmuls included); train compute ≈ 3 × FLOPs/token × tokens "
             "summed over seeds, and the wall-clock seconds of the runs (compilation and "
-            "evaluation included). tokens/s is the trainer's training throughput.", ""]
+            "evaluation included). tokens/s is the trainer's training throughput. MTP acceptance: on "
+            "the validation rows, how often the MTP block's greedy draft equals the model's "
+            "next greedy token (teacher forced; docs/speculative.md), the k = 1 acceptance of "
+            "speculative decoding; - without MTP.", ""]
   return "\n".join(lines)
 
 

@@ -255,13 +255,13 @@ def _round(model, sampler, r: _Round, k: int, n_new: int, stops, pad_id, lengths
   idx = jnp.where(j < cnt[:, None], (lengths0 + r.n_out)[:, None] + j, r.out.shape[1])
   out = r.out.at[rows[:, None], idx].set(toks, mode="drop")
   n_out = r.n_out + cnt
-  done = r.done | jnp.any(stop, 1) | (n_out >= n_new)
-  if stream is not None:
+  stopped = jnp.any(stop, 1)
+  done = r.done | stopped | (n_out >= n_new)
+  if stream is not None:  # `done` as plain decoding streams it: set by a stop token
     for i in range(k + 1):
-      emit = jnp.any(i < cnt)
-      jax.lax.cond(emit, lambda i=i: jax.debug.callback(
+      jax.lax.cond(jnp.any(i < cnt), lambda i=i: jax.debug.callback(
         stream, jnp.max(r.n_out) + i, jnp.where(i < cnt, toks[:, i], pad_id),
-        r.done | ((i == cnt - 1) & done), ordered=ordered), lambda: None)
+        r.done | ((i == cnt - 1) & stopped), ordered=ordered), lambda: None)
   # Commit the kept tokens (the last token and the accepted drafts); finished rows stay put.
   keep = jnp.where(active & ~done, acc + 1, 0)
   cache = sharding.constrain_cache(commit(model, r.cache, attn_in, keep, options))
@@ -297,9 +297,10 @@ def _generate_jit(graphdef, state, ids, lengths, stops, pad_id, key, *, n_new: i
   key, sub = jax.random.split(key)
   tok = sampler.sample(logits, sub)
   out = out.at[jnp.arange(B), lengths].set(tok)
-  done = jnp.isin(tok, stops) | (n_new <= 1)
+  done = jnp.isin(tok, stops)
   if stream is not None:
     jax.debug.callback(stream, 0, tok, done, ordered=layout is None)
+  done = done | (n_new <= 1)
   # The MTP block's position L-1 (streams X_{L-1}, token L) drafts the first round's d1.
   d_logits, d_streams, mcache = _mtp_last(model, mcache, s_last[:, None], tok[:, None],
                                           lengths - 1, jnp.ones((B,), jnp.int32), options)
@@ -362,3 +363,30 @@ def format_stats(stats: dict[str, Any]) -> str:
           f"mean accepted {stats['mean_accepted']:.2f}, {stats['tokens_per_call']:.2f} tokens "
           f"per verify call, {stats['tokens']} tokens in {stats['seconds']:.2f} s "
           f"({stats['tokens_per_s']:.1f} tokens/s, compilation included)")
+
+
+# ----- a model's drafting quality without generating ------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _first_draft_hits(graphdef, state, ids):
+  model = nnx.merge(graphdef, state)
+  streams = model.trunk(ids)[0]
+  trunk = jnp.argmax(model.logits(model.final_hidden(streams)), -1)  # [B, T]: token i+1
+  mtp = jnp.argmax(model.mtp_logits(streams, ids), -1)  # [B, T-1]: token i+2
+  return jnp.sum(mtp[:, :-1] == trunk[:, 1:]), mtp[:, :-1].size
+
+
+def mtp_acceptance(model, ids, batch: int = 8) -> float | None:
+  """Teacher-forced greedy acceptance of the first draft on text `ids` [N, T] (e.g. validation
+  rows): the fraction of positions where the MTP block's argmax for token i+2 equals the trunk's
+  argmax at position i+1, which is when a k = 1 greedy round keeps its draft given that context.
+  None for a model without MTP (nothing to draft with). Whole batches of `batch` rows."""
+  if model.cfg.num_mtp_layers == 0:
+    return None
+  ids = np.asarray(ids, np.int32)
+  n = max(len(ids) // batch, 1) * batch
+  graphdef, state = nnx.split(model)
+  hits = total = 0
+  for i in range(0, min(n, len(ids)), batch):
+    h, t = _first_draft_hits(graphdef, state, jnp.asarray(ids[i:i + batch]))
+    hits, total = hits + int(h), total + int(t)
+  return hits / total if total else None

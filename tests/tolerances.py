@@ -42,3 +42,7 @@ F32_CONTEXT_PARALLEL_REL = 1e-5
 # context-parallel gradients vs the one-device gradients, float32 (relative, per parameter): the
 # shard_map transposes sum the parameters' per-device gradients in another order, as issue 23 asks.
 F32_CONTEXT_PARALLEL_GRAD_REL = 1e-4
+# Wilson-Hilferty's chi-square quantile vs tabulated values (relative), df >= 10: the approximation
+# errs by 0.6% at df = 10 and less above; the speculative sampling test derives its critical value
+# with it (tests/test_speculative.py).
+CHI2_QUANTILE_REL = 1e-2
