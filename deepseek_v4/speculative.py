@@ -372,7 +372,7 @@ def _first_draft_hits(graphdef, state, ids):
   streams = model.trunk(ids)[0]
   trunk = jnp.argmax(model.logits(model.final_hidden(streams)), -1)  # [B, T]: token i+1
   mtp = jnp.argmax(model.mtp_logits(streams, ids), -1)  # [B, T-1]: token i+2
-  return jnp.sum(mtp[:, :-1] == trunk[:, 1:]), mtp[:, :-1].size
+  return jnp.sum(mtp == trunk[:, 1:]), mtp.size  # both predict token i+2 (i = 0 .. T-2)
 
 
 def mtp_acceptance(model, ids, batch: int = 8) -> float | None:

@@ -5,8 +5,9 @@ The model is one trained by the repository's own command (`python -m deepseek_v4
 checkpoints under runs/demo); its config's max_position_embeddings is raised so that long prompts
 fit (the weights are unchanged; the demo trains at 128 tokens, so long contexts extrapolate).
 Prompts are held-out text: standard-library files from subpackages, which the demo corpus (the
-top-level files) does not hold. Greedy decoding; each configuration runs once after a warm-up
-call that compiles it, and the output of every k is checked equal to plain decoding's.
+top-level files) does not hold. Greedy decoding; each configuration is timed as the fastest of 3
+calls after a warm-up call that compiles it, and the output of every k is checked equal to plain
+decoding's.
 
 tokens/s = generated tokens / the generate call's time (prefill included: the same prefill for
 every k, plus the speculative runs' MTP pass over the prompt); the speed-up is its ratio to k = 0.
@@ -72,6 +73,12 @@ def timed(fn):
   return out, time.perf_counter() - t0
 
 
+def best_of(fn, n: int = 3):
+  """The fastest of n timed calls (the machine is shared: the minimum is the least disturbed)."""
+  runs = [timed(fn) for _ in range(n)]
+  return min(runs, key=lambda r: r[1])
+
+
 def run_case(model, prompts, n_new: int, k: int, chunk: int):
   import numpy as np
 
@@ -81,7 +88,7 @@ def run_case(model, prompts, n_new: int, k: int, chunk: int):
   if k:
     kw.update(draft="mtp", num_draft=k, stats=True)
   decoding.generate(model, prompts, n_new, **kw)  # compile
-  out, seconds = timed(lambda: decoding.generate(model, prompts, n_new, **kw))
+  out, seconds = best_of(lambda: decoding.generate(model, prompts, n_new, **kw))
   stats = None
   if k:
     out, stats = out
@@ -94,7 +101,7 @@ def prefill_seconds(model, prompts, chunk: int) -> float:
 
   kw = dict(max_len=len(prompts[0]) + 1, prefill_chunk=chunk)
   decoding.generate(model, prompts, 1, **kw)  # compile
-  return timed(lambda: decoding.generate(model, prompts, 1, **kw))[1]
+  return best_of(lambda: decoding.generate(model, prompts, 1, **kw))[1]
 
 
 def main(argv=None) -> int:
@@ -136,21 +143,30 @@ def main(argv=None) -> int:
                    acceptance=stats["acceptance"] if stats else [],
                    mean_accepted=stats["mean_accepted"] if stats else 0.0,
                    tokens_per_call=stats["tokens_per_call"] if stats else 1.0)
+        if k == 0:
+          from deepseek_v4 import data
+
+          row["sample"] = data.byte_tokenizer().decode(out[0, T:T + 120].tolist())
         rows.append(row)
+        save(args.out, args, rows)
         acc = ",".join(f"{a:.2f}" for a in row["acceptance"]) or "-"
         print(f"{T:>6} {B:>5} {k:>2} {acc:>20} {row['mean_accepted']:>8.2f} "
               f"{row['tokens_per_call']:>8.2f} {e2e:>8.1f} {tps:>12.1f} {row['speedup']:>7.2f}x "
               f"{str(row['same_as_plain']):>5}", flush=True)
+  print(f"wrote {args.out}")
+  return 0
+
+
+def save(path: str, args, rows: list[dict]) -> None:
+  """The JSON so far (rewritten after every row, so a long run that is stopped keeps its rows)."""
   import jax
 
   result = dict(benchmark="bench_speculative", checkpoint=args.checkpoint,
                 new_tokens=args.new_tokens, device=str(jax.devices()[0]),
                 platform=platform.platform(), jax=jax.__version__, rows=rows)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
     json.dump(result, f, indent=1)
-  print(f"wrote {args.out}")
-  return 0
 
 
 if __name__ == "__main__":

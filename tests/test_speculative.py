@@ -284,3 +284,15 @@ def test_cli_speculative_prints_the_plain_text_and_statistics(tmp_path, capsys):
   assert texts[1][1].startswith("speculative (mtp, k=2): acceptance per draft position [")
   assert cli.main(base + ["--num-draft", "2"]) == cli.USAGE_ERROR
   assert "--num-draft 2 needs --speculative mtp" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mtp_acceptance_counts_agreeing_greedy_tokens(model):
+  """ablate's metric against its definition, from the full forward's and the MTP block's logits."""
+  ids = np.random.default_rng(4).integers(0, VOCAB, (8, 24)).astype(np.int32)
+  trunk = np.argmax(np.asarray(model(jnp.asarray(ids))), -1)
+  streams = nnx.jit(lambda m, x: m.trunk(x)[0])(model, jnp.asarray(ids))
+  mtp = np.argmax(np.asarray(nnx.jit(lambda m, s, x: m.mtp_logits(s, x))(model, streams,
+                                                                          jnp.asarray(ids))), -1)
+  want = np.mean(mtp == trunk[:, 1:])
+  assert speculative.mtp_acceptance(model, ids) == pytest.approx(want, abs=1e-12)
