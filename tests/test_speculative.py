@@ -85,6 +85,20 @@ def test_greedy_stop_token_inside_a_draft(model, ragged):
 
 
 @pytest.mark.slow
+def test_greedy_on_a_mesh_equals_plain(model, ragged):
+  """On 8 devices (fsdp x expert, the expert-parallel MoE), the speculative loop keeps plain
+  one-device greedy's tokens (the state is placed in its shards by generate)."""
+  from deepseek_v4 import sharding
+
+  prompts, plain = ragged
+  mesh = sharding.make_mesh(fsdp=4, expert=2)
+  out, stats = decoding.generate(model, prompts, 20, draft="mtp", num_draft=2, stats=True,
+                                 max_len=56, mesh=mesh, rules="fsdp_ep")
+  np.testing.assert_array_equal(np.asarray(out), plain)
+  assert stats["mean_accepted"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_greedy_equals_plain_every_residue(full_model, k):
   """Prompt lengths covering every residue mod 4 and mod the HCA ratio, one batch."""
