@@ -281,6 +281,7 @@ def test_bad_arguments(model):
 
 
 # ----- the CLI ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_speculative_prints_the_plain_text_and_statistics(tmp_path, capsys):
   from deepseek_v4 import cli, generate_cli
 
