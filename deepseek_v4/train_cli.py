@@ -341,8 +341,9 @@ def run(args: argparse.Namespace) -> int:
                               align=data_lib.packing_align(cfg))
   source = args.data or "the embedded demo corpus (Python stdlib sources)"
   held = "" if val is None else f" ({val.documents} documents held out for validation)"
-  where = "" if mesh is None else (f" on mesh {_mesh_text(mesh)} ({rules.name}, "
-                                   f"{distributed.process_count()} processes)")
+  n = distributed.process_count()
+  where = "" if mesh is None else (f" on mesh {_mesh_text(mesh)} ({rules.name}, {n} "
+                                   f"process{'es' if n > 1 else ''})")
   say(f"training {cfg.num_layers}-layer V4 (d_model {cfg.d_model}, {cfg.num_experts} experts) "
       f"on {source}: {len(rows)} rows of {tcfg.seq_len} tokens{held}, {tcfg.steps} steps{where} "
       f"-> {out}")

@@ -5,6 +5,7 @@ uninterrupted mesh run (a run killed with SIGKILL after a save, then resumed, gi
 losses), and the 8-device run again for a checkpoint resumed on 4 devices and on one.
 """
 
+import json
 import os
 import re
 import shutil
@@ -23,10 +24,11 @@ from deepseek_v4 import data as data_lib
 from tests.tolerances import F32_SHARDED_REL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One CSA layer with learned routing and the MTP block: the compile time of the sharded step
-# dominates on 2 cores, and every part of the step (Muon/AdamW, balance loss, router-bias
-# update, MTP) is still there.
-CFG = deepseek_v4.tiny(compress_ratios=(4,), num_hash_layers=0, hc_sinkhorn_iters=2)
+# One CSA layer with learned routing: the compile time of the sharded step dominates on 2 cores,
+# and every part of the step (Muon/AdamW, balance loss, router-bias update) is still there; the
+# MTP block and a hash-routed sliding-window layer come in a slow variant.
+CFG = deepseek_v4.tiny(compress_ratios=(4,), num_hash_layers=0, hc_sinkhorn_iters=2,
+                       num_mtp_layers=0)
 MESH, RULES = "data=2,fsdp=2,expert=2", "fsdp_ep"
 RUN = dict(seq_len=32, batch_size=8, steps=10, learning_rate=5e-3, warmup_steps=2, log_every=1,
            save_every=5)
@@ -71,16 +73,18 @@ def test_fit_on_mesh_equals_one_device(mesh_run):
 
 
 @pytest.mark.slow  # ~4 min: three one-device and three mesh programs to compile
-@pytest.mark.parametrize("settings", [
-  dict(optimizer="adamw"),
-  dict(lora_rank=4, lora_alpha=8.0),
-  dict(optimizer="adamw", freeze=(r"attn\.",), grad_accum=2),
-], ids=["adamw", "lora-muon", "freeze-adamw-accum"])
-def test_fit_on_mesh_equals_one_device_variants(settings):
+@pytest.mark.parametrize("settings, model", [
+  (dict(optimizer="adamw"), {}),
+  (dict(lora_rank=4, lora_alpha=8.0), dict(compress_ratios=(0, 4), num_hash_layers=1,
+                                           num_mtp_layers=1)),
+  (dict(optimizer="adamw", freeze=(r"attn\.",), grad_accum=2), {}),
+], ids=["adamw", "lora-muon-mtp-hash", "freeze-adamw-accum"])
+def test_fit_on_mesh_equals_one_device_variants(settings, model):
+  cfg = CFG.replace(**model)
   tcfg = train.TrainConfig(**{**RUN, **settings})
   mesh, rules = _mesh()
-  on_mesh = trainer.fit(CFG, tcfg, _rows(), progress=False, mesh=mesh, rules=rules)
-  one = trainer.fit(CFG, tcfg, _rows(), progress=False)
+  on_mesh = trainer.fit(cfg, tcfg, _rows(), progress=False, mesh=mesh, rules=rules)
+  one = trainer.fit(cfg, tcfg, _rows(), progress=False)
   err = _max_rel(on_mesh.losses, one.losses)
   print(f"\n{settings}: max rel loss difference {err:.1e}")
   assert err < F32_SHARDED_REL
@@ -181,3 +185,17 @@ def test_fit_refuses_rules_without_a_mesh_and_a_mesh_without_rules():
     trainer.fit(CFG, train.TrainConfig(**RUN), _rows(), mesh=mesh, progress=False)
   with pytest.raises(ValueError, match="unknown sharding rules 'zz'"):
     trainer.fit(CFG, train.TrainConfig(**RUN), _rows(), mesh=mesh, rules="zz", progress=False)
+
+
+@pytest.mark.slow  # ~2 min: the CLI compiles the mesh step and the decoding programs
+def test_train_cli_on_a_mesh_trains_resumes_and_samples(tmp_path, capsys):
+  argv = _cli(tmp_path, "--mesh", MESH, "--rules", RULES, "--set", "compress_ratios=4", "--set",
+              "num_hash_layers=0", "--set", "num_mtp_layers=0", "--log-every", "1",
+              "--save-every", "1")
+  assert cli.main(argv) == 0
+  assert cli.main([*argv, "--resume", "--steps", "2", "--sample", "4"]) == 0  # last flag wins
+  out = capsys.readouterr()
+  assert "mesh data=2,fsdp=2,expert=2 (fsdp_ep, 1 process)" in out.err
+  assert "resumed from step 1" in out.err and "sample:" in out.out
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert steps == [1, 2]
