@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
           f"{os.path.join(out, 'loss.png')}")
   if args.sample > 0:  # every process runs the decoding program; process 0 prints
     prompt = "def " if args.data is None else tok.decode(rows.inputs[0, :16])
-    text = _sample(result.model, tok, prompt, args.sample, mesh, rules)
+    text = trainer.sample_text(result.model, tok, prompt, args.sample, mesh=mesh, rules=rules)
     if lead:
       print(f"sample:\n{prompt}{text}")
   return 0
@@ -371,12 +371,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _mesh_text(mesh) -> str:
   return ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "one device"
-
-
-def _sample(model, tok, prompt: str, n: int, mesh, rules) -> str:
-  if mesh is None:
-    return trainer.sample_text(model, tok, prompt, n)
-  from deepseek_v4 import sharding
-
-  with sharding.use(mesh, rules):
-    return trainer.sample_text(model, tok, prompt, n)

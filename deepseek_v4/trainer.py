@@ -574,15 +574,16 @@ def summary(result: RunResult) -> str:
 
 
 def sample_text(model, tok, prompt: str, max_new_tokens: int = 200, temperature: float = 0.7,
-                seed: int = 0) -> str:
+                seed: int = 0, mesh: Mesh | None = None, rules: str | Rules | None = None) -> str:
   """A continuation of `prompt` from the trained model (the project's decoding loop), cut before
-  the end-of-sequence token when one was produced (what follows it in the row is padding)."""
+  the end-of-sequence token when one was produced (what follows it in the row is padding). On a
+  mesh (`mesh`, `rules`) every process runs the decoding program."""
   from deepseek_v4 import decoding
 
   ids = np.asarray(tok.encode(prompt), np.int32)[None, :]
   stops = tuple(i for i in (tok.eos_id,) if i is not None and 0 <= i < model.cfg.vocab_size)
   out = decoding.generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
-                          stop_tokens=stops)
+                          stop_tokens=stops, mesh=mesh, rules=rules)
   return tok.decode(decoding.cut_at_stop(np.asarray(out)[0, ids.shape[1]:], stops))
 
 
