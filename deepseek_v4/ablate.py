@@ -236,7 +236,8 @@ def check_out_dir(out_dir: str) -> None:
 
 def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
              log: Callable[[str], None] | None = None,
-             fit: Callable[..., trainer.RunResult] | None = None) -> list[dict]:
+             fit: Callable[..., trainer.RunResult] | None = None, mesh=None, rules=None,
+             capacity_factor: float | None = None) -> list[dict]:
   """Checks the spec, then runs every (variant, seed) not yet finished and writes the report.
 
   A run that diverges (`trainer.TrainingDiverged`) is recorded as diverged (its variant and seed
@@ -249,6 +250,8 @@ def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
     progress: a tqdm bar over the grid.
     log: where one-line messages go (default stderr).
     fit: the training function (default `trainer.fit`; tests interrupt it).
+    mesh, rules: train every run on this device mesh under these sharding rules (`trainer.fit`);
+      None = one device. `capacity_factor`: of the expert-parallel MoE (default dropless).
   Returns:
     The result record of every run, in grid order.
   """
@@ -261,6 +264,12 @@ def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
   data = load_data(spec, configs)
   data_id = data_identity(spec, data)
   runs = plan(spec, configs)
+  options = spec.run_options()
+  if mesh is not None:
+    from deepseek_v4 import parallel
+
+    options = options.replace(moe=parallel.moe_impl(mesh, rules, capacity_factor=capacity_factor))
+  placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
   os.makedirs(out_dir, exist_ok=True)
   states = [_claim(r, out_dir, data_id) for r in runs]
   writable = os.access(out_dir, os.W_OK)
@@ -291,7 +300,7 @@ def run_grid(spec: Spec, out_dir: str, *, progress: bool = True,
       t0 = time.time()
       try:
         result = fit(run.cfg, run.tcfg, rows, folder, resume=state == "resume", progress=False,
-                     log=log, callback=show, val=val, options=spec.run_options())
+                     log=log, callback=show, val=val, options=options, **placement)
       except trainer.TrainingDiverged as e:
         records.append(_diverged(run, folder, e, time.time() - t0))
         log(f"variant {run.variant!r} seed {run.seed} diverged at step {e.step}; recorded as "

@@ -21,11 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="check the spec (every variant traced abstractly), print the grid, "
                            "run nothing")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  from deepseek_v4 import train_cli
+
+  train_cli.add_mesh_arguments(parser, processes=False)  # each variant trains on the mesh
 
 
 def run(args: argparse.Namespace) -> int:
   from deepseek_v4 import ablate, ablate_report  # jax and the trainer: not needed for --help
 
+  from deepseek_v4 import train_cli
+
+  mesh, rules = train_cli.mesh_from_args(args)
   spec = ablate.load_spec(args.spec)
   out = args.out or os.path.join("runs", "ablations", spec.name)
   ablate.check_out_dir(out)
@@ -38,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
           f"{tcfg.batch_size * tcfg.seq_len} tokens; all variants trace. Output: {out}")
     return 0
   with ablate.compile_cache():
-    records = ablate.run_grid(spec, out, progress=not args.no_progress)
+    records = ablate.run_grid(spec, out, progress=not args.no_progress, mesh=mesh, rules=rules,
+                              capacity_factor=args.capacity_factor)
   print(f"results: {os.path.join(out, 'results.md')}  curves: {os.path.join(out, 'curves.png')}")
   print(ablate_report.markdown(spec, records))
   return 0

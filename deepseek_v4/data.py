@@ -349,26 +349,35 @@ class Batches:
   def next(self) -> dict[str, np.ndarray]:
     """The next batch {inputs, targets, input_mask[, segments, positions]} (rows wrap into the
     next epoch)."""
+    return take(self.rows, self.next_picks())
+
+  def next_picks(self) -> np.ndarray:
+    """The row indices of the next batch, in order (`next` reads them; on a mesh each process
+    reads only its devices' share, `distributed.global_batch`)."""
     picks = []
     while len(picks) < self.batch_size:
       if self.index >= len(self._perm):
         self.epoch += 1
         self.index = 0
         self._perm = self._permutation(self.epoch)
-      take = min(self.batch_size - len(picks), len(self._perm) - self.index)
-      picks.extend(self._perm[self.index: self.index + take])
-      self.index += take
-    sel = np.asarray(picks)
-    out = {"inputs": self.rows.inputs[sel], "targets": self.rows.targets[sel],
-           "input_mask": self.rows.input_mask[sel]}
-    if self.rows.segments is not None:
-      out["segments"] = self.rows.segments[sel]
-      out["positions"] = self.rows.positions[sel]
-    return out
+      n = min(self.batch_size - len(picks), len(self._perm) - self.index)
+      picks.extend(self._perm[self.index: self.index + n])
+      self.index += n
+    return np.asarray(picks)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     while True:
       yield self.next()
+
+
+def take(rows: PackedRows, picks: np.ndarray) -> dict[str, np.ndarray]:
+  """The rows `picks` of `rows` as a batch {inputs, targets, input_mask[, segments, positions]}."""
+  out = {"inputs": rows.inputs[picks], "targets": rows.targets[picks],
+         "input_mask": rows.input_mask[picks]}
+  if rows.segments is not None:
+    out["segments"] = rows.segments[picks]
+    out["positions"] = rows.positions[picks]
+  return out
 
 
 def load_rows(path: str | None, tok: Tokenizer, seq_len: int, mode: str = "concat",

@@ -105,19 +105,23 @@ def _lm_sums(model, batch: dict, tcfg: train.TrainConfig,
 
 
 def evaluate(model, val: ValidationSet, tcfg: train.TrainConfig,
-             options: Options | None = None) -> dict[str, float]:
+             options: Options | None = None, place=None) -> dict[str, float]:
   """{val_loss (nats per scored token), val_bpb (bits per byte), val_tokens} of the first
   `tcfg.eval_rows` validation rows (whole batches of `tcfg.batch_size`, one compiled shape), run
-  with `options` (default `model.options`; indexer stage from `tcfg`, no remat)."""
+  with `options` (default `model.options`; indexer stage from `tcfg`, no remat). `place(picks)`:
+  the batch of those row indices as device arrays (on a mesh, `distributed.global_batch`)."""
   rows = val.rows
   b = min(tcfg.batch_size, len(rows))
   n = max(min(tcfg.eval_rows, len(rows)) // b, 1) * b
   total, count = 0.0, 0.0
   for s in range(0, n, b):
-    sl = slice(s, s + b)
-    batch = train.as_batch(rows.inputs[sl], rows.targets[sl], rows.input_mask[sl],
-                           None if rows.segments is None else rows.segments[sl],
-                           None if rows.positions is None else rows.positions[sl])
+    if place is not None:
+      batch = place(np.arange(s, s + b))
+    else:
+      sl = slice(s, s + b)
+      batch = train.as_batch(rows.inputs[sl], rows.targets[sl], rows.input_mask[sl],
+                             None if rows.segments is None else rows.segments[sl],
+                             None if rows.positions is None else rows.positions[sl])
     nats, tokens = jax.device_get(_lm_sums(model, batch, tcfg, options))
     total, count = total + float(nats), count + float(tokens)
   loss = total / max(count, 1.0)

@@ -93,6 +93,16 @@ def init_model(cfg, mesh: Mesh, rules: str | Rules, *, seed: int = 0,
   return nnx.merge(graphdef, state)
 
 
+def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: str | Rules) -> nnx.Module:
+  """`make()` (a module constructor taking no arguments, e.g. a LoRA-wrapped training model)
+  with every parameter created directly in its shards by the rule table, as `init_model` does
+  for a plain `Transformer`: the values equal an unsharded `make()`."""
+  graphdef, abs_state = nnx.split(nnx.eval_shape(make))
+  shardings = state_shardings(abs_state, mesh, rules)
+  state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
 def abstract_model(cfg, mesh: Mesh, rules: str | Rules, *, options: Options = Options()):
   """(graphdef, abstract state) with `jax.ShapeDtypeStruct`s carrying their NamedShardings.
 

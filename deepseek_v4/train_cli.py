@@ -85,6 +85,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   p("--no-progress", action="store_true", help="no progress bar")
   p("--print-groups", action="store_true",
     help="print which optimizer (Muon / AdamW) each trained parameter gets, then exit")
+  add_mesh_arguments(parser)
+
+
+def add_mesh_arguments(parser: argparse.ArgumentParser, processes: bool = True) -> None:
+  """`--mesh`, `--rules`, `--capacity-factor` and (`processes`) the multi-process flags."""
+  from deepseek_v4 import sharding
+
+  p = parser.add_argument
+  p("--mesh", metavar="AXIS=SIZE,...",
+    help="train on a device mesh, e.g. data=2,fsdp=2,expert=2 (axes data, fsdp, expert, tensor; "
+         "one size may be -1: the rest; the product is the device count of all processes)")
+  p("--rules", choices=sorted(sharding.RULES),
+    help="sharding rules of --mesh (default fsdp; fsdp_ep splits the experts over 'expert')")
+  p("--capacity-factor", type=float, metavar="C",
+    help="expert-parallel MoE: keep at most C x the even share of token-expert pairs per device "
+         "(default: dropless)")
+  if not processes:
+    parser.set_defaults(coordinator=None, num_processes=None, process_id=None)
+    return
+  p("--coordinator", metavar="HOST:PORT",
+    help="address of process 0 for a multi-process run (default: SLURM detected, else one "
+         "process)")
+  p("--num-processes", type=cli.positive_int, metavar="N", help="processes in the run")
+  p("--process-id", type=cli.non_negative_int, metavar="I", help="this process's index")
+
+
+def mesh_from_args(args: argparse.Namespace):
+  """Starts the multi-process runtime when asked, then (mesh, rules) of --mesh / --rules, or
+  (None, None) without --mesh.
+
+  Raises:
+    ValueError: --rules or --capacity-factor without --mesh, a mesh whose size is not the device
+      count, inconsistent process flags (the values named).
+  """
+  from deepseek_v4 import distributed
+
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  if not args.mesh:
+    for flag, value in (("--rules", args.rules), ("--capacity-factor", args.capacity_factor)):
+      if value is not None:
+        raise ValueError(f"{flag} {value} needs --mesh (e.g. --mesh data=2,fsdp=2,expert=2)")
+    import jax
+
+    if jax.process_count() > 1:
+      raise ValueError(f"{jax.process_count()} processes but no --mesh: name the mesh over all "
+                       f"{jax.device_count()} devices, e.g. --mesh data={jax.process_count()},"
+                       "fsdp=-1")
+    return None, None
+  return distributed.mesh_and_rules(args.mesh, args.rules or "fsdp")
+
+
+def run_options(args: argparse.Namespace, mesh, rules):
+  """The run's whole `Options`, built once: the option flags, and on a mesh its MoE
+  (`parallel.options`)."""
+  if mesh is None:
+    return cli.options_from_args(args)
+  from deepseek_v4 import parallel
+
+  fields = {name: getattr(args, name) for name in args.option_fields}
+  return parallel.options(mesh, rules, capacity_factor=args.capacity_factor, **fields)
 
 
 
@@ -182,13 +242,15 @@ def init_config(args: argparse.Namespace):
   return cfg
 
 
-def _init_from(folder: str):
+def _init_from(folder: str, mesh=None, rules=None):
+  """`fn(model)` copying the checkpoint in `folder` into the model (its LoRA adapters, if any,
+  stay as initialized); on a mesh every tensor is read straight into its shards."""
   from deepseek_v4.checkpoint import load_hf_checkpoint
   from flax import nnx
 
   def init(model):
     src = load_hf_checkpoint(folder, config=model.cfg, dtype=model.cfg.param_dtype,
-                             options=model.options)
+                             options=model.options, mesh=mesh, rules=rules)
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
     for path, var in nnx.to_flat_state(nnx.state(src)):
@@ -229,6 +291,11 @@ def _abstract_model(cfg, tcfg: train.TrainConfig, options):
 
 
 def run(args: argparse.Namespace) -> int:
+  from deepseek_v4 import distributed
+
+  mesh, rules = mesh_from_args(args)  # first: the multi-process runtime starts before JAX works
+  lead = distributed.is_lead()
+  say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)
   tok = data_lib.get_tokenizer(args.tokenizer)
   if args.demo:
     if args.init:
@@ -245,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
   tcfg = train_config_from_args(args, base)
   divergence = _divergence(args)
   trainer.check_settings(cfg, tcfg)
-  options = cli.options_from_args(args)
+  options = run_options(args, mesh, rules)
   model = _abstract_model(cfg, tcfg, options)
   trainer.check_freeze(model, tcfg)  # before any data is read or anything compiles
   if args.print_groups:
@@ -274,22 +341,33 @@ def run(args: argparse.Namespace) -> int:
                               align=data_lib.packing_align(cfg))
   source = args.data or "the embedded demo corpus (Python stdlib sources)"
   held = "" if val is None else f" ({val.documents} documents held out for validation)"
-  print(f"training {cfg.num_layers}-layer V4 (d_model {cfg.d_model}, {cfg.num_experts} experts) "
-        f"on {source}: {len(rows)} rows of {tcfg.seq_len} tokens{held}, {tcfg.steps} steps -> "
-        f"{out}", file=sys.stderr)
-  _keep_tokenizer(args.tokenizer, out)
+  n = distributed.process_count()
+  where = "" if mesh is None else (f" on mesh {_mesh_text(mesh)} ({rules.name}, {n} "
+                                   f"process{'es' if n > 1 else ''})")
+  say(f"training {cfg.num_layers}-layer V4 (d_model {cfg.d_model}, {cfg.num_experts} experts) "
+      f"on {source}: {len(rows)} rows of {tcfg.seq_len} tokens{held}, {tcfg.steps} steps{where} "
+      f"-> {out}")
+  if lead:
+    _keep_tokenizer(args.tokenizer, out)
   try:
     result = trainer.fit(cfg, tcfg, rows, out, resume=resume, resume_step=args.resume_step,
                          progress=not args.no_progress, divergence=divergence,
-                         init_model=_init_from(args.init) if args.init else None, val=val,
-                         options=options)
+                         init_model=_init_from(args.init, mesh, rules) if args.init else None,
+                         val=val, options=options, mesh=mesh, rules=rules)
   except trainer.TrainingDiverged as e:
-    print(f"error: {e}", file=sys.stderr)
+    say(f"error: {e}")
     return 1
-  print(trainer.summary(result))
-  print(f"metrics: {os.path.join(out, 'metrics.jsonl')}  curve: {os.path.join(out, 'loss.png')}")
-  if args.sample > 0:
+  if lead:
+    print(trainer.summary(result))
+    print(f"metrics: {os.path.join(out, 'metrics.jsonl')}  curve: "
+          f"{os.path.join(out, 'loss.png')}")
+  if args.sample > 0:  # every process runs the decoding program; process 0 prints
     prompt = "def " if args.data is None else tok.decode(rows.inputs[0, :16])
-    text = trainer.sample_text(result.model, tok, prompt, args.sample)
-    print(f"sample:\n{prompt}{text}")
+    text = trainer.sample_text(result.model, tok, prompt, args.sample, mesh=mesh, rules=rules)
+    if lead:
+      print(f"sample:\n{prompt}{text}")
   return 0
+
+
+def _mesh_text(mesh) -> str:
+  return ",".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "one device"

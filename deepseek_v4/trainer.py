@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import difflib
 import math
@@ -28,12 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from deepseek_v4 import data as data_lib
-from deepseek_v4 import evaluate, layout, train
+from deepseek_v4 import distributed, evaluate, layout, parallel, train
 from deepseek_v4.checkpoint.io import Checkpointer
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.options import Options
+from deepseek_v4.sharding import Rules, batch_sharding, get_rules, make_mesh, use
 
 
 @jax.jit
@@ -234,69 +237,88 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
         callback: Callable[[int, object], None] | None = None,
         divergence: DivergenceCheck = DivergenceCheck(),
         val: evaluate.ValidationSet | None = None,
-        options: Options = Options()) -> RunResult:
+        options: Options = Options(), mesh: Mesh | None = None,
+        rules: str | Rules | None = None) -> RunResult:
   """Trains for `tcfg.steps` optimizer steps (or until `stop_after`), checkpointing in `out_dir`.
+
+  One loop serves one device and a device mesh of one or many processes: the model is built in
+  its shards, each step is `parallel.jit_train_step` of `train.train_step_fn`, and each batch is
+  assembled from the rows each process's devices hold (`distributed.global_batch`). The rows
+  and their order do not depend on the mesh, so the losses of a mesh run equal the one-device
+  run's (up to float reassociation), and a checkpoint resumes on any mesh.
 
   Args:
     cfg, tcfg: model and run configuration.
-    rows: packed training rows.
-    out_dir: output folder (checkpoints, metrics.jsonl, loss.png); None = keep nothing.
+    rows: packed training rows (the same on every process: each reads only its share per batch).
+    out_dir: output folder (checkpoints, metrics.jsonl, loss.png); None = keep nothing. With
+      several processes it must be storage every process sees.
     resume: continue from the latest checkpoint in `out_dir` (model, optimizer, step, data
       position, RNG), producing exactly the losses an uninterrupted run would. `out_dir` must
-      exist.
+      exist. The checkpoint may come from another mesh or device count.
     resume_step: continue from this kept checkpoint instead of the latest (implies `resume`);
       the checkpoints after it (of the abandoned run) are deleted.
     stop_after: stop (after saving) once this step is reached, as an interruption would.
-    progress: show a progress bar.
-    log: where one-line messages go (default: stderr).
+    progress: show a progress bar (process 0 only).
+    log: where one-line messages go (default: stderr of process 0).
     init_model: optional `fn(model)` applied to the fresh model before the optimizer sees it
-      (e.g. loading pre-trained weights for fine-tuning).
+      (e.g. loading pre-trained weights for fine-tuning; on a mesh the model is already sharded).
     callback: optional `fn(step, model)` called before each step (1-based step about to run).
     divergence: when the run counts as diverged (see `DivergenceCheck`).
     val: held-out rows (`evaluate.load_split`): their loss and bits per byte are logged (val_loss,
       val_bpb) every `tcfg.eval_every` steps and at the last step, and reported at the end.
-    options: the model's `Options` (kernels, attn_block, scan_layers): it is built with them and
-      every step and evaluation runs with them (`model.options`).
+    options: the model's `Options` (kernels, attn_block, scan_layers; on a mesh best built once
+      with `parallel.options(mesh, rules, ...)`): it is built with them and every step and
+      evaluation runs with them. On a mesh, `moe=None` becomes the mesh's MoE (`moe_impl`).
+    mesh: the device mesh (`distributed.mesh_and_rules`); None = this process's first device.
+    rules: the sharding rule table (or its name) of `mesh`; required with it.
   Raises:
     TrainingDiverged: the loss or gradient norm is NaN / inf or far above its running level;
       checkpoints from before it are kept, the diverged state is never saved.
     CheckpointMismatch: `resume` with a checkpoint of another configuration.
     ValueError: bad data or settings.
   """
-  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  lead = distributed.is_lead()
+  log = log or ((lambda s: print(s, file=sys.stderr, flush=True)) if lead else (lambda s: None))
   resume = resume or resume_step is not None
+  mesh, rules, options = _placement(mesh, rules, options, tcfg)
   check_settings(cfg, tcfg)
   check_vocab(cfg, rows)
   check_resume(out_dir, resume)
   if len(rows) < tcfg.batch_size:
     log(f"note: {len(rows)} rows < batch_size {tcfg.batch_size}; rows repeat within a batch")
-  model, optimizer = train.build(cfg, tcfg, options=options)
+  model = parallel.init_sharded(lambda: train.build_model(cfg, tcfg, options=options), mesh,
+                                rules)
   check_freeze(model, tcfg)
   if init_model is not None:
     init_model(model)
-    optimizer = train.make_optimizer(model, tcfg)
-  run = _Run(out_dir, tcfg, log)
+  optimizer = train.make_optimizer(model, tcfg)
+  step_fn = parallel.jit_train_step(functools.partial(_step, tcfg=tcfg), model, optimizer, mesh,
+                                    rules, options=options)
+  run = _Run(out_dir, tcfg, log, lead)
   step, data_state, rng = run.start(model, optimizer, resume, resume_step)
   if data_state and data_state.get("num_rows", len(rows)) != len(rows):
     raise ValueError(f"the checkpoint's data position is for {data_state['num_rows']} rows but "
                      f"the data now packs into {len(rows)}: resume with the same data and "
                      "--seq-len / --packing")
   batches = data_lib.Batches(rows, tcfg.batch_size, seed=tcfg.seed, state=data_state)
+
+  def run_step(picks, step, apply: bool) -> dict[str, float]:
+    batch = distributed.global_batch(rows, picks, mesh, rules)
+    m = step_fn(model, optimizer, batch, jnp.float32(train.mtp_weight_at(tcfg, step)),
+                jnp.bool_(apply))
+    return {k: float(v) for k, v in jax.device_get(m).items()}
+
   end = min(tcfg.steps, stop_after) if stop_after is not None else tcfg.steps
-  bar = _Progress(tcfg.steps, step, progress)
+  bar = _Progress(tcfg.steps, step, progress and lead)
   speed = _Throughput()
   levels = _Levels(divergence, run.metrics)
   losses = []
   try:
     while step < end:
-      b = batches.next()
+      picks = batches.next_picks()
       if callback is not None:
         callback(step + 1, model)
-      batch = train.as_batch(b["inputs"], b["targets"], b["input_mask"], b.get("segments"),
-                             b.get("positions"))
-      m = train.train_step(model, optimizer, batch, train.mtp_weight_at(tcfg, step), tcfg=tcfg,
-                           apply=True)
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      m = run_step(picks, step, True)
       run.check_step(m, step + 1, levels)
       levels.add(m)
       step += 1
@@ -304,11 +326,17 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
       tokens_per_s = speed.update(m["tokens"])
       bar.update(step, f"loss {m['loss']:.3f} {tokens_per_s:,.0f} tok/s")
       if val is not None and (step % tcfg.eval_every == 0 or step == end):
-        m.update(evaluate.evaluate(model, val, tcfg))
+        with use(mesh, rules):
+          m.update(evaluate.evaluate(model, val, tcfg, options, place=functools.partial(
+            distributed.global_batch, val.rows, mesh=mesh, rules=rules)))
       if step % tcfg.log_every == 0 or step in (1, end) or "val_loss" in m:
         run.log_metrics(step, m, tokens_per_s)
       if run.ck is not None and (step % tcfg.save_every == 0 or step == end):
-        probe = _probe(model, optimizer, batches, tcfg, step)
+        # The parameters about to be saved, measured on the next batch without drawing it or
+        # changing anything (the step's own program with apply=False): exactly what step
+        # `step + 1` will see, so a state with a sane loss but a NaN gradient is never saved.
+        probe = run_step(data_lib.Batches(rows, tcfg.batch_size, seed=tcfg.seed,
+                                          state=batches.state()).next_picks(), step, False)
         run.check_before_save(step, probe, levels)
         run.save(step, model, optimizer, {**batches.state(), "num_rows": len(rows)}, rng)
   finally:
@@ -323,6 +351,33 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
                    last_val_loss=evals[-1]["val_loss"] if evals else None,
                    last_val_bpb=evals[-1]["val_bpb"] if evals else None,
                    throughput_includes_compile=speed.includes_compile)
+
+
+def _placement(mesh: Mesh | None, rules, options: Options, tcfg: train.TrainConfig):
+  """(mesh, rules, options) of a run: this process's first device when `mesh` is None, and on a
+  mesh the MoE implementation of the strategy unless `options` names one."""
+  if mesh is None:
+    if rules is not None:
+      raise ValueError(f"rules={rules!r} given without a mesh; pass mesh= as well (or neither)")
+    return make_mesh(devices=jax.local_devices()[:1]), get_rules("fsdp"), options
+  if rules is None:
+    raise ValueError("a mesh needs its sharding rules: rules='fsdp', 'fsdp_tp' or 'fsdp_ep'")
+  rules = get_rules(rules)
+  try:
+    batch_sharding(mesh, rules, (tcfg.batch_size, tcfg.seq_len))
+  except ValueError as e:
+    raise ValueError(f"batch_size={tcfg.batch_size} cannot be split over the batch axes of mesh "
+                     f"{dict(mesh.shape)} under rules {rules.name!r}: {e}") from None
+  if options.moe is None:
+    options = options.replace(moe=parallel.moe_impl(mesh, rules))
+  return mesh, rules, options
+
+
+def _step(model, optimizer, batch, mtp_weight, apply, *, tcfg, options):
+  """The training step `fit` jits (`parallel.jit_train_step`): `train.train_step_fn` with the
+  update applied only where `apply` (a traced bool: the step and the save-time probe share one
+  compiled program)."""
+  return train.train_step_fn(model, optimizer, batch, mtp_weight, tcfg, options, apply)
 
 
 def check_settings(cfg: ModelConfig, tcfg: train.TrainConfig) -> None:
@@ -376,20 +431,6 @@ def frozen_name(tcfg: train.TrainConfig):
   return lambda name: any(p.search(name) for p in patterns)
 
 
-def _probe(model, optimizer, batches: data_lib.Batches, tcfg: train.TrainConfig,
-           step: int) -> dict[str, float]:
-  """{loss, grad_norm} of the current parameters (after `step` steps) on the next batch, without
-  drawing it and without updating anything: exactly what step `step + 1` will see, measured
-  before these parameters are saved (a state can have a sane loss and a NaN gradient). It runs
-  the training step's own compiled program with `apply=False`, so it costs no compilation."""
-  b = data_lib.Batches(batches.rows, tcfg.batch_size, seed=tcfg.seed, state=batches.state()).next()
-  batch = train.as_batch(b["inputs"], b["targets"], b["input_mask"], b.get("segments"),
-                         b.get("positions"))
-  m = train.train_step(model, optimizer, batch, train.mtp_weight_at(tcfg, step), tcfg=tcfg,
-                       apply=False)
-  return {k: float(m[k]) for k in ("loss", "grad_norm")}
-
-
 class _Throughput:
   """Tokens per second, timed from the end of the first step (which includes compilation). With
   a single step there is nothing after it, so that step's own rate is reported, compilation
@@ -415,8 +456,11 @@ class _Throughput:
 class _Run:
   """The output folder of a run: checkpoints, metrics.jsonl and loss.png (None: keep nothing)."""
 
-  def __init__(self, out_dir: str | None, tcfg: train.TrainConfig, log: Callable[[str], None]):
-    self.out_dir, self.tcfg, self.log = out_dir, tcfg, log
+  def __init__(self, out_dir: str | None, tcfg: train.TrainConfig, log: Callable[[str], None],
+               lead: bool = True):
+    """`lead`: this process writes metrics.jsonl and loss.png (every process writes its own
+    shards of each checkpoint)."""
+    self.out_dir, self.tcfg, self.log, self.lead = out_dir, tcfg, log, lead
     self.metrics: list[dict] = []
     self.ck = self.metrics_path = None
     self.t_start = time.time()
@@ -453,7 +497,9 @@ class _Run:
       raise ValueError(f"resume step {resume_step}: {self.ck.directory!r} holds no checkpoint")
     elif resume:
       self.log(f"note: {self.out_dir!r} holds no checkpoint yet; starting from step 0")
-    _write_metrics(self.metrics_path, self.metrics)  # drops lines past the restored step
+    distributed.barrier("metrics read")  # every process has the history before it is rewritten
+    if self.lead:
+      _write_metrics(self.metrics_path, self.metrics)  # drops lines past the restored step
     return step, data_state, rng
 
   def _diverged(self, step: int, what: str) -> TrainingDiverged:
@@ -492,7 +538,7 @@ class _Run:
     row = {"step": step, **{k: v for k, v in m.items() if k != "tokens"},
            "tokens_per_s": tokens_per_s, "time_s": time.time() - self.t_start}
     self.metrics.append(row)
-    if self.metrics_path:
+    if self.metrics_path and self.lead:
       with open(self.metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -507,7 +553,7 @@ class _Run:
   def close(self) -> None:
     if self.ck is not None:
       self.ck.close()
-    if self.metrics_path:
+    if self.metrics_path and self.lead:
       plot_losses(self.metrics_path, os.path.join(self.out_dir, "loss.png"))
 
 
@@ -528,15 +574,16 @@ def summary(result: RunResult) -> str:
 
 
 def sample_text(model, tok, prompt: str, max_new_tokens: int = 200, temperature: float = 0.7,
-                seed: int = 0) -> str:
+                seed: int = 0, mesh: Mesh | None = None, rules: str | Rules | None = None) -> str:
   """A continuation of `prompt` from the trained model (the project's decoding loop), cut before
-  the end-of-sequence token when one was produced (what follows it in the row is padding)."""
+  the end-of-sequence token when one was produced (what follows it in the row is padding). On a
+  mesh (`mesh`, `rules`) every process runs the decoding program."""
   from deepseek_v4 import decoding
 
   ids = np.asarray(tok.encode(prompt), np.int32)[None, :]
   stops = tuple(i for i in (tok.eos_id,) if i is not None and 0 <= i < model.cfg.vocab_size)
   out = decoding.generate(model, ids, max_new_tokens, temperature=temperature, seed=seed,
-                          stop_tokens=stops)
+                          stop_tokens=stops, mesh=mesh, rules=rules)
   return tok.decode(decoding.cut_at_stop(np.asarray(out)[0, ids.shape[1]:], stops))
 
 

@@ -10,7 +10,14 @@ batches its Newton-Schulz iterations, O(n^3) per matrix, dominate the step).
 Compilation / warm-up steps are excluded from the timing. Prints tokens/s and the ratio and writes
 benchmarks/results/bench_train.json.
 
+With `--mesh`, the real trainer (`trainer.fit`, the same loop `train --mesh` runs) trains the same
+model on the same rows on one device and on a mesh of `--devices` simulated CPU devices (XLA's
+host platform split into that many devices), `--repeats` times each, alternately; the tokens/s of
+the steps after the first (which compiles) are kept, medians reported. Writes
+benchmarks/results/bench_train_mesh.json.
+
   python scripts/bench_train.py [--preset tiny] [--set field=value ...] [--batch 8] [--seq 128]
+  python scripts/bench_train.py --mesh data=2,fsdp=2,expert=2 --rules fsdp_ep [--devices 8]
 """
 
 from __future__ import annotations
@@ -81,6 +88,52 @@ def bench_hf(ref, opt, ids, steps, warmup):
   return (time.perf_counter() - t) / steps, loss
 
 
+def bench_mesh(args) -> int:
+  """One device vs a mesh, through `trainer.fit` (see the module docstring)."""
+  import jax
+
+  from deepseek_v4 import data as data_lib
+  from deepseek_v4 import distributed, hugepages, train, trainer
+  from deepseek_v4.config import PRESETS, parse_overrides
+
+  if args.wide or args.moe64:
+    args.overrides = (MOE64 if args.moe64 else WIDE) + args.overrides
+  cfg = parse_overrides(PRESETS[args.preset](), args.overrides)
+  cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, args.seq))
+  mesh, rules = distributed.mesh_and_rules(args.mesh, args.rules)
+  steps = args.steps + 1  # the first step compiles and is not timed
+  tcfg = train.TrainConfig(seq_len=args.seq, batch_size=args.batch, steps=steps,
+                           learning_rate=1e-3, warmup_steps=1, log_every=1)
+  toks = np.random.default_rng(0).integers(2, cfg.vocab_size, 64 * args.seq + 1).astype(np.int32)
+  rows = data_lib.pack([(toks, np.ones(len(toks), bool))], args.seq)
+  runs = {"one device": {}, f"mesh {args.mesh} ({args.rules})": dict(mesh=mesh, rules=rules)}
+  rates = {name: [] for name in runs}
+  losses = {}
+  for _ in range(args.repeats):
+    for name, placement in runs.items():
+      result = trainer.fit(cfg, tcfg, rows, progress=False, log=lambda s: None, **placement)
+      rates[name].append(result.tokens_per_s)
+      losses[name] = result.losses
+  med = {name: float(np.median(r)) for name, r in rates.items()}
+  one, on_mesh = med.values()
+  res = {"config": f"{args.preset} {' '.join(args.overrides)}".strip(), "batch": args.batch,
+         "seq": args.seq, "steps_timed": args.steps, "devices": jax.device_count(),
+         "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
+         "tokens_per_s": med, "tokens_per_s_all": rates, "mesh_over_one_device": on_mesh / one,
+         "losses": losses, **hugepages.status()}
+  print(f"config {res['config']}  batch {args.batch} x seq {args.seq}, {args.steps} timed steps, "
+        f"{jax.device_count()} {res['platform']} devices on {os.cpu_count()} cores")
+  print(f"  {'run':44s} {'tokens/s':>10s}")
+  for name, rate in med.items():
+    print(f"  {name:44s} {rate:10,.0f}")
+  print(f"  mesh / one device: {on_mesh / one:.2f}x")
+  out = args.json if args.json != DEFAULT_OUT else DEFAULT_OUT.replace(".json", "_mesh.json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(res, f, indent=2)
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="tiny")
@@ -97,7 +150,18 @@ def main(argv=None) -> int:
   parser.add_argument("--no-muon", action="store_true", help="skip the Muon timing of ours")
   parser.add_argument("--json", metavar="PATH", default=DEFAULT_OUT,
                       help="where to write the results as JSON (default %(default)s)")
+  parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                      help="compare trainer.fit on one device with this mesh (e.g. "
+                           "data=2,fsdp=2,expert=2) instead of ours vs transformers")
+  parser.add_argument("--rules", default="fsdp_ep", help="sharding rules of --mesh")
+  parser.add_argument("--devices", type=int, default=8,
+                      help="simulated CPU devices for --mesh (default 8)")
   args = parser.parse_args(argv)
+  if args.mesh:
+    # Before JAX starts its backend: the host platform split into --devices devices.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}")
+    return bench_mesh(args)
 
   import jax
   import optax

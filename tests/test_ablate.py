@@ -373,3 +373,43 @@ def test_spec_module_breaks_the_ablate_report_cycle():
   assert "deepseek_v4.ablate_spec" in imports(ablate_report)
   assert not {"deepseek_v4.ablate", "deepseek_v4.ablate_report"} & imports(ablate_spec)
   assert "deepseek_v4.ablate" not in imports(ablate_report)
+
+
+# ----- issue 21: a grid on a device mesh ----------------------------------------------------------
+def test_grid_trains_every_variant_on_the_mesh(tmp_path):
+  """`run_grid(mesh=, rules=)` (`ablate SPEC --mesh ... --rules ...`) hands every run the mesh,
+  its rules and the mesh's MoE (expert parallel under fsdp_ep) through `trainer.fit`."""
+  from deepseek_v4 import sharding
+
+  mesh = sharding.make_mesh(data=1, expert=2, devices=__import__("jax").devices()[:2])
+  fit = _fake_fit()
+  seen = []
+
+  def spy(cfg, tcfg, rows, folder, **kw):
+    seen.append((kw["mesh"], kw["rules"], kw["options"].moe.expert_parallel))
+    return fit(cfg, tcfg, rows, folder, **kw)
+
+  ablate.run_grid(ablate.parse_spec({**BASE, "variants": {"a": {}, "bb": {"learning_rate": 1e-3}}}),
+                  str(tmp_path / "out"), progress=False, fit=spy, mesh=mesh, rules="fsdp_ep")
+  assert len(seen) == 2
+  assert all(m is mesh and r == "fsdp_ep" and ep is not None for m, r, ep in seen)
+
+
+def test_ablate_cli_refuses_a_mesh_of_the_wrong_size(tmp_path, capsys):
+  spec = _write_spec(tmp_path)
+  assert cli.main(["ablate", spec, "--out", str(tmp_path / "o"), "--mesh", "data=3"]) == 2
+  assert "--mesh data=3: mesh data=3" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~2 min: the mesh and the one-device step compile
+def test_grid_on_a_mesh_equals_the_one_device_grid(tmp_path):
+  from deepseek_v4 import sharding
+  from tests.tolerances import F32_SHARDED_REL
+
+  spec = _spec({"a": {}})
+  one = ablate.run_grid(spec, str(tmp_path / "one"), progress=False)
+  mesh = sharding.make_mesh(data=2, devices=__import__("jax").devices()[:2])
+  on_mesh = ablate.run_grid(spec, str(tmp_path / "mesh"), progress=False, mesh=mesh, rules="fsdp")
+  for key in ("train_loss", "val_loss"):
+    a, b = one[0][key], on_mesh[0][key]
+    assert abs(a - b) <= F32_SHARDED_REL * abs(a), (key, a, b)

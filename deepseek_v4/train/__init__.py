@@ -24,11 +24,11 @@ from deepseek_v4.train.config import (IndexerStage, RematPolicy, TrainConfig, lo
 from deepseek_v4.train.optimizer import (freeze_mask, freeze_patterns, gradient_transform,
                                          make_optimizer, trainable_filter)
 from deepseek_v4.train.loss import loss_fn, mtp_targets
-from deepseek_v4.train.step import (as_batch, build, train_step, train_step_fn,
+from deepseek_v4.train.step import (as_batch, build, build_model, train_step, train_step_fn,
                                     update_router_biases)
 
 __all__ = [
-  "IndexerStage", "RematPolicy", "TrainConfig", "as_batch", "build", "freeze_mask",
+  "IndexerStage", "RematPolicy", "TrainConfig", "as_batch", "build", "build_model", "freeze_mask",
   "freeze_patterns", "gradient_transform", "lora_spec", "loss_fn", "make_optimizer", "mtp_targets",
   "mtp_weight_at", "step_options", "train_step", "train_step_fn", "trainable_filter",
   "training_model_config", "update_router_biases", "wsd_schedule",

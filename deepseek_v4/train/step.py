@@ -25,16 +25,22 @@ from deepseek_v4.train.optimizer import freeze_mask, make_optimizer
 
 
 # ----- construction -------------------------------------------------------------------------------
-def build(cfg: ModelConfig, tcfg: TrainConfig, rngs=nnx.Rngs, options: Options = Options()
-          ) -> tuple[Transformer, nnx.Optimizer]:
-  """A freshly initialized model (LoRA-wrapped if asked, built with `options`) and its optimizer;
+def build_model(cfg: ModelConfig, tcfg: TrainConfig, rngs=nnx.Rngs,
+                options: Options = Options()) -> Transformer:
+  """The freshly initialized model a run trains (LoRA-wrapped if asked, built with `options`);
   `rngs(seed)` makes the key streams (`deepseek_v4.abstract.ShapeOnlyRngs` for a shapes-only
-  build)."""
+  build). `parallel.init_sharded(lambda: build_model(...), mesh, rules)` builds it in its shards."""
   from deepseek_v4 import lora as lora_lib
 
-  model = lora_lib.build_model(training_model_config(cfg, tcfg), lora_spec(tcfg),
-                               rngs=rngs(tcfg.seed), adapter_rngs=rngs(tcfg.seed + 1),
-                               options=options)
+  return lora_lib.build_model(training_model_config(cfg, tcfg), lora_spec(tcfg),
+                              rngs=rngs(tcfg.seed), adapter_rngs=rngs(tcfg.seed + 1),
+                              options=options)
+
+
+def build(cfg: ModelConfig, tcfg: TrainConfig, rngs=nnx.Rngs, options: Options = Options()
+          ) -> tuple[Transformer, nnx.Optimizer]:
+  """`build_model` and its optimizer."""
+  model = build_model(cfg, tcfg, rngs, options)
   return model, make_optimizer(model, tcfg)
 
 
