@@ -18,7 +18,10 @@ The target `experts` gives the routed experts one small adapter per expert and w
 experts kept as their released FP4 codes (`Options.keep_quantized="experts"`, QLoRA) the codes
 stay frozen bytes: merging an adapted expert needs a requantization, which `strip_lora` does only
 when asked (`requantize_experts=True`, as `convert --to hub --quantize fp4-experts` does): the
-experts whose adapter is exactly zero keep their original bytes.
+experts whose adapter is exactly zero keep their original bytes. For inference without that
+FP4 rounding, `strip_lora(keep_expert_adapters=True)` (what `checkpoint.io.restore_model` and
+`generate --checkpoint` do) merges every float adapter and leaves the kept experts' adapters
+unmerged, applied in the expert loop as in training: the trained model's exact function.
 """
 
 from __future__ import annotations
@@ -186,13 +189,17 @@ def _kept_refusal(name: str, count: int) -> ValueError:
     "base with keep_quantized=None to merge in float")
 
 
-def _merge_experts(model: nnx.Module, sign: float, requantize: bool = False) -> None:
-  """Adds (`sign` 1) or removes (-1) the routed experts' adapter updates in their weights."""
+def _merge_experts(model: nnx.Module, sign: float, requantize: bool = False,
+                   keep: bool = False) -> None:
+  """Adds (`sign` 1) or removes (-1) the routed experts' adapter updates in their weights; with
+  `keep`, kept FP4 experts with a nonzero update keep their adapters unmerged."""
   for name, e in _routed_experts(model):
     if e.lora is None or e.lora.merged == (sign > 0):
       continue
     if e.kept:
       todo = adapted_experts(e)
+      if todo and keep and not requantize:
+        continue
       if todo and not requantize:
         raise _kept_refusal(name, len(todo))
       _requantize_experts(e, todo)
@@ -228,34 +235,49 @@ def merge_lora(model: nnx.Module) -> None:
     ValueError: routed experts kept as FP4 codes carry a nonzero update (see `strip_lora`).
   """
   _merge_experts(model, 1.0)
-  for m in lora_modules(model):
-    if not m.merged:
-      m.weight.set_value((m.weight[...].astype(jnp.float32) + m.delta()).astype(m.weight.dtype))
-      m.merged = True
+  _merge_linears(model, 1.0)
 
 
 def unmerge_lora(model: nnx.Module) -> None:
   """Inverse of `merge_lora`: W <- W - (alpha/r) B A."""
   _merge_experts(model, -1.0)
+  _merge_linears(model, -1.0)
+
+
+def _merge_linears(model: nnx.Module, sign: float) -> None:
+  """Adds (`sign` 1) or removes (-1) the `LoRALinear`s' updates in their weights."""
   for m in lora_modules(model):
-    if m.merged:
-      m.weight.set_value((m.weight[...].astype(jnp.float32) - m.delta()).astype(m.weight.dtype))
-      m.merged = False
+    if m.merged != (sign > 0):
+      m.weight.set_value((m.weight[...].astype(jnp.float32) + sign * m.delta())
+                         .astype(m.weight.dtype))
+      m.merged = sign > 0
 
 
-def strip_lora(model: nnx.Module, requantize_experts: bool = False) -> None:
+def kept_expert_adapters(model: nnx.Module) -> list[str]:
+  """The routed-expert stacks (module names) whose adapters run unmerged over kept FP4 codes."""
+  return [name for name, e in _routed_experts(model)
+          if e.kept and e.lora is not None and not e.lora.merged]
+
+
+def strip_lora(model: nnx.Module, requantize_experts: bool = False,
+               keep_expert_adapters: bool = False) -> None:
   """Merges the adapters and puts plain Linears back (the base model's exact parameter tree).
 
   Args:
     requantize_experts: routed experts kept as FP4 codes with a nonzero adapter update get
       requantized (`quant_codecs.quantize_fp4` of the decoded weight plus the update; lossy by
-      the FP4 rounding); the experts whose update is zero keep their bytes. Without it such
-      experts are refused (ValueError naming the way out).
+      the FP4 rounding); the experts whose update is zero keep their bytes. Without it (and
+      without `keep_expert_adapters`) such experts are refused (ValueError naming the way out).
+    keep_expert_adapters: such experts keep their codes and their adapters, unmerged (the
+      forward applies them in the expert loop, exactly as in training); everything that merges
+      losslessly (the float Linears' and float experts' adapters) is merged. Then the tree is the
+      base model's plus those `ExpertAdapters` (`kept_expert_adapters` names them).
   """
-  _merge_experts(model, 1.0, requantize=requantize_experts)
-  merge_lora(model)
+  _merge_experts(model, 1.0, requantize=requantize_experts, keep=keep_expert_adapters)
+  _merge_linears(model, 1.0)
   for _, e in _routed_experts(model):
-    e.lora = None
+    if e.lora is not None and e.lora.merged:
+      e.lora = None
   for name, path, module in list(_named_linears(model)):
     if isinstance(module, LoRALinear):
       parent = model

@@ -325,3 +325,71 @@ def test_qlora_gradients_on_an_expert_parallel_mesh(folder, cfg):
   worst = max(rel_err(got[p][...], want[p][...]) for p in got)
   print(f"\nQLoRA on expert=4 x fsdp=2 vs one device: worst rel err of the gradients {worst:.1e}")
   assert worst <= F32_SHARDED_REL
+
+
+def test_strip_keeps_kept_expert_adapters_unmerged(folder, cfg):
+  """`strip_lora(keep_expert_adapters=True)` (what `restore_model` does): the float adapters are
+  merged and unwrapped, the kept experts keep their bytes and their adapters, and the logits are
+  the adapted model's."""
+  from tests.tolerances import F32_MODEL_REL
+
+  model = _adapted(folder, "experts")
+  ids = _ids(cfg)
+  before, codes = model(ids), _kept_bytes(model)
+  lora.strip_lora(model, keep_expert_adapters=True)
+  assert not lora.lora_modules(model)
+  assert lora.kept_expert_adapters(model) == [n for n, _ in lora._routed_experts(model)]
+  assert {str(p) for p in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))} and all(
+    "experts.lora" in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(
+      nnx.state(model, nnx.LoRAParam)))
+  for p, b in _kept_bytes(model).items():
+    np.testing.assert_array_equal(b, codes[p], err_msg=str(p))
+  assert rel_err(model(ids), before) <= F32_MODEL_REL
+
+
+@pytest.mark.slow  # a training run and a decode compile (~80 s of CPU)
+def test_generate_from_a_qlora_run_with_expert_adapters(folder, tmp_path, monkeypatch):
+  """`generate --checkpoint RUN` on a QLoRA run whose adapters include the routed experts: the
+  kept experts' adapters stay unmerged (no lossy requantization), the float ones are merged, and
+  the greedy tokens equal those of the trained model (the checkpoint's tree, nothing merged)."""
+  import io
+
+  from deepseek_v4 import cli, decoding, generate_cli
+  from deepseek_v4.checkpoint.io import restore_model
+  from tests.tolerances import F32_MODEL_REL
+
+  data = tmp_path / "text.txt"
+  data.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+  out = tmp_path / "run"
+  assert cli.main(["train", "--init", str(folder), "--keep-quantized", "experts", "--lora-rank",
+                   "4", "--lora-targets", ",".join(TARGETS), "--data", str(data), "--steps", "4",
+                   "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2", "--warmup", "0",
+                   "--out", str(out), "--no-progress", "--sample", "0"]) == 0
+  trained, _ = restore_model(str(out / "checkpoints"), merge_lora=False)
+  assert any(lora.adapted_experts(e) for _, e in lora._routed_experts(trained))
+
+  merged, _ = restore_model(str(out / "checkpoints"))  # the default: merge what merges exactly
+  assert not lora.lora_modules(merged)
+  assert len(lora.kept_expert_adapters(merged)) == len(list(lora._routed_experts(merged)))
+  want_bytes, got_bytes = _kept_bytes(trained), _kept_bytes(merged)
+  assert want_bytes and got_bytes.keys() == want_bytes.keys()
+  for p in want_bytes:  # the codes are the trained model's (not requantized)
+    np.testing.assert_array_equal(got_bytes[p], want_bytes[p], err_msg=str(p))
+  ids = _ids(merged.cfg, 1, 16)
+  assert rel_err(merged(ids), trained(ids)) <= F32_MODEL_REL
+
+  calls = []
+  inner = decoding.generate
+
+  def recording_generate(model, *args, **kwargs):
+    res = inner(model, *args, **kwargs)
+    calls.append((args, kwargs, res))
+    return res
+
+  monkeypatch.setattr(decoding, "generate", recording_generate)
+  args = cli.build_parser("generate").parse_args(
+    ["generate", "--checkpoint", str(out), "--prompt", "the quick", "--max-new-tokens", "8"])
+  assert generate_cli.run(args, out=io.StringIO()) == 0
+  (gen_args, kwargs, got), = calls
+  want = inner(trained, *gen_args, stop_tokens=kwargs["stop_tokens"])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

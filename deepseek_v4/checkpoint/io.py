@@ -201,8 +201,12 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
   (`deepseek_v4.sharding`), whatever devices or mesh wrote them: without an explicit target,
   Orbax puts each array back on the devices it was saved from and refuses ("Topology mismatch")
   when this process has fewer. LoRA adapters in the checkpoint are merged into the weights
-  (`merge_lora=False` keeps them; needs no mesh). The model is built with `options` (default:
-  the build-time fields the checkpoint was saved with, `Options.build`, else `Options()`).
+  (`merge_lora=False` keeps them; needs no mesh), except over routed experts kept as FP4 codes
+  (a QLoRA run): merging there would need a lossy requantization, so those experts keep their
+  codes and their adapters run unmerged in the forward (`lora.strip_lora(keep_expert_adapters=
+  True)`): the restored model computes what the trained one did; `convert --to hub --quantize
+  fp4-experts` is the requantizing export. The model is built with `options` (default: the
+  build-time fields the checkpoint was saved with, `Options.build`, else `Options()`).
   """
   if (mesh is None) != (rules is None):
     raise ValueError("restore_model: mesh and rules go together")
@@ -238,7 +242,7 @@ def restore_model(directory: str | os.PathLike, step: int | None = None, *, mesh
   nnx.replace_by_pure_dict(state, out["model"])
   nnx.update(model, state)
   if adapters and merge_lora:
-    lora.strip_lora(model)
+    lora.strip_lora(model, keep_expert_adapters=True)
   return model, meta
 
 
