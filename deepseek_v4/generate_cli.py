@@ -18,7 +18,9 @@ of that mesh (an Orbax folder through `restore_model(mesh=, rules=)`, a hub fold
 tensor) and decodes there (`generate(mesh=, rules=)`; the expert-parallel MoE under fsdp_ep).
 One prompt is one row, so it is replicated over the batch axes; the parameters stay sharded.
 A `train --out` folder with LoRA adapters is the one exception: it restores on one device, is
-merged, then placed into its shards. One process only (no multi-host flags here).
+merged, then placed into its shards. A QLoRA run with adapters on the kept FP4 routed experts
+keeps those adapters unmerged (`restore_model`) and generates on one device only. One process
+only (no multi-host flags here).
 """
 
 from __future__ import annotations
@@ -91,18 +93,27 @@ def load_training_checkpoint(folder: str, step: int | None, dtype: str, mesh=Non
     lora = bool((ck.read_meta(step).get("train_config") or {}).get("lora_rank"))
   finally:
     ck.close()
+  from deepseek_v4 import lora as lora_lib
+
   if mesh is not None:
     # Straight into the shards; adapters are merged on one device first (restore_model refuses
     # a LoRA checkpoint on a mesh), then the merged weights are placed.
     model, _ = restore_model(folder, step, **({} if lora else dict(mesh=mesh, rules=rules)))
+    if lora_lib.kept_expert_adapters(model):
+      raise ValueError(f"{folder}: a QLoRA run with adapters on the routed experts (kept FP4, "
+                       "merged only by a lossy requantization) generates on one device: drop "
+                       "--mesh, or export it with `convert --to hub --quantize fp4-experts`")
     return _sharded_in_dtype(model, dtype, mesh, rules)
   model, _ = restore_model(folder, step)  # on this process's device, whatever mesh wrote it
   cfg = model.cfg
   if not (cfg.dtype == dtype and cfg.param_dtype == dtype):
-    # The same casts as a hub checkpoint loaded in `dtype` (norms, mHC, router bias stay f32).
+    # The same casts as a hub checkpoint loaded in `dtype` (norms, mHC, router bias stay f32);
+    # adapters left unmerged over kept FP4 experts (QLoRA) stay float32 and come along.
     name = jnp.dtype(dtype).name
+    held = lora_lib.detach_expert_adapters(model)
     model = from_hub_tensors(dataclasses.replace(cfg, dtype=name, param_dtype=name),
                              to_hub_tensors(model), options=model.options)
+    lora_lib.attach_expert_adapters(model, held)
   return model
 
 

@@ -253,6 +253,26 @@ def _merge_linears(model: nnx.Module, sign: float) -> None:
       m.merged = sign > 0
 
 
+def detach_expert_adapters(model: nnx.Module) -> list:
+  """Takes every routed-expert stack's adapters off (`Experts.lora` None) and returns them in
+  module order, for `attach_expert_adapters` on a rebuilt model of the same config (a cast)."""
+  held = []
+  for _, e in _routed_experts(model):
+    held.append(e.lora)
+    e.lora = None
+  return held
+
+
+def attach_expert_adapters(model: nnx.Module, held: list) -> None:
+  """Puts back what `detach_expert_adapters` returned, stack by stack in module order."""
+  stacks = [e for _, e in _routed_experts(model)]
+  if len(stacks) != len(held):
+    raise ValueError(f"{len(held)} expert adapter stacks for a model with {len(stacks)} routed "
+                     "expert stacks")
+  for e, adapters in zip(stacks, held):
+    e.lora = adapters
+
+
 def kept_expert_adapters(model: nnx.Module) -> list[str]:
   """The routed-expert stacks (module names) whose adapters run unmerged over kept FP4 codes."""
   return [name for name, e in _routed_experts(model)

@@ -383,13 +383,27 @@ def test_generate_from_a_qlora_run_with_expert_adapters(folder, tmp_path, monkey
 
   def recording_generate(model, *args, **kwargs):
     res = inner(model, *args, **kwargs)
-    calls.append((args, kwargs, res))
+    calls.append((model, args, kwargs, res))
     return res
 
   monkeypatch.setattr(decoding, "generate", recording_generate)
   args = cli.build_parser("generate").parse_args(
     ["generate", "--checkpoint", str(out), "--prompt", "the quick", "--max-new-tokens", "8"])
   assert generate_cli.run(args, out=io.StringIO()) == 0
-  (gen_args, kwargs, got), = calls
+  (used, gen_args, kwargs, got), = calls
+  assert lora.kept_expert_adapters(used) and not lora.lora_modules(used)
   want = inner(trained, *gen_args, stop_tokens=kwargs["stop_tokens"])
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  # In bfloat16 (a cast through hub tensors) the expert adapters come along; a mesh is refused.
+  calls.clear()
+  monkeypatch.setattr(decoding, "generate", lambda model, *a, **k: calls.append(model) or inner(
+    model, *a, **k))
+  args = cli.build_parser("generate").parse_args(
+    ["generate", "--checkpoint", str(out), "--prompt", "the quick", "--max-new-tokens", "2",
+     "--dtype", "bfloat16"])
+  assert generate_cli.run(args, out=io.StringIO()) == 0
+  (bf16,) = calls
+  assert bf16.cfg.param_dtype == "bfloat16" and lora.kept_expert_adapters(bf16)
+  assert cli.main(["generate", "--checkpoint", str(out), "--prompt", "x", "--mesh", "fsdp=8",
+                   "--rules", "fsdp"]) == cli.USAGE_ERROR
