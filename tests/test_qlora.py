@@ -123,6 +123,9 @@ def test_backward_saves_no_decoded_expert():
   assert len(residuals(full)) >= 3
 
 
+@pytest.mark.slow  # two whole-model backward compiles (72 s under load); the default suite has
+# the kept FFN's gradients (test_kept_expert_ffn_gradients_equal_the_float_path) and the whole
+# adapted model's logits against the dequantized base (test_strip_keeps_...)
 def test_adapter_gradients_equal_the_dequantized_base(folder, cfg):
   """The whole model's LoRA gradients (attention, shared expert, routed experts) with the experts
   kept FP4 equal those of the same LoRA on the dequantized float load."""
@@ -330,12 +333,14 @@ def test_qlora_gradients_on_an_expert_parallel_mesh(folder, cfg):
 def test_strip_keeps_kept_expert_adapters_unmerged(folder, cfg):
   """`strip_lora(keep_expert_adapters=True)` (what `restore_model` does): the float adapters are
   merged and unwrapped, the kept experts keep their bytes and their adapters, and the logits are
-  the adapted model's."""
+  the adapted model's. Those equal the same LoRA's on the dequantized float base (the adapters
+  wired through the whole kept model, cheaply; the gradients are the slow test's)."""
   from tests.tolerances import F32_MODEL_REL
 
   model = _adapted(folder, "experts")
   ids = _ids(cfg)
   before, codes = model(ids), _kept_bytes(model)
+  assert rel_err(before, _adapted(folder, None)(ids)) <= F32_MODEL_REL
   lora.strip_lora(model, keep_expert_adapters=True)
   assert not lora.lora_modules(model)
   assert lora.kept_expert_adapters(model) == [n for n, _ in lora._routed_experts(model)]
