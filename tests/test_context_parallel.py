@@ -77,6 +77,36 @@ def test_forward_context8_equals_one_device():
   assert out.sharding.spec[1] == "context"
 
 
+def test_query_blocks():
+  """A slice's queries run in the fewest equal blocks of at most `query_block` tokens."""
+  assert context_parallel.query_blocks(131072, 8192) == 16
+  assert context_parallel.query_blocks(100, 8192) == 1
+  assert context_parallel.query_blocks(96, 40) == 3  # blocks of 32
+  assert context_parallel.query_blocks(97, 40) == 1  # a prime: no divisor fits, one block
+  with pytest.raises(ValueError, match="query_block must be >= 1, got 0"):
+    context_parallel.ContextParallel(sharding.make_mesh(context=8), "context", query_block=0)
+
+
+def test_query_blocked_forward_equals_unblocked():
+  """The slices' queries in blocks (4 blocks of 8 per 32-token slice, each with the previous
+  tokens of its band) give the one-device logits, and the unblocked run's to float32 rounding."""
+  import dataclasses
+
+  cfg = steps.CFG_SMALL
+  sizes, rules = MESHES["context8"]
+  mesh = sharding.make_mesh(**sizes)
+  model = _model(cfg)
+  ids = jnp.asarray(_ids(cfg, 2, 200))
+  ref = np.asarray(model(ids))
+  opts = parallel.options(mesh, rules)
+  assert context_parallel.query_blocks(256 // 8, 8) == 4
+  blocked = opts.replace(context=dataclasses.replace(opts.context, query_block=8))
+  out = parallel.jit_forward(model, mesh, rules, options=blocked)(model, ids)
+  err = rel_err(out, ref)
+  print(f"\nquery blocks of 8: logits rel err {err:.1e}")
+  assert err < F32_CONTEXT_PARALLEL_REL
+
+
 @pytest.mark.parametrize("cfg", [pytest.param(steps.CFG_SMALL, id="csa"),
                                  pytest.param(steps.CFG, id="3_kinds", marks=pytest.mark.slow)])
 def test_packed_documents_isolated_context4_expert2(cfg):

@@ -48,6 +48,13 @@ class ContextParallel:
   mesh: Mesh
   axis: str
   batch_axes: tuple[str, ...] = ()
+  # Queries per block of a slice's attention (`query_blocks`): the per-query arrays (q and its
+  # float32 normalization, the indexer's queries, scores and picks) exist for one block at a time.
+  query_block: int = 8192
+
+  def __post_init__(self):
+    if self.query_block < 1:
+      raise ValueError(f"ContextParallel: query_block must be >= 1, got {self.query_block}")
 
   @property
   def size(self) -> int:
@@ -195,7 +202,8 @@ def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl:
   def body(params, x, row, rope, seg):
     layer = nnx.merge(graphdef, params)
     y, more = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n,
-                               halo=halo, window=window, impl=impl, block=block)
+                               halo=halo, window=window, impl=impl, block=block,
+                               query_block=cp.query_block)
     return (y, more) if parts else y
 
   more_specs = (spec3, None if attn.compressor is None else whole,
@@ -221,34 +229,73 @@ def _gather(a: Array, axis: str) -> Array:
   return jax.lax.all_gather(a, axis, axis=1, tiled=True)
 
 
+def query_blocks(slice_len: int, block: int) -> int:
+  """How many equal query blocks a slice of `slice_len` tokens runs in: the fewest whose size
+  divides the slice and is at most `block`, or 1 (the whole slice) when that needs blocks of
+  under block / 4 tokens (a slice length with no fitting divisor)."""
+  if slice_len <= block:
+    return 1
+  for count in range(-(-slice_len // block), slice_len + 1):
+    if slice_len % count == 0:
+      return count if slice_len // count >= max(block // 4, 1) else 1
+  return 1
+
+
 def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, halo: int,
-                     window: int, impl: str, block: int):
+                     window: int, impl: str, block: int, query_block: int):
   """One device's attention output [B, Tl, D] for its slice (x, positions, documents local), and
-  (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys)."""
+  (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys).
+
+  The compressors run over the whole slice (their entries are all-gathered once); the queries
+  then run in `query_blocks` blocks, each with the `halo` tokens before it (its band's keys and,
+  recomputed, their K=V), under `jax.lax.map`: q, its float32 normalization and the indexer's
+  scores exist for one block at a time."""
   if halo:  # stage 1: the previous slice's last tokens
     x = jnp.concatenate([_previous(x, halo, axis, n, 0), x], axis=1)
     row = jnp.concatenate([_previous(row, halo, axis, n, _NO_POSITION), row], axis=1)
     rope = jnp.concatenate([_previous(rope, halo, axis, n, 0), rope], axis=1)
     seg = jnp.concatenate([_previous(seg, halo, axis, n, _NO_DOCUMENT), seg], axis=1)
   freqs = attn.freqs
-  cos, sin = rope_angles(rope, freqs)
-  cq, q, kv = attn.project_qkv(x, cos, sin)
-  band_seg = seg if docs else None
-  entries, ikeys = None, None
-  if attn.compressor is not None:
-    entries, ikeys = _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, docs=docs,
-                              axis=axis, halo=halo, impl=impl, block=block)
-  keys = sources.KeySources(sources.Band(kv, window, band_seg), entries=entries)
-  o = attn.core(q, row, keys, impl=impl, block=block)
-  return attn.output(o, cos, sin)[:, halo:], (kv[:, halo:], None if entries is None
-                                              else entries.kv, ikeys)
+  comp, ikeys, comp_seg = None, None, None
+  if attn.compressor is not None:  # stage 2: this slice's entries, all-gathered
+    comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo)
+
+  def attend(x, row, rope, seg):  # queries [halo:] of a block with its halo before it
+    cos, sin = rope_angles(rope, freqs)
+    cq, q, kv = attn.project_qkv(x, cos, sin)
+    idx = None
+    if attn.indexer is not None:
+      # The indexer reads detached inputs (docs/architecture.md#indexer-training).
+      sg = jax.lax.stop_gradient
+      iq, iw = attn.indexer.queries(sg(x), sg(cq), cos, sin)
+      idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg,
+                                   impl=impl, block=block))
+    keys = sources.KeySources(sources.Band(kv, window, seg if docs else None),
+                              entries=attn._entries(comp, idx, comp_seg))
+    o = attn.core(q, row, keys, impl=impl, block=block)
+    return attn.output(o, cos, sin)[:, halo:], kv[:, halo:]
+
+  B, Tl = x.shape[0], x.shape[1] - halo
+  count = query_blocks(Tl, query_block)
+  if count == 1:
+    y, kv = attend(x, row, rope, seg)
+  else:
+    size = Tl // count
+
+    def one(start):
+      cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start, halo + size, axis=1)
+      return attend(cut(x), cut(row), cut(rope), cut(seg))
+
+    y, kv = jax.lax.map(one, jnp.arange(count) * size)  # [count, B, size, ...]
+    y = jnp.moveaxis(y, 0, 1).reshape(B, Tl, *y.shape[3:])
+    kv = jnp.moveaxis(kv, 0, 1).reshape(B, Tl, *kv.shape[3:])
+  return y, (kv, None if comp is None else comp, ikeys)
 
 
-def _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, *, docs: bool, axis: str, halo: int,
-             impl: str, block: int):
-  """Stage 2: this slice's compressed entries (and CSA's indexer keys), all-gathered, and the
-  selection of the slice's queries (plus the halo's, discarded) among them: (the key source,
-  the gathered indexer keys or None)."""
+def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int):
+  """Stage 2: this slice's compressed entries (and CSA's indexer keys) and, with documents,
+  the entries' documents, all-gathered: (entries [B, C, H], indexer keys or None, documents or
+  None)."""
   m = attn.ratio
 
   def compress(compressor, inputs):
@@ -261,16 +308,11 @@ def _entries(attn, x, cq, row, rope, seg, cos, sin, freqs, *, docs: bool, axis: 
 
   comp = compress(attn.compressor, x)
   comp_seg = _gather(seg[:, halo::m], axis) if docs else None
-  idx, ikeys = None, None
+  ikeys = None
   if attn.indexer is not None:
-    # The indexer reads detached inputs (docs/architecture.md#indexer-training).
-    sg = jax.lax.stop_gradient
-    ikeys = compress(attn.indexer.compressor, sg(x))
-    iq, iw = attn.indexer.queries(sg(x), sg(cq), cos, sin)
-    idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg, impl=impl,
-                                 block=block))
-  return attn._entries(comp, idx, comp_seg), ikeys
+    ikeys = compress(attn.indexer.compressor, jax.lax.stop_gradient(x))
+  return comp, ikeys, comp_seg
 
 
 __all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_size",
-           "prefill_attention"]
+           "prefill_attention", "query_blocks"]
