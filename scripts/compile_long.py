@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--seq", type=int, default=1 << 20)
   p.add_argument("--train-seq", type=int, default=1 << 17)
   p.add_argument("--no-train", action="store_true")
+  p.add_argument("--param-layouts", default="auto", choices=("default", "auto"),
+                 help="the prefill's parameter layouts (aot.long_context.prefill_program)")
   p.add_argument("--out", default=DEFAULT_OUT)
   args = p.parse_args(argv)
 
@@ -76,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
   prefill = []
   for k in (int(x) for x in args.layers.split(",")):
     cfg = memory.truncated(flash, k)
-    r = long_context.compile_long(cfg, "h200", mesh, rules, "prefill", args.seq)
-    record("prefill", cfg, r)
+    r = long_context.compile_long(cfg, "h200", mesh, rules, "prefill", args.seq,
+                                  param_layouts=args.param_layouts)
+    record("prefill", cfg, r, dict(param_layouts=args.param_layouts))
     prefill.append((k, r))
   if len(prefill) >= 2:
     (la, a), (lb, b) = prefill[0], prefill[-1]

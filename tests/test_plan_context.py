@@ -258,3 +258,13 @@ def test_combined_async_collectives_are_listed_per_array():
   assert [(c.op, c.result_bytes, c.operand_bytes) for c in found] == [
     ("all-gather", 32 * 8 * 4, 4 * 8 * 4), ("all-gather", 16 * 16 * 2, 2 * 16 * 2),
     ("collective-permute", 3 * 8 * 4, 3 * 8 * 4)]
+
+
+def test_prefill_program_refuses_unknown_param_layouts():
+  from deepseek_v4 import sharding
+  from deepseek_v4.aot import long_context
+
+  mesh = sharding.make_mesh(context=8, devices=jax.devices()[:8])
+  with pytest.raises(ValueError, match=r"param_layouts='rowmajor'; expected one of"):
+    long_context.prefill_program(None, {}, mesh, "fsdp", (1, 64), options=None,
+                                 param_layouts="rowmajor")

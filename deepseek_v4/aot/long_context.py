@@ -37,6 +37,7 @@ from deepseek_v4.aot import targets
 from deepseek_v4.options import Options
 
 PROGRAMS = ("prefill", "train")
+PARAM_LAYOUTS = ("default", "auto")
 _ZERO_NAMES = ("embed", "q_lora", "o_lora", "hc_embed")
 
 
@@ -84,9 +85,14 @@ def sharding_name(rules) -> str:
 
 
 def prefill_program(graphdef, shardings, mesh, rules, shape: tuple[int, int], *,
-                    options: Options, keep_unused: bool = True):
+                    options: Options, keep_unused: bool = True, param_layouts: str = "default"):
   """`fn(state, ids) -> [B, V]` float32 logits of each row's last token, the trunk run on the
-  whole [B, T] sequence with ids split as the rules split (batch, seq)."""
+  whole [B, T] sequence with ids split as the rules split (batch, seq).
+
+  `param_layouts`: "default" (row-major parameters) or "auto" (XLA picks each parameter's
+  device layout, `jax.experimental.layout.Layout.AUTO`; the weights are then stored the way the
+  layer loop reads them: with the default, XLA transposes each scanned group's whole stack of
+  ZeRO-sharded weights into a temporary before the loop, docs/plan.md "Context parallelism")."""
   from flax import nnx
   from jax.sharding import NamedSharding
 
@@ -101,6 +107,12 @@ def prefill_program(graphdef, shardings, mesh, rules, shape: tuple[int, int], *,
     streams, _, _ = model.trunk(ids, options=options)
     return model.logits(model.final_hidden(streams[:, -1:]))[:, 0]
 
+  if param_layouts not in PARAM_LAYOUTS:
+    raise ValueError(f"param_layouts={param_layouts!r}; expected one of {PARAM_LAYOUTS}")
+  if param_layouts == "auto":
+    from jax.experimental.layout import Format, Layout
+
+    shardings = jax.tree.map(lambda s: Format(Layout.AUTO, s), shardings)
   return jax.jit(fn, in_shardings=(shardings, ids_sh), out_shardings=sharding.replicated(mesh),
                  keep_unused=keep_unused)
 
@@ -175,12 +187,13 @@ def _plan(cfg, sizes, rules, program, batch, seq, tcfg, capacity_factor, platfor
 
 def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: str, seq: int, *,
                  batch: int = 1, tcfg=None, capacity_factor: float | None = None,
-                 options: Options = Options(), compiler_options: dict | None = None
-                 ) -> LongReport:
+                 options: Options = Options(), compiler_options: dict | None = None,
+                 param_layouts: str = "default") -> LongReport:
   """Compile `program` ("prefill" or "train") of `batch` rows of `seq` tokens for compile-only
   devices of `target` on a mesh of `mesh_sizes` under `rules` (a name or a Rules table, e.g.
   `zero_over_context("fsdp_ep")`), and report (module docstring). `compiler_options` go to
-  XLA (e.g. {"xla_dump_to": dir} for `aot.memory.largest_temporaries`).
+  XLA (e.g. {"xla_dump_to": dir} for `aot.memory.largest_temporaries`); `param_layouts` is
+  `prefill_program`'s (the prefill only).
 
   Raises:
     ValueError: an unknown program, or a train program without its TrainConfig.
@@ -192,6 +205,8 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
 
   if program not in PROGRAMS:
     raise ValueError(f"unknown program {program!r}; expected one of {PROGRAMS}")
+  if param_layouts not in PARAM_LAYOUTS:
+    raise ValueError(f"param_layouts={param_layouts!r}; expected one of {PARAM_LAYOUTS}")
   if program == "train" and tcfg is None:
     raise ValueError("the train program needs its train.TrainConfig (tcfg)")
   t = targets.target(target)
@@ -222,7 +237,8 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
     else:
       graphdef, state = parallel.abstract_model(cfg, mesh, r, options=options)
       shardings = jax.tree.map(lambda a: a.sharding, state)
-      fn = prefill_program(graphdef, shardings, mesh, r, shape, options=run)
+      fn = prefill_program(graphdef, shardings, mesh, r, shape, options=run,
+                           param_layouts=param_layouts)
       ids = jax.ShapeDtypeStruct(shape, "int32", sharding=jax.sharding.NamedSharding(
         mesh, sharding.logical_to_spec(("batch", "seq"), shape, mesh, r.activations,
                                        strict=False)))
