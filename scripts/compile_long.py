@@ -5,9 +5,10 @@ with `long_context.zero_over_context("fsdp_ep")`; the rule tables alone replicat
 the context axis, 582 GB per GPU):
 
 * prefill of 1,048,576 tokens (the trunk and the last token's logits), compiled at `--layers`
-  truncations of Flash (default 7 and 9: the scanned [HCA, CSA] period twice and three times,
-  laid out as in the 43-layer model) and
-  extrapolated linearly to all 43 layers, as docs/plan.md does for its inference rows;
+  truncations of Flash (default 7, 9 and 43: the scanned [HCA, CSA] period twice and three
+  times, laid out as in the 43-layer model, and the whole model), also extrapolated linearly
+  through the first two to all 43 layers, as docs/plan.md does for its inference rows; the
+  parameters in XLA-chosen layouts (`--param-layouts auto`, aot.long_context.prefill_program);
 * LoRA training (rank 8, base frozen) of 131,072 tokens, compiled at `--train-layers` layers.
 
 Each row prints XLA's per-device bytes beside plan's for the same (truncated) model, the verdict
@@ -44,7 +45,7 @@ def _exchange(report) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--layers", default="7,9")
+  p.add_argument("--layers", default="7,9,43")
   p.add_argument("--train-layers", type=int, default=4)
   p.add_argument("--seq", type=int, default=1 << 20)
   p.add_argument("--train-seq", type=int, default=1 << 17)
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     record("prefill", cfg, r, dict(param_layouts=args.param_layouts))
     prefill.append((k, r))
   if len(prefill) >= 2:
-    (la, a), (lb, b) = prefill[0], prefill[-1]
+    (la, a), (lb, b) = prefill[0], prefill[1]
     line = lambda f: f(a) + (f(b) - f(a)) * (flash.num_layers - la) / (lb - la)
     full = line(lambda r: r.total_bytes)
     p43 = plan.make_plan(flash, mesh, rules, plan.Settings(batch=1, seq=args.seq,
