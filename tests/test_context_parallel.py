@@ -220,11 +220,16 @@ def test_train_step_context8_equals_one_device():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_prefill_then_decode_equals_plain_decoding(mesh_name):
+@pytest.mark.parametrize("mesh_name,query_block", [(m, 8192) for m in MESHES]
+                         + [("context8", 8)])
+def test_prefill_then_decode_equals_plain_decoding(mesh_name, query_block):
   """A context-parallel prefill of prompts of 203 and 150 real tokens (right-padded) leaves the
   cache of a plain prefill: the prefill logits agree, and 20 greedy decode steps from each cache
-  pick the same tokens with the same logits."""
+  pick the same tokens with the same logits. `query_block` 8: every layer's slice runs its
+  queries in blocks (4 of 8 for HCA's 32-token slices, 4 of 7 for CSA's, 13 of 2 for the
+  sliding layers')."""
+  import dataclasses
+
   cfg = deepseek_v4.tiny()
   sizes, rules = MESHES[mesh_name]
   model = _model(cfg)
@@ -233,6 +238,7 @@ def test_prefill_then_decode_equals_plain_decoding(mesh_name):
   ids = _ids(cfg, 2, T)
   mesh = sharding.make_mesh(**sizes)
   opts = parallel.options(mesh, rules)
+  opts = opts.replace(context=dataclasses.replace(opts.context, query_block=query_block))
 
   def run(options):
     cache = cache_lib.init_cache(cfg, 2, T + steps_n)
