@@ -574,19 +574,61 @@ def _token_shards(sizes: dict[str, int], rules: str) -> int:
   return _shards(spec, sizes) * (1 if "context" in axes else sizes.get("context", 1))
 
 
+def context_slice_bytes_per_token(cfg: ModelConfig, tp_heads: int, tp_mlp: int) -> float:
+  """Per token of a device's whole slice, what one context-parallel block holds over the slice
+  (layers/context_parallel.py): the hyper-connections' streams (as `block_bytes_per_token`),
+  the attention's output and K=V (the query blocks' results, stacked), the compressors' float32
+  series (the main one and CSA's indexer's, each run once over the slice), the shared expert and
+  the router (token-wise, over the slice)."""
+  act = _itemsize(cfg.dtype)
+  M, D, H, J, F = cfg.hc_mult, cfg.d_model, cfg.head_dim, cfg.index_head_dim, cfg.moe_inter_dim
+  mhc = 2 * (M * D * 4 + M * D * act + D * act)
+  series = lambda k: (2 if getattr(k, "overlap", False) else 1) * 2 * 4  # kv and gate, f32
+  comp = max((series(k) * (H + (J if k.trains_indexer else 0)) for k in cfg.layer_kinds
+              if k.ratio), default=0)
+  shared = cfg.num_shared_experts * (3 * F * 4 / tp_mlp + D * 4)
+  return mhc + (D + H) * act + comp + shared + cfg.num_experts * 4 * 2
+
+
+def context_query_bytes_per_token(cfg: ModelConfig, tp_heads: int) -> float:
+  """Per token of one query block (its queries and the halo before them, under `jax.lax.map` in
+  layers/context_parallel.py): the query's low-rank input and the block's recomputed K=V, the
+  heads' q, its float32 normalization and o, the grouped output projection's input, and CSA's
+  indexer queries and weights."""
+  act = _itemsize(cfg.dtype)
+  N, H, J = cfg.num_heads, cfg.head_dim, cfg.index_head_dim
+  out = (cfg.q_lora_rank + H) * act + N * H * (2 * act + 4) / tp_heads
+  out += cfg.o_groups * cfg.o_lora_rank * act / tp_heads
+  return out + max((cfg.index_heads * (J * act + 4) / tp_heads for k in cfg.layer_kinds
+                    if k.trains_indexer), default=0)
+
+
+def context_query_block(cfg: ModelConfig, seq: int, devices: int) -> int:
+  """Queries per block of a device's slice of the padded `seq` (layers/context_parallel.py's
+  `query_blocks` at `ContextParallel.query_block`)."""
+  from deepseek_v4 import plan_context
+  from deepseek_v4.layers.context_parallel import ContextParallel, query_blocks
+
+  Tl = plan_context.padded_length(cfg, seq, devices) // devices
+  return Tl // query_blocks(Tl, ContextParallel.query_block)
+
+
 def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings,
                              step_params: float = 0.0, step_trained: float = 0.0,
                              options: Options = Options(), gathered_weights: float = 0.0):
   """`activation_lines` with each row's sequence split over the `context` axis (N devices).
 
-  Token-wise intermediates (streams, projections, the MoE) hold T / N tokens per device. A layer's
-  attention also holds what context parallelism adds (deepseek_v4/plan_context.py): the previous
-  slice's tail (neighbour exchange) and the layer's compressed entries and indexer keys gathered
-  at the full length; its query blocks score and gather against all T / m entries (the indexer's
-  scores and the top-k gather, `attention_block_bytes` at the full length). Training keeps the
-  gathered buffers' cotangents too (the backward reduce-scatters them). `gathered_weights`: a
-  scan step's weights gathered along the context axis beyond its local shard (nearly all routed
-  experts), alive with the MoE's buffers, not the attention's (XLA's buffer assignment).
+  Token-wise intermediates (streams, the compressors, the MoE) hold T / N tokens per device
+  (`context_slice_bytes_per_token`); in the prefill the query-side ones exist for one query block
+  at a time, its queries and the halo before them (`context_query_bytes_per_token`,
+  `context_query_block`). A layer's attention also holds what context parallelism adds
+  (deepseek_v4/plan_context.py): the previous slice's tail (neighbour exchange) and the layer's
+  compressed entries and indexer keys gathered at the full length; each kernel block scores and
+  gathers against all T / m entries (`attention_block_bytes` at the full length). Training
+  counts every intermediate over the slice (the backward of the blocks keeps each block's
+  residuals) and keeps the gathered buffers' cotangents too. `gathered_weights`: one layer's
+  weights gathered along the context axis (nearly all routed experts), alive with the MoE's
+  buffers, not the attention's (XLA's buffer assignment).
   """
   from deepseek_v4 import plan_context
 
@@ -616,6 +658,9 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
   exchange = (plan_context.largest_gathered(cfg, T, N, rows) * passes
               + plan_context.largest_neighbour(cfg, T, N, rows))
   query_block = attention_block_bytes(cfg, rows, T, tp_h, options.attn_block)
+  # the prefill's queries run in blocks (with the halo before each); training keeps every
+  # block's residuals for the backward, so it is counted over the slice as before
+  q_tokens = rows * (context_query_block(cfg, chunk, N) + plan_context.largest_halo(cfg, T, N))
   t_l = -(-(s.batch // (s.grad_accum if s.train else 1)) * chunk // token_shards)
   moe = passes * ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
                                  s.gmm) if ep else 0.0
@@ -634,7 +679,8 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
              ("logits (float32)", min(s.ce_chunk, n) * cfg.vocab_size * 4 * 3 / tp_v, "estimate")]
     head = f"rows/device per micro-batch {rows}, {n // rows:,} of {T:,} tokens per device"
   else:
-    tokens = n * per_block
+    tokens = (n * context_slice_bytes_per_token(cfg, tp_h, tp_f)
+              + q_tokens * context_query_bytes_per_token(cfg, tp_h))
     work = tokens + query_block + exchange
     lines = [(f"prefill chunk of {chunk} tokens ({chunk // N} per device): streams in and out",
               2 * n * stream, "estimate"),
@@ -642,10 +688,11 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
              ("one scan step's parameters", step_params, "estimate"),
              ("logits (float32)", rows * cfg.vocab_size * 4 * 2 / tp_v, "estimate")]
     head = f"rows/device {rows}, cache capacity {T:,} tokens, sequence split {N} ways"
-  block = (f"one block: attention {gb(work)} (tokens {gb(tokens)}, query blocks at the full "
-           f"length {gb(query_block)}, context exchange {gb(exchange)}), MoE all-to-all "
+  where = "" if s.train else f" (the slice, and query blocks of {q_tokens // rows:,} tokens)"
+  block = (f"one block: attention {gb(work)} (tokens{where} {gb(tokens)}, kernel blocks at the "
+           f"full length {gb(query_block)}, context exchange {gb(exchange)}), MoE all-to-all "
            f"({s.all_to_all}, {s.gmm} gmm, {cf}) {gb(moe)}"
-           + (f" with the layers' weights gathered along context {gb(gathered_weights)}"
+           + (f" with the layer's weights gathered along context {gb(gathered_weights)}"
               if gathered_weights else ""))
   return lines, [head, block]
 
@@ -686,9 +733,11 @@ def context_plan(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Setting
   gathered = r.replace(params=tuple((n, t if n == "expert" else drop(t)) for n, t in r.params))
   _, _, (per_layer, trained) = state_lines(cfg, sizes, gathered, s, options)
   step, step_trained = scan_step_bytes(cfg, local), scan_step_bytes(cfg, trained)
-  gather = 0.0  # the gathered copy: alive while its layer's MoE runs (XLA's buffer assignment)
-  if per_layer != local:
-    gather = max(scan_step_bytes(cfg, per_layer), *per_layer) - step
+  # The gathered copy of the running layer alone: each layer of a scan step gathers its own
+  # weights where it uses them, after the previous layer's MoE has let go of its copy (XLA's
+  # buffer assignment for Flash: one layer's three expert matrices at the MoE's peak). The
+  # step's local slices stay in the scan-step line.
+  gather = max(per_layer) if per_layer != local else 0.0
   act, act_notes = context_activation_lines(cfg, sizes, rules, s, step, step_trained, options,
                                             gather)
   lines += act

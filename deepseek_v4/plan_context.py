@@ -82,14 +82,25 @@ def exchanges(cfg: ModelConfig, seq: int, devices: int, dtype=None) -> list[Laye
     if kind in rows:
       rows[kind][1] += 1
       continue
-    band = min(kind.window(cfg, T), T) - 1  # keys before a slice's first query
-    halo = max(band, kind.ratio if getattr(kind, "overlap", False) else 0)  # CSA: a window
-    neighbour = halo * cfg.d_model * act  # the layer's input x
+    neighbour = _halo(cfg, kind, T) * cfg.d_model * act  # the layer's input x
     entries = T // kind.ratio * H * act if kind.ratio else 0
     keys = T // kind.ratio * J * act if kind.trains_indexer else 0
     label = kind.label + (f" (m={kind.ratio})" if kind.name == "hca" else "")
     rows[kind] = [label, 1, neighbour, entries, keys, T * H * act]
   return [LayerExchange(*r) for r in rows.values()]
+
+
+def _halo(cfg: ModelConfig, kind, T: int) -> int:
+  """Tokens of the previous slice a layer of `kind` reads (layers/context_parallel.halo_size)."""
+  band = min(kind.window(cfg, T), T) - 1  # keys before a slice's first query
+  return max(band, kind.ratio if getattr(kind, "overlap", False) else 0)  # CSA: a window
+
+
+def largest_halo(cfg: ModelConfig, seq: int, devices: int) -> int:
+  """The most tokens any layer prepends to its slice (stage 1): what each query block carries
+  before its queries (layers/context_parallel.py runs a block with the halo before it)."""
+  T = padded_length(cfg, seq, devices)
+  return max((_halo(cfg, kind, T) for kind in cfg.layer_kinds), default=0)
 
 
 def largest_gathered(cfg: ModelConfig, seq: int, devices: int, rows: int = 1) -> float:

@@ -63,8 +63,9 @@ def test_padded_length_is_the_smallest_whole_slices(seq, n):
 
 def test_context_plan_by_hand():
   """Tiny (float32) under `fsdp` with context=4: parameters as without the axis (replicated along
-  it), streams of T/4 tokens, and the block's attention is the one-device plan's at T/4 tokens
-  per chunk plus what context parallelism adds, counted from the cache arrays and by hand."""
+  it), streams of T/4 tokens, and the block's attention is the slice's intermediates, one query
+  block's (here the whole slice of 128 and the halo before it), the kernel's blocks at the full
+  length and what context parallelism adds, counted from the cache arrays and by hand."""
   cfg = deepseek_v4.tiny()
   N, seq = 4, 500
   T = plan_context.padded_length(cfg, seq, N)
@@ -80,7 +81,20 @@ def test_context_plan_by_hand():
   gathered = max(nbytes(c.layer(i).entries) + nbytes(c.layer(i).index_keys)
                  for i in range(cfg.num_layers))
   neighbour = (cfg.window - 1) * D * act  # the band's tokens' attention input
-  assert _line(cp, "one block") == pytest.approx(_line(one, "one block") + gathered + neighbour)
+  H, J, F, S = cfg.head_dim, cfg.index_head_dim, cfg.moe_inter_dim, cfg.num_shared_experts
+  # over the slice: hyper-connections (f32 streams, new streams, collapse; two sites), the
+  # attention's output and K=V, CSA's two compressors (two overlapping f32 series of kv and gate,
+  # widths H and J), the shared expert (f32 SwiGLU, output) and the router (f32 scores, weights)
+  slice_tok = (2 * (M * D * 4 + M * D * 4 + D * 4) + (D + H) * 4 + 2 * 2 * 4 * (H + J)
+               + S * (3 * F * 4 + D * 4) + cfg.num_experts * 8)
+  # per query of a block: the low-rank query and K=V, q / its f32 normalization / o per head,
+  # the grouped output's input, the indexer's queries and weights
+  query_tok = ((cfg.q_lora_rank + H) * 4 + cfg.num_heads * H * 12
+               + cfg.o_groups * cfg.o_lora_rank * 4 + cfg.index_heads * (J * 4 + 4))
+  assert plan.context_query_block(cfg, seq, N) == T // N == 128
+  tokens = (T // N) * slice_tok + (T // N + cfg.window - 1) * query_tok
+  assert _line(cp, "one block") == pytest.approx(
+    tokens + plan.attention_block_bytes(cfg, 1, T, 1) + gathered + neighbour)
   # the cache: entries and indexer keys split 4 ways, rings and compressor tails whole
   leaves = jax.tree_util.tree_leaves_with_path(c)
   split = lambda path: any(getattr(k, "name", None) in ("entries", "index_keys") for k in path)
@@ -89,6 +103,32 @@ def test_context_plan_by_hand():
   rep = plan.make_plan(cfg, dict(fsdp=2, context=N), "fsdp", plan.Settings(batch=1, seq=seq))
   assert _line(rep, "KV cache") == cache.cache_bytes(c)
   assert cp.total == pytest.approx(sum(b for _, b, _ in cp.lines))
+
+
+def test_flash_prefill_at_1m_runs_its_queries_in_blocks():
+  """Flash, 1M tokens over 8 devices: 131,072 tokens per slice, queries in 16 blocks of 8192
+  with the 127-token halo before each; the intermediates over the slice and per query of a block
+  by hand (bf16; D 4096, 4 streams, 64 heads of 512, CSA's indexer 64 x 128). The MoE's side
+  holds one layer's gathered weights (its 256 x 3 expert matrices), not a scan step's two."""
+  from deepseek_v4.aot import long_context
+
+  flash = deepseek_v4.flash()
+  assert plan.context_query_block(flash, 1 << 20, 8) == 8192
+  assert plan_context.largest_halo(flash, 1 << 20, 8) == 127
+  # 2 x (f32 + bf16 streams + collapse) + output and K=V + CSA's series (2 x 2 x 4 x (512 + 128))
+  # + shared expert (3 x 2048 x 4 + 4096 x 4) + router (256 x 8)
+  slice_tok = 2 * (65536 + 32768 + 8192) + (4096 + 512) * 2 + 10240 + 40960 + 2048
+  # (q_lora 1024 + K=V 512) x 2 + 64 x 512 x (2 + 2 + 4) + 8 x 1024 x 2 + 64 x (128 x 2 + 4)
+  query_tok = 3072 + 262144 + 16384 + 16640
+  assert plan.context_slice_bytes_per_token(flash, 1, 1) == slice_tok == 275456
+  assert plan.context_query_bytes_per_token(flash, 1) == query_tok == 298240
+  p = plan.make_plan(flash, dict(context=8), long_context.zero_over_context("fsdp_ep"),
+                     plan.Settings(batch=1, seq=1 << 20, prefill_chunk=1 << 20))
+  tokens = 131072 * slice_tok + (8192 + 127) * query_tok
+  assert f"query blocks of 8,319 tokens) {plan.gb(tokens)}" in p.notes[1]
+  experts = 256 * 3 * 2048 * 4096 * 2  # one layer's routed experts, bf16
+  gathered = float(p.notes[1].split("gathered along context ")[1].split()[0]) * 1e9
+  assert experts < gathered < experts + 0.5e9
 
 
 def test_context_training_plan_by_hand():
