@@ -110,7 +110,7 @@ def test_cli(capsys):
                  "64", "--seq", "4096", "--device-memory", "141GB"])
   out = capsys.readouterr().out
   assert rc == 0
-  assert ("plan: flash fine-tuning on 64 devices, mesh data=1,fsdp=8,context=1,expert=8,tensor=1"
+  assert ("plan: flash fine-tuning on 64 devices, mesh data=1,fsdp=8,expert=8,tensor=1"
           in out)
   assert "optimizer state (muon, float32 moments)" in out
   assert "FITS" in out
