@@ -48,7 +48,6 @@ import math
 import re
 from typing import Any
 
-import jax
 import numpy as np
 
 from deepseek_v4 import layout, sharding
@@ -300,26 +299,12 @@ def _abstract_leaves(cfg: ModelConfig, s: Settings, options: Options):
   """(official path, abstract variable) of every leaf of the planned model: the model as
   `summary.abstract_state` gives it, or, for a LoRA plan, the LoRA-wrapped model of
   `lora.build_model` split the same way (the adapters of scanned layers stacked like them)."""
-  from flax import nnx
-
   from deepseek_v4 import abstract, summary
 
   if not s.lora_rank:
     return summary.abstract_state(cfg, options.keep_quantized)
-  model = abstract.model(cfg, lora=lora_spec(s), options=Options(
-    keep_quantized=options.keep_quantized))
-  out = []
-  for path, stacked in nnx.to_flat_state(nnx.state(model)):
-    for name, r in layout.official(cfg, path):
-      official = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-      var = stacked
-      if r is not None:  # one layer of a stack: drop the leading `layers` axis
-        value = stacked.get_value()
-        names = stacked.get_metadata().get("out_sharding")
-        var = stacked.replace(jax.ShapeDtypeStruct(value.shape[1:], value.dtype),
-                              out_sharding=tuple(names[1:]) if names else names)
-      out.append((official, var))
-  return out
+  return summary.official_variables(cfg, abstract.model(cfg, lora=lora_spec(s), options=Options(
+    keep_quantized=options.keep_quantized)))
 
 
 def _trained(var, s: Settings) -> bool:

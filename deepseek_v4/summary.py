@@ -94,7 +94,13 @@ def abstract_state(cfg: ModelConfig, keep_quantized: str | None = None
   from deepseek_v4 import abstract
   from deepseek_v4.options import Options
 
-  model = abstract.model(cfg, options=Options(keep_quantized=keep_quantized))
+  return official_variables(cfg, abstract.model(cfg, options=Options(
+    keep_quantized=keep_quantized)))
+
+
+def official_variables(cfg: ModelConfig, model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+  """(official path, variable) for every leaf of `model` (abstract or concrete); the stacks of
+  scanned layers are split into their layers (`layers.N.*`)."""
   out = []
   for path, stacked in nnx.to_flat_state(nnx.state(model)):
     for name, r in layout.official(cfg, path):
