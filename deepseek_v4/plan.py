@@ -289,7 +289,7 @@ def state_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings
   return lines, notes, (per_layer, per_layer_trained)
 
 
-# ----- LoRA and QLoRA training (issue 21: LoRA over kept FP4 experts) ----------------------------
+# ----- LoRA and QLoRA training (LoRA adapters over frozen, kept FP4 experts: docs/plan.md) --------
 def lora_spec(s: Settings) -> tuple[tuple[str, ...], int, float] | None:
   """(targets, rank, alpha) of a LoRA plan (alpha does not change memory), None without LoRA."""
   return (s.lora_targets, s.lora_rank, 1.0) if s.lora_rank else None

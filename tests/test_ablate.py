@@ -147,7 +147,7 @@ def test_killed_grid_resumes_without_redoing_finished_runs(tmp_path):
     ablate.run_grid(_spec({"a": {"learning_rate": 1e-3}}), out, progress=False, fit=spy)
 
 
-# ----- issue 20: spec files, run identity, divergence, foreign folders ----------------------------
+# ----- spec files, run identity, divergence, foreign folders ----------------------------
 def _fake_fit(diverge=()):
   """A stand-in for trainer.fit (these tests are about the grid, not training): a run's result is
   a fixed function of its variant and seed; (variant, seed) pairs in `diverge` raise."""
@@ -375,7 +375,7 @@ def test_spec_module_breaks_the_ablate_report_cycle():
   assert "deepseek_v4.ablate" not in imports(ablate_report)
 
 
-# ----- issue 21: a grid on a device mesh ----------------------------------------------------------
+# ----- a grid on a device mesh ----------------------------------------------------------
 def test_grid_trains_every_variant_on_the_mesh(tmp_path):
   """`run_grid(mesh=, rules=)` (`ablate SPEC --mesh ... --rules ...`) hands every run the mesh,
   its rules and the mesh's MoE (expert parallel under fsdp_ep) through `trainer.fit`."""

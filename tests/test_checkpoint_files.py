@@ -1,6 +1,6 @@
 """Hub checkpoints as files: official FP8/FP4 checkpoints written by an independent quantizer and
 writer (torch's safetensors), in hub and transformers naming, sharded with an index; quantized
-saves and their byte-identical round trip; one consistent checkpoint per folder (issue 11 item 1);
+saves and their byte-identical round trip; one consistent checkpoint per folder;
 clear errors naming file and tensor for corrupt files, configs and dtypes; partial loads."""
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def _saved(model, folder):
   return folder
 
 
-# ----- one consistent checkpoint per folder (issue 11 item 1) -------------------------------------
+# ----- one consistent checkpoint per folder -------------------------------------
 def test_save_over_a_sharded_checkpoint_replaces_it(model, tmp_path):
   from tests.hf_oracle import randomize_params
 

@@ -1,4 +1,4 @@
-"""Command-line errors (issue 11): one `error:` line naming the bad value, exit status 2, no
+"""Command-line errors: one `error:` line naming the bad value, exit status 2, no
 traceback (unless --debug); `train --init` takes the architecture from the checkpoint; plan's
 memory flags; the help text of --preset."""
 
@@ -170,7 +170,7 @@ def test_init_refuses_contradicting_flags(init_dir, corpus, capsys):
   _one_error_line(capsys.readouterr().err, "--set rope_theta=10000.0 (checkpoint 5000.0)")
 
 
-# ----- issue 20: train's rough edges --------------------------------------------------------------
+# ----- train's rough edges --------------------------------------------------------------
 @pytest.mark.parametrize("flag, value, needle", [
   ("--lora-rank", "0", "must be >= 1"),
   ("--lora-rank", "-2", "must be >= 1"),

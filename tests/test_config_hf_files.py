@@ -1,5 +1,5 @@
 """`ModelConfig.from_hf` on config.json files written by transformers' own
-`DeepseekV4Config.save_pretrained` (issue 11, item 4): null, missing and list-valued special ids,
+`DeepseekV4Config.save_pretrained`: null, missing and list-valued special ids,
 every optional key; plus invalid files (not JSON, not text) and values of the wrong type.
 
 The committed fixtures (tests/data/hf_configs/) are read without torch; the parity tests write

@@ -1,4 +1,4 @@
-"""ModelConfig.__post_init__ validates every numeric field (issue 11, item 7): finite, positive
+"""ModelConfig.__post_init__ validates every numeric field: finite, positive
 where it must be, an integer where it must be, a bool where it must be; the error names the field
 and the value. Values that used to give NaN logits or fail deep inside rope.py are refused here."""
 

@@ -1,4 +1,4 @@
-"""`python -m deepseek_v4 convert` (issue 12 item 5): hub <-> Orbax round trips give the same
+"""`python -m deepseek_v4 convert`: hub <-> Orbax round trips give the same
 tensors and logits, published-style FP8 folders convert (and back, byte for byte), partial / bf16 /
 sharded conversions, and one `error:` line with exit 2 for each bad input; a failed write leaves
 nothing."""

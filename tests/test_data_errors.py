@@ -1,5 +1,5 @@
-"""Bad training data is refused, naming the file (and line), instead of trained on silently
-(issue 11, item 5): non-string .jsonl fields, binary and non-UTF-8 files, the same in folders."""
+"""Bad training data is refused, naming the file (and line), instead of trained on silently:
+non-string .jsonl fields, binary and non-UTF-8 files, the same in folders."""
 
 from __future__ import annotations
 

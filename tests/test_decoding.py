@@ -249,7 +249,7 @@ def test_generate_bad_input(model):
   P = model.cfg.max_position_embeddings
   with pytest.raises(ValueError, match=f"max_position_embeddings={P}"):
     decoding.generate(model, np.full((1, P), 2), 4)
-  with pytest.raises(ValueError, match="max_new_tokens=-1"):  # 0 returns the prompt (issue 11)
+  with pytest.raises(ValueError, match="max_new_tokens=-1"):  # 0 returns the prompt
     decoding.generate(model, ok, -1)
 
 
@@ -276,7 +276,7 @@ def test_generate_chunked_prefill_and_seeded_sampling(model, prompts, batch_run)
   assert not np.array_equal(a, np.asarray(ids))
 
 
-# ----- prefill / decode_step inside a user's jit (issue 20) ----------------------------------------
+# ----- prefill / decode_step inside a user's jit ----------------------------------------
 # Its own small model (every attention kind, both routers) keeps the extra compiles short.
 JIT_CFG = deepseek_v4.tiny(compress_ratios=(0, 4, 16), num_hash_layers=1, num_mtp_layers=0)
 

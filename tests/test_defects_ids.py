@@ -1,4 +1,4 @@
-"""Token ids outside [0, vocab) inside a trace (issue 20): the embedding gives a NaN row for a
+"""Token ids outside [0, vocab) inside a trace: the embedding gives a NaN row for a
 negative id as it does for an id >= vocab, never the wrapped row `vocab + id` (`jnp.take` wraps
 negative indices before its fill mode sees them). Checked through a user's `jit`, through
 `parallel.jit_forward` on a mesh, through the MTP block's embedding of the next token, and

@@ -1,4 +1,4 @@
-"""Divergence (issue 11 item 2): a blown-up state is detected before it is checkpointed, the kept
+"""Divergence: a blown-up state is detected before it is checkpointed, the kept
 checkpoints all come from before it, and the printed advice (`--resume --resume-step N`) works."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`model(ids)` outside a trace runs a cached compiled forward (issue 20 §1): the same numbers as
+"""`model(ids)` outside a trace runs a cached compiled forward: the same numbers as
 an explicit `nnx.jit` and as op-by-op execution, parameters changed between calls are always the
 ones used, a second call with the same shapes does not retrace, and inside a user's trace the call
 is traced op by op into the user's program as before."""

@@ -1,4 +1,4 @@
-"""Parity with transformers' own FP8-dequantizing load (issue 12).
+"""Parity with transformers' own FP8-dequantizing load.
 
 A tiny random model is saved FP8-quantized in the official hub format (`.weight` E4M3 + `.scale`
 E8M0 128x128 blocks, docs/architecture.md#fp8-fp4; our writer has no transformers-naming option,

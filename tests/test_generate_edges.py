@@ -1,6 +1,6 @@
-"""Rough edges of generation (issue 11): max_new_tokens=0, an int stop token, text cut at the stop
+"""Rough edges of generation: max_new_tokens=0, an int stop token, text cut at the stop
 token (CLI stream, `trainer.sample_text`), and the generate CLI on a `train --out` folder; NumPy
-scalars as sampling settings, no prompts, a non-UTF-8 `--prompt` (issue 20)."""
+scalars as sampling settings, no prompts, a non-UTF-8 `--prompt`."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_generate_merges_the_lora_adapters_of_a_training_folder(model, tmp_path)
   assert text != _expected(model, "def ", 6) + "\n"  # the adapters changed the output
 
 
-# ----- issue 20: NumPy scalars, no prompts, a prompt that is not UTF-8 -----------------------------
+# ----- NumPy scalars, no prompts, a prompt that is not UTF-8 -----------------------------
 def test_numpy_scalars_are_accepted_for_sampling(model):
   prompt = TOK.encode("def f(x):")
   kw = dict(temperature=0.7, top_k=5, top_p=float(np.float32(0.9)), seed=3)

@@ -1,4 +1,4 @@
-"""`generate` on a device mesh (issue 21, item 2): `decoding.generate(..., mesh=, rules=)` and
+"""`generate` on a device mesh: `decoding.generate(..., mesh=, rules=)` and
 `python -m deepseek_v4 generate --mesh ... --rules ...` give the one-device tokens, token for
 token, from a checkpoint restored into the shards of the mesh (8 simulated CPU devices)."""
 

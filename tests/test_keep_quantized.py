@@ -1,4 +1,4 @@
-"""Routed experts kept in their released FP4 form (`keep_quantized="experts"`, issue 12 item 3):
+"""Routed experts kept in their released FP4 form (`keep_quantized="experts"`):
 loaded byte for byte, decoded inside the MoE, equal to the dequantized load, inference-only, and
 accounted exactly by `plan`."""
 

@@ -143,7 +143,7 @@ def test_pro_like_layout_matches_transformers():
   assert rel_err(ours, hf_logits(ref, ids)) < F32_MODEL_REL
 
 
-# A narrow model at the published configs' selection and compression scale (issue 8): T = 4096,
+# A narrow model at the published configs' selection and compression scale: T = 4096,
 # index_topk 512 of 1024 CSA entries, window 128, CSA 4, HCA 128. 16 indexer heads: with 2, a
 # quarter of the entries score exactly 0 (every head's ReLU off), and at the top-k cut such ties are
 # broken differently by jax.lax.top_k (lowest index first) and torch.topk (unspecified), which made

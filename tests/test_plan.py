@@ -173,7 +173,7 @@ def test_ragged_capacity_bounds_the_receive_buffer():
   assert moe_ep.ragged_rows(10, 6, 32, 8, 100.0) == 480  # never above dropless
 
 
-# ----- refused input (issue 20): each a clear error naming the bad value ---------------------------
+# ----- refused input: each a clear error naming the bad value ---------------------------
 def _plan_cli_error(capsys, *args) -> str:
   with pytest.raises(SystemExit) as e:  # argparse: usage error, exit code 2
     cli.main(["plan", "--preset", "tiny", *args])

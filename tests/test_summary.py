@@ -161,7 +161,7 @@ def test_cli_bad_flags_subprocess(args, named):
   assert named in proc.stderr
 
 
-# ----- summary --context works from shapes (issue 20) ----------------------------------------------
+# ----- summary --context works from shapes ----------------------------------------------
 @pytest.mark.parametrize("preset", ["tiny", "flash", "dense"])
 def test_prefill_mean_closed_form_equals_the_sum_over_positions(preset):
   cfg = deepseek_v4.tiny().replace(attention="dense") if preset == "dense" else (

@@ -1,4 +1,4 @@
-"""The ablation switches (issue 9 item 1): each is validated, round-trips through config.json and
+"""The ablation switches: each is validated, round-trips through config.json and
 checkpoints, is named by the summary, and changes what it claims and nothing else."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A file that is not a tokenizer.json gives a ValueError naming its path, not a raw traceback
-from the tokenizers library (issue 11, raw tracebacks)."""
+from the tokenizers library (never raw tracebacks)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TrainConfig.__post_init__ refuses run settings out of range (issue 11, rough edges): negative
+"""TrainConfig.__post_init__ refuses run settings out of range: negative
 warm-up or weight decay, clip_norm <= 0, NaN, bools and strings; the error names field and value."""
 
 from __future__ import annotations

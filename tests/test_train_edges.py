@@ -1,4 +1,4 @@
-"""Training's rough edges (issue 20): a freeze pattern that matches no parameter is refused
+"""Training's rough edges: a freeze pattern that matches no parameter is refused
 (a typo would train everything), and a one-step run reports the throughput of its step instead of
 0 tokens/s."""
 

@@ -1,4 +1,4 @@
-"""The one trunk (issue 8): layer grouping, scanned == unrolled (forward, decode, loss and
+"""The one trunk: layer grouping, scanned == unrolled (forward, decode, loss and
 gradients), official names at the boundary, freezing one layer of a stack, packed documents in
 the indexer training stages, and no import cycles."""
 

@@ -3,12 +3,12 @@
 # float32 pure-JAX function vs an independent NumPy re-derivation.
 F32_FUNCTION = 1e-5
 # float32 module stacks / whole model vs the transformers oracle: relative error of the logits
-# (max |ours - ref| / max |ref|), as issue 2 asks.
+# (max |ours - ref| / max |ref|).
 F32_MODEL_REL = 1e-4
-# float32 decode / prefill vs the full forward pass (relative), as issue 3 asks.
+# float32 decode / prefill vs the full forward pass (relative).
 F32_DECODE_REL = 1e-5
 # grouped matmul: the tiled path vs jax.lax.ragged_dot, float32 (relative; same dot products,
-# only the summation order may differ), as issue 10 asks.
+# only the summation order may differ).
 F32_GMM_REL = 1e-6
 # sharded vs unsharded, float32 (relative).
 F32_SHARDED_REL = 1e-5
@@ -24,10 +24,10 @@ def rel_err(ours, ref) -> float:
   ref = np.asarray(ref, np.float64)
   return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 # float32 kernel gradients (q, K=V, compressed entries, sink) vs jax.grad of the reference
-# (relative), as issue 13 asks.
+# (relative).
 F32_KERNEL_GRAD_REL = 1e-4
 # plan's per-device memory vs XLA's compiled per-device memory (arguments + outputs - aliased +
-# temporaries), |XLA / plan - 1|, as issue 24 asks.
+# temporaries), |XLA / plan - 1|.
 PLAN_VS_COMPILER_REL = 0.15
 # float32 LoRA gradients of the whole model with the routed experts kept FP4 vs the same LoRA on
 # the dequantized float base (relative): the same decoded weights, but the adapters run inside the
@@ -40,7 +40,7 @@ F32_QLORA_GRAD_REL = 1e-4
 # 23 asks.
 F32_CONTEXT_PARALLEL_REL = 1e-5
 # context-parallel gradients vs the one-device gradients, float32 (relative, per parameter): the
-# shard_map transposes sum the parameters' per-device gradients in another order, as issue 23 asks.
+# shard_map transposes sum the parameters' per-device gradients in another order.
 F32_CONTEXT_PARALLEL_GRAD_REL = 1e-4
 # Wilson-Hilferty's chi-square quantile vs tabulated values (relative), df >= 10: the approximation
 # errs by 0.6% at df = 10 and less above; the speculative sampling test derives its critical value

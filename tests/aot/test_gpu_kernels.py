@@ -1,6 +1,6 @@
 """Every GPU (Triton) Pallas kernel compiles for H100 and H200 at V4-Flash and V4-Pro shapes, each
 layer kind (CSA, HCA, sliding window), forward, backward and decode, within the target's
-shared-memory limit and with zero register spills (issue 24).
+shared-memory limit and with zero register spills.
 
 The real compiler runs on this CPU host (deepseek_v4.aot.targets: compile-only devices; Triton,
 then ptxas for sm_90a); `aot.compile.gpu_kernel_resources` reads each kernel's shared memory from

@@ -1,4 +1,4 @@
-"""`plan` agrees with the compiler (issue 24): a 2-layer Flash model sharded `expert=8` over 8
+"""`plan` agrees with the compiler: a 2-layer Flash model sharded `expert=8` over 8
 compile-only H200s compiles, and XLA's per-device memory is within 15% of plan's figure.
 
 The exact part is checked exactly: XLA's argument bytes equal plan's exact lines (parameters,

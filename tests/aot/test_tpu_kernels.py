@@ -1,7 +1,7 @@
 """The TPU body of the sparse attention (kernel_tpu) compiles with Mosaic for TPU v5e, v5p and v6e
 at V4-Flash and V4-Pro shapes, each layer kind (sliding window, CSA, HCA), up to T = 8192, forward
 and backward (the reference's VJP under the Pallas forward), and its `why_unsupported` predicate
-agrees with the compiler at the edge of its VMEM budget (issue 24).
+agrees with the compiler at the edge of its VMEM budget.
 
 The real compiler runs on this CPU host (deepseek_v4.aot.targets: compile-only TPU devices from
 libtpu). Every case also checks that the compiled program holds the Pallas kernel, so a call the

@@ -1,5 +1,5 @@
 """The whole tiny model with `Options(kernel_impl="pallas")` (interpreted on CPU) equals
-`kernel_impl="reference"` (issue 13): forward logits, loss gradients, prefill + decode.
+`kernel_impl="reference"`: forward logits, loss gradients, prefill + decode.
 
 Both models hold the same random non-trivial weights (`randomize_params`), copied with `nnx.update`;
 only `Options.kernel_impl` differs, so the attention (`sparse_attention`) and the lightning indexer

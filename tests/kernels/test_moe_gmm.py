@@ -1,5 +1,5 @@
 """Grouped matmul (kernels_pallas/moe_gmm): the tiled CPU path equals `jax.lax.ragged_dot` and the
-reference, forward and gradients, for every group-size pattern (issue 10)."""
+reference, forward and gradients, for every group-size pattern."""
 
 import logging
 

@@ -113,7 +113,7 @@ def test_indexer_reference_impl_and_checks():
     idx_ops.indexer_topk(q, w, k, pos, **kw, q_seg=pos, impl="reference")
 
 
-# ----- impl="auto" never picks a body that would not compile the call (issue 24) -----------------
+# ----- impl="auto" never picks a body that would not compile the call -----------------
 def _q(H=512, N=64, dtype=jnp.bfloat16):
   return jnp.zeros((1, 2, N, H), dtype)
 
@@ -189,7 +189,7 @@ def test_indexer_auto_picks():
 
 def test_every_auto_choice_is_logged_once_at_info(caplog):
   """The three ops' impl="auto" lines all go through `common.log_choice`: INFO, once each, with
-  the reason when a call's shapes send it to the reference (issue 20)."""
+  the reason when a call's shapes send it to the reference."""
   import logging
 
   from kernels_pallas import common
