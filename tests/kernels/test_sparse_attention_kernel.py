@@ -1,6 +1,7 @@
 """Pallas sparse attention (kernels_pallas/sparse_attention/kernel.py) vs the reference: forward
 (out and lse) and gradients, across the layout boundaries (window edges, segments, ring wrap).
-Run twice through the INTERPRET switch: the interpret subclass on CPU (tiny tiles), the native one on a GPU (marked `gpu`)."""
+Run twice through the INTERPRET switch: the interpret subclass on CPU (tiny tiles), the native one
+on a GPU (marked `gpu`)."""
 
 import functools
 
