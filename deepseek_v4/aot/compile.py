@@ -401,15 +401,13 @@ def _plan(cfg, sizes: dict[str, int], rules: str, program: str, batch: int, seq:
                 all_to_all=default_all_to_all(platform))
   notes = []
   if program == "train":
-    freeze = tuple(tcfg.freeze)
-    if tcfg.lora_rank:  # plan has no adapters: the base is frozen, the adapters are left out
-      freeze, notes = ("",), [f"plan: LoRA rank {tcfg.lora_rank} adapters not counted"]
     remat = "none" if tcfg.remat == "none" else "full"
     if tcfg.remat not in ("none", "full"):
       notes.append(f"plan models remat {tcfg.remat!r} as 'full'")
     settings = plan_lib.Settings(
       train=True, grad_accum=tcfg.grad_accum, remat=remat, ce_chunk=tcfg.ce_chunk,
-      optimizer="adamw" if tcfg.optimizer == "adamw" else "muon", freeze=freeze, **common)
+      optimizer="adamw" if tcfg.optimizer == "adamw" else "muon", freeze=tuple(tcfg.freeze),
+      lora_rank=tcfg.lora_rank, lora_targets=tuple(tcfg.lora_targets), **common)
   else:
     step = {"forward": seq, "prefill": chunk or seq, "decode": 1}[program]
     settings = plan_lib.Settings(prefill_chunk=step, **common)
