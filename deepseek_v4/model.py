@@ -299,29 +299,40 @@ class Transformer(nnx.Module):
   def mtp_hidden(self, streams: Float[Array, "B T M D"], ids: Int[Array, "B T"],
                  positions: Int[Array, "B T"] | None = None,
                  segments: Int[Array, "B T"] | None = None, options: Options | None = None,
-                 ) -> tuple[Array, BlockOut]:
+                 full: bool = False) -> tuple[Array, BlockOut]:
     """MTP hidden states [B, T-1, D] (position i < T-1 predicts token i+2 from X^L_i and token
     i+1) and the MTP block's BlockOut. The block runs through `Block.__call__` like the trunk's.
 
     With packed documents (`segments`, see `trunk`) the MTP block attends inside documents; the
     caller ignores targets that cross a document boundary.
+
+    `full=True` runs all T positions and returns [B, T, D]: position T-1, which has no next
+    token, reads its own token in its place, and the caller masks its target and its routing
+    statistics. Attention is causal, so positions < T-1 are the same; the sequence keeps the
+    trunk's length, so a sequence split over a mesh axis (docs/context_parallel.md) stays split
+    instead of being regathered at length T-1.
     """
     if not len(self.mtp):
       raise ValueError("this config has num_mtp_layers=0; there is no MTP module")
     options = self.run_options(options)
     positions = default_positions(ids, positions, segments)
-    nxt = ids[:, 1:]
-    seg = None if segments is None else segments[:, :-1]
+    if full:
+      nxt = jnp.concatenate([ids[:, 1:], ids[:, -1:]], axis=1)
+      seg = segments
+    else:
+      nxt, positions = ids[:, 1:], positions[:, :-1]
+      seg = None if segments is None else segments[:, :-1]
+      streams = streams[:, :-1]
     emb = self.embed_tokens(nxt)
     graphdef, state = nnx.split(self.mtp[0])
 
     def run(state, streams):
       mtp = nnx.merge(graphdef, state)
-      z, out = Block.__call__(mtp, mtp.mix_inputs(streams, emb), nxt, positions[:, :-1],
-                              segments=seg, options=options)
+      z, out = Block.__call__(mtp, mtp.mix_inputs(streams, emb), nxt, positions, segments=seg,
+                              options=options)
       return _collapse_and_norm(mtp, self.cfg, z), out
 
-    return _rematted(run, options)(state, streams[:, :-1])
+    return _rematted(run, options)(state, streams)
 
   def mtp_decode(self, streams: Float[Array, "B T M D"], next_ids: Int[Array, "B T"],
                  positions: Int[Array, "B T"], cache, n_valid: Int[Array, "B"],

@@ -174,7 +174,7 @@ def jit_forward(model, mesh: Mesh, rules: str | Rules, *, options: Options | Non
 
 def train_step_program(step: Callable, graphdef, shardings, mesh: Mesh, rules: str | Rules,
                        batch, n_extra: int, *, options: Options, donate: bool = True,
-                       keep_unused: bool = False):
+                       keep_unused: bool = False, state_layouts: str = "default"):
   """`fn(state, batch, *extra) -> (new state, metrics)` jitted with explicit shardings.
 
   `state` is the split (model, optimizer) of `graphdef`, placed by `shardings`; `batch` a pytree
@@ -182,8 +182,19 @@ def train_step_program(step: Callable, graphdef, shardings, mesh: Mesh, rules: s
   batch axes); `n_extra` replicated scalars.
   `step(model, optimizer, batch, *extra, options=options)` updates both in place. Works from a real or an
   abstract (`abstract.train_state`) model and optimizer. Trace it under `use(mesh, rules)`.
+
+  `state_layouts`: "default" (row-major) or "auto": XLA picks the state's device layouts, in and
+  out alike (`jax.experimental.layout.Layout.AUTO`), so scanned weights are stored the way the
+  layer loop reads them instead of transposed whole before it (docs/plan.md "Context
+  parallelism"); a caller then places the state in `compiled.input_formats`.
   """
   rules = get_rules(rules)
+  if state_layouts not in ("default", "auto"):
+    raise ValueError(f"state_layouts={state_layouts!r}; expected 'default' or 'auto'")
+  if state_layouts == "auto":
+    from jax.experimental.layout import Format, Layout
+
+    shardings = jax.tree.map(lambda s: Format(Layout.AUTO, s), shardings)
 
   def fn(state, batch, *extra):
     model, optimizer = nnx.merge(graphdef, state)

@@ -9,7 +9,10 @@ the context axis, 582 GB per GPU):
   times, laid out as in the 43-layer model, and the whole model), also extrapolated linearly
   through the first two to all 43 layers, as docs/plan.md does for its inference rows; the
   parameters in XLA-chosen layouts (`--param-layouts auto`, aot.long_context.prefill_program);
-* LoRA training (rank 8, base frozen) of 131,072 tokens, compiled at `--train-layers` layers.
+* LoRA training (rank 8, base frozen, AdamW on the adapters, `--train-remat full`: each block's
+  input streams kept, the rest recomputed; the context-parallel attention also rematerializes
+  per query block) of 131,072 tokens, compiled at `--train-layers` layers (default all 43), the
+  train state in XLA-chosen layouts as well.
 
 Each row prints XLA's per-device bytes beside plan's for the same (truncated) model, the verdict
 against the H200's 141 GB, the per-layer exchanges counted in the compiled program beside
@@ -46,12 +49,15 @@ def _exchange(report) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--layers", default="7,9,43")
-  p.add_argument("--train-layers", type=int, default=4)
+  p.add_argument("--train-layers", type=int, default=43)
   p.add_argument("--seq", type=int, default=1 << 20)
   p.add_argument("--train-seq", type=int, default=1 << 17)
   p.add_argument("--no-train", action="store_true")
+  p.add_argument("--train-remat", default="full", choices=("none", "full"),
+                 help="the training row's activation rematerialization per block")
   p.add_argument("--param-layouts", default="auto", choices=("default", "auto"),
-                 help="the prefill's parameter layouts (aot.long_context.prefill_program)")
+                 help="parameter (and train state) layouts: row-major, or XLA's choice "
+                 "(aot.long_context.prefill_program, parallel.train_step_program)")
   p.add_argument("--out", default=DEFAULT_OUT)
   args = p.parse_args(argv)
 
@@ -102,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
   if not args.no_train:
     cfg = memory.truncated(flash, args.train_layers)
     tcfg = train.TrainConfig(seq_len=args.train_seq, batch_size=1, lora_rank=8,
-                             optimizer="adamw")
-    r = long_context.compile_long(cfg, "h200", mesh, rules, "train", args.train_seq, tcfg=tcfg)
-    record("LoRA training", cfg, r)
+                             optimizer="adamw", remat=args.train_remat)
+    r = long_context.compile_long(cfg, "h200", mesh, rules, "train", args.train_seq, tcfg=tcfg,
+                                  param_layouts=args.param_layouts)
+    verdict = "fits" if r.total_bytes <= H200 else "does not fit"
+    record("LoRA training", cfg, r, dict(param_layouts=args.param_layouts, verdict=verdict,
+                                         remat=args.train_remat))
+    print(f"  LoRA training of {args.train_seq} tokens at {cfg.num_layers} layers: {verdict} in "
+          "141 GB")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(rows=rows, plan_context=ex, mesh=mesh, rules=rules.name), f, indent=2,

@@ -498,3 +498,34 @@ def test_fit_trains_on_aligned_rows():
   assert result.steps == 2 and math.isfinite(result.last_loss)
   # The indexer stages now run on aligned rows (their KL comes from the attention itself).
   assert train.TrainConfig(packing="aligned", indexer_stage="dense").indexer_stage == "dense"
+
+
+def test_loss_mtp_over_all_positions_equals_the_shorter_sequence():
+  """The loss runs the MTP block over all T positions (the last masked) so a sequence split over a
+  mesh axis stays split; its MTP loss and routing loads equal the T-1 positions of
+  `Transformer.mtp_logits`, scored directly (with documents and a masked target)."""
+  cfg = _small_cfg()
+  model = deepseek_v4.Transformer(cfg, rngs=nnx.Rngs(0))
+  batch = _batch(cfg, B=2, T=32)
+  segments = np.zeros((2, 32), np.int32)
+  segments[1, 16:] = 1  # row 1: two aligned documents
+  targets = np.asarray(batch["targets"]).copy()
+  targets[0, 5] = -1
+  batch = {**batch, "segments": jnp.asarray(segments), "targets": jnp.asarray(targets)}
+  tcfg = train.TrainConfig(seq_len=32, batch_size=2)
+  _, aux = train.loss_fn(model, batch, tcfg)
+
+  ids, seg = batch["inputs"], batch["segments"]
+  positions = model_lib.document_positions(seg)
+  streams, _, _ = model.trunk(ids, positions, segments=seg)
+  logits = model.mtp_logits(streams, ids, positions, seg)  # [B, T-1, V]
+  t = np.asarray(train.mtp_targets(batch["targets"], seg))
+  lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
+  nll = -np.take_along_axis(lp, np.maximum(t, 0)[..., None], -1)[..., 0]
+  want = nll[t >= 0].mean()
+  assert (t < 0).sum() == 2  # the masked target and the cross-document prediction
+  assert rel_err(aux["mtp_loss"], want) < F32_FUNCTION
+
+  _, out = model.mtp_hidden(streams, ids, positions, seg)
+  loads = losses.expert_loads(out.moe["experts"], jnp.ones((2, 31)), cfg.num_experts)
+  np.testing.assert_allclose(np.asarray(aux["loads"][-1]), np.asarray(loads))

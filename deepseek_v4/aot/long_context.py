@@ -174,9 +174,9 @@ def _plan(cfg, sizes, rules, program, batch, seq, tcfg, capacity_factor, platfor
   common = dict(batch=batch, seq=seq, capacity_factor=capacity_factor,
                 all_to_all=default_all_to_all(platform))
   if program == "train":
-    freeze = ("",) if tcfg.lora_rank else tuple(tcfg.freeze)  # plan counts no adapters
     s = plan_lib.Settings(train=True, remat="none" if tcfg.remat == "none" else "full",
-                          ce_chunk=tcfg.ce_chunk, freeze=freeze,
+                          ce_chunk=tcfg.ce_chunk, freeze=tuple(tcfg.freeze),
+                          lora_rank=tcfg.lora_rank, lora_targets=tuple(tcfg.lora_targets),
                           optimizer="adamw" if tcfg.optimizer == "adamw" else "muon", **common)
   else:
     s = plan_lib.Settings(prefill_chunk=seq, **common)
@@ -193,7 +193,7 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
   devices of `target` on a mesh of `mesh_sizes` under `rules` (a name or a Rules table, e.g.
   `zero_over_context("fsdp_ep")`), and report (module docstring). `compiler_options` go to
   XLA (e.g. {"xla_dump_to": dir} for `aot.memory.largest_temporaries`); `param_layouts` is
-  `prefill_program`'s (the prefill only).
+  `prefill_program`'s, and for "train" `parallel.train_step_program`'s `state_layouts`.
 
   Raises:
     ValueError: an unknown program, or a train program without its TrainConfig.
@@ -230,7 +230,7 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
       batch_abs = {"inputs": ids, "targets": ids}
       fn = parallel.train_step_program(functools.partial(train.train_step_fn, tcfg=tcfg),
                                        graphdef, shardings, mesh, r, batch_abs, 1, options=run,
-                                       keep_unused=True)
+                                       keep_unused=True, state_layouts=param_layouts)
       mtp = jax.ShapeDtypeStruct((), "float32", sharding=sharding.replicated(mesh))
       args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            state, shardings), batch_abs, mtp)

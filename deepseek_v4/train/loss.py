@@ -78,10 +78,13 @@ def loss_fn(model: Transformer, batch: dict, tcfg: TrainConfig = TrainConfig(),
   masks = [mask] * len(learned)
   mtp = jnp.zeros(())
   if cfg.num_mtp_layers and T > 1:
-    h, mtp_out = model.mtp_hidden(streams, ids, positions, segments, opts)
-    mtp = losses.mean_cross_entropy(h, head, mtp_targets(targets, segments), tcfg.ce_chunk)
+    # All T positions (the last one masked): the sequence keeps its length and its split.
+    h, mtp_out = model.mtp_hidden(streams, ids, positions, segments, opts, full=True)
+    last = jnp.full((B, 1), -1, targets.dtype)
+    mtp_t = jnp.concatenate([mtp_targets(targets, segments), last], axis=1)
+    mtp = losses.mean_cross_entropy(h, head, mtp_t, tcfg.ce_chunk)
     learned.append(mtp_out.moe)
-    masks.append(mask[:, 1:])
+    masks.append(jnp.concatenate([mask[:, 1:], jnp.zeros((B, 1), mask.dtype)], axis=1))
   bal = sum((losses.balance_loss(s["scores"], s["experts"], m, tcfg.balance_alpha)
              for s, m in zip(learned, masks)), jnp.zeros(()))
   loads = jnp.stack([losses.expert_loads(s["experts"], m, cfg.num_experts)
