@@ -610,10 +610,10 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
   (deepseek_v4/plan_context.py): the previous slice's tail (neighbour exchange) and the layer's
   compressed entries and indexer keys gathered at the full length; each kernel block scores and
   gathers against all T / m entries (`attention_block_bytes` at the full length). Training
-  counts every intermediate over the slice (the backward of the blocks keeps each block's
-  residuals) and keeps the gathered buffers' cotangents too. `gathered_weights`: one layer's
-  weights gathered along the context axis (nearly all routed experts), alive with the MoE's
-  buffers, not the attention's (XLA's buffer assignment).
+  counts every intermediate over the slice (an upper bound for the query-side ones) and keeps
+  the gathered buffers' cotangents too. `gathered_weights`: one layer's weights gathered along
+  the context axis (nearly all routed experts), alive with the MoE's buffers, not the
+  attention's (XLA's buffer assignment); training holds them twice (each and its transpose).
   """
   from deepseek_v4 import plan_context
 
@@ -643,13 +643,16 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
   exchange = (plan_context.largest_gathered(cfg, T, N, rows) * passes
               + plan_context.largest_neighbour(cfg, T, N, rows))
   query_block = attention_block_bytes(cfg, rows, T, tp_h, options.attn_block)
-  # the prefill's queries run in blocks (with the halo before each); training keeps every
-  # block's residuals for the backward, so it is counted over the slice as before
+  # the prefill's queries run in blocks (with the halo before each); training counts the
+  # query-side intermediates over the whole slice (an upper bound: the backward recomputes one
+  # rematerialized block at a time)
   q_tokens = rows * (context_query_block(cfg, chunk, N) + plan_context.largest_halo(cfg, T, N))
   t_l = -(-(s.batch // (s.grad_accum if s.train else 1)) * chunk // token_shards)
   moe = passes * ep_buffer_bytes(cfg, t_l, ep_shards, s.capacity_factor, tp_f, s.all_to_all,
                                  s.gmm) if ep else 0.0
-  moe += gathered_weights
+  # The backward multiplies by each gathered weight and by its transpose: XLA holds both
+  # layouts of the running layer's gathered experts (the 128K Flash training compile).
+  moe += gathered_weights * passes
   if s.train:
     full = s.remat == "full"
     tokens = n * per_block * (2 if full else 1)
