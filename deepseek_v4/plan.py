@@ -186,7 +186,6 @@ class Settings:
   lora_targets: tuple[str, ...] = ("wq_a", "wq_b", "wkv", "wo_b")  # as TrainConfig.lora_targets
   # with a `context` mesh axis: the prefilled cache whole on each device (what decoding.prefill
   # leaves, docs/context_parallel.md#prefill) or split along the sequence; see context_plan
-  context_cache: str = "replicated"  # "replicated" | "sharded"
 
 
 @dataclasses.dataclass
@@ -530,7 +529,6 @@ def make_plan(cfg: ModelConfig, mesh: dict[str, int], rules: str | None = None,
 
 
 # ----- context parallelism (docs/plan.md "Context parallelism") ---------------------------------
-CONTEXT_CACHES = ("replicated", "sharded")
 
 
 def devices_per_context(devices: int, context: int) -> int:
@@ -686,21 +684,15 @@ def context_activation_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str
 
 
 def context_cache_lines(cfg: ModelConfig, sizes: dict[str, int], rules: str, s: Settings):
-  """The prefilled cache of `s.batch` rows at the padded length: its entries and indexer keys
-  split along the sequence over `context` ("sharded") or whole on every device ("replicated");
-  the window rings and compressor tails are per row and not split."""
+  """The prefilled cache of `s.batch` rows at the padded length, whole on every device of the
+  context axis: a context-parallel prefill leaves it gathered (docs/context_parallel.md#prefill)."""
   from deepseek_v4 import cache as cache_lib
   from deepseek_v4 import plan_context
 
-  if s.context_cache not in CONTEXT_CACHES:
-    raise ValueError(f"context_cache={s.context_cache!r} must be one of {CONTEXT_CACHES}")
-  N = sizes["context"]
-  T = plan_context.padded_length(cfg, s.seq, N)
-  parts = cache_lib.byte_model(cfg, T)
-  split = N if s.context_cache == "sharded" else 1
-  per_row = sum(p.bytes / (split if p.stride else 1) for p in parts)
+  T = plan_context.padded_length(cfg, s.seq, sizes["context"])
+  per_row = sum(p.bytes for p in cache_lib.byte_model(cfg, T))
   shards = _batch_shards(sizes, rules, s.batch, strict=False)
-  return [(f"KV cache ({s.batch} x {T} tokens, {cfg.dtype}, {s.context_cache} over context)",
+  return [(f"KV cache ({s.batch} x {T} tokens, {cfg.dtype}, whole on every context device)",
            s.batch * per_row / shards, "exact")]
 
 

@@ -63,9 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--context-parallel", type=cli.positive_int, default=1, metavar="N",
                       help="split each row's sequence over N devices (a `context` mesh axis of "
                       "size N beside --mesh; --devices counts all of them); docs/plan.md")
-  parser.add_argument("--context-cache", choices=plan.CONTEXT_CACHES, default="replicated",
-                      help="with --context-parallel: the prefilled cache whole on every device "
-                      "(default, what decoding.prefill leaves) or split along the sequence")
   parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
 
 
@@ -99,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                            moment_dtype=args.moment_dtype, param_dtype=args.param_dtype,
                            freeze=tuple(args.freeze), capacity_factor=args.capacity_factor,
                            prefill_chunk=args.prefill_chunk, gmm=args.gmm,
-                           context_cache=args.context_cache, **_lora_settings(args))
+                           **_lora_settings(args))
   result = plan.make_plan(cfg, sizes, args.rules, settings, name=name or "custom",
                           device_memory=args.device_memory, headroom=args.headroom,
                           options=options)

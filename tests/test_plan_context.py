@@ -69,7 +69,7 @@ def test_context_plan_by_hand():
   cfg = deepseek_v4.tiny()
   N, seq = 4, 500
   T = plan_context.padded_length(cfg, seq, N)
-  s = plan.Settings(batch=1, seq=seq, prefill_chunk=seq, context_cache="sharded")
+  s = plan.Settings(batch=1, seq=seq, prefill_chunk=seq)
   cp = plan.make_plan(cfg, dict(fsdp=2, context=N), "fsdp", s)
   one = plan.make_plan(cfg, dict(fsdp=2), "fsdp", plan.Settings(batch=1, seq=T,
                                                                  prefill_chunk=T // N))
@@ -95,13 +95,8 @@ def test_context_plan_by_hand():
   tokens = (T // N) * slice_tok + (T // N + cfg.window - 1) * query_tok
   assert _line(cp, "one block") == pytest.approx(
     tokens + plan.attention_block_bytes(cfg, 1, T, 1) + gathered + neighbour)
-  # the cache: entries and indexer keys split 4 ways, rings and compressor tails whole
-  leaves = jax.tree_util.tree_leaves_with_path(c)
-  split = lambda path: any(getattr(k, "name", None) in ("entries", "index_keys") for k in path)
-  want = sum(nbytes(a) / (N if split(p) else 1) for p, a in leaves)
-  assert _line(cp, "KV cache") == pytest.approx(want)
-  rep = plan.make_plan(cfg, dict(fsdp=2, context=N), "fsdp", plan.Settings(batch=1, seq=seq))
-  assert _line(rep, "KV cache") == cache.cache_bytes(c)
+  # the cache, gathered: whole on every device (what a context-parallel prefill leaves)
+  assert _line(cp, "KV cache") == cache.cache_bytes(c)
   assert cp.total == pytest.approx(sum(b for _, b, _ in cp.lines))
 
 
@@ -182,15 +177,12 @@ def test_cli(capsys):
   assert rc == 0
   assert "on 8 devices" in out and "context=4" in out and "sequence split 4 ways" in out
   assert "per-layer exchange, one row of 1,024 tokens over 4 devices" in out
-  assert "replicated over context" in out and "FITS" in out
+  assert "whole on every context device" in out and "FITS" in out
   rc = cli.main(["plan", "--preset", "tiny", "--devices", "6", "--context-parallel", "4"])
   assert rc == cli.USAGE_ERROR
   assert "6 devices cannot hold a context axis of 4" in capsys.readouterr().err
   with pytest.raises(ValueError, match="already has context=2"):
     plan.with_context(dict(context=2), 4)
-  with pytest.raises(ValueError, match="context_cache='gathered'"):
-    plan.make_plan(deepseek_v4.tiny(), dict(context=2), "fsdp",
-                   plan.Settings(context_cache="gathered"))
 
 
 def test_collectives_counted_from_the_compiled_program():
