@@ -58,12 +58,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--param-layouts", default="auto", choices=("default", "auto"),
                  help="parameter (and train state) layouts: row-major, or XLA's choice "
                  "(aot.long_context.prefill_program, parallel.train_step_program)")
+  p.add_argument("--kernel-impl", default="auto", choices=("auto", "reference", "pallas"),
+                 help="the attention kernels (Options.kernel_impl): auto runs the Pallas "
+                 "sparse attention and indexer top-k on the H200, each checked by ptxas")
   p.add_argument("--out", default=DEFAULT_OUT)
   args = p.parse_args(argv)
 
   import deepseek_v4
   from deepseek_v4 import plan, plan_context, train
   from deepseek_v4.aot import long_context, memory
+  from deepseek_v4.options import Options
+
+  options = Options(kernel_impl=args.kernel_impl)
 
   flash = deepseek_v4.flash()
   rules = long_context.zero_over_context("fsdp_ep")
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
   rows = []
 
   def record(name, cfg, report, extra=None):
-    row = dict(name=name, **report.to_dict(), **(extra or {}))
+    row = dict(name=name, **report.to_dict(), **(extra or {}), kernel_impl=args.kernel_impl)
     row.pop("collectives")
     row["exchange_hlo"] = _exchange(report)
     rows.append(row)
@@ -81,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.plan_ratio:.2f}; lowered {report.lower_seconds:.0f} s, compiled "
           f"{report.compile_seconds:.0f} s", flush=True)
     print(f"  exchanges in the compiled program (bytes per instruction): {row['exchange_hlo']}")
+    for k in report.kernels:
+      print(f"  Pallas kernel {k.name}: {k.registers} registers, {k.spill_bytes} bytes spilled, "
+            f"{k.shared_memory_bytes} bytes of shared memory")
 
   prefill = []
   for k in (int(x) for x in args.layers.split(",")):
     cfg = memory.truncated(flash, k)
     r = long_context.compile_long(cfg, "h200", mesh, rules, "prefill", args.seq,
-                                  param_layouts=args.param_layouts)
+                                  param_layouts=args.param_layouts, options=options)
     record("prefill", cfg, r, dict(param_layouts=args.param_layouts))
     prefill.append((k, r))
   if len(prefill) >= 2:
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     tcfg = train.TrainConfig(seq_len=args.train_seq, batch_size=1, lora_rank=8,
                              optimizer="adamw", remat=args.train_remat)
     r = long_context.compile_long(cfg, "h200", mesh, rules, "train", args.train_seq, tcfg=tcfg,
-                                  param_layouts=args.param_layouts)
+                                  param_layouts=args.param_layouts, options=options)
     verdict = "fits" if r.total_bytes <= H200 else "does not fit"
     record("LoRA training", cfg, r, dict(param_layouts=args.param_layouts, verdict=verdict,
                                          remat=args.train_remat))

@@ -127,6 +127,9 @@ class LongReport:
     plan_bytes, plan_lines: plan's estimate of the same run.
     collectives: every collective of the optimized program (one loop iteration for a scanned
       group of layers).
+    kernels: on a GPU target, each Pallas kernel the program calls, with its shared memory,
+      registers and spills from ptxas (`aot.compile.KernelResources`); empty when it calls none
+      (`Options.kernel_impl="reference"`, the default).
     lower_seconds, compile_seconds: wall time of tracing + lowering, and of XLA's compile.
   """
 
@@ -146,6 +149,7 @@ class LongReport:
   collectives: list
   lower_seconds: float
   compile_seconds: float
+  kernels: list = dataclasses.field(default_factory=list)
 
   @property
   def total_bytes(self) -> int:
@@ -247,7 +251,15 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
     lowered = fn.lower(*args)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = lowered.compile(compiler_options or {})
+    kernels = []
+    if t.platform == "gpu":  # ptxas reads the Pallas kernels' registers and spills
+      from deepseek_v4.aot import compile as aot_compile
+
+      compiled, kernels = aot_compile.compile_with_kernel_resources(
+        lowered, compiler_options=compiler_options,
+        dump_dir=(compiler_options or {}).get("xla_dump_to"))
+    else:
+      compiled = lowered.compile(compiler_options or {})
     compile_s = time.perf_counter() - start
   m = compiled.memory_analysis()
   return LongReport(
@@ -256,4 +268,4 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
     temp_bytes=int(m.temp_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
     alias_bytes=int(m.alias_size_in_bytes), plan_bytes=plan_bytes, plan_lines=plan_lines,
     collectives=collectives_lib.collectives(compiled.as_text()), lower_seconds=lower_s,
-    compile_seconds=compile_s)
+    compile_seconds=compile_s, kernels=kernels)

@@ -15,7 +15,9 @@ import pytest
 
 import deepseek_v4
 from deepseek_v4 import plan_context
+from deepseek_v4.aot import compile as aot_compile
 from deepseek_v4.aot import long_context, targets
+from deepseek_v4.options import Options
 from tests.aot import backend
 from tests.tolerances import PLAN_VS_COMPILER_REL
 from tests.test_plan_context import SMALL
@@ -50,27 +52,28 @@ def test_context_parallel_prefill_on_8_h200_exchanges_what_plan_says():
 
 def test_flash_1m_prefill_fits_8_h200_and_plan_agrees():
   """Flash, one sequence of 1,048,576 tokens over context=8 (parameters ZeRO-sharded along it, in
-  XLA-chosen layouts), all 43 layers: the compiled program's per-device bytes fit the H200 and
-  plan's estimate is within the plan-vs-compiler tolerance."""
+  XLA-chosen layouts, the Pallas attention kernels), all 43 layers: the compiled program's
+  per-device bytes fit the H200 and plan's estimate is within the plan-vs-compiler tolerance."""
   backend.require("h200")
   from deepseek_v4 import sharding
 
   flash = deepseek_v4.flash()
   rules = long_context.zero_over_context("fsdp_ep")
   r = long_context.compile_long(flash, "h200", dict(context=8), rules, "prefill", 1 << 20,
-                                param_layouts="auto")
+                                param_layouts="auto", options=Options(kernel_impl="auto"))
   assert r.layers == 43 and r.mesh == {**dict.fromkeys(sharding.MESH_AXES, 1), "context": 8}
   assert r.total_bytes <= H200_GB, r.total_bytes
   assert abs(r.plan_ratio - 1) <= PLAN_VS_COMPILER_REL, (r.total_bytes, r.plan_bytes)
   # One CSA layer gathers its compressed entries and indexer keys (plan_context's bytes).
   csa, = (e for e in plan_context.exchanges(flash, 1 << 20, 8) if e.kind == "CSA")
   assert set(r.exchanged("all-gather", csa.index_keys)) >= {csa.entries, csa.index_keys}
+  _pallas_fit(r, {"v4_sparse_attention_fwd", "v4_indexer_scores"})
 
 
 def test_flash_128k_lora_training_fits_8_h200():
   """Flash LoRA training (rank 8, AdamW on the adapters, remat full) of one 131,072-token sequence
-  over context=8, all 43 layers, forward + backward + update: fits the H200, and plan's estimate
-  is within the plan-vs-compiler tolerance."""
+  over context=8, all 43 layers, forward + backward + update, the Pallas attention kernels
+  included: fits the H200, and plan's estimate is within the plan-vs-compiler tolerance."""
   backend.require("h200")
   from deepseek_v4 import train
 
@@ -79,7 +82,18 @@ def test_flash_128k_lora_training_fits_8_h200():
                            remat="full")
   r = long_context.compile_long(flash, "h200", dict(context=8),
                                 long_context.zero_over_context("fsdp_ep"), "train", 1 << 17,
-                                tcfg=tcfg, param_layouts="auto")
+                                tcfg=tcfg, param_layouts="auto",
+                                options=Options(kernel_impl="auto"))
   assert r.layers == 43 and r.program == "train"
   assert r.total_bytes <= H200_GB, r.total_bytes
   assert abs(r.plan_ratio - 1) <= PLAN_VS_COMPILER_REL, (r.total_bytes, r.plan_bytes)
+  _pallas_fit(r, {"v4_sparse_attention_fwd", "v4_sparse_attention_dq", "v4_indexer_scores"})
+
+
+def _pallas_fit(r, names):
+  """The Pallas kernels run inside the context-parallel shard_map at Flash's shapes: each named
+  one is there, none spills, each fits the H200's shared memory (ptxas on the compiled PTX)."""
+  assert names <= {k.name for k in r.kernels}, r.kernels
+  for k in r.kernels:
+    assert k.spill_bytes == 0, k
+    assert 0 < k.shared_memory_bytes <= aot_compile.shared_memory_limit("h200"), k
