@@ -150,8 +150,6 @@ def test_clear_errors():
                                   num_hash_layers=0))
   with pytest.raises(ValueError, match="layer kind 'dense' has no context-parallel path"):
     dense(jnp.zeros((1, 256), jnp.int32), options=opts)  # its window is all of T
-  with pytest.raises(ValueError, match="indexer_stage='dense'"):
-    model(jnp.zeros((1, 128), jnp.int32), options=opts.replace(indexer_stage="dense"))
   cache = cache_lib.init_cache(cfg, 1, 64)
   with pytest.raises(ValueError, match="chunk_size=16 with a context-parallel"):
     decoding.prefill(model, cache, np.zeros((1, 40), np.int32), chunk_size=16, options=opts)

@@ -32,6 +32,8 @@ from deepseek_v4 import sharding
 from deepseek_v4.layers.attention_kinds import CSA, HCA, Sliding
 from deepseek_v4.layers.compressor import store_entries
 from deepseek_v4.layers.rope import rope_angles
+from deepseek_v4.losses import indexer_kl_from_attention
+from kernels_pallas.common import PAD_POSITION
 from kernels_pallas.sparse_attention import sources
 
 # Document id of the missing halo before the first slice: no real document has it.
@@ -86,13 +88,10 @@ def halo_size(attn, window: int) -> int:
   return max(window - 1, comp, 0)
 
 
-def _check(attn, T: int, slice_len: int, halo: int, window: int, stage: str) -> None:
+def _check(attn, T: int, slice_len: int, halo: int, window: int) -> None:
   if not isinstance(attn.kind, (Sliding, CSA, HCA)):
     raise ValueError(f"context parallelism runs sliding, CSA and HCA layers; layer kind "
                      f"{attn.kind.name!r} has no context-parallel path")
-  if stage != "off":
-    raise ValueError(f"indexer_stage={stage!r}: the indexer's training loss is not "
-                     "context-parallel; train the indexer on one slice (indexer_stage='off' here)")
   if halo > slice_len:
     raise ValueError(f"context parallelism: a {attn.kind.name} layer needs the last {halo} "
                      f"tokens of the previous slice (window {window}), but each device holds "
@@ -116,9 +115,11 @@ def _pad(x, row, rope, seg, pad: int):
 def full_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
                    segments: Int[Array, "B T"] | None, cp: ContextParallel, *, stage: str,
                    impl: str, block: int):
-  """`Attention._full` with the sequence split over `cp.axis`; same (output, None, KL) result."""
-  y, _ = _run(attn, x, positions, segments, cp, stage=stage, impl=impl, block=block)
-  return y, None, jnp.zeros((2,), jnp.float32)
+  """`Attention._full` with the sequence split over `cp.axis`; same (output, None, KL) result:
+  with an indexer training stage, each device scores its slice's queries against the gathered
+  entries and the [sum, count] KL is summed over the devices."""
+  y, _, kl = _run(attn, x, positions, segments, cp, stage=stage, impl=impl, block=block)
+  return y, None, kl
 
 
 def prefill_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
@@ -134,8 +135,8 @@ def prefill_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T
   last W real tokens' K=V, and each compressor's tail (the open window and, for CSA, the last
   closed window's first halves) recomputed from the last <= 2m real tokens.
   """
-  y, (kv, comp, ikeys) = _run(attn, x, positions, None, cp, stage="off", impl=impl, block=block,
-                              parts=True)
+  y, (kv, comp, ikeys), _ = _run(attn, x, positions, None, cp, stage="off", impl=impl,
+                                 block=block, parts=True)
   new = {}
   if attn.compressor is not None:
     new["compressor"] = _tail_state(attn.compressor, x, n_valid, cache.compressor, attn.freqs)
@@ -170,8 +171,9 @@ def _tail_state(compressor, x: Float[Array, "B T D"], n_valid: Array, empty, fre
 
 def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl: str, block: int,
          parts: bool = False):
-  """The output [B, T, D] and, with `parts`, (K=V [B, T_pad, H], entries, indexer keys: all
-  gathered, None where the layer has none).
+  """The output [B, T, D], with `parts` (K=V [B, T_pad, H], entries, indexer keys: all
+  gathered, None where the layer has none) else None, and the indexer KL [sum, count] (zeros
+  unless `stage` trains the indexer of a CSA layer).
 
   x, positions and segments are the layer's global arrays (GSPMD places them); the per-device
   work runs under `jax.shard_map`, manual over every mesh axis: the slice along `cp.axis`, the
@@ -184,10 +186,11 @@ def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl:
   pad = -T % (n * m)
   Tl = (T + pad) // n
   halo = halo_size(attn, window)
-  _check(attn, T, Tl, halo, window, stage)
+  _check(attn, T, Tl, halo, window)
   row = positions if segments is None else jnp.broadcast_to(jnp.arange(T, dtype=positions.dtype),
                                                             (B, T))
   x, row, rope, seg = _pad(x, row, positions, segments, pad)
+  real = jnp.broadcast_to(jnp.arange(T + pad) < T, (B, T + pad))
   docs = seg is not None
   if seg is None:  # the compressors always run with documents, to cut the missing halo off
     seg = jnp.zeros_like(row)
@@ -199,23 +202,27 @@ def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl:
   spec, spec3, whole = P(b_axes, cp.axis), P(b_axes, cp.axis, None), P(b_axes, None, None)
   graphdef, params = nnx.split(attn)
 
-  def body(params, x, row, rope, seg):
+  def body(params, x, row, rope, seg, real):
     layer = nnx.merge(graphdef, params)
-    y, more = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n,
-                               halo=halo, window=window, impl=impl, block=block,
-                               query_block=cp.query_block)
-    return (y, more) if parts else y
+    y, more, kl = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n,
+                                   halo=halo, window=window, impl=impl, block=block,
+                                   query_block=cp.query_block, stage=stage, real=real)
+    return (y, more, kl[None]) if parts else (y, kl[None])
 
   more_specs = (spec3, None if attn.compressor is None else whole,
                 None if attn.indexer is None else whole)
+  # Each device's KL [sum, count] of its queries, one row per device (summed outside, where a
+  # psum's transpose cannot double-count).
+  kl_spec = P((*(b_axes or ()), cp.axis), None)
   # check_vma=False: the kernels' loops carry values that vary over the manual axes; every
   # collective here is explicit, and the parameters' gradient is the sum over devices.
-  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), spec3, spec, spec, spec),
-                      out_specs=(spec3, more_specs) if parts else spec3, check_vma=False)
+  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), spec3, spec, spec, spec, spec),
+                      out_specs=(spec3, more_specs, kl_spec) if parts else (spec3, kl_spec),
+                      check_vma=False)
   with sharding.context.suspended():
-    out = run(params, x, row, rope, seg)
-  y, more = out if parts else (out, None)
-  return y[:, :T], more
+    out = run(params, x, row, rope, seg, real)
+  y, more, kl = out if parts else (out[0], None, out[1])
+  return y[:, :T], more, jnp.sum(kl, axis=0)
 
 
 def _previous(a: Array, halo: int, axis: str, n: int, fill) -> Array:
@@ -242,9 +249,13 @@ def query_blocks(slice_len: int, block: int) -> int:
 
 
 def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, halo: int,
-                     window: int, impl: str, block: int, query_block: int):
-  """One device's attention output [B, Tl, D] for its slice (x, positions, documents local), and
-  (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys).
+                     window: int, impl: str, block: int, query_block: int, stage: str = "off",
+                     real=None):
+  """One device's attention output [B, Tl, D] for its slice (x, positions, documents local),
+  (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys), and the indexer KL
+  [sum, count] of its queries (zeros unless `stage` trains a CSA layer's indexer:
+  docs/architecture.md#indexer-training; "dense" attends to every visible entry): the queries at
+  tokens marked `real` [B, Tl] (the rest is the layer's padding; default all).
 
   The compressors run over the whole slice (their entries are all-gathered once); the queries
   then run in `query_blocks` blocks, each with the `halo` tokens before it (its band's keys and,
@@ -255,30 +266,50 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
     row = jnp.concatenate([_previous(row, halo, axis, n, _NO_POSITION), row], axis=1)
     rope = jnp.concatenate([_previous(rope, halo, axis, n, 0), rope], axis=1)
     seg = jnp.concatenate([_previous(seg, halo, axis, n, _NO_DOCUMENT), seg], axis=1)
+  # The halo's queries are never this device's (attend keeps [halo:]).
+  if real is None:
+    real = jnp.ones(row.shape, bool)
+  real = jnp.pad(real, ((0, 0), (x.shape[1] - real.shape[1], 0)))
   freqs = attn.freqs
   comp, ikeys, comp_seg = None, None, None
   if attn.compressor is not None:  # stage 2: this slice's entries, all-gathered
     comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo)
 
-  def attend(x, row, rope, seg):  # queries [halo:] of a block with its halo before it
+  train_indexer = stage != "off" and attn.indexer is not None
+  sg = jax.lax.stop_gradient
+
+  def attend(x, row, rope, seg, real):  # queries [halo:] of a block with its halo before it
     cos, sin = rope_angles(rope, freqs)
     cq, q, kv = attn.project_qkv(x, cos, sin)
     idx = None
     if attn.indexer is not None:
       # The indexer reads detached inputs (docs/architecture.md#indexer-training).
-      sg = jax.lax.stop_gradient
       iq, iw = attn.indexer.queries(sg(x), sg(cq), cos, sin)
-      idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg,
-                                   impl=impl, block=block))
-    keys = sources.KeySources(sources.Band(kv, window, seg if docs else None),
-                              entries=attn._entries(comp, idx, comp_seg))
-    o = attn.core(q, row, keys, impl=impl, block=block)
-    return attn.output(o, cos, sin)[:, halo:], kv[:, halo:]
+      if stage != "dense":  # the dense warm-up attends to every visible entry
+        idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg,
+                                     impl=impl, block=block))
+    entries = attn._entries(comp, idx, comp_seg)
+    keys = sources.KeySources(sources.Band(kv, window, seg if docs else None), entries=entries)
+    o = attn.core(q, row, keys, impl=impl, block=block, return_lse=train_indexer)
+    kl = jnp.zeros((2,), jnp.float32)
+    if train_indexer:  # the block's own queries (not the halo's) against the gathered entries
+      o, lse = o
+      own = lambda a: a[:, halo:]
+      # The layer's padding after the last real token is no query of the loss.
+      real = own(real)
+      if idx is not None:
+        entries = sources.PickedEntries(entries.kv, jnp.where(real[..., None], own(idx), -1),
+                                        entries.segments)
+      kl = indexer_kl_from_attention(sg(own(q)), sg(own(lse)), sg(entries), own(iq), own(iw),
+                                     ikeys, jnp.where(real, own(row), PAD_POSITION),
+                                     scale=attn.scale, block=block,
+                                     segments=own(seg) if docs else None)
+    return attn.output(o, cos, sin)[:, halo:], kv[:, halo:], kl
 
   B, Tl = x.shape[0], x.shape[1] - halo
   count = query_blocks(Tl, query_block)
   if count == 1:
-    y, kv = attend(x, row, rope, seg)
+    y, kv, kl = attend(x, row, rope, seg, real)
   else:
     size = Tl // count
 
@@ -288,12 +319,13 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
     @jax.checkpoint
     def one(start):
       cut = lambda a: jax.lax.dynamic_slice_in_dim(a, start, halo + size, axis=1)
-      return attend(cut(x), cut(row), cut(rope), cut(seg))
+      return attend(cut(x), cut(row), cut(rope), cut(seg), cut(real))
 
-    y, kv = jax.lax.map(one, jnp.arange(count) * size)  # [count, B, size, ...]
+    y, kv, kl = jax.lax.map(one, jnp.arange(count) * size)  # [count, B, size, ...]
     y = jnp.moveaxis(y, 0, 1).reshape(B, Tl, *y.shape[3:])
     kv = jnp.moveaxis(kv, 0, 1).reshape(B, Tl, *kv.shape[3:])
-  return y, (kv, None if comp is None else comp, ikeys)
+    kl = jnp.sum(kl, axis=0)
+  return y, (kv, None if comp is None else comp, ikeys), kl
 
 
 def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int):
