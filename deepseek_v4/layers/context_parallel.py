@@ -30,8 +30,8 @@ from jaxtyping import Array, Float, Int
 
 from deepseek_v4 import sharding
 from deepseek_v4.layers.attention_kinds import CSA, HCA, Sliding
-from deepseek_v4.layers.compressor import store_entries
-from deepseek_v4.layers.rope import rope_angles
+from deepseek_v4.layers.compressor import pool_windows, store_entries
+from deepseek_v4.layers.rope import apply_rope, rope_angles
 from kernels_pallas.sparse_attention import sources
 
 # Document id of the missing halo before the first slice: no real document has it.
@@ -124,58 +124,75 @@ def full_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
 def prefill_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
                       n_valid: Int[Array, "B"], cache, cp: ContextParallel, *, impl: str,
                       block: int):
-  """A context-parallel prefill of a whole prompt into an empty layer cache, for a chunk at
-  positions 0..T-1 (row b's first n_valid[b] tokens real): (output [B, T, D], the chunk's K=V
-  [B, T, H] for the caller's window ring, the new cache fields but the window).
+  """A context-parallel prefill chunk into a gathered layer cache: row b's tokens at
+  `positions[b] = start[b] + arange(T)`, its first n_valid[b] real, where start[b] (the tokens the
+  cache already holds) is a multiple of the layer's ratio for every row with real tokens
+  (`decoding.prefill` checks it; a row with none only rides along and writes nothing). Returns
+  (output [B, T, D], the chunk's K=V [B, T, H] for the caller's window ring, the new cache fields
+  but the window).
 
-  The attention is `full_attention`'s (right padding comes after every real token, so it changes
-  no real output). The cache ends gathered (every device holds all of it, like a plain decode
-  cache): the entries and indexer keys the all-gather already brought, the window ring from the
-  last W real tokens' K=V, and each compressor's tail (the open window and, for CSA, the last
-  closed window's first halves) recomputed from the last <= 2m real tokens.
+  The attention is `full_attention`'s with the cache as one more key source on every device: its
+  window ring (keys before the chunk; the window's distance rule leaves them to the first
+  device's queries, docs/context_parallel.md#prefill) and its entries, into which this chunk's
+  gathered entries are written before any query reads them (visibility by position hides the
+  slots not written yet). The first device's CSA overlap pools the cache's last closed window.
+  The cache stays gathered (every device holds all of it, like a plain decode cache); each
+  compressor's tail (the open window and, for CSA, the last closed window's first halves) is
+  recomputed from the last <= 2m real tokens, or continued from the cache's for a shorter chunk.
   """
+  start = positions[:, 0]
   y, (kv, comp, ikeys) = _run(attn, x, positions, None, cp, stage="off", impl=impl, block=block,
-                              parts=True)
+                              prior=(cache, start, n_valid))
   new = {}
   if attn.compressor is not None:
-    new["compressor"] = _tail_state(attn.compressor, x, n_valid, cache.compressor, attn.freqs)
-    new["entries"] = _store_closed(cache.entries, comp, attn.ratio, n_valid)
+    new["compressor"] = _tail_state(attn.compressor, x, start, n_valid, cache.compressor,
+                                    attn.freqs)
+    new["entries"] = comp
   if attn.indexer is not None:
     sg = jax.lax.stop_gradient
-    new["indexer"] = _tail_state(attn.indexer.compressor, sg(x), n_valid, cache.indexer,
+    new["indexer"] = _tail_state(attn.indexer.compressor, sg(x), start, n_valid, cache.indexer,
                                  attn.freqs)
-    new["index_keys"] = _store_closed(cache.index_keys, ikeys, attn.ratio, n_valid)
+    new["index_keys"] = ikeys
   return y, kv[:, : x.shape[1]], new
 
 
-def _store_closed(buf: Float[Array, "B C W"], entries: Array, ratio: int, n_valid: Array):
-  """The entries of the windows each row's real tokens close, written at their indices."""
-  entry = jnp.arange(entries.shape[1])[None, :]
-  return store_entries(buf, entries, entry, (entry + 1) * ratio <= n_valid[:, None])
+def _store_closed(buf: Float[Array, "B C W"], entries: Array, ratio: int, start: Array,
+                  n_valid: Array):
+  """A chunk's entries (window j of the chunk from start[b]) written at their indices
+  start[b] / m + j, those of the windows each row's real tokens close only."""
+  entry = start[:, None] // ratio + jnp.arange(entries.shape[1])[None, :]  # [B, C_chunk]
+  return store_entries(buf, entries, entry, (entry + 1) * ratio <= (start + n_valid)[:, None])
 
 
-def _tail_state(compressor, x: Float[Array, "B T D"], n_valid: Array, empty, freqs):
-  """The compressor state after a row's n_valid tokens: `empty` fed the row's last closed window
-  (CSA's overlap needs its first halves) and its open one, whose entries are not kept."""
+def _tail_state(compressor, x: Float[Array, "B T D"], start: Array, n_valid: Array, state,
+                freqs):
+  """The compressor state after a chunk (row b from position start[b], n_valid[b] real tokens)
+  fed to `state`: the chunk's last closed window (CSA's overlap needs its first halves) and its
+  open one, whose entries are not kept. A chunk that closes no such window (fewer than 2m real
+  tokens for CSA, m for HCA) continues `state` from its start instead; start[b] on a window
+  boundary means `state` holds no open window then, only (CSA) the previous closed one."""
   m = compressor.ratio
   lead = m if compressor.overlap else 0
   B = x.shape[0]
-  start = jnp.maximum(n_valid // m * m - lead, 0)  # [B], a multiple of m
+  end = start + n_valid
+  first = jnp.maximum(end // m * m - lead, start)  # [B], position of the first token fed
   xp = jnp.pad(x, ((0, 0), (0, lead + m), (0, 0)))
-  tail = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, lead + m, 0))(xp, start)
+  tail = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, lead + m, 0))(
+    xp, first - start)
   dummy = jnp.zeros((B, 1, compressor.norm.weight.shape[0]), jnp.float32)  # entries: not kept
-  _, state = compressor.extend(tail, start, n_valid - start, empty, dummy, freqs)
+  _, state = compressor.extend(tail, first, end - first, state, dummy, freqs)
   return state
 
 
 def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl: str, block: int,
-         parts: bool = False):
-  """The output [B, T, D] and, with `parts`, (K=V [B, T_pad, H], entries, indexer keys: all
-  gathered, None where the layer has none).
+         prior=None):
+  """The output [B, T, D] and, with `prior` (a prefill chunk: the layer cache, start [B],
+  n_valid [B]), also (K=V [B, T_pad, H], the cache's entries and indexer keys with this chunk's
+  written: None where the layer has none).
 
   x, positions and segments are the layer's global arrays (GSPMD places them); the per-device
   work runs under `jax.shard_map`, manual over every mesh axis: the slice along `cp.axis`, the
-  batch along `cp.batch_axes` where they divide it, the layer's parameters whole.
+  batch along `cp.batch_axes` where they divide it, the layer's parameters and the cache whole.
   """
   B, T, _ = x.shape
   n = cp.size
@@ -198,22 +215,25 @@ def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl:
   b_axes = cp.batch_axes if cp.batch_axes and B % nb == 0 else None
   spec, spec3, whole = P(b_axes, cp.axis), P(b_axes, cp.axis, None), P(b_axes, None, None)
   graphdef, params = nnx.split(attn)
+  parts = prior is not None
 
-  def body(params, x, row, rope, seg):
+  def body(params, x, row, rope, seg, prior):
     layer = nnx.merge(graphdef, params)
     y, more = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n,
                                halo=halo, window=window, impl=impl, block=block,
-                               query_block=cp.query_block)
+                               query_block=cp.query_block, prior=prior)
     return (y, more) if parts else y
 
   more_specs = (spec3, None if attn.compressor is None else whole,
                 None if attn.indexer is None else whole)
+  # The cache is whole on every device along the axis (gathered), split like the batch.
+  prior_specs = jax.tree.map(lambda a: P(b_axes, *(None,) * (a.ndim - 1)), prior)
   # check_vma=False: the kernels' loops carry values that vary over the manual axes; every
   # collective here is explicit, and the parameters' gradient is the sum over devices.
-  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), spec3, spec, spec, spec),
+  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), spec3, spec, spec, spec, prior_specs),
                       out_specs=(spec3, more_specs) if parts else spec3, check_vma=False)
   with sharding.context.suspended():
-    out = run(params, x, row, rope, seg)
+    out = run(params, x, row, rope, seg, prior)
   y, more = out if parts else (out, None)
   return y[:, :T], more
 
@@ -242,9 +262,11 @@ def query_blocks(slice_len: int, block: int) -> int:
 
 
 def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, halo: int,
-                     window: int, impl: str, block: int, query_block: int):
+                     window: int, impl: str, block: int, query_block: int, prior=None):
   """One device's attention output [B, Tl, D] for its slice (x, positions, documents local), and
-  (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys).
+  (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys). With `prior` (a prefill
+  chunk: the layer cache, start [B], n_valid [B]), the entries and indexer keys are the cache's
+  with the chunk's written (`_entries`), and the cache's window ring is one more key source.
 
   The compressors run over the whole slice (their entries are all-gathered once); the queries
   then run in `query_blocks` blocks, each with the `halo` tokens before it (its band's keys and,
@@ -258,7 +280,11 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   freqs = attn.freqs
   comp, ikeys, comp_seg = None, None, None
   if attn.compressor is not None:  # stage 2: this slice's entries, all-gathered
-    comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo)
+    comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo,
+                                     prior=prior)
+  # A prefill chunk's keys before it: the ring's positions are below the chunk's, so the window
+  # leaves them to the first device's queries (docs/context_parallel.md#prefill).
+  ring = None if prior is None else sources.Ring(prior[0].window.kv, prior[0].window.pos)
 
   def attend(x, row, rope, seg):  # queries [halo:] of a block with its halo before it
     cos, sin = rope_angles(rope, freqs)
@@ -270,7 +296,7 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
       iq, iw = attn.indexer.queries(sg(x), sg(cq), cos, sin)
       idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg,
                                    impl=impl, block=block))
-    keys = sources.KeySources(sources.Band(kv, window, seg if docs else None),
+    keys = sources.KeySources(sources.Band(kv, window, seg if docs else None), ring=ring,
                               entries=attn._entries(comp, idx, comp_seg))
     o = attn.core(q, row, keys, impl=impl, block=block)
     return attn.output(o, cos, sin)[:, halo:], kv[:, halo:]
@@ -296,26 +322,54 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   return y, (kv, None if comp is None else comp, ikeys)
 
 
-def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int):
+def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int, prior=None):
   """Stage 2: this slice's compressed entries (and CSA's indexer keys) and, with documents,
   the entries' documents, all-gathered: (entries [B, C, H], indexer keys or None, documents or
-  None)."""
+  None). With `prior` (a prefill chunk: the layer cache, start [B], n_valid [B]): the cache's
+  entries and indexer keys with the chunk's closed windows written (`_store_closed`)."""
   m = attn.ratio
 
-  def compress(compressor, inputs):
+  def compress(compressor, inputs, state=None, buf=None):
     # The compressor reads its own overlap from the halo: windows start at a multiple of m
     # (the slice does), and the entry of the halo's window is the previous device's.
     lead = m if compressor.overlap else 0
     s = halo - lead
-    out = compressor(inputs[:, s:], freqs, rope[:, s:], seg[:, s:])
-    return _gather(out[:, lead // m:], axis)  # [B, C, width]
+    if prior is None:
+      out = compressor(inputs[:, s:], freqs, rope[:, s:], seg[:, s:])
+      return _gather(out[:, lead // m:], axis)  # [B, C, width]
+    _, start, n_valid = prior
+    out = _continued(compressor, inputs[:, s:], rope[:, halo::m], state, axis, freqs, buf.dtype)
+    return _store_closed(buf, _gather(out, axis), m, start, n_valid)  # [B, C_cache, width]
 
-  comp = compress(attn.compressor, x)
+  cache = None if prior is None else prior[0]
+  comp = compress(attn.compressor, x, *(() if cache is None else (cache.compressor,
+                                                                   cache.entries)))
   comp_seg = _gather(seg[:, halo::m], axis) if docs else None
   ikeys = None
   if attn.indexer is not None:
-    ikeys = compress(attn.indexer.compressor, jax.lax.stop_gradient(x))
+    ikeys = compress(attn.indexer.compressor, jax.lax.stop_gradient(x),
+                     *(() if cache is None else (cache.indexer, cache.index_keys)))
   return comp, ikeys, comp_seg
+
+
+def _continued(compressor, inputs: Float[Array, "B S D"], entry_pos: Int[Array, "B n"], state,
+               axis: str, freqs, dtype) -> Array:
+  """The entries [B, n, width] of a prefill chunk's slice (`inputs`: for CSA, the window before
+  the slice, then the slice; entry_pos: each window's first position) whose first window
+  continues a cache: on the first device CSA's previous window is the cache's last closed one
+  (its first halves are in `state`; empty for a chunk from position 0), elsewhere the halo's."""
+  m = compressor.ratio
+  c, z = compressor.project(inputs)  # window-aligned: position mod m = index mod m
+  prev = None
+  if compressor.overlap:
+    w = c.shape[-1] // 2
+    first = jax.lax.axis_index(axis) == 0
+    prev = (jnp.where(first, state.prev_c, c[:, :m, :w]),
+            jnp.where(first, state.prev_z, z[:, :m, :w]))
+    c, z = c[:, m:], z[:, m:]
+  pooled = pool_windows(c, z, m, compressor.overlap, prev)  # [B, n, width]
+  cos, sin = rope_angles(entry_pos, freqs)
+  return apply_rope(compressor.norm(pooled.astype(dtype)), cos, sin)
 
 
 __all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_size",
