@@ -15,6 +15,11 @@ Everything else in the model is token-wise and stays on its slice (GSPMD, the ac
 each layer; padding comes after every real token, so causality keeps it out of their outputs.
 All of it is differentiable (the transposes of ppermute and all_gather are the reverse
 permutation and a reduce-scatter), so training runs context-parallel too.
+
+A prefill chunk (`prefill_attention`) continues a gathered decode cache from a window-aligned
+position: the cache stands in for the first slice's previous device (its window ring for the
+halo keys, its compressor state for CSA's overlap), and the chunk's entries are written into the
+cache's entry buffers, against which every query then scores and attends.
 """
 
 from __future__ import annotations
@@ -131,11 +136,11 @@ def prefill_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T
   (output [B, T, D], the chunk's K=V [B, T, H] for the caller's window ring, the new cache fields
   but the window).
 
-  The attention is `full_attention`'s with the cache as one more key source on every device: its
-  window ring (keys before the chunk; the window's distance rule leaves them to the first
-  device's queries, docs/context_parallel.md#prefill) and its entries, into which this chunk's
-  gathered entries are written before any query reads them (visibility by position hides the
-  slots not written yet). The first device's CSA overlap pools the cache's last closed window.
+  The attention is `full_attention`'s with the cache (whole on every device) standing in for the
+  first slice's missing previous device (docs/context_parallel.md#prefill): that slice's halo keys
+  come from the cache's window ring and its CSA overlap from the cache's last closed window; every
+  query scores and attends against the cache's entries, into which this chunk's gathered entries
+  are written first (visibility by position hides the slots not written yet).
   The cache stays gathered (every device holds all of it, like a plain decode cache); each
   compressor's tail (the open window and, for CSA, the last closed window's first halves) is
   recomputed from the last <= 2m real tokens, or continued from the cache's for a shorter chunk.
@@ -168,9 +173,10 @@ def _tail_state(compressor, x: Float[Array, "B T D"], start: Array, n_valid: Arr
                 freqs):
   """The compressor state after a chunk (row b from position start[b], n_valid[b] real tokens)
   fed to `state`: the chunk's last closed window (CSA's overlap needs its first halves) and its
-  open one, whose entries are not kept. A chunk that closes no such window (fewer than 2m real
-  tokens for CSA, m for HCA) continues `state` from its start instead; start[b] on a window
-  boundary means `state` holds no open window then, only (CSA) the previous closed one."""
+  open one, whose entries are not kept. A chunk that closes no window (fewer than m real tokens)
+  continues `state` from its start instead: start[b] on a window boundary means `state` holds no
+  open window, only (CSA) the last closed one's first halves. A row with no real token keeps
+  `state` whatever its start."""
   m = compressor.ratio
   lead = m if compressor.overlap else 0
   B = x.shape[0]
@@ -266,7 +272,8 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   """One device's attention output [B, Tl, D] for its slice (x, positions, documents local), and
   (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys). With `prior` (a prefill
   chunk: the layer cache, start [B], n_valid [B]), the entries and indexer keys are the cache's
-  with the chunk's written (`_entries`), and the cache's window ring is one more key source.
+  with the chunk's written (`_entries`), and the first slice's halo keys come from the cache's
+  window ring (`_fill_halo`).
 
   The compressors run over the whole slice (their entries are all-gathered once); the queries
   then run in `query_blocks` blocks, each with the `halo` tokens before it (its band's keys and,
@@ -282,13 +289,14 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   if attn.compressor is not None:  # stage 2: this slice's entries, all-gathered
     comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo,
                                      prior=prior)
-  # A prefill chunk's keys before it: the ring's positions are below the chunk's, so the window
-  # leaves them to the first device's queries (docs/context_parallel.md#prefill).
-  ring = None if prior is None else sources.Ring(prior[0].window.kv, prior[0].window.pos)
+  # A prefill chunk: the first slice's missing halo is the cache's window ring.
+  ring_halo = None if prior is None or not halo else _ring_halo(prior[0].window, prior[1], halo)
 
   def attend(x, row, rope, seg):  # queries [halo:] of a block with its halo before it
     cos, sin = rope_angles(rope, freqs)
     cq, q, kv = attn.project_qkv(x, cos, sin)
+    if ring_halo is not None:
+      kv, row = _fill_halo(kv, row, ring_halo, halo)
     idx = None
     if attn.indexer is not None:
       # The indexer reads detached inputs (docs/architecture.md#indexer-training).
@@ -296,7 +304,7 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
       iq, iw = attn.indexer.queries(sg(x), sg(cq), cos, sin)
       idx = sg(attn.indexer.select(iq, iw, ikeys, row, seg if docs else None, comp_seg,
                                    impl=impl, block=block))
-    keys = sources.KeySources(sources.Band(kv, window, seg if docs else None), ring=ring,
+    keys = sources.KeySources(sources.Band(kv, window, seg if docs else None),
                               entries=attn._entries(comp, idx, comp_seg))
     o = attn.core(q, row, keys, impl=impl, block=block)
     return attn.output(o, cos, sin)[:, halo:], kv[:, halo:]
@@ -320,6 +328,29 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
     y = jnp.moveaxis(y, 0, 1).reshape(B, Tl, *y.shape[3:])
     kv = jnp.moveaxis(kv, 0, 1).reshape(B, Tl, *kv.shape[3:])
   return y, (kv, None if comp is None else comp, ikeys)
+
+
+def _ring_halo(ring, start: Int[Array, "B"], halo: int) -> tuple[Array, Array]:
+  """The K=V [B, halo, H] and positions [B, halo] of the `halo` positions before each row's
+  start, read from a cache's window ring (slot p mod W); a position the ring does not hold
+  (before 0, or more than W back) is missing (_NO_POSITION, which no band mask accepts)."""
+  W = ring.kv.shape[1]
+  want = start[:, None] - halo + jnp.arange(halo)  # [B, halo]
+  slot = want % W
+  kv = jnp.take_along_axis(ring.kv, slot[..., None], axis=1)  # [B, halo, H]
+  pos = jnp.take_along_axis(ring.pos, slot, axis=1)
+  return kv, jnp.where(pos == want, want, _NO_POSITION).astype(start.dtype)
+
+
+def _fill_halo(kv: Float[Array, "B S H"], row: Int[Array, "B S"], ring_halo, halo: int):
+  """A query block's K=V and positions with its halo taken from the cache's ring where the halo
+  is missing (the first device's first block): the keys a chunk's first queries see before it,
+  as band keys, so the kernels get the key sources of the full forward (no ring)."""
+  missing = row[:, :halo] == _NO_POSITION  # [B, halo]
+  kv_h = jnp.where(missing[..., None], ring_halo[0].astype(kv.dtype), kv[:, :halo])
+  row_h = jnp.where(missing, ring_halo[1], row[:, :halo])
+  return (jnp.concatenate([kv_h, kv[:, halo:]], axis=1),
+          jnp.concatenate([row_h, row[:, halo:]], axis=1))
 
 
 def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int, prior=None):
