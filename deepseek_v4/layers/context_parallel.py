@@ -25,6 +25,7 @@ cache's entry buffers, against which every query then scores and attends.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,15 @@ class ContextParallel:
   @property
   def size(self) -> int:
     return self.mesh.shape[self.axis]
+
+
+class _Chunk(NamedTuple):
+  """A prefill chunk inside the `shard_map`: the layer cache (whole on every device), each row's
+  start position and real tokens [B]."""
+
+  cache: Any
+  start: Array
+  n_valid: Array
 
 
 def context_parallel_layout(mesh: Mesh, rules: str | sharding.Rules) -> ContextParallel | None:
@@ -147,7 +157,7 @@ def prefill_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T
   """
   start = positions[:, 0]
   y, (kv, comp, ikeys) = _run(attn, x, positions, None, cp, stage="off", impl=impl, block=block,
-                              prior=(cache, start, n_valid))
+                              prior=_Chunk(cache, start, n_valid))
   new = {}
   if attn.compressor is not None:
     new["compressor"] = _tail_state(attn.compressor, x, start, n_valid, cache.compressor,
@@ -290,7 +300,8 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
     comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo,
                                      prior=prior)
   # A prefill chunk: the first slice's missing halo is the cache's window ring.
-  ring_halo = None if prior is None or not halo else _ring_halo(prior[0].window, prior[1], halo)
+  ring_halo = None if prior is None or not halo else _ring_halo(prior.cache.window, prior.start,
+                                                                 halo)
 
   def attend(x, row, rope, seg):  # queries [halo:] of a block with its halo before it
     cos, sin = rope_angles(rope, freqs)
@@ -360,26 +371,25 @@ def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int, pri
   entries and indexer keys with the chunk's closed windows written (`_store_closed`)."""
   m = attn.ratio
 
-  def compress(compressor, inputs, state=None, buf=None):
+  def compress(compressor, inputs, cached):
     # The compressor reads its own overlap from the halo: windows start at a multiple of m
     # (the slice does), and the entry of the halo's window is the previous device's.
     lead = m if compressor.overlap else 0
     s = halo - lead
-    if prior is None:
+    if cached is None:
       out = compressor(inputs[:, s:], freqs, rope[:, s:], seg[:, s:])
       return _gather(out[:, lead // m:], axis)  # [B, C, width]
-    _, start, n_valid = prior
+    state, buf = cached  # a prefill chunk: the cache's compressor state and entry buffer
     out = _continued(compressor, inputs[:, s:], rope[:, halo::m], state, axis, freqs, buf.dtype)
-    return _store_closed(buf, _gather(out, axis), m, start, n_valid)  # [B, C_cache, width]
+    return _store_closed(buf, _gather(out, axis), m, prior.start, prior.n_valid)  # [B, C_cache, .]
 
-  cache = None if prior is None else prior[0]
-  comp = compress(attn.compressor, x, *(() if cache is None else (cache.compressor,
-                                                                   cache.entries)))
+  cache = None if prior is None else prior.cache
+  comp = compress(attn.compressor, x, None if cache is None else (cache.compressor, cache.entries))
   comp_seg = _gather(seg[:, halo::m], axis) if docs else None
   ikeys = None
   if attn.indexer is not None:
     ikeys = compress(attn.indexer.compressor, jax.lax.stop_gradient(x),
-                     *(() if cache is None else (cache.indexer, cache.index_keys)))
+                     None if cache is None else (cache.indexer, cache.index_keys))
   return comp, ikeys, comp_seg
 
 
