@@ -178,10 +178,13 @@ def _assert_caches_match(got, ref):
     assert err < F32_CONTEXT_PARALLEL_REL, (name, err)
 
 
-def _chunked_prefill_matches(cfg, mesh_name: str, chunk: int, lengths, decode_steps: int = 4):
+def _chunked_prefill_matches(cfg, mesh_name: str, chunk: int, lengths, decode_steps: int = 4,
+                             query_block: int = 8192):
   """A prompt batch prefilled in chunks of `chunk` with each chunk split along `context`, then
   greedy decoding, against the plain one-device chunked prefill + decode: the logits of every
   chunk and decoded token, the tokens, and the cache after the prefill."""
+  import dataclasses
+
   sizes, rules = MESHES[mesh_name]
   model = _model(cfg)
   lengths = np.asarray(lengths, np.int32)
@@ -189,6 +192,7 @@ def _chunked_prefill_matches(cfg, mesh_name: str, chunk: int, lengths, decode_st
   ids = _ids(cfg, len(lengths), T)
   mesh = sharding.make_mesh(**sizes)
   opts = parallel.options(mesh, rules)
+  opts = opts.replace(context=dataclasses.replace(opts.context, query_block=query_block))
 
   def run(options):
     cache = cache_lib.init_cache(cfg, len(lengths), T + decode_steps)
@@ -217,18 +221,21 @@ def _chunked_prefill_matches(cfg, mesh_name: str, chunk: int, lengths, decode_st
   _assert_caches_match(cache, ref_cache)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_chunked_prefill_then_decode_equals_plain(mesh_name):
+@pytest.mark.parametrize("mesh_name,query_block", [("context8", 4), ("context4_ep2", 8192)])
+def test_chunked_prefill_then_decode_equals_plain(mesh_name, query_block):
   """Prompts of 130 and 100 tokens in context-parallel chunks of 64 (the one-CSA-layer model,
   ratio 4): row 0 in 64 + 64 + 2 (the last chunk ragged, padded to 64 and, inside the layer, to
   a multiple of devices x 4), row 1 in 64 + 36, then riding along in the third chunk at the
   unaligned position 100 with no real token. Later chunks take their earlier keys from the
   cache's window ring, their entries from its buffer, the first slice's CSA overlap from its
   compressor state; row 0's last chunk (2 tokens, under one window) continues the compressor
-  tails instead of recomputing them."""
+  tails instead of recomputing them. At context=8 each 8-token slice runs its queries in 2
+  blocks of 4, shorter than the halo (7): the second block's halo holds the first's missing
+  halo rows too."""
   cfg = steps.CFG_SMALL
   _assert_topk_selects(cfg, 130)
-  _chunked_prefill_matches(cfg, mesh_name, 64, [130, 100])
+  assert context_parallel.query_blocks(64 // 8, 4) == 2
+  _chunked_prefill_matches(cfg, mesh_name, 64, [130, 100], query_block=query_block)
 
 
 # ----- slow: the tiny preset, gradients, the train step, prefill + decode ------------------------

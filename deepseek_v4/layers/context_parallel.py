@@ -283,7 +283,7 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys). With `prior` (a prefill
   chunk: the layer cache, start [B], n_valid [B]), the entries and indexer keys are the cache's
   with the chunk's written (`_entries`), and the first slice's halo keys come from the cache's
-  window ring (`_fill_halo`).
+  window ring (`_ring_halo_positions`, `_ring_keys`).
 
   The compressors run over the whole slice (their entries are all-gathered once); the queries
   then run in `query_blocks` blocks, each with the `halo` tokens before it (its band's keys and,
@@ -299,15 +299,14 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   if attn.compressor is not None:  # stage 2: this slice's entries, all-gathered
     comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo,
                                      prior=prior)
-  # A prefill chunk: the first slice's missing halo is the cache's window ring.
-  ring_halo = None if prior is None or not halo else _ring_halo(prior.cache.window, prior.start,
-                                                                 halo)
+  if prior is not None and halo:  # a prefill chunk: the first slice's halo is the cache's ring
+    row = _ring_halo_positions(row, prior.cache.window, prior.start, halo)
 
   def attend(x, row, rope, seg):  # queries [halo:] of a block with its halo before it
     cos, sin = rope_angles(rope, freqs)
     cq, q, kv = attn.project_qkv(x, cos, sin)
-    if ring_halo is not None:
-      kv, row = _fill_halo(kv, row, ring_halo, halo)
+    if prior is not None:
+      kv = _ring_keys(kv, row, prior.cache.window, prior.start)
     idx = None
     if attn.indexer is not None:
       # The indexer reads detached inputs (docs/architecture.md#indexer-training).
@@ -341,27 +340,28 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   return y, (kv, None if comp is None else comp, ikeys)
 
 
-def _ring_halo(ring, start: Int[Array, "B"], halo: int) -> tuple[Array, Array]:
-  """The K=V [B, halo, H] and positions [B, halo] of the `halo` positions before each row's
-  start, read from a cache's window ring (slot p mod W); a position the ring does not hold
-  (before 0, or more than W back) is missing (_NO_POSITION, which no band mask accepts)."""
-  W = ring.kv.shape[1]
+def _ring_halo_positions(row: Int[Array, "B S"], ring, start: Int[Array, "B"], halo: int):
+  """Positions of halo + slice with the missing halo (the first device's) replaced by the `halo`
+  positions before each row's start that the cache's window ring holds (slot p mod W); the others
+  (before 0, or more than W back) stay missing (_NO_POSITION, which no band mask accepts)."""
+  W = ring.pos.shape[1]
   want = start[:, None] - halo + jnp.arange(halo)  # [B, halo]
-  slot = want % W
-  kv = jnp.take_along_axis(ring.kv, slot[..., None], axis=1)  # [B, halo, H]
-  pos = jnp.take_along_axis(ring.pos, slot, axis=1)
-  return kv, jnp.where(pos == want, want, _NO_POSITION).astype(start.dtype)
+  held = jnp.take_along_axis(ring.pos, want % W, axis=1) == want
+  ring_row = jnp.where(held, want, _NO_POSITION).astype(row.dtype)
+  head = jnp.where(row[:, :halo] == _NO_POSITION, ring_row, row[:, :halo])
+  return jnp.concatenate([head, row[:, halo:]], axis=1)
 
 
-def _fill_halo(kv: Float[Array, "B S H"], row: Int[Array, "B S"], ring_halo, halo: int):
-  """A query block's K=V and positions with its halo taken from the cache's ring where the halo
-  is missing (the first device's first block): the keys a chunk's first queries see before it,
-  as band keys, so the kernels get the key sources of the full forward (no ring)."""
-  missing = row[:, :halo] == _NO_POSITION  # [B, halo]
-  kv_h = jnp.where(missing[..., None], ring_halo[0].astype(kv.dtype), kv[:, :halo])
-  row_h = jnp.where(missing, ring_halo[1], row[:, :halo])
-  return (jnp.concatenate([kv_h, kv[:, halo:]], axis=1),
-          jnp.concatenate([row_h, row[:, halo:]], axis=1))
+def _ring_keys(kv: Float[Array, "B S H"], row: Int[Array, "B S"], ring, start: Int[Array, "B"]):
+  """A query block's K=V with the keys before the chunk's start (only the first device's halo
+  holds such positions: every other slice starts >= halo tokens after it) read from the cache's
+  window ring, slot p mod W, so they enter as band keys and the kernels get the key sources of
+  the full forward (no ring source). Works for any block: it goes by position, not index."""
+  W = ring.kv.shape[1]
+  before = row < start[:, None]  # [B, S]
+  slot = jnp.where(before, row, 0) % W
+  old = jnp.take_along_axis(ring.kv, slot[..., None], axis=1).astype(kv.dtype)  # [B, S, H]
+  return jnp.where(before[..., None], old, kv)
 
 
 def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int, prior=None):
