@@ -2,14 +2,15 @@
 over a `context` mesh axis gives the one-device numbers.
 
 Oracles: the one-device forward (logits, f32, within F32_CONTEXT_PARALLEL_REL), its gradients
-(F32_CONTEXT_PARALLEL_GRAD_REL), plain prefill + greedy decoding (token for token), and packed
-documents run one by one. Lengths are not multiples of 128, and 203 not of the device count
-either, so every layer pads its slices (to a multiple of devices x its ratio).
+(F32_CONTEXT_PARALLEL_GRAD_REL), plain (chunked) prefill + greedy decoding (token for token, and
+the cache array by array), and packed documents run one by one. Lengths are not multiples of 128,
+and 203 not of the device count either, so every layer pads its slices (to a multiple of devices
+x its ratio).
 
 The default run uses the one-CSA-layer model of the sharding tests at context=8 and context=4 x
-expert=2; the 3-layer model (one layer of each kind), the tiny preset, gradients, the train step
-and prefill + decode are `slow` (each compiles a whole context-parallel program: 40-150 s on 2
-shared cores).
+expert=2 (forward, chunked prefill + decode); the 3-layer model (one layer of each kind), the
+tiny preset, gradients, the train step and whole-prompt prefill + decode are `slow` (each
+compiles a whole context-parallel program: 40-150 s on 2 shared cores).
 """
 
 import jax
@@ -247,6 +248,7 @@ def test_chunked_prefill_tiny_preset(mesh_name):
   cfg = deepseek_v4.tiny()
   _assert_topk_selects(cfg, 203)
   _chunked_prefill_matches(cfg, mesh_name, 80, [203, 150], decode_steps=8)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", list(MESHES))
