@@ -29,7 +29,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from deepseek_v4 import parallel, sharding, speculative
-from deepseek_v4.cache import Cache, init_cache
+from deepseek_v4.cache import Cache, capacity_multiple, init_cache
 from deepseek_v4.config import ModelConfig
 from deepseek_v4.model import under_trace
 from deepseek_v4.options import Options
@@ -37,7 +37,7 @@ from deepseek_v4.options import Options
 
 # ----- the model on a chunk ---------------------------------------------------------------------
 def forward_chunk(model, cache: Cache, ids: Int[Array, "B T"], n_valid: Int[Array, "B"],
-                  options: Options | None = None, *, whole_prompt: bool = False
+                  options: Options | None = None, *, context_chunk: bool = False
                   ) -> tuple[Float[Array, "B T D"], Cache]:
   """Final hidden states (after the mHC head and final norm) of a chunk, and the new cache.
 
@@ -45,14 +45,15 @@ def forward_chunk(model, cache: Cache, ids: Int[Array, "B T"], n_valid: Int[Arra
   padding: their outputs are garbage and they change nothing in the cache. The model's one
   trunk runs the chunk, with the cache scanned alongside the stacked layers. `options`: the
   run's `Options` (e.g. `parallel.options(mesh, rules)` on a mesh that splits the experts; None =
-  `model.options`). `whole_prompt`: the chunk is a whole prompt into an empty cache, so a
-  context-parallel `options.context` splits it along the sequence (docs/context_parallel.md);
-  otherwise the context layout is dropped.
+  `model.options`). `context_chunk`: the chunk is a prefill chunk whose rows start on a
+  multiple of every compression ratio (`prefill` checks it), so a context-parallel
+  `options.context` splits it along the sequence (docs/context_parallel.md#prefill); otherwise
+  the context layout is dropped.
   """
   T = ids.shape[1]
-  if options is not None and options.context is not None and not whole_prompt:
-    # Context parallelism splits a whole prompt from position 0 (`prefill`); other chunks and
-    # decode steps run on the gathered cache as usual.
+  if options is not None and options.context is not None and not context_chunk:
+    # Context parallelism splits `prefill`'s chunks; decode steps run on the gathered cache as
+    # usual.
     options = options.replace(context=None)
   positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)  # [B, T]
   x, _, groups = model.trunk(ids, positions, cache=cache, n_valid=n_valid, options=options)
@@ -65,12 +66,12 @@ def _last_valid(h: Float[Array, "B T D"], n_valid: Int[Array, "B"]) -> Array:
   return h[jnp.arange(h.shape[0]), jnp.maximum(n_valid - 1, 0)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "last_only", "options", "whole_prompt"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "last_only", "options", "context_chunk"),
                    donate_argnames=("cache",))
 def _extend_jit(graphdef, state, cache, ids, n_valid, last_only: bool,
-                options: Options | None = None, whole_prompt: bool = False):
+                options: Options | None = None, context_chunk: bool = False):
   model = nnx.merge(graphdef, state)
-  h, cache = forward_chunk(model, cache, ids, n_valid, options, whole_prompt=whole_prompt)
+  h, cache = forward_chunk(model, cache, ids, n_valid, options, context_chunk=context_chunk)
   if last_only:  # [B, D] -> [B, V]; the head always sees [B, T, D] (its sharding names)
     return model.logits(_last_valid(h, n_valid)[:, None])[:, 0], cache
   return model.logits(h), cache
@@ -145,7 +146,11 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
     logits: "all" returns [B, T, V] (entries past a row's length are garbage); "last" returns
       [B, V] at each row's last real token (garbage for rows with length 0).
     options: the run's `Options` (default `model.options`), e.g. `parallel.options(mesh, rules)`
-      under a mesh whose rules split the experts.
+      under a mesh whose rules split the experts. With a context layout (`options.context`, a
+      mesh with a `context` axis) every chunk is split along the sequence and the cache stays
+      gathered (docs/context_parallel.md#prefill): chunk_size (when T needs more than one chunk)
+      and each row's start `cache.lengths[b]` must then be multiples of the lcm of the model's
+      compression ratios.
   Returns:
     (logits, new cache). The input cache is donated (do not reuse it).
 
@@ -176,17 +181,21 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
   if chunk < 1:
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
   n_chunks = -(-T // chunk)
-  whole = options is not None and options.context is not None
-  if whole:  # context-parallel: one chunk from position 0 (docs/context_parallel.md)
-    if n_chunks > 1:
-      raise ValueError(f"chunk_size={chunk_size} with a context-parallel options.context: the "
-                       f"prompt of T={T} tokens is split along the sequence in one chunk; pass "
-                       "chunk_size=None")
+  split = options is not None and options.context is not None
+  if split:  # context-parallel chunks (docs/context_parallel.md#prefill)
+    align = capacity_multiple(model.cfg)
+    if n_chunks > 1 and chunk % align:
+      raise ValueError(f"chunk_size={chunk} with a context-parallel options.context must be a "
+                       f"multiple of {align} (the lcm of the compression ratios), so that every "
+                       "chunk starts on a compression-window boundary")
+    misaligned = (cache.lengths % align != 0) & (lengths > 0)
     if traced:
-      bad = bad | (cache.lengths != 0)
-    elif np.asarray(cache.lengths).any():
-      raise ValueError(f"context-parallel prefill fills an empty cache, but it holds "
-                       f"{np.asarray(cache.lengths).tolist()} tokens per row; continue with "
+      bad = bad | misaligned
+    elif np.asarray(misaligned).any():
+      b = int(np.argmax(np.asarray(misaligned)))
+      raise ValueError(f"context-parallel prefill continues row {b} at position "
+                       f"P={int(cache.lengths[b])}, which must be a multiple of {align} (the lcm "
+                       "of the compression ratios); continue it with "
                        "options.replace(context=None)")
   real = xp.where(xp.arange(T)[None, :] < lengths[:, None], ids, 0).astype(xp.int32)
   padded = xp.pad(real, ((0, 0), (0, n_chunks * chunk - T)))  # [B, n_chunks * chunk]
@@ -196,7 +205,7 @@ def prefill(model, cache: Cache, ids, lengths=None, *, chunk_size: int | None = 
     n_valid = xp.clip(lengths - c * chunk, 0, chunk).astype(xp.int32)
     part = jnp.asarray(padded[:, c * chunk:(c + 1) * chunk])
     out, cache = _extend_jit(graphdef, state, cache, part, jnp.asarray(n_valid),
-                             last_only=logits == "last", options=options, whole_prompt=whole)
+                             last_only=logits == "last", options=options, context_chunk=split)
     if logits == "last":
       has = jnp.asarray(n_valid > 0)[:, None]
       last = out if last is None else jnp.where(has, out, last)

@@ -2,14 +2,15 @@
 over a `context` mesh axis gives the one-device numbers.
 
 Oracles: the one-device forward (logits, f32, within F32_CONTEXT_PARALLEL_REL), its gradients
-(F32_CONTEXT_PARALLEL_GRAD_REL), plain prefill + greedy decoding (token for token), and packed
-documents run one by one. Lengths are not multiples of 128, and 203 not of the device count
-either, so every layer pads its slices (to a multiple of devices x its ratio).
+(F32_CONTEXT_PARALLEL_GRAD_REL), plain (chunked) prefill + greedy decoding (token for token, and
+the cache array by array), and packed documents run one by one. Lengths are not multiples of 128,
+and 203 not of the device count either, so every layer pads its slices (to a multiple of devices
+x its ratio).
 
 The default run uses the one-CSA-layer model of the sharding tests at context=8 and context=4 x
-expert=2; the 3-layer model (one layer of each kind), the tiny preset, gradients, the train step
-and prefill + decode are `slow` (each compiles a whole context-parallel program: 40-150 s on 2
-shared cores).
+expert=2 (forward, chunked prefill + decode); the 3-layer model (one layer of each kind), the
+tiny preset, gradients, the train step and whole-prompt prefill + decode are `slow` (each
+compiles a whole context-parallel program: 40-150 s on 2 shared cores).
 """
 
 import jax
@@ -151,11 +152,102 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="layer kind 'dense' has no context-parallel path"):
     dense(jnp.zeros((1, 256), jnp.int32), options=opts)  # its window is all of T
   cache = cache_lib.init_cache(cfg, 1, 64)
-  with pytest.raises(ValueError, match="chunk_size=16 with a context-parallel"):
-    decoding.prefill(model, cache, np.zeros((1, 40), np.int32), chunk_size=16, options=opts)
+  with pytest.raises(ValueError, match="chunk_size=18 with a context-parallel options.context "
+                                       r"must be a multiple of 4 \(the lcm"):
+    decoding.prefill(model, cache, np.zeros((1, 40), np.int32), chunk_size=18, options=opts)
+  _, cache = decoding.prefill(model, cache, np.zeros((1, 6), np.int32))  # plain: P = 6
+  with pytest.raises(ValueError, match="continues row 0 at position P=6, which must be a "
+                                       "multiple of 4"):
+    decoding.prefill(model, cache, np.zeros((1, 40), np.int32), options=opts)
+
+
+def _assert_caches_match(got, ref):
+  """Every cache array (window ring, entries, indexer keys, compressor tails, lengths) within
+  F32_CONTEXT_PARALLEL_REL, the empty slots (-inf logits, negative positions) in the same places."""
+  for (path, r), g in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
+    r, g = np.asarray(r), np.asarray(g)
+    name = jax.tree_util.keystr(path)
+    if not np.issubdtype(r.dtype, np.floating):
+      np.testing.assert_array_equal(g, r, err_msg=name)
+      continue
+    finite = np.isfinite(r)
+    np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
+    np.testing.assert_array_equal(g[~finite], r[~finite], err_msg=name)
+    err = rel_err(np.where(finite, g, 0), np.where(finite, r, 0)) if finite.any() else 0.0
+    assert err < F32_CONTEXT_PARALLEL_REL, (name, err)
+
+
+def _chunked_prefill_matches(cfg, mesh_name: str, chunk: int, lengths, decode_steps: int = 4,
+                             query_block: int = 8192):
+  """A prompt batch prefilled in chunks of `chunk` with each chunk split along `context`, then
+  greedy decoding, against the plain one-device chunked prefill + decode: the logits of every
+  chunk and decoded token, the tokens, and the cache after the prefill."""
+  import dataclasses
+
+  sizes, rules = MESHES[mesh_name]
+  model = _model(cfg)
+  lengths = np.asarray(lengths, np.int32)
+  T = int(lengths.max())
+  ids = _ids(cfg, len(lengths), T)
+  mesh = sharding.make_mesh(**sizes)
+  opts = parallel.options(mesh, rules)
+  opts = opts.replace(context=dataclasses.replace(opts.context, query_block=query_block))
+
+  def run(options):
+    cache = cache_lib.init_cache(cfg, len(lengths), T + decode_steps)
+    logits, cache = decoding.prefill(model, cache, ids, lengths, chunk_size=chunk,
+                                     options=options)
+    prefilled = jax.tree.map(np.asarray, cache)
+    out = [np.asarray(logits)]
+    tok = jnp.argmax(logits[np.arange(len(lengths)), lengths - 1], -1)
+    toks = []
+    for _ in range(decode_steps):
+      toks.append(np.asarray(tok))
+      logits, cache = decoding.decode_step(model, cache, tok, options=options)
+      out.append(np.asarray(logits))
+      tok = jnp.argmax(logits, -1)
+    return out, np.stack(toks, 1), prefilled
+
+  ref, ref_toks, ref_cache = run(None)
+  with sharding.use(mesh, rules):
+    got, toks, cache = run(opts)
+  real = np.arange(T)[None, :] < lengths[:, None]  # the prefill logits of real tokens
+  errs = [rel_err(got[0][real], ref[0][real])] + [rel_err(g, r) for g, r in zip(got[1:], ref[1:])]
+  print(f"\n{mesh_name} chunks of {chunk}, lengths {lengths.tolist()}: prefill rel err "
+        f"{errs[0]:.1e}, decode max {max(errs[1:]):.1e}")
+  assert max(errs) < F32_CONTEXT_PARALLEL_REL
+  np.testing.assert_array_equal(toks, ref_toks)
+  _assert_caches_match(cache, ref_cache)
+
+
+@pytest.mark.parametrize("mesh_name,query_block", [("context8", 4), ("context4_ep2", 8192)])
+def test_chunked_prefill_then_decode_equals_plain(mesh_name, query_block):
+  """Prompts of 130 and 100 tokens in context-parallel chunks of 64 (the one-CSA-layer model,
+  ratio 4): row 0 in 64 + 64 + 2 (the last chunk ragged, padded to 64 and, inside the layer, to
+  a multiple of devices x 4), row 1 in 64 + 36, then riding along in the third chunk at the
+  unaligned position 100 with no real token. Later chunks take their earlier keys from the
+  cache's window ring, their entries from its buffer, the first slice's CSA overlap from its
+  compressor state; row 0's last chunk (2 tokens, under one window) continues the compressor
+  tails instead of recomputing them. At context=8 each 8-token slice runs its queries in 2
+  blocks of 4, shorter than the halo (7): the second block's halo holds the first's missing
+  halo rows too."""
+  cfg = steps.CFG_SMALL
+  _assert_topk_selects(cfg, 130)
+  assert context_parallel.query_blocks(64 // 8, 4) == 2
+  _chunked_prefill_matches(cfg, mesh_name, 64, [130, 100], query_block=query_block)
 
 
 # ----- slow: the tiny preset, gradients, the train step, prefill + decode ------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_chunked_prefill_tiny_preset(mesh_name):
+  """The tiny preset (sliding, CSA and HCA layers; the lcm of the ratios is 16) in chunks of 80:
+  203 = 80 + 80 + 43 tokens (not multiples of 128 or of 8) and 150 = 80 + 70."""
+  cfg = deepseek_v4.tiny()
+  _assert_topk_selects(cfg, 203)
+  _chunked_prefill_matches(cfg, mesh_name, 80, [203, 150], decode_steps=8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 @pytest.mark.parametrize("T", [203, 200])

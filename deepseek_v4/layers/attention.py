@@ -140,7 +140,8 @@ class Attention(nnx.Module):
         `Options.attn_block`; the Block passes its options').
       context: `Options.context`: a full sequence then runs context-parallel, sliced along the
         sequence over the layout's mesh axis (layers/context_parallel.py); with a cache, the
-        chunk is a whole prompt into an empty cache (`decoding.prefill` checks it).
+        chunk is a prefill chunk continuing each row from a multiple of the layer's ratio
+        (`decoding.prefill` checks it; docs/context_parallel.md#prefill).
     Returns:
       (output [B, T, D], new LayerCache or None, indexer KL (sum over queries, query count) [2]).
     """
@@ -148,7 +149,7 @@ class Attention(nnx.Module):
       raise ValueError(f"indexer_stage={indexer_stage!r} needs the full sequence, not a cache")
     # The scope names the layer kind in HLO metadata (scripts/bench_forward.py --profile).
     with jax.named_scope(f"attention_{self.kind.name}"):
-      if cache is not None and context is not None:  # a whole prompt from position 0
+      if cache is not None and context is not None:  # a prefill chunk, split along the sequence
         y, kv, new = context_parallel.prefill_attention(self, x, positions, n_valid, cache,
                                                         context, impl=impl, block=block)
         new["window"] = write_window(cache.window, kv, positions, n_valid)

@@ -15,11 +15,17 @@ Everything else in the model is token-wise and stays on its slice (GSPMD, the ac
 each layer; padding comes after every real token, so causality keeps it out of their outputs.
 All of it is differentiable (the transposes of ppermute and all_gather are the reverse
 permutation and a reduce-scatter), so training runs context-parallel too.
+
+A prefill chunk (`prefill_attention`) continues a gathered decode cache from a window-aligned
+position: the cache stands in for the first slice's previous device (its window ring for the
+halo keys, its compressor state for CSA's overlap), and the chunk's entries are written into the
+cache's entry buffers, against which every query then scores and attends.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +36,8 @@ from jaxtyping import Array, Float, Int
 
 from deepseek_v4 import sharding
 from deepseek_v4.layers.attention_kinds import CSA, HCA, Sliding
-from deepseek_v4.layers.compressor import store_entries
-from deepseek_v4.layers.rope import rope_angles
+from deepseek_v4.layers.compressor import pool_windows, store_entries
+from deepseek_v4.layers.rope import apply_rope, rope_angles
 from deepseek_v4.losses import indexer_kl_from_attention
 from kernels_pallas.common import PAD_POSITION
 from kernels_pallas.sparse_attention import sources
@@ -61,6 +67,15 @@ class ContextParallel:
   @property
   def size(self) -> int:
     return self.mesh.shape[self.axis]
+
+
+class _Chunk(NamedTuple):
+  """A prefill chunk inside the `shard_map`: the layer cache (whole on every device), each row's
+  start position and real tokens [B]."""
+
+  cache: Any
+  start: Array
+  n_valid: Array
 
 
 def context_parallel_layout(mesh: Mesh, rules: str | sharding.Rules) -> ContextParallel | None:
@@ -125,59 +140,77 @@ def full_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
 def prefill_attention(attn, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
                       n_valid: Int[Array, "B"], cache, cp: ContextParallel, *, impl: str,
                       block: int):
-  """A context-parallel prefill of a whole prompt into an empty layer cache, for a chunk at
-  positions 0..T-1 (row b's first n_valid[b] tokens real): (output [B, T, D], the chunk's K=V
-  [B, T, H] for the caller's window ring, the new cache fields but the window).
+  """A context-parallel prefill chunk into a gathered layer cache: row b's tokens at
+  `positions[b] = start[b] + arange(T)`, its first n_valid[b] real, where start[b] (the tokens the
+  cache already holds) is a multiple of the layer's ratio for every row with real tokens
+  (`decoding.prefill` checks it; a row with none only rides along and writes nothing). Returns
+  (output [B, T, D], the chunk's K=V [B, T, H] for the caller's window ring, the new cache fields
+  but the window).
 
-  The attention is `full_attention`'s (right padding comes after every real token, so it changes
-  no real output). The cache ends gathered (every device holds all of it, like a plain decode
-  cache): the entries and indexer keys the all-gather already brought, the window ring from the
-  last W real tokens' K=V, and each compressor's tail (the open window and, for CSA, the last
-  closed window's first halves) recomputed from the last <= 2m real tokens.
+  The attention is `full_attention`'s with the cache (whole on every device) standing in for the
+  first slice's missing previous device (docs/context_parallel.md#prefill): that slice's halo keys
+  come from the cache's window ring and its CSA overlap from the cache's last closed window; every
+  query scores and attends against the cache's entries, into which this chunk's gathered entries
+  are written first (visibility by position hides the slots not written yet).
+  The cache stays gathered (every device holds all of it, like a plain decode cache); each
+  compressor's tail (the open window and, for CSA, the last closed window's first halves) is
+  recomputed from the last <= 2m real tokens, or continued from the cache's for a shorter chunk.
   """
+  start = positions[:, 0]
   y, (kv, comp, ikeys), _ = _run(attn, x, positions, None, cp, stage="off", impl=impl,
-                                 block=block, parts=True)
+                                 block=block, prior=_Chunk(cache, start, n_valid))
   new = {}
   if attn.compressor is not None:
-    new["compressor"] = _tail_state(attn.compressor, x, n_valid, cache.compressor, attn.freqs)
-    new["entries"] = _store_closed(cache.entries, comp, attn.ratio, n_valid)
+    new["compressor"] = _tail_state(attn.compressor, x, start, n_valid, cache.compressor,
+                                    attn.freqs)
+    new["entries"] = comp
   if attn.indexer is not None:
     sg = jax.lax.stop_gradient
-    new["indexer"] = _tail_state(attn.indexer.compressor, sg(x), n_valid, cache.indexer,
+    new["indexer"] = _tail_state(attn.indexer.compressor, sg(x), start, n_valid, cache.indexer,
                                  attn.freqs)
-    new["index_keys"] = _store_closed(cache.index_keys, ikeys, attn.ratio, n_valid)
+    new["index_keys"] = ikeys
   return y, kv[:, : x.shape[1]], new
 
 
-def _store_closed(buf: Float[Array, "B C W"], entries: Array, ratio: int, n_valid: Array):
-  """The entries of the windows each row's real tokens close, written at their indices."""
-  entry = jnp.arange(entries.shape[1])[None, :]
-  return store_entries(buf, entries, entry, (entry + 1) * ratio <= n_valid[:, None])
+def _store_closed(buf: Float[Array, "B C W"], entries: Array, ratio: int, start: Array,
+                  n_valid: Array):
+  """A chunk's entries (window j of the chunk from start[b]) written at their indices
+  start[b] / m + j, those of the windows each row's real tokens close only."""
+  entry = start[:, None] // ratio + jnp.arange(entries.shape[1])[None, :]  # [B, C_chunk]
+  return store_entries(buf, entries, entry, (entry + 1) * ratio <= (start + n_valid)[:, None])
 
 
-def _tail_state(compressor, x: Float[Array, "B T D"], n_valid: Array, empty, freqs):
-  """The compressor state after a row's n_valid tokens: `empty` fed the row's last closed window
-  (CSA's overlap needs its first halves) and its open one, whose entries are not kept."""
+def _tail_state(compressor, x: Float[Array, "B T D"], start: Array, n_valid: Array, state,
+                freqs):
+  """The compressor state after a chunk (row b from position start[b], n_valid[b] real tokens)
+  fed to `state`: the chunk's last closed window (CSA's overlap needs its first halves) and its
+  open one, whose entries are not kept. A chunk that closes no window (fewer than m real tokens)
+  continues `state` from its start instead: start[b] on a window boundary means `state` holds no
+  open window, only (CSA) the last closed one's first halves. A row with no real token keeps
+  `state` whatever its start."""
   m = compressor.ratio
   lead = m if compressor.overlap else 0
   B = x.shape[0]
-  start = jnp.maximum(n_valid // m * m - lead, 0)  # [B], a multiple of m
+  end = start + n_valid
+  first = jnp.maximum(end // m * m - lead, start)  # [B], position of the first token fed
   xp = jnp.pad(x, ((0, 0), (0, lead + m), (0, 0)))
-  tail = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, lead + m, 0))(xp, start)
+  tail = jax.vmap(lambda xb, s: jax.lax.dynamic_slice_in_dim(xb, s, lead + m, 0))(
+    xp, first - start)
   dummy = jnp.zeros((B, 1, compressor.norm.weight.shape[0]), jnp.float32)  # entries: not kept
-  _, state = compressor.extend(tail, start, n_valid - start, empty, dummy, freqs)
+  _, state = compressor.extend(tail, first, end - first, state, dummy, freqs)
   return state
 
 
 def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl: str, block: int,
-         parts: bool = False):
-  """The output [B, T, D], with `parts` (K=V [B, T_pad, H], entries, indexer keys: all
-  gathered, None where the layer has none) else None, and the indexer KL [sum, count] (zeros
-  unless `stage` trains the indexer of a CSA layer).
+         prior=None):
+  """The output [B, T, D]; with `prior` (a prefill chunk: the layer cache, start [B], n_valid
+  [B]) also (K=V [B, T_pad, H], the cache's entries and indexer keys with this chunk's written:
+  None where the layer has none), else None; and the indexer KL [sum, count] (zeros unless
+  `stage` trains the indexer of a CSA layer).
 
   x, positions and segments are the layer's global arrays (GSPMD places them); the per-device
   work runs under `jax.shard_map`, manual over every mesh axis: the slice along `cp.axis`, the
-  batch along `cp.batch_axes` where they divide it, the layer's parameters whole.
+  batch along `cp.batch_axes` where they divide it, the layer's parameters and the cache whole.
   """
   B, T, _ = x.shape
   n = cp.size
@@ -201,26 +234,31 @@ def _run(attn, x, positions, segments, cp: ContextParallel, *, stage: str, impl:
   b_axes = cp.batch_axes if cp.batch_axes and B % nb == 0 else None
   spec, spec3, whole = P(b_axes, cp.axis), P(b_axes, cp.axis, None), P(b_axes, None, None)
   graphdef, params = nnx.split(attn)
+  parts = prior is not None
 
-  def body(params, x, row, rope, seg, real):
+  def body(params, x, row, rope, seg, real, prior):
     layer = nnx.merge(graphdef, params)
     y, more, kl = _slice_attention(layer, x, row, rope, seg, docs=docs, axis=cp.axis, n=n,
                                    halo=halo, window=window, impl=impl, block=block,
-                                   query_block=cp.query_block, stage=stage, real=real)
+                                   query_block=cp.query_block, prior=prior, stage=stage,
+                                   real=real)
     return (y, more, kl[None]) if parts else (y, kl[None])
 
   more_specs = (spec3, None if attn.compressor is None else whole,
                 None if attn.indexer is None else whole)
+  # The cache is whole on every device along the axis (gathered), split like the batch.
+  prior_specs = jax.tree.map(lambda a: P(b_axes, *(None,) * (a.ndim - 1)), prior)
   # Each device's KL [sum, count] of its queries, one row per device (summed outside, where a
   # psum's transpose cannot double-count).
   kl_spec = P((*(b_axes or ()), cp.axis), None)
   # check_vma=False: the kernels' loops carry values that vary over the manual axes; every
   # collective here is explicit, and the parameters' gradient is the sum over devices.
-  run = jax.shard_map(body, mesh=cp.mesh, in_specs=(P(), spec3, spec, spec, spec, spec),
+  run = jax.shard_map(body, mesh=cp.mesh,
+                      in_specs=(P(), spec3, spec, spec, spec, spec, prior_specs),
                       out_specs=(spec3, more_specs, kl_spec) if parts else (spec3, kl_spec),
                       check_vma=False)
   with sharding.context.suspended():
-    out = run(params, x, row, rope, seg, real)
+    out = run(params, x, row, rope, seg, real, prior)
   y, more, kl = out if parts else (out[0], None, out[1])
   return y[:, :T], more, jnp.sum(kl, axis=0)
 
@@ -249,13 +287,16 @@ def query_blocks(slice_len: int, block: int) -> int:
 
 
 def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, halo: int,
-                     window: int, impl: str, block: int, query_block: int, stage: str = "off",
-                     real=None):
+                     window: int, impl: str, block: int, query_block: int, prior=None,
+                     stage: str = "off", real=None):
   """One device's attention output [B, Tl, D] for its slice (x, positions, documents local),
   (its K=V [B, Tl, H], the gathered entries, the gathered indexer keys), and the indexer KL
   [sum, count] of its queries (zeros unless `stage` trains a CSA layer's indexer:
   docs/architecture.md#indexer-training; "dense" attends to every visible entry): the queries at
-  tokens marked `real` [B, Tl] (the rest is the layer's padding; default all).
+  tokens marked `real` [B, Tl] (the rest is the layer's padding; default all). With `prior` (a
+  prefill chunk: the layer cache, start [B], n_valid [B]), the entries and indexer keys are the
+  cache's with the chunk's written (`_entries`), and the first slice's halo keys come from the
+  cache's window ring (`_ring_halo_positions`, `_ring_keys`).
 
   The compressors run over the whole slice (their entries are all-gathered once); the queries
   then run in `query_blocks` blocks, each with the `halo` tokens before it (its band's keys and,
@@ -273,7 +314,10 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   freqs = attn.freqs
   comp, ikeys, comp_seg = None, None, None
   if attn.compressor is not None:  # stage 2: this slice's entries, all-gathered
-    comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo)
+    comp, ikeys, comp_seg = _entries(attn, x, rope, seg, freqs, docs=docs, axis=axis, halo=halo,
+                                     prior=prior)
+  if prior is not None and halo:  # a prefill chunk: the first slice's halo is the cache's ring
+    row = _ring_halo_positions(row, prior.cache.window, prior.start, halo)
 
   train_indexer = stage != "off" and attn.indexer is not None
   sg = jax.lax.stop_gradient
@@ -281,6 +325,8 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   def attend(x, row, rope, seg, real):  # queries [halo:] of a block with its halo before it
     cos, sin = rope_angles(rope, freqs)
     cq, q, kv = attn.project_qkv(x, cos, sin)
+    if prior is not None:
+      kv = _ring_keys(kv, row, prior.cache.window, prior.start)
     idx = None
     if attn.indexer is not None:
       # The indexer reads detached inputs (docs/architecture.md#indexer-training).
@@ -328,26 +374,77 @@ def _slice_attention(attn, x, row, rope, seg, *, docs: bool, axis: str, n: int, 
   return y, (kv, None if comp is None else comp, ikeys), kl
 
 
-def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int):
+def _ring_halo_positions(row: Int[Array, "B S"], ring, start: Int[Array, "B"], halo: int):
+  """Positions of halo + slice with the missing halo (the first device's) replaced by the `halo`
+  positions before each row's start that the cache's window ring holds (slot p mod W); the others
+  (before 0, or more than W back) stay missing (_NO_POSITION, which no band mask accepts)."""
+  W = ring.pos.shape[1]
+  want = start[:, None] - halo + jnp.arange(halo)  # [B, halo]
+  held = jnp.take_along_axis(ring.pos, want % W, axis=1) == want
+  ring_row = jnp.where(held, want, _NO_POSITION).astype(row.dtype)
+  head = jnp.where(row[:, :halo] == _NO_POSITION, ring_row, row[:, :halo])
+  return jnp.concatenate([head, row[:, halo:]], axis=1)
+
+
+def _ring_keys(kv: Float[Array, "B S H"], row: Int[Array, "B S"], ring, start: Int[Array, "B"]):
+  """A query block's K=V with the keys before the chunk's start (only the first device's halo
+  holds such positions: every other slice starts >= halo tokens after it) read from the cache's
+  window ring, slot p mod W, so they enter as band keys and the kernels get the key sources of
+  the full forward (no ring source). Works for any block: it goes by position, not index."""
+  W = ring.kv.shape[1]
+  before = row < start[:, None]  # [B, S]
+  slot = jnp.where(before, row, 0) % W
+  old = jnp.take_along_axis(ring.kv, slot[..., None], axis=1).astype(kv.dtype)  # [B, S, H]
+  return jnp.where(before[..., None], old, kv)
+
+
+def _entries(attn, x, rope, seg, freqs, *, docs: bool, axis: str, halo: int, prior=None):
   """Stage 2: this slice's compressed entries (and CSA's indexer keys) and, with documents,
   the entries' documents, all-gathered: (entries [B, C, H], indexer keys or None, documents or
-  None)."""
+  None). With `prior` (a prefill chunk: the layer cache, start [B], n_valid [B]): the cache's
+  entries and indexer keys with the chunk's closed windows written (`_store_closed`)."""
   m = attn.ratio
 
-  def compress(compressor, inputs):
+  def compress(compressor, inputs, cached):
     # The compressor reads its own overlap from the halo: windows start at a multiple of m
     # (the slice does), and the entry of the halo's window is the previous device's.
     lead = m if compressor.overlap else 0
     s = halo - lead
-    out = compressor(inputs[:, s:], freqs, rope[:, s:], seg[:, s:])
-    return _gather(out[:, lead // m:], axis)  # [B, C, width]
+    if cached is None:
+      out = compressor(inputs[:, s:], freqs, rope[:, s:], seg[:, s:])
+      return _gather(out[:, lead // m:], axis)  # [B, C, width]
+    state, buf = cached  # a prefill chunk: the cache's compressor state and entry buffer
+    out = _continued(compressor, inputs[:, s:], rope[:, halo::m], state, axis, freqs, buf.dtype)
+    return _store_closed(buf, _gather(out, axis), m, prior.start, prior.n_valid)  # [B, C_cache, .]
 
-  comp = compress(attn.compressor, x)
+  cache = None if prior is None else prior.cache
+  comp = compress(attn.compressor, x, None if cache is None else (cache.compressor, cache.entries))
   comp_seg = _gather(seg[:, halo::m], axis) if docs else None
   ikeys = None
   if attn.indexer is not None:
-    ikeys = compress(attn.indexer.compressor, jax.lax.stop_gradient(x))
+    ikeys = compress(attn.indexer.compressor, jax.lax.stop_gradient(x),
+                     None if cache is None else (cache.indexer, cache.index_keys))
   return comp, ikeys, comp_seg
+
+
+def _continued(compressor, inputs: Float[Array, "B S D"], entry_pos: Int[Array, "B n"], state,
+               axis: str, freqs, dtype) -> Array:
+  """The entries [B, n, width] of a prefill chunk's slice (`inputs`: for CSA, the window before
+  the slice, then the slice; entry_pos: each window's first position) whose first window
+  continues a cache: on the first device CSA's previous window is the cache's last closed one
+  (its first halves are in `state`; empty for a chunk from position 0), elsewhere the halo's."""
+  m = compressor.ratio
+  c, z = compressor.project(inputs)  # window-aligned: position mod m = index mod m
+  prev = None
+  if compressor.overlap:
+    w = c.shape[-1] // 2
+    first = jax.lax.axis_index(axis) == 0
+    prev = (jnp.where(first, state.prev_c, c[:, :m, :w]),
+            jnp.where(first, state.prev_z, z[:, :m, :w]))
+    c, z = c[:, m:], z[:, m:]
+  pooled = pool_windows(c, z, m, compressor.overlap, prev)  # [B, n, width]
+  cos, sin = rope_angles(entry_pos, freqs)
+  return apply_rope(compressor.norm(pooled.astype(dtype)), cos, sin)
 
 
 __all__ = ["ContextParallel", "context_parallel_layout", "full_attention", "halo_size",
