@@ -340,7 +340,10 @@ def _prefill_in_loop(model, cache: Cache, ids: Array, lengths: Array, chunk: int
     cache, h_last = carry
     c, part = args
     n_valid = jnp.clip(lengths - c * chunk, 0, chunk)
-    h, cache = forward_chunk(model, cache, part, n_valid, options)
+    # A context layout splits each prefill chunk along the sequence (`generate` checks the
+    # chunk's alignment); the decode steps drop it.
+    h, cache = forward_chunk(model, cache, part, n_valid, options,
+                             context_chunk=options is not None and options.context is not None)
     local = lengths - 1 - c * chunk
     here = ((local >= 0) & (local < chunk))[:, None]
     h_last = jnp.where(here, h[jnp.arange(B), jnp.clip(local, 0, chunk - 1)], h_last)
@@ -476,7 +479,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
       `checkpoint.io.load_model(..., mesh=, rules=)`, `load_hf_checkpoint(..., mesh=, rules=)`);
       the prompts, the cache and the output are split over the rules' batch axes where B divides
       them, else replicated (a single prompt is); `options` defaults to the model's own with the
-      mesh's MoE (`parallel.moe_impl`: expert-parallel when the rules split the experts). Tokens
+      mesh's MoE (`parallel.moe_impl`: expert-parallel when the rules split the experts) and, on
+      a mesh with a `context` axis, the context-parallel layout: each prefill chunk is split
+      along the sequence (`prefill_chunk` a multiple of the compression ratios' lcm when the
+      prompt needs several; not with `draft`), docs/context_parallel.md#prefill. Tokens
       equal the one-device run's up to float rounding of the sharded sums. Without `mesh`, an
       enclosing `sharding.use(mesh, rules)` is followed (then pass `options` yourself).
     draft: None (plain decoding) or "mtp": self-speculative decoding (`deepseek_v4.speculative`,
@@ -550,8 +556,16 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
   graphdef, state = nnx.split(model)
   if mesh is not None:
     state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
-    if options is None:
-      options = model.options.replace(moe=parallel.moe_impl(mesh, rules))
+    if options is None:  # the mesh's MoE and, with a context axis, context-parallel prefill
+      options = parallel.mesh_options(model, mesh, rules)
+  if options is not None and options.context is not None:
+    if k:  # the verify and draft steps run on the gathered cache; the prompt is not split
+      options = options.replace(context=None)
+    elif Tp > chunk and chunk % capacity_multiple(cfg):
+      raise ValueError(f"prefill_chunk={chunk} with a context-parallel mesh must be a multiple of "
+                       f"{capacity_multiple(cfg)} (the lcm of the compression ratios) when the "
+                       f"prompt ({T} tokens) needs more than one chunk "
+                       "(docs/context_parallel.md#prefill)")
   if k:
     with contextlib.nullcontext() if mesh is None else sharding.use(mesh, rules):
       out, info = speculative.generate(graphdef, state, padded, lengths, stops, pad_id, seed,

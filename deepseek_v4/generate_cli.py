@@ -12,7 +12,8 @@ is `--tokenizer PATH`, else DIR/tokenizer.json when present, else the byte token
 trained here. Tokens are printed as the jitted loop produces them (an ordered `jax.debug.callback`,
 see `deepseek_v4.decoding.generate`); the text ends at the stop (end-of-sequence) token.
 
-`--mesh AXIS=N,...` (axes data, fsdp, expert, tensor; their product = this host's device count)
+`--mesh AXIS=N,...` (axes data, fsdp, context, expert, tensor; their product = this host's device
+count; `context=N` prefills the prompt split along the sequence, docs/context_parallel.md)
 with `--rules fsdp|fsdp_tp|fsdp_ep` (default fsdp) reads the checkpoint straight into the shards
 of that mesh (an Orbax folder through `restore_model(mesh=, rules=)`, a hub folder tensor by
 tensor) and decodes there (`generate(mesh=, rules=)`; the expert-parallel MoE under fsdp_ep).
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                       help="decode on this device mesh, e.g. fsdp=4,expert=2 (axes data, fsdp, "
-                           "expert, tensor; the product must equal the device count)")
+                           "context, expert, tensor; the product must equal the device count; "
+                           "context=N prefills context-parallel)")
   parser.add_argument("--rules", default=None, metavar="NAME",
                       help="with --mesh: the sharding rule table, fsdp | fsdp_tp | fsdp_ep "
                            "(default fsdp)")

@@ -66,12 +66,16 @@ def options(mesh: Mesh, rules: str | Rules, *, capacity_factor: float | None = N
                  **fields)
 
 
-def _mesh_options(model, mesh: Mesh, rules, options: Options | None) -> Options:
-  """`options` as given, else the model's own options with the MoE of the mesh."""
-  if options is not None:
-    return options
+def mesh_options(model, mesh: Mesh, rules: str | Rules) -> Options:
+  """The model's own options with the MoE of the mesh and, when the rules split the sequence
+  over a mesh axis, its context-parallel layout."""
   return model.options.replace(moe=moe_impl(mesh, rules),
                                context=context_parallel.context_parallel_layout(mesh, rules))
+
+
+def _mesh_options(model, mesh: Mesh, rules, options: Options | None) -> Options:
+  """`options` as given, else `mesh_options`."""
+  return mesh_options(model, mesh, rules) if options is None else options
 
 
 def init_model(cfg, mesh: Mesh, rules: str | Rules, *, seed: int = 0,

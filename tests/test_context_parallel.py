@@ -237,6 +237,30 @@ def test_chunked_prefill_then_decode_equals_plain(mesh_name, query_block):
   _chunked_prefill_matches(cfg, mesh_name, 64, [130, 100], query_block=query_block)
 
 
+def test_generate_on_a_context_mesh_equals_plain(monkeypatch):
+  """`generate(..., mesh=make_mesh(context=8))` prefills context-parallel (in chunks of 64 here:
+  130 and 100 tokens, ragged) and decodes on the gathered cache: the same tokens and logits as
+  `generate` on one device. A chunk size off the compression-window grid is refused."""
+  cfg = steps.CFG_SMALL
+  model = _model(cfg)
+  ids = _ids(cfg, 2, 130)
+  lengths = np.asarray([130, 100])
+  kw = dict(lengths=lengths, prefill_chunk=64, return_logits=True)
+  ref, ref_logits = decoding.generate(model, ids, 4, **kw)
+  calls = []
+  original = context_parallel.prefill_attention
+  monkeypatch.setattr(context_parallel, "prefill_attention",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+  mesh = sharding.make_mesh(context=8)
+  got, logits = decoding.generate(model, ids, 4, mesh=mesh, rules="fsdp", **kw)
+  assert calls  # the prefill ran context-parallel
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  assert rel_err(logits, ref_logits) < F32_CONTEXT_PARALLEL_REL
+  with pytest.raises(ValueError, match="prefill_chunk=18 with a context-parallel mesh must be a "
+                                       "multiple of 4"):
+    decoding.generate(model, ids, 2, lengths=lengths, prefill_chunk=18, mesh=mesh, rules="fsdp")
+
+
 # ----- slow: the tiny preset, gradients, the train step, prefill + decode ------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", list(MESHES))
