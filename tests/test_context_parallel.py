@@ -261,6 +261,34 @@ def test_generate_on_a_context_mesh_equals_plain(monkeypatch):
     decoding.generate(model, ids, 2, lengths=lengths, prefill_chunk=18, mesh=mesh, rules="fsdp")
 
 
+def test_one_sequence_over_context_x_expert_gathers_nothing_along_the_sequence():
+  """One row (B = 1) on context=4 x expert=2: the row does not divide over the batch axes, so
+  the activations are split along the sequence only, and the MoE's flattened tokens are split
+  sequence-major (`ExpertParallel.for_rows`): each device's MoE tokens are half of its own slice.
+  The compiled program then gathers nothing over the context axis outside the attention's
+  exchange (batch-major tokens made GSPMD gather a whole slice of the layer input along it)."""
+  from deepseek_v4.aot import collectives, long_context
+  from deepseek_v4.layers import moe_ep
+
+  cfg = steps.CFG_SMALL
+  mesh = sharding.make_mesh(context=4, expert=2)
+  ep = moe_ep.expert_parallel_layout(mesh, "fsdp_ep")
+  assert ep.for_rows(2) is ep and ep.token_axes[-1] == "context"
+  assert ep.for_rows(1).token_axes[0] == "context"
+  model = parallel.init_model(cfg, mesh, "fsdp_ep")
+  graphdef, state = nnx.split(model)
+  T = 1024
+  fn = long_context.prefill_program(graphdef, jax.tree.map(lambda a: a.sharding, state), mesh,
+                                    "fsdp_ep", (1, T), options=parallel.options(mesh, "fsdp_ep"))
+  with sharding.use(mesh, "fsdp_ep"):
+    text = fn.lower(state, np.zeros((1, T), np.int32)).compile().as_text()
+  found = collectives.collectives(text)
+  outside = [c for c in found if c.op == "all-gather" and c.group == 4
+             and "attention_csa/shard_map" not in c.source]
+  assert not outside, outside
+  assert any(c.op == "all-gather" and "attention_csa/shard_map" in c.source for c in found)
+
+
 # ----- slow: the tiny preset, gradients, the train step, prefill + decode ------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_name", list(MESHES))

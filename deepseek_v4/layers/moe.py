@@ -269,7 +269,8 @@ class MoE(nnx.Module):
                        "parallelism only; drop 'experts' from the LoRA targets or run without "
                        "an expert mesh axis")
     else:
-      y = moe_ep.routed_experts_ep(flat, idx, w, *experts, impl.expert_parallel, gmm=impl.gmm)
+      y = moe_ep.routed_experts_ep(flat, idx, w, *experts, impl.expert_parallel.for_rows(B),
+                                   gmm=impl.gmm)
     if self.shared_experts is not None:
       y = y + self.shared_experts(flat, self.cfg.swiglu_limit).astype(jnp.float32)
     stats = {"scores": scores.reshape(B, T, -1), "experts": idx.reshape(B, T, -1)}

@@ -75,6 +75,7 @@ class ExpertParallel:
   expert_axis: str
   capacity_factor: float | None = None
   all_to_all: AllToAll = "buffer"
+  seq_axes: tuple[str, ...] = ()  # the token axes that split the sequence (context parallelism)
 
   def __post_init__(self):
     if self.all_to_all not in ALL_TO_ALL:
@@ -90,6 +91,17 @@ class ExpertParallel:
   @property
   def expert_shards(self) -> int:
     return self.mesh.shape[self.expert_axis]
+
+  def for_rows(self, rows: int) -> "ExpertParallel":
+    """The layout for tokens flattened from [rows, T]. Batch-major (the batch axes, then the
+    sequence's) when the batch axes divide the rows, as the activation [rows, T] is split;
+    otherwise the activation keeps its rows whole (`sharding.logical_to_spec`, non-strict) and
+    only the sequence is split, so the sequence's axes lead: each device's tokens are then a
+    part of its own slice, and nothing is gathered along the sequence to reach them."""
+    batch = tuple(a for a in self.token_axes if a not in self.seq_axes)
+    if not self.seq_axes or rows % math.prod(self.mesh.shape[a] for a in batch) == 0:
+      return self
+    return dataclasses.replace(self, token_axes=(*self.seq_axes, *batch))
 
   def token_spec(self, ndim: int) -> P:
     """Tokens on dimension 0 split over every token axis, the rest replicated."""
@@ -134,13 +146,14 @@ def expert_parallel_layout(mesh: Mesh, rules: str | sharding.Rules,
   # Tokens [B*T] flattened from [B, T]: batch-major, so the batch axes, then the sequence's
   # (context parallelism), are the token dimension's axes.
   batch = axes("batch")
-  token_axes = batch + tuple(a for a in axes("seq") if a in mesh.shape and mesh.shape[a] > 1)
+  seq = tuple(a for a in axes("seq") if a in mesh.shape and mesh.shape[a] > 1)
+  token_axes = batch + seq
   if expert_axis not in batch:
     raise ValueError(f"rules {r.name}: the activation 'batch' axes {batch} must include the "
                      f"expert axis {expert_axis!r} (tokens are exchanged along it)")
   if all_to_all is None:
     all_to_all = default_all_to_all(mesh.devices.flat[0].platform)
-  return ExpertParallel(mesh, token_axes, expert_axis, capacity_factor, all_to_all)
+  return ExpertParallel(mesh, token_axes, expert_axis, capacity_factor, all_to_all, seq)
 
 
 # ----- sizes -------------------------------------------------------------------------------------
