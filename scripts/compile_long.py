@@ -9,6 +9,8 @@ the context axis, 582 GB per GPU):
   times, laid out as in the 43-layer model, and the whole model), also extrapolated linearly
   through the first two to all 43 layers, as docs/plan.md does for its inference rows; the
   parameters in XLA-chosen layouts (`--param-layouts auto`, aot.long_context.prefill_program);
+* one chunk of `--chunk` tokens (default 262,144: the 1M prompt in 4 chunks) of a chunked
+  context-parallel prefill into the gathered cache of all `--seq` tokens (43 layers);
 * LoRA training (rank 8, base frozen, AdamW on the adapters, `--train-remat full`: each block's
   input streams kept, the rest recomputed; the context-parallel attention also rematerializes
   per query block) of 131,072 tokens, compiled at `--train-layers` layers (default all 43), the
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--seq", type=int, default=1 << 20)
   p.add_argument("--train-seq", type=int, default=1 << 17)
   p.add_argument("--no-train", action="store_true")
+  p.add_argument("--chunk", type=int, default=1 << 18,
+                 help="tokens per chunk of the chunked-prefill row (0: no such row)")
   p.add_argument("--train-remat", default="full", choices=("none", "full"),
                  help="the training row's activation rematerialization per block")
   p.add_argument("--param-layouts", default="auto", choices=("default", "auto"),
@@ -111,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prefill, all 43 layers (linear through {la} and {lb}): XLA {full / 1e9:.1f} GB per "
           f"GPU, plan {planned / 1e9:.1f} GB, XLA / plan {full / planned:.2f}: {verdict} in "
           f"141 GB")
+  if args.chunk:
+    r = long_context.compile_long(flash, "h200", mesh, rules, "prefill_chunk", args.seq,
+                                  chunk=args.chunk, param_layouts=args.param_layouts,
+                                  options=options)
+    verdict = "fits" if r.total_bytes <= H200 else "does not fit"
+    record(f"prefill chunk of {args.chunk} into a {args.seq}-token cache", flash, r,
+           dict(param_layouts=args.param_layouts, verdict=verdict, chunk=args.chunk))
+    print(f"  chunked prefill ({args.seq // args.chunk} chunks of {args.chunk}): {verdict} in "
+          "141 GB, the gathered cache included")
   ex = {e.kind: (e.neighbour, e.entries, e.index_keys)
         for e in plan_context.exchanges(flash, args.seq, 8)}
   print(f"  plan_context per layer (neighbour, entries, index keys): {ex}")

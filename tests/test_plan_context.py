@@ -300,3 +300,16 @@ def test_prefill_program_refuses_unknown_param_layouts():
   with pytest.raises(ValueError, match=r"param_layouts='rowmajor'; expected one of"):
     long_context.prefill_program(None, {}, mesh, "fsdp", (1, 64), options=None,
                                  param_layouts="rowmajor")
+
+
+def test_compile_long_refuses_a_chunk_without_its_program():
+  from deepseek_v4.aot import long_context
+
+  cfg = deepseek_v4.tiny()
+  with pytest.raises(ValueError, match="chunk=64: the chunk length goes with"):
+    long_context.compile_long(cfg, "h200", dict(context=8), "fsdp", "prefill", 256, chunk=64)
+  with pytest.raises(ValueError, match="chunk=None: the chunk length goes with"):
+    long_context.compile_long(cfg, "h200", dict(context=8), "fsdp", "prefill_chunk", 256)
+  with pytest.raises(ValueError, match=r"chunk=512 must be in \[1, seq=256\]"):
+    long_context.compile_long(cfg, "h200", dict(context=8), "fsdp", "prefill_chunk", 256,
+                              chunk=512)

@@ -8,6 +8,9 @@ the rule table, traces one of
 * "prefill": the whole sequence through the trunk, context-parallel, and the float32 logits of
   each row's last token (what generation needs next; the full [T, V] logits of a million tokens
   would be 0.5 TB);
+* "prefill_chunk": one chunk of `chunk` tokens of a chunked context-parallel prefill into a
+  gathered cache of `seq` tokens (docs/context_parallel.md#prefill; the cache donated, the last
+  token's logits out), i.e. what each of a 1M prompt's chunks runs;
 * "train": `parallel.train_step_program` of `train.train_step_fn` (forward, backward, the
   optimizer's update) with the sequence split the same way,
 
@@ -31,12 +34,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from deepseek_v4.aot import collectives as collectives_lib
 from deepseek_v4.aot import targets
 from deepseek_v4.options import Options
 
-PROGRAMS = ("prefill", "train")
+PROGRAMS = ("prefill", "prefill_chunk", "train")
 PARAM_LAYOUTS = ("default", "auto")
 _ZERO_NAMES = ("embed", "q_lora", "o_lora", "hc_embed")
 
@@ -171,7 +175,41 @@ class LongReport:
     return out
 
 
-def _plan(cfg, sizes, rules, program, batch, seq, tcfg, capacity_factor, platform, options):
+def prefill_chunk_program(graphdef, shardings, cache_shardings, mesh, rules,
+                          shape: tuple[int, int], *, options: Options, param_layouts: str = "default"):
+  """`fn(state, cache, ids, n_valid) -> ([B, V] float32 logits of each row's last real token,
+  new cache)`: one context-parallel prefill chunk of `shape` [B, chunk] into the gathered cache
+  (`decoding.forward_chunk(..., context_chunk=True)`), the cache donated. Rows continue from
+  `cache.lengths`, which must be multiples of the compression ratios' lcm (inside jit a row
+  that is not gets NaN logits: `decoding.prefill` checks it)."""
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from deepseek_v4 import decoding, sharding
+
+  r = sharding.get_rules(rules)
+  ids_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch", "seq"), shape, mesh,
+                                                        r.activations, strict=False))
+  rows_sh = NamedSharding(mesh, sharding.logical_to_spec(("batch",), shape[:1], mesh,
+                                                         r.activations, strict=False))
+
+  def fn(state, cache, ids, n_valid):
+    model = nnx.merge(graphdef, state)
+    h, cache = decoding.forward_chunk(model, cache, ids, n_valid, options, context_chunk=True)
+    last = h[jnp.arange(h.shape[0]), jnp.maximum(n_valid - 1, 0)]
+    return model.logits(last[:, None])[:, 0], cache
+
+  if param_layouts == "auto":
+    from jax.experimental.layout import Format, Layout
+
+    shardings = jax.tree.map(lambda s: Format(Layout.AUTO, s), shardings)
+  return jax.jit(fn, in_shardings=(shardings, cache_shardings, ids_sh, rows_sh),
+                 out_shardings=(sharding.replicated(mesh), cache_shardings), donate_argnums=(1,),
+                 keep_unused=True)
+
+
+def _plan(cfg, sizes, rules, program, batch, seq, tcfg, capacity_factor, platform, options,
+          chunk=None):
   from deepseek_v4 import plan as plan_lib
   from deepseek_v4.layers.moe_ep import default_all_to_all
 
@@ -183,21 +221,24 @@ def _plan(cfg, sizes, rules, program, batch, seq, tcfg, capacity_factor, platfor
                           lora_rank=tcfg.lora_rank, lora_targets=tuple(tcfg.lora_targets),
                           optimizer="adamw" if tcfg.optimizer == "adamw" else "muon", **common)
   else:
-    s = plan_lib.Settings(prefill_chunk=seq, **common)
+    s = plan_lib.Settings(prefill_chunk=chunk or seq, **common)
   p = plan_lib.make_plan(cfg, sizes, rules, s, options=options)
-  lines = [line for line in p.lines if not line[0].startswith("KV cache")]  # no cache here
+  lines = p.lines
+  if program != "prefill_chunk":  # only a chunk into a cache holds the cache
+    lines = [line for line in lines if not line[0].startswith("KV cache")]
   return sum(b for _, b, _ in lines), lines
 
 
 def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: str, seq: int, *,
                  batch: int = 1, tcfg=None, capacity_factor: float | None = None,
                  options: Options = Options(), compiler_options: dict | None = None,
-                 param_layouts: str = "default") -> LongReport:
+                 param_layouts: str = "default", chunk: int | None = None) -> LongReport:
   """Compile `program` ("prefill" or "train") of `batch` rows of `seq` tokens for compile-only
   devices of `target` on a mesh of `mesh_sizes` under `rules` (a name or a Rules table, e.g.
   `zero_over_context("fsdp_ep")`), and report (module docstring). `compiler_options` go to
   XLA (e.g. {"xla_dump_to": dir} for `aot.memory.largest_temporaries`); `param_layouts` is
   `prefill_program`'s, and for "train" `parallel.train_step_program`'s `state_layouts`.
+  `chunk`: the tokens of a "prefill_chunk" program (its cache holds `seq`).
 
   Raises:
     ValueError: an unknown program, or a train program without its TrainConfig.
@@ -213,12 +254,17 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
     raise ValueError(f"param_layouts={param_layouts!r}; expected one of {PARAM_LAYOUTS}")
   if program == "train" and tcfg is None:
     raise ValueError("the train program needs its train.TrainConfig (tcfg)")
+  if (program == "prefill_chunk") != (chunk is not None):
+    raise ValueError(f"chunk={chunk!r}: the chunk length goes with (and only with) the "
+                     "prefill_chunk program")
+  if chunk is not None and not 0 < chunk <= seq:
+    raise ValueError(f"chunk={chunk} must be in [1, seq={seq}]")
   t = targets.target(target)
   r = sharding.get_rules(rules)
   sizes = {**dict.fromkeys(sharding.MESH_AXES, 1), **mesh_sizes}
   mesh = sharding.make_mesh(**sizes, devices=targets.devices(target, math.prod(sizes.values())))
   plan_bytes, plan_lines = _plan(cfg, sizes, r, program, batch, seq, tcfg, capacity_factor,
-                                 t.platform, options)
+                                 t.platform, options, chunk)
   start = time.perf_counter()
   with kernel_common.target_platform(t.platform):
     run = parallel.options(mesh, r, capacity_factor=capacity_factor).replace(
@@ -238,6 +284,20 @@ def compile_long(cfg, target: str, mesh_sizes: dict[str, int], rules, program: s
       mtp = jax.ShapeDtypeStruct((), "float32", sharding=sharding.replicated(mesh))
       args = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            state, shardings), batch_abs, mtp)
+    elif program == "prefill_chunk":
+      from deepseek_v4 import cache as cache_lib
+
+      graphdef, state = parallel.abstract_model(cfg, mesh, r, options=options)
+      shardings = jax.tree.map(lambda a: a.sharding, state)
+      cache = jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, seq,
+                                                          scan_layers=options.scan_layers))
+      cache_sh = sharding.cache_shardings(cache, mesh, r)
+      fn = prefill_chunk_program(graphdef, shardings, cache_sh, mesh, r, (batch, chunk),
+                                 options=run, param_layouts=param_layouts)
+      shaped = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+      args = (state, jax.tree.map(shaped, cache, cache_sh),
+              jax.ShapeDtypeStruct((batch, chunk), "int32"),
+              jax.ShapeDtypeStruct((batch,), "int32"))
     else:
       graphdef, state = parallel.abstract_model(cfg, mesh, r, options=options)
       shardings = jax.tree.map(lambda a: a.sharding, state)

@@ -70,6 +70,23 @@ def test_flash_1m_prefill_fits_8_h200_and_plan_agrees():
   _pallas_fit(r, {"v4_sparse_attention_fwd", "v4_indexer_scores"})
 
 
+def test_flash_1m_prefill_in_4_chunks_fits_8_h200_and_plan_agrees():
+  """One chunk of 262,144 tokens of Flash's chunked context-parallel prefill into the gathered
+  cache of 1,048,576 tokens (the cache donated and counted), all 43 layers, the Pallas kernels:
+  fits the H200, within the plan-vs-compiler tolerance of plan (cache line included)."""
+  backend.require("h200")
+  flash = deepseek_v4.flash()
+  rules = long_context.zero_over_context("fsdp_ep")
+  r = long_context.compile_long(flash, "h200", dict(context=8), rules, "prefill_chunk", 1 << 20,
+                                chunk=1 << 18, param_layouts="auto",
+                                options=Options(kernel_impl="auto"))
+  assert r.total_bytes <= H200_GB, r.total_bytes
+  assert abs(r.plan_ratio - 1) <= PLAN_VS_COMPILER_REL, (r.total_bytes, r.plan_bytes)
+  assert any(label.startswith("KV cache") for label, _, _ in r.plan_lines)
+  assert r.alias_bytes > 7e9  # the gathered cache (7.2 GB) is updated in place
+  _pallas_fit(r, {"v4_sparse_attention_fwd", "v4_indexer_scores"})
+
+
 def test_flash_128k_lora_training_fits_8_h200():
   """Flash LoRA training (rank 8, AdamW on the adapters, remat full) of one 131,072-token sequence
   over context=8, all 43 layers, forward + backward + update, the Pallas attention kernels
