@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from deepseek_v4.sharding import Rules, batch_sharding, get_rules, make_mesh, parse_mesh
+from deepseek_v4.sharding import Rules, get_rules, make_mesh, parse_mesh, token_sharding
 from deepseek_v4.sharding import initialize_distributed as _initialize
 
 
@@ -91,5 +91,7 @@ def global_batch(rows, picks: np.ndarray, mesh: Mesh, rules: str | Rules) -> dic
     def block(idx, table=table, dtype=dtype):
       return np.asarray(table[picks[idx[0]]][(slice(None), *idx[1:])], dtype)
 
-    out[name] = jax.make_array_from_callback(shape, batch_sharding(mesh, rules, shape), block)
+    # [B, T] leaves split by (batch, seq) as the train step takes them: with a context axis
+    # each device reads only its slice of its rows.
+    out[name] = jax.make_array_from_callback(shape, token_sharding(mesh, rules, shape), block)
   return out

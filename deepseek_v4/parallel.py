@@ -20,7 +20,6 @@ from typing import Callable
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from deepseek_v4 import abstract
 from deepseek_v4.layers import context_parallel, moe_ep
@@ -29,11 +28,11 @@ from deepseek_v4.model import Transformer
 from deepseek_v4.options import Options
 from deepseek_v4.sharding import (
   Rules,
-  batch_sharding,
   get_rules,
   logical_to_spec,
   replicated,
   state_shardings,
+  token_sharding,
   use,
   with_shardings,
 )
@@ -141,14 +140,8 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
 
 
 def _token_sharding(mesh: Mesh, rules: Rules, shape: tuple[int, ...]) -> NamedSharding:
-  """[B, T, ...] inputs: B over the batch axes (strict), T over the sequence's (`seq`: the
-  context axis) where it divides, the rest replicated."""
-  batch = batch_sharding(mesh, rules, shape).spec
-  if len(shape) < 2:
-    return NamedSharding(mesh, batch)
-  names = ("batch", "seq") + (None,) * (len(shape) - 2)
-  seq = logical_to_spec(names, shape, mesh, rules.activations, strict=False)
-  return NamedSharding(mesh, P(batch[0], *seq[1:]))
+  """[B, T, ...] inputs: `sharding.token_sharding`."""
+  return token_sharding(mesh, rules, shape)
 
 
 def jit_forward(model, mesh: Mesh, rules: str | Rules, *, options: Options | None = None):

@@ -94,8 +94,9 @@ def add_mesh_arguments(parser: argparse.ArgumentParser, processes: bool = True) 
 
   p = parser.add_argument
   p("--mesh", metavar="AXIS=SIZE,...",
-    help="train on a device mesh, e.g. data=2,fsdp=2,expert=2 (axes data, fsdp, expert, tensor; "
-         "one size may be -1: the rest; the product is the device count of all processes)")
+    help="train on a device mesh, e.g. data=2,fsdp=2,expert=2 (axes data, fsdp, context, expert, "
+         "tensor; context=N splits each sequence over N devices; one size may be -1: the rest; "
+         "the product is the device count of all processes)")
   p("--rules", choices=sorted(sharding.RULES),
     help="sharding rules of --mesh (default fsdp; fsdp_ep splits the experts over 'expert')")
   p("--capacity-factor", type=float, metavar="C",

@@ -35,6 +35,7 @@ from deepseek_v4 import data as data_lib
 from deepseek_v4 import distributed, evaluate, layout, parallel, train
 from deepseek_v4.checkpoint.io import Checkpointer
 from deepseek_v4.config import ModelConfig
+from deepseek_v4.layers import context_parallel
 from deepseek_v4.options import Options
 from deepseek_v4.sharding import Rules, batch_sharding, get_rules, make_mesh, use
 
@@ -355,7 +356,8 @@ def fit(cfg: ModelConfig, tcfg: train.TrainConfig, rows: data_lib.PackedRows,
 
 def _placement(mesh: Mesh | None, rules, options: Options, tcfg: train.TrainConfig):
   """(mesh, rules, options) of a run: this process's first device when `mesh` is None, and on a
-  mesh the MoE implementation of the strategy unless `options` names one."""
+  mesh the MoE implementation of the strategy unless `options` names one, and the
+  context-parallel layout when the mesh splits the sequence (docs/context_parallel.md)."""
   if mesh is None:
     if rules is not None:
       raise ValueError(f"rules={rules!r} given without a mesh; pass mesh= as well (or neither)")
@@ -370,6 +372,8 @@ def _placement(mesh: Mesh | None, rules, options: Options, tcfg: train.TrainConf
                      f"{dict(mesh.shape)} under rules {rules.name!r}: {e}") from None
   if options.moe is None:
     options = options.replace(moe=parallel.moe_impl(mesh, rules))
+  if options.context is None:  # a mesh whose rules split the sequence: context-parallel
+    options = options.replace(context=context_parallel.context_parallel_layout(mesh, rules))
   return mesh, rules, options
 
 

@@ -72,6 +72,29 @@ def test_fit_on_mesh_equals_one_device(mesh_run):
   assert len(experts.sharding.device_set) == 8 and not experts.sharding.is_fully_replicated
 
 
+def test_fit_on_a_context_mesh_equals_one_device(monkeypatch):
+  """`trainer.fit` on `context=8` (`train --mesh context=8`): each device reads its slice of the
+  sequence (`distributed.global_batch` places [B, T] leaves by (batch, seq)), the attention runs
+  context-parallel, and the losses are the one-device run's."""
+  from deepseek_v4.layers import context_parallel
+
+  calls = []
+  original = context_parallel.full_attention
+  monkeypatch.setattr(context_parallel, "full_attention",
+                      lambda *a, **k: calls.append(1) or original(*a, **k))
+  run = dict(RUN, seq_len=64, batch_size=2, steps=3)
+  mesh, rules = distributed.mesh_and_rules("context=8", "fsdp")
+  on_mesh = trainer.fit(CFG, train.TrainConfig(**run), _rows(T=64, n=10), progress=False,
+                        mesh=mesh, rules=rules)
+  assert calls  # the sequence was split
+  one = trainer.fit(CFG, train.TrainConfig(**run), _rows(T=64, n=10), progress=False)
+  err = _max_rel(on_mesh.losses, one.losses)
+  print(f"\ncontext=8 vs one device, 3 steps: max rel loss difference {err:.1e}")
+  assert err < F32_SHARDED_REL
+  batch = distributed.global_batch(_rows(T=64, n=10), np.arange(2), mesh, rules)
+  assert batch["inputs"].sharding.spec[1] == "context"
+
+
 @pytest.mark.slow  # ~4 min: three one-device and three mesh programs to compile
 @pytest.mark.parametrize("settings, model", [
   (dict(optimizer="adamw"), {}),

@@ -22,6 +22,7 @@ from deepseek_v4.sharding.placement import (
   put_host_array,
   replicated,
   shard_batch,
+  token_sharding,
   with_shardings,
 )
 from deepseek_v4.sharding.rules import (

@@ -53,6 +53,17 @@ def batch_sharding(mesh: Mesh, rules: str | Rules, shape: Sequence[int]) -> Name
   return activation_sharding(mesh, rules, names, shape, what="input batch")
 
 
+def token_sharding(mesh: Mesh, rules: str | Rules, shape: Sequence[int]) -> NamedSharding:
+  """Sharding of a [B, T, ...] token batch: B over the batch axes (strict), T over the
+  sequence's axes (`seq`: the context axis) where they divide it, the rest replicated."""
+  batch = batch_sharding(mesh, rules, shape).spec
+  if len(shape) < 2:
+    return NamedSharding(mesh, batch)
+  names = ("batch", "seq") + (None,) * (len(shape) - 2)
+  seq = logical_to_spec(names, shape, mesh, get_rules(rules).activations, strict=False)
+  return NamedSharding(mesh, P(batch[0], *seq[1:]))
+
+
 def shard_batch(x: np.ndarray | jax.Array, mesh: Mesh, rules: str | Rules) -> jax.Array:
   """Places a global [B, ...] batch (held whole by every process) into its batch shards."""
   x = np.asarray(x)
