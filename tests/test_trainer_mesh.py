@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import deepseek_v4
-from deepseek_v4 import cli, distributed, sharding, train, trainer
+from deepseek_v4 import cli, distributed, evaluate, sharding, train, trainer
 from deepseek_v4 import data as data_lib
 from tests.tolerances import F32_SHARDED_REL
 
@@ -82,12 +82,14 @@ def test_fit_on_a_context_mesh_equals_one_device(monkeypatch):
   original = context_parallel.full_attention
   monkeypatch.setattr(context_parallel, "full_attention",
                       lambda *a, **k: calls.append(1) or original(*a, **k))
-  run = dict(RUN, seq_len=64, batch_size=2, steps=3)
+  run = dict(RUN, seq_len=64, batch_size=2, steps=3, eval_every=3, eval_rows=2)
+  val = evaluate.ValidationSet(_rows(T=64, n=2, seed=1), bytes_per_token=1.0, documents=1)
   mesh, rules = distributed.mesh_and_rules("context=8", "fsdp")
   on_mesh = trainer.fit(CFG, train.TrainConfig(**run), _rows(T=64, n=10), progress=False,
-                        mesh=mesh, rules=rules)
+                        mesh=mesh, rules=rules, val=val)
   assert calls  # the sequence was split
-  one = trainer.fit(CFG, train.TrainConfig(**run), _rows(T=64, n=10), progress=False)
+  one = trainer.fit(CFG, train.TrainConfig(**run), _rows(T=64, n=10), progress=False, val=val)
+  assert _max_rel(on_mesh.last_val_loss, one.last_val_loss) < F32_SHARDED_REL
   err = _max_rel(on_mesh.losses, one.losses)
   print(f"\ncontext=8 vs one device, 3 steps: max rel loss difference {err:.1e}")
   assert err < F32_SHARDED_REL
