@@ -453,12 +453,16 @@ def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
 
   from deepseek_v4 import abstract, decoding, parallel, sharding, train
   from deepseek_v4 import cache as cache_lib
+  from deepseek_v4.layers import context_parallel
 
   if program not in PROGRAMS:
     raise ValueError(f"unknown program {program!r}; expected one of {PROGRAMS}")
   rules = sharding.get_rules(rules)
+  # On a mesh whose rules split the sequence (a `context` axis) the programs run
+  # context-parallel (docs/context_parallel.md); a prefill chunk is then split as well.
   run = options.replace(moe=parallel.moe_impl(mesh, rules, capacity_factor=capacity_factor,
-                                              gmm=gmm))
+                                              gmm=gmm),
+                        context=context_parallel.context_parallel_layout(mesh, rules))
   i32 = jnp.int32
   if program == "train":
     if tcfg is None:
@@ -466,7 +470,7 @@ def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
     graphdef, state = nnx.split(abstract.train_state(cfg, tcfg, options))
     shardings = sharding.state_shardings(state, mesh, rules)
     ids = jax.ShapeDtypeStruct((batch, seq), i32,
-                               sharding=sharding.batch_sharding(mesh, rules, (batch, seq)))
+                               sharding=sharding.token_sharding(mesh, rules, (batch, seq)))
     batch_abs = {"inputs": ids, "targets": ids}
     fn = parallel.train_step_program(functools.partial(train.train_step_fn, tcfg=tcfg), graphdef,
                                      shardings, mesh, rules, batch_abs, 1, options=run,
@@ -480,7 +484,7 @@ def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
     fn = parallel.forward_program(graphdef, shardings, mesh, rules, (batch, seq), cfg.vocab_size,
                                   options=run, keep_unused=True)
     ids = jax.ShapeDtypeStruct((batch, seq), i32,
-                               sharding=sharding.batch_sharding(mesh, rules, (batch, seq)))
+                               sharding=sharding.token_sharding(mesh, rules, (batch, seq)))
     return fn, (state, ids)
 
   T = 1 if program == "decode" else (chunk or seq)
@@ -491,7 +495,8 @@ def build_program(cfg, mesh, rules, program: str, *, batch: int, seq: int,
                                                       rules.activations, strict=False))
   n_sh = NamedSharding(mesh, PartitionSpec(*rows.spec[:1]))
   extend = functools.partial(decoding._extend_jit.__wrapped__, graphdef,
-                             last_only=program == "prefill", options=run)
+                             last_only=program == "prefill", options=run,
+                             context_chunk=program == "prefill")
   fn = jax.jit(lambda st, c, i, n: extend(st, c, i, n),
                in_shardings=(shardings, cache_sh, rows, n_sh), out_shardings=(None, cache_sh),
                donate_argnums=(1,), keep_unused=True)

@@ -254,3 +254,25 @@ def test_native_mode_needs_a_gpu_host(monkeypatch):
   monkeypatch.setenv("DSV4_AOT_NATIVE", "1")
   assert "JAX's backend here is 'cpu'" in targets.missing_backend(targets.target("h200"))
   assert targets.missing_backend(targets.target("tpu-v5p")) is None
+
+
+@pytest.mark.slow  # three programs for 8 devices: about 1.5 min on 2 idle cores
+def test_programs_on_a_context_mesh_compile_context_parallel(monkeypatch):
+  """`compile --mesh context=8`: the forward, a prefill chunk into the cache and the training step
+  trace the context-parallel attention (docs/context_parallel.md) and compile for 8 H100s."""
+  from deepseek_v4.layers import context_parallel
+
+  calls = []
+  for name in ("full_attention", "prefill_attention"):
+    original = getattr(context_parallel, name)
+    monkeypatch.setattr(context_parallel, name,
+                        lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+  kw = dict(target="h100", devices=8, mesh="context=8", rules="fsdp", batch=1, seq=256,
+            kernels=False)
+  for program, extra, want in (
+      ("forward", {}, "full_attention"), ("prefill", dict(chunk=128), "prefill_attention"),
+      ("train", dict(tcfg=train.TrainConfig(seq_len=256, batch_size=1)), "full_attention")):
+    calls.clear()
+    r = aot.compile_program(CFG_NO_MTP, program=program, **kw, **extra)
+    assert want in calls, (program, calls)
+    assert 0 < r.total_bytes < targets.target("h100").memory_bytes
