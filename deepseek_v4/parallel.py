@@ -129,7 +129,7 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
   holds them.
   """
   rules = get_rules(rules)
-  in_ids = _token_sharding(mesh, rules, shape)
+  in_ids = token_sharding(mesh, rules, shape)
   out = NamedSharding(mesh, logical_to_spec(("batch", "seq", "vocab"), (*shape, vocab_size), mesh,
                                             rules.activations, strict=False))
 
@@ -137,11 +137,6 @@ def forward_program(graphdef, shardings, mesh: Mesh, rules: str | Rules, shape: 
     return nnx.merge(graphdef, state)(ids, options=options)
 
   return jax.jit(fn, in_shardings=(shardings, in_ids), out_shardings=out, keep_unused=keep_unused)
-
-
-def _token_sharding(mesh: Mesh, rules: Rules, shape: tuple[int, ...]) -> NamedSharding:
-  """[B, T, ...] inputs: `sharding.token_sharding`."""
-  return token_sharding(mesh, rules, shape)
 
 
 def jit_forward(model, mesh: Mesh, rules: str | Rules, *, options: Options | None = None):
@@ -198,7 +193,7 @@ def train_step_program(step: Callable, graphdef, shardings, mesh: Mesh, rules: s
     metrics = step(model, optimizer, batch, *extra, options=options)
     return nnx.state((model, optimizer)), metrics
 
-  batch_in = jax.tree.map(lambda x: _token_sharding(mesh, rules, x.shape), batch)
+  batch_in = jax.tree.map(lambda x: token_sharding(mesh, rules, x.shape), batch)
   extra_in = (replicated(mesh),) * n_extra
   return jax.jit(fn, in_shardings=(shardings, batch_in, *extra_in),
                  out_shardings=(shardings, replicated(mesh)),

@@ -27,6 +27,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "bench_qlora.json")
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_load import _status  # noqa: E402  (the /proc reader of the load benchmark)
 
 MODES = {"lora-float": None, "qlora-fp4": "experts"}
 TARGETS = ("wq_a", "wq_b", "wkv", "wo_b", "shared_experts.w1", "shared_experts.w2",
@@ -39,14 +41,6 @@ def config(args):
   return deepseek_v4.tiny(d_model=args.d_model, moe_inter_dim=args.inter,
                           num_experts=args.experts, experts_per_token=4, compress_ratios=(0, 4),
                           num_hash_layers=1, num_mtp_layers=0, vocab_size=4096)
-
-
-def _status(key: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return int(line.split()[1]) * 1024
-  raise KeyError(key)
 
 
 def run_one(path: str, mode: str, args) -> dict:
